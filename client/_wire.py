@@ -1,0 +1,208 @@
+"""What the sync and async clients share: turning payloads into Put frames,
+Get frames back into arrays, and gRPC errors into kvstore exceptions.
+No I/O here, so both clients stay a few lines per method.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator, Sequence
+
+import grpc
+import numpy as np
+import xxhash
+
+from kvstore.errors import (
+    CorruptBlock,
+    InvalidArgument,
+    KVStoreError,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+)
+from kvstore.keys import BlockKey, check_keys
+from kvstore.proto import kvstore_pb2 as pb
+from kvstore.proto.frames import data_frames, decode_frame
+from kvstore.store import StoreStats
+from kvstore.tiers import TierStats
+
+SERVICE = "/kvstore.v1.KVStore/"
+HEADERS_PER_FRAME = 4096
+MAX_MESSAGE = 256 << 20
+CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE),
+    ("grpc.max_send_message_length", MAX_MESSAGE),
+]
+
+Payload = bytes | bytearray | memoryview | np.ndarray
+
+
+def as_bytes(payload: Payload) -> tuple[memoryview, str, tuple[int, ...]]:
+    """A flat byte view of a payload (no copy when contiguous) and its dtype and shape."""
+    if isinstance(payload, np.ndarray):
+        array = np.ascontiguousarray(payload)  # copies only a non-contiguous array
+        return memoryview(array.reshape(-1).view(np.uint8)), array.dtype.str, array.shape
+    view = memoryview(payload)
+    if not view.c_contiguous:
+        view = memoryview(view.tobytes())
+    return view.cast("B") if view.format != "B" or view.ndim != 1 else view, "", ()
+
+
+def put_frames(
+    keys: Sequence[BlockKey], payloads: Sequence[Payload], chunk_size: int, checksum: bool
+) -> Iterator[bytes]:
+    """Header frames for the whole batch, then the payloads as data frames.
+
+    Validation and headers happen now, so bad input raises here, in the caller;
+    data frames are built lazily as gRPC sends them.
+    """
+    keys = check_keys(keys, unique=True)
+    if len(payloads) != len(keys):
+        raise InvalidArgument("payloads", f"got {len(payloads)} for {len(keys)} keys")
+    views, headers = [], []
+    for key, payload in zip(keys, payloads, strict=True):
+        view, dtype, shape = as_bytes(payload)
+        meta = pb.BlockMeta(
+            size=len(view),
+            dtype=dtype,
+            shape=shape,
+            checksum=xxhash.xxh3_64_intdigest(view) if checksum else 0,
+        )
+        views.append(view)
+        headers.append(pb.BlockHeader(key=key, meta=meta))
+    header_frames = [
+        pb.PutRequest(
+            headers=pb.BlockHeaders(blocks=headers[i : i + HEADERS_PER_FRAME])
+        ).SerializeToString()
+        for i in range(0, len(headers), HEADERS_PER_FRAME)
+    ]
+    data = (frame for frame, _ in data_frames(views, chunk_size))
+    return itertools.chain(header_frames, data)
+
+
+def get_request(keys: Sequence[BlockKey]) -> bytes:
+    return pb.GetRequest(keys=check_keys(keys)).SerializeToString()
+
+
+class GetAssembler:
+    """Rebuilds the blocks of a Get reply from its frames, in order.
+
+    A block that arrives inside one frame is returned as a read-only view of
+    that frame (no copy); a block cut across frames, or any block when `out` is
+    given, is copied once into its place.
+    """
+
+    def __init__(self, out: memoryview | np.ndarray | None, verify: bool) -> None:
+        self._out = None if out is None else _writable_bytes(out)
+        self._verify = verify
+        self._metas: list[pb.BlockMeta] | None = None
+        self._keys: list[bytes] = []
+        self._blocks: list[np.ndarray] = []
+        self._partial: np.ndarray | None = None
+        self._filled = 0
+        self._out_used = 0
+
+    def feed(self, raw: bytes) -> None:
+        frame = decode_frame(raw, pb.GetReply)
+        if isinstance(frame, memoryview):
+            self._feed_data(np.frombuffer(frame, np.uint8))
+        elif frame.HasField("headers") and self._metas is None:
+            self._metas = [h.meta for h in frame.headers.blocks]
+            self._keys = [h.key for h in frame.headers.blocks]
+            need = sum(m.size for m in self._metas)
+            if self._out is not None and len(self._out) < need:
+                raise InvalidArgument(
+                    "out", f"holds {len(self._out)} bytes, the blocks need {need}"
+                )
+        else:
+            raise KVStoreError("unexpected frame in Get reply")
+
+    def result(self) -> list[np.ndarray]:
+        if self._metas is None or len(self._blocks) != len(self._metas):
+            raise Unavailable("Get reply ended before all blocks arrived")
+        return [
+            self._shaped(block, meta) for block, meta in zip(self._blocks, self._metas, strict=True)
+        ]
+
+    def _feed_data(self, data: np.ndarray) -> None:
+        metas = self._metas
+        if metas is None:
+            raise KVStoreError("Get reply sent data before headers")
+        while len(data):
+            if len(self._blocks) >= len(metas):
+                raise KVStoreError("Get reply sent more bytes than its headers declared")
+            size = metas[len(self._blocks)].size
+            if self._partial is None and self._out is None and len(data) >= size:
+                self._finish(data[:size])  # whole in this frame: a view, no copy
+                data = data[size:]
+                continue
+            if self._partial is None:
+                self._partial = self._destination(size)
+            n = min(size - self._filled, len(data))
+            self._partial[self._filled : self._filled + n] = data[:n]  # one copy: frame -> block
+            self._filled += n
+            data = data[n:]
+            if self._filled == size:
+                self._finish(self._partial)
+                self._partial, self._filled = None, 0
+
+    def _destination(self, size: int) -> np.ndarray:
+        if self._out is None:
+            return np.empty(size, np.uint8)
+        start, self._out_used = self._out_used, self._out_used + size
+        return self._out[start : self._out_used]
+
+    def _finish(self, block: np.ndarray) -> None:
+        meta = self._metas[len(self._blocks)]
+        if self._verify and meta.checksum and xxhash.xxh3_64_intdigest(block) != meta.checksum:
+            raise CorruptBlock(f"block {self._keys[len(self._blocks)].hex()} failed its checksum")
+        self._blocks.append(block)
+
+    @staticmethod
+    def _shaped(block: np.ndarray, meta: pb.BlockMeta) -> np.ndarray:
+        if not meta.dtype:
+            return block
+        try:
+            dtype = np.dtype(meta.dtype)
+        except TypeError:
+            return block  # a dtype numpy does not know (e.g. bfloat16): raw bytes
+        return block.view(dtype).reshape(tuple(meta.shape))
+
+
+def _writable_bytes(out: memoryview | np.ndarray) -> np.ndarray:
+    array = out if isinstance(out, np.ndarray) else np.frombuffer(out, np.uint8)
+    if not (array.flags.c_contiguous and array.flags.writeable):
+        raise InvalidArgument("out", "must be a writable, contiguous buffer")
+    return array.reshape(-1).view(np.uint8)
+
+
+def stats_from_proto(reply: pb.StatsReply) -> StoreStats:
+    tiers = tuple(TierStats(**{f: getattr(t, f) for f in TierStats.__slots__}) for t in reply.tiers)
+    return StoreStats(
+        tiers=tiers,
+        puts=reply.puts,
+        gets=reply.gets,
+        lookups=reply.lookups,
+        uptime_s=reply.uptime_s,
+    )
+
+
+ERRORS: dict[grpc.StatusCode, type[KVStoreError]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,
+    grpc.StatusCode.NOT_FOUND: NotFound,
+    grpc.StatusCode.DATA_LOSS: CorruptBlock,
+    grpc.StatusCode.UNAVAILABLE: Unavailable,
+    grpc.StatusCode.DEADLINE_EXCEEDED: Unavailable,
+    grpc.StatusCode.CANCELLED: Unavailable,
+}
+
+
+def error_from_rpc(exc: grpc.RpcError) -> KVStoreError:
+    """The kvstore exception for a failed call, with the server's message."""
+    code, details = exc.code(), exc.details() or ""
+    cls = ERRORS.get(code, KVStoreError)
+    if cls is InvalidArgument:
+        field, _, reason = details.partition(": ")
+        return InvalidArgument(field, reason) if reason else InvalidArgument("", details)
+    return cls(f"{code.name}: {details}")

@@ -1,0 +1,18 @@
+"""kvstore: KV-cache transfer and tiered storage for disaggregated LLM inference.
+
+The core (this package) is plain Python + numpy: keys, block metadata, tiers and
+the store that orchestrates them. `kvstore.server` and `kvstore.client` put it on
+the wire.
+"""
+
+from kvstore.errors import InvalidArgument, KVStoreError, NotFound, ResourceExhausted, Unavailable
+
+__version__ = "0.1.0"
+__all__ = [
+    "InvalidArgument",
+    "KVStoreError",
+    "NotFound",
+    "ResourceExhausted",
+    "Unavailable",
+    "__version__",
+]

@@ -1,0 +1,76 @@
+"""A fixed region of memory carved into variable-size extents.
+
+The host tier preallocates its whole capacity once, at start-up, and places
+every block in an extent of it: no per-block Python objects own payload bytes,
+and a slot can be written in place by a network receive. Free extents are
+coalesced on release, so after evicting a neighbour the merged hole is
+checked first (O(1) per eviction, no rescan).
+"""
+
+from __future__ import annotations
+
+import mmap
+
+ALIGN = 64  # cache line: keeps every slot aligned for numpy and vector copies
+
+
+def aligned(size: int) -> int:
+    return (size + ALIGN - 1) & ~(ALIGN - 1)
+
+
+class Arena:
+    """Offsets into one preallocated buffer. Not thread-safe: its owner locks."""
+
+    def __init__(self, capacity: int, *, prefault: bool = True) -> None:
+        self.capacity = aligned(capacity) if capacity % ALIGN else capacity
+        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+        if prefault and hasattr(mmap, "MAP_POPULATE"):
+            flags |= mmap.MAP_POPULATE  # fault pages in now, not during the first puts
+        self._mmap = mmap.mmap(-1, self.capacity, flags=flags)
+        self.memory = memoryview(self._mmap)
+        self._free: dict[int, int] = {0: self.capacity}  # start -> size
+        self._free_ends: dict[int, int] = {self.capacity: 0}  # end -> start
+        self.used = 0
+
+    def alloc(self, size: int) -> int | None:
+        """Offset of a new extent of `size` bytes (best fit), or None if no hole fits."""
+        need = aligned(size)
+        best = None
+        for start, free in self._free.items():
+            if free >= need and (best is None or free < self._free[best]):
+                best = start
+                if free == need:
+                    break
+        return None if best is None else self._take(best, need)
+
+    def alloc_in(self, hole: tuple[int, int], size: int) -> int | None:
+        """Like alloc, but only from `hole` (as returned by `release`)."""
+        start, free = hole
+        need = aligned(size)
+        return self._take(start, need) if free >= need else None
+
+    def release(self, offset: int, size: int) -> tuple[int, int]:
+        """Free an extent; return the (start, size) of the coalesced hole it joined."""
+        start, end = offset, offset + aligned(size)
+        self.used -= end - start
+        if end in self._free:  # merge with the hole after
+            end += self._free.pop(end)
+            del self._free_ends[end]
+        if start in self._free_ends:  # merge with the hole before
+            start = self._free_ends.pop(start)
+            del self._free[start]
+        self._free[start] = end - start
+        self._free_ends[end] = start
+        return start, end - start
+
+    def view(self, offset: int, size: int) -> memoryview:
+        return self.memory[offset : offset + size]
+
+    def _take(self, start: int, need: int) -> int:
+        free = self._free.pop(start)
+        del self._free_ends[start + free]
+        if free > need:
+            self._free[start + need] = free - need
+            self._free_ends[start + free] = start + need
+        self.used += need
+        return start

@@ -1,0 +1,112 @@
+"""Daemon configuration: one frozen dataclass, validated once.
+
+Each field is filled, in this order of precedence, from a command-line flag,
+an environment variable `KVSTORE_<FIELD>` (e.g. `KVSTORE_HOST_CAPACITY=8GiB`),
+or the default below. Field metadata carries the flag's help, so `--help` and
+this file never disagree.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str | int) -> int:
+    """Bytes in `text`: `4GiB`, `512MiB`, `64k`, `1048576`. K, M, G, T are powers of 1024."""
+    if isinstance(text, int):
+        return text
+    match = _SIZE.match(text)
+    if not match:
+        raise ValueError(f"not a size: {text!r} (use e.g. 4GiB, 512MiB, 65536)")
+    number, unit, _ = match.groups()
+    return int(float(number) * _UNITS[unit.lower()])
+
+
+def format_size(n: int) -> str:
+    for unit, scale in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= scale:
+            return f"{n / scale:g}{unit}"
+    return f"{n}B"
+
+
+def _default_host_capacity() -> int:
+    """2 GiB, or a quarter of this machine's memory if that is less."""
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        ram = 8 << 30
+    return min(2 << 30, ram // 4)
+
+
+def _opt(default: Any, help: str, parse: Any = None, **kw: Any) -> Any:
+    meta = {"help": help, "parse": parse}
+    if callable(default):
+        return field(default_factory=default, metadata=meta, **kw)
+    return field(default=default, metadata=meta, **kw)
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    address: str = _opt("127.0.0.1:7600", "HOST:PORT to serve gRPC on; port 0 picks a free one")
+    host_capacity: int = _opt(
+        _default_host_capacity,
+        "bytes of host DRAM for blocks, preallocated at start (e.g. 4GiB)",
+        parse_size,
+    )
+    chunk_size: int = _opt(1 << 20, "bytes per data frame when streaming blocks out", parse_size)
+    max_block_size: int = _opt(256 << 20, "largest block a client may put", parse_size)
+    reserve_timeout: float = _opt(
+        30.0, "seconds a put waits for space when every block is pinned", float
+    )
+    workers: int = _opt(32, "concurrent RPCs served (threads)", int)
+    prefault: bool = _opt(
+        True,
+        "touch the host arena at start so first puts run at full speed",
+        lambda v: str(v).lower() not in {"0", "false", "no", "off"},
+    )
+    log_level: str = _opt("info", "debug, info, warning or error")
+
+    def __post_init__(self) -> None:
+        host, sep, port = self.address.rpartition(":")
+        if not sep or not host or not port.isdigit() or int(port) > 65535:
+            raise ValueError(f"address: expected HOST:PORT, got {self.address!r}")
+        if self.host_capacity < 1 << 20:
+            raise ValueError(f"host_capacity: must be at least 1MiB, got {self.host_capacity}")
+        if not 4096 <= self.chunk_size <= 64 << 20:
+            raise ValueError(f"chunk_size: must be 4KiB..64MiB, got {self.chunk_size}")
+        if self.max_block_size < 1:
+            raise ValueError(f"max_block_size: must be positive, got {self.max_block_size}")
+        if self.reserve_timeout < 0:
+            raise ValueError(f"reserve_timeout: must be >= 0, got {self.reserve_timeout}")
+        if self.workers < 2:
+            raise ValueError(f"workers: must be at least 2, got {self.workers}")
+        if self.log_level.lower() not in {"debug", "info", "warning", "error"}:
+            raise ValueError(f"log_level: unknown level {self.log_level!r}")
+
+    @classmethod
+    def resolve(
+        cls, flags: Mapping[str, Any], environ: Mapping[str, str] = os.environ
+    ) -> ServerConfig:
+        """Flags (None = not given) over `KVSTORE_*` environment over defaults."""
+        values = {}
+        for f in fields(cls):
+            raw = flags.get(f.name)
+            source = f"--{f.name.replace('_', '-')}"
+            if raw is None:
+                source = f"KVSTORE_{f.name.upper()}"
+                raw = environ.get(source)
+            if raw is None:
+                continue
+            parse = f.metadata["parse"] or str
+            try:
+                values[f.name] = parse(raw)
+            except ValueError as exc:
+                raise ValueError(f"{f.name} (from {source}): {exc}") from None
+        return cls(**values)

@@ -1,0 +1,36 @@
+"""One exception hierarchy for the whole project.
+
+The server maps each class to one gRPC status (server/status.py) and the client
+maps statuses back, so a caller catches the same exception in-process and remotely.
+"""
+
+from __future__ import annotations
+
+
+class KVStoreError(Exception):
+    """Base of every error kvstore raises on purpose."""
+
+
+class InvalidArgument(KVStoreError, ValueError):
+    """A request field is malformed; `field` names it (e.g. `blocks[3].key`)."""
+
+    def __init__(self, field: str, reason: str) -> None:
+        super().__init__(f"{field}: {reason}" if field else reason)
+        self.field = field
+        self.reason = reason
+
+
+class ResourceExhausted(KVStoreError):
+    """No room: a block larger than the tier, or space that did not free up in time."""
+
+
+class NotFound(KVStoreError):
+    """A requested entity that must exist does not (misses are not errors)."""
+
+
+class Unavailable(KVStoreError, ConnectionError):
+    """The daemon cannot be reached or went away mid-call."""
+
+
+class CorruptBlock(KVStoreError):
+    """A block's bytes do not match its checksum."""

@@ -1,0 +1,57 @@
+"""Tiers own bytes; the Store owns policy. Every tier is one class behind `Tier`."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from kvstore.keys import BlockKey
+from kvstore.meta import BlockMeta
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    """A private write target: invisible to readers until committed."""
+
+    offset: int
+    size: int
+    view: memoryview
+
+
+@dataclass(frozen=True, slots=True)
+class PinnedBlock:
+    """A block a reader holds: its bytes cannot be evicted or reused until unpinned."""
+
+    key: BlockKey
+    meta: BlockMeta
+    view: memoryview
+    offset: int  # which copy: a key deleted and put again while pinned has two
+
+
+@dataclass(slots=True)
+class TierStats:
+    name: str
+    blocks: int = 0
+    bytes: int = 0
+    capacity: int = 0
+    hits: int = 0
+    misses: int = 0
+    evictions: int = 0
+    demotions: int = 0
+    promotions: int = 0
+
+
+class Tier(Protocol):
+    name: str
+    capacity: int
+
+    def reserve(self, size: int, timeout: float) -> Reservation: ...
+    def commit(self, key: BlockKey, meta: BlockMeta, reservation: Reservation) -> bool: ...
+    def abort(self, reservation: Reservation) -> None: ...
+    def contains(self, key: BlockKey) -> bool: ...
+    def present_prefix(self, keys: Sequence[BlockKey]) -> int: ...
+    def pin_prefix(self, keys: Sequence[BlockKey]) -> list[PinnedBlock]: ...
+    def unpin(self, block: PinnedBlock) -> None: ...
+    def delete(self, keys: Sequence[BlockKey]) -> int: ...
+    def stats(self) -> TierStats: ...

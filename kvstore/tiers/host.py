@@ -1,0 +1,165 @@
+"""The host-DRAM tier: blocks in extents of one preallocated arena, LRU-evicted.
+
+Guarantees:
+- a block is visible only after `commit`, and only whole;
+- a pinned block is never evicted or reused: a delete or eviction of a pinned
+  block hides it at once and frees its bytes when the last reader unpins;
+- when nothing can be evicted (everything pinned or reserved) a writer waits
+  for space up to its timeout (back-pressure) instead of failing a reader.
+One lock guards the index, LRU and arena; it is never held while bytes move.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from kvstore.arena import Arena
+from kvstore.errors import ResourceExhausted
+from kvstore.keys import BlockKey
+from kvstore.lru import LRU
+from kvstore.meta import BlockMeta
+from kvstore.tiers import PinnedBlock, Reservation, TierStats
+
+
+@dataclass(slots=True)
+class _Slot:
+    offset: int
+    meta: BlockMeta
+    pins: int = 0
+    hidden: bool = False  # deleted or evicted while pinned: freed on the last unpin
+
+
+class HostTier:
+    name = "host"
+
+    def __init__(self, capacity: int, *, prefault: bool = True) -> None:
+        self.arena = Arena(capacity, prefault=prefault)
+        self.capacity = self.arena.capacity
+        self._slots: dict[BlockKey, _Slot] = {}
+        self._hidden: dict[BlockKey, list[_Slot]] = {}
+        self._lru = LRU()
+        self._space = threading.Condition(threading.Lock())
+        self._stats = TierStats(self.name, capacity=self.capacity)
+
+    def reserve(self, size: int, timeout: float) -> Reservation:
+        """A write target of `size` bytes, evicting cold blocks as needed."""
+        if size > self.capacity:
+            raise ResourceExhausted(
+                f"block of {size} bytes exceeds the {self.name} tier ({self.capacity} bytes)"
+            )
+        deadline = time.monotonic() + timeout
+        with self._space:
+            while (offset := self._alloc(size)) is None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise ResourceExhausted(
+                        f"no room for {size} bytes in the {self.name} tier within {timeout:g}s:"
+                        " all blocks are pinned or being written"
+                    )
+                self._space.wait(left)
+        return Reservation(offset, size, self.arena.view(offset, size))
+
+    def commit(self, key: BlockKey, meta: BlockMeta, reservation: Reservation) -> bool:
+        """Publish a reserved block. False (and the slot freed) if `key` was already present."""
+        with self._space:
+            if key in self._slots:
+                self._release(reservation.offset, reservation.size)
+                return False
+            self._slots[key] = _Slot(reservation.offset, meta)
+            self._lru.on_put(key)
+            self._stats.blocks += 1
+            self._stats.bytes += meta.size
+            self._space.notify_all()  # a new evictable block
+            return True
+
+    def abort(self, reservation: Reservation) -> None:
+        with self._space:
+            self._release(reservation.offset, reservation.size)
+
+    def contains(self, key: BlockKey) -> bool:
+        with self._space:
+            return key in self._slots
+
+    def present_prefix(self, keys: Sequence[BlockKey]) -> int:
+        with self._space:
+            n = 0
+            for key in keys:
+                if key not in self._slots:
+                    break
+                n += 1
+            return n
+
+    def pin_prefix(self, keys: Sequence[BlockKey]) -> list[PinnedBlock]:
+        """Pin the leading present blocks of `keys`; each must be unpinned once."""
+        pinned = []
+        with self._space:
+            for key in keys:
+                slot = self._slots.get(key)
+                if slot is None:
+                    self._stats.misses += 1
+                    break
+                if slot.pins == 0:
+                    self._lru.remove(key)
+                slot.pins += 1
+                view = self.arena.view(slot.offset, slot.meta.size)
+                pinned.append(PinnedBlock(key, slot.meta, view, slot.offset))
+            self._stats.hits += len(pinned)
+        return pinned
+
+    def unpin(self, block: PinnedBlock) -> None:
+        with self._space:
+            slot = self._slots.get(block.key)
+            if slot is not None and slot.offset == block.offset:
+                slot.pins -= 1
+                if slot.pins == 0:
+                    self._lru.on_put(block.key)  # just read: most recently used
+                    self._space.notify_all()
+                return
+            hidden = self._hidden[block.key]
+            slot = next(s for s in hidden if s.offset == block.offset)
+            slot.pins -= 1
+            if slot.pins == 0:
+                hidden.remove(slot)
+                if not hidden:
+                    del self._hidden[block.key]
+                self._release(slot.offset, slot.meta.size)
+
+    def delete(self, keys: Sequence[BlockKey]) -> int:
+        with self._space:
+            present = [key for key in dict.fromkeys(keys) if key in self._slots]
+            for key in present:
+                self._drop(key)
+            return len(present)
+
+    def stats(self) -> TierStats:
+        with self._space:
+            return TierStats(**{f: getattr(self._stats, f) for f in TierStats.__slots__})
+
+    def _alloc(self, size: int) -> int | None:
+        offset = self.arena.alloc(size)
+        while offset is None and (victim := self._lru.victim()) is not None:
+            hole = self._drop(victim)
+            self._stats.evictions += 1
+            offset = self.arena.alloc_in(hole, size) if hole else None  # victims are unpinned
+        return offset
+
+    def _drop(self, key: BlockKey) -> tuple[int, int] | None:
+        """Remove `key` from the index; return the freed hole, or None if pinned or absent."""
+        slot = self._slots.pop(key, None)
+        if slot is None:
+            return None
+        self._lru.remove(key)
+        self._stats.blocks -= 1
+        self._stats.bytes -= slot.meta.size
+        if slot.pins:
+            slot.hidden = True
+            self._hidden.setdefault(key, []).append(slot)
+            return None
+        return self._release(slot.offset, slot.meta.size)
+
+    def _release(self, offset: int, size: int) -> tuple[int, int]:
+        self._space.notify_all()
+        return self.arena.release(offset, size)

@@ -1,0 +1,1 @@
+"""The wire contract (kvstore.proto), its generated modules, and data-frame codecs."""

@@ -1,0 +1,46 @@
+"""Regenerate the committed protobuf modules from kvstore.proto.
+
+Run `python -m kvstore.proto.generate` after editing the contract (needs grpcio-tools).
+The .proto is compiled as `kvstore/proto/kvstore.proto` so that the generated
+modules import each other as `kvstore.proto.*`, wherever the package lives.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+OUTPUTS = ("kvstore_pb2.py", "kvstore_pb2.pyi", "kvstore_pb2_grpc.py")
+
+
+def generate(out_dir: Path) -> list[Path]:
+    """Compile kvstore.proto into `out_dir`; return the generated files."""
+    from grpc_tools import protoc
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp, "src")
+        (src / "kvstore" / "proto").mkdir(parents=True)
+        shutil.copy(HERE / "kvstore.proto", src / "kvstore" / "proto" / "kvstore.proto")
+        gen = Path(tmp, "gen")
+        gen.mkdir()
+        argv = [
+            "protoc",
+            f"-I{src}",
+            f"--python_out={gen}",
+            f"--pyi_out={gen}",
+            f"--grpc_python_out={gen}",
+            str(src / "kvstore" / "proto" / "kvstore.proto"),
+        ]
+        if protoc.main(argv) != 0:
+            raise RuntimeError("protoc failed on kvstore.proto")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        return [
+            Path(shutil.copy(gen / "kvstore" / "proto" / name, out_dir / name)) for name in OUTPUTS
+        ]
+
+
+if __name__ == "__main__":
+    for path in generate(HERE):
+        print(f"wrote {path}")

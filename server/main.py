@@ -1,0 +1,127 @@
+"""kvstore-server: the daemon's entry point."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from concurrent import futures
+from dataclasses import fields
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from kvstore import __version__
+from kvstore.config import ServerConfig, format_size, parse_size
+from kvstore.server.servicer import SERVICE, KVStoreServicer
+from kvstore.store import Store
+from kvstore.tiers.host import HostTier
+
+log = logging.getLogger("kvstore.server")
+
+MAX_MESSAGE = 256 << 20  # header frames of very large batches; data frames are chunk-sized
+
+
+class Daemon:
+    """A running node: its store, its gRPC server and the address it bound."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        host = HostTier(config.host_capacity, prefault=config.prefault)
+        self.store = Store(
+            host, max_block_size=config.max_block_size, reserve_timeout=config.reserve_timeout
+        )
+        self.server = grpc.server(
+            futures.ThreadPoolExecutor(config.workers, thread_name_prefix="kvstore-rpc"),
+            options=[
+                ("grpc.max_receive_message_length", MAX_MESSAGE),
+                ("grpc.max_send_message_length", MAX_MESSAGE),
+                ("grpc.so_reuseport", 0),
+            ],
+        )
+        self.server.add_generic_rpc_handlers(
+            [KVStoreServicer(self.store, config.chunk_size).handler()]
+        )
+        self.health = health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            [SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server
+        )
+        host_name, _, _ = config.address.rpartition(":")
+        try:
+            port = self.server.add_insecure_port(config.address)
+        except RuntimeError as exc:  # grpc's way of saying the bind failed
+            raise OSError(f"cannot listen on {config.address}: {exc}") from None
+        self.address = f"{host_name}:{port}"
+
+    def start(self) -> Daemon:
+        self.server.start()
+        for name in ("", SERVICE):
+            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        return self
+
+    def stop(self, grace: float = 5.0) -> None:
+        """Refuse new RPCs, let running ones finish for up to `grace` seconds."""
+        self.health.enter_graceful_shutdown()
+        self.server.stop(grace).wait()
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="kvstore-server",
+        description="KV-cache block store for disaggregated LLM inference. Every flag can also "
+        "be set as the environment variable KVSTORE_<FLAG> (e.g. KVSTORE_HOST_CAPACITY); "
+        "a flag wins over the environment, which wins over the default.",
+    )
+    defaults = ServerConfig()
+    for f in fields(ServerConfig):
+        default = getattr(defaults, f.name)
+        if f.metadata["parse"] is parse_size:
+            default = format_size(default)
+        ap.add_argument(
+            f"--{f.name.replace('_', '-')}",
+            dest=f.name,
+            default=None,
+            metavar=f.name.upper(),
+            help=f"{f.metadata['help']} (default: {default})",
+        )
+    ap.add_argument("--version", action="version", version=f"kvstore {__version__}")
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        config = ServerConfig.resolve(vars(args))
+    except ValueError as exc:
+        parser().error(str(exc))
+    logging.basicConfig(
+        level=config.log_level.upper(),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        daemon = Daemon(config).start()
+    except OSError as exc:
+        print(f"kvstore-server: {exc}", file=sys.stderr)
+        return 1
+    stopping = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stopping.set())
+    print(
+        f"kvstore-server {__version__} listening on {daemon.address} "
+        f"(host tier {format_size(daemon.store.host.capacity)})",
+        flush=True,
+    )
+    stopping.wait()
+    log.info("shutting down")
+    daemon.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

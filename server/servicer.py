@@ -1,0 +1,145 @@
+"""The gRPC servicer: translates frames to core calls and back, nothing more.
+
+Every handler receives the raw request bytes and parses them strictly, so a
+malformed frame or an unknown field is INVALID_ARGUMENT naming it, not a
+generic deserialization failure.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import grpc
+import numpy as np
+
+from kvstore.errors import InvalidArgument
+from kvstore.ingest import BlockIngest
+from kvstore.keys import block_keys, check_keys
+from kvstore.meta import BlockMeta
+from kvstore.proto import kvstore_pb2 as pb
+from kvstore.proto.frames import FrameError, M, data_frames, decode_frame, reject_unknown
+from kvstore.server.status import streaming, unary
+from kvstore.store import Store
+from kvstore.tiers import PinnedBlock
+
+SERVICE = "kvstore.v1.KVStore"
+
+
+def meta_from_proto(meta: pb.BlockMeta) -> BlockMeta:
+    return BlockMeta(
+        size=meta.size,
+        dtype=meta.dtype,
+        shape=tuple(meta.shape),
+        layout=meta.layout,
+        codec=meta.codec,
+        raw_size=meta.raw_size,
+        checksum=meta.checksum,
+    )
+
+
+def meta_to_proto(meta: BlockMeta) -> pb.BlockMeta:
+    return pb.BlockMeta(
+        size=meta.size,
+        dtype=meta.dtype,
+        shape=meta.shape,
+        layout=meta.layout,
+        codec=meta.codec,
+        raw_size=meta.raw_size,
+        checksum=meta.checksum,
+    )
+
+
+def parse(raw: bytes, message_type: type[M]) -> M:
+    try:
+        message = message_type.FromString(raw)
+    except Exception as exc:  # DecodeError, or a RuntimeError from a malformed nested field
+        raise FrameError(f"malformed {message_type.__name__}: {exc}") from None
+    reject_unknown(message)
+    return message
+
+
+class KVStoreServicer:
+    def __init__(self, store: Store, chunk_size: int) -> None:
+        self.store = store
+        self.chunk_size = chunk_size
+
+    @unary
+    def Put(self, frames: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
+        ingest = BlockIngest(self.store)
+        try:
+            for raw in frames:
+                frame = decode_frame(raw, pb.PutRequest)
+                if isinstance(frame, memoryview):
+                    ingest.feed(frame)
+                elif frame.HasField("headers"):
+                    ingest.declare([(h.key, meta_from_proto(h.meta)) for h in frame.headers.blocks])
+                elif frame.HasField("data"):
+                    ingest.feed(memoryview(frame.data))
+                else:
+                    raise InvalidArgument("frame", "PutRequest sets neither headers nor data")
+            result = ingest.finish()
+        except BaseException:
+            ingest.abort()
+            raise
+        return pb.PutReply(stored=result.stored, existed=result.existed).SerializeToString()
+
+    @streaming
+    def Get(self, raw: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
+        keys = check_keys(parse(raw, pb.GetRequest).keys)
+        with self.store.read(keys) as batch:
+            headers = [pb.BlockHeader(key=b.key, meta=meta_to_proto(b.meta)) for b in batch.blocks]
+            yield pb.GetReply(headers=pb.BlockHeaders(blocks=headers)).SerializeToString()
+            pending: Iterator[PinnedBlock] = iter(batch.blocks)
+            for frame, ended in data_frames([b.view for b in batch.blocks], self.chunk_size):
+                for _ in range(ended):  # copied into `frame`: the tier may evict them again
+                    batch.release(next(pending))
+                yield frame
+
+    @unary
+    def Lookup(self, raw: bytes, context: grpc.ServicerContext) -> bytes:
+        request = parse(raw, pb.LookupRequest)
+        if request.HasField("tokens"):
+            tokens = request.tokens
+            if tokens.block_size < 1:
+                raise InvalidArgument("tokens.block_size", "must be >= 1")
+            keys = block_keys(
+                np.asarray(tokens.token_ids, dtype=np.uint32), tokens.block_size, tokens.salt
+            )
+        elif request.HasField("keys"):
+            keys = check_keys(request.keys.keys, "keys.keys")
+        else:
+            raise InvalidArgument("query", "LookupRequest sets neither keys nor tokens")
+        tiers = self.store.lookup(keys)
+        return pb.LookupReply(found=len(tiers), tiers=tiers).SerializeToString()
+
+    @unary
+    def Delete(self, raw: bytes, context: grpc.ServicerContext) -> bytes:
+        keys = check_keys(parse(raw, pb.DeleteRequest).keys)
+        return pb.DeleteReply(deleted=self.store.delete(keys)).SerializeToString()
+
+    @unary
+    def Stats(self, raw: bytes, context: grpc.ServicerContext) -> bytes:
+        parse(raw, pb.StatsRequest)
+        stats = self.store.stats()
+        tiers = [pb.TierStats(**{f: getattr(t, f) for f in t.__slots__}) for t in stats.tiers]
+        return pb.StatsReply(
+            tiers=tiers,
+            puts=stats.puts,
+            gets=stats.gets,
+            lookups=stats.lookups,
+            uptime_s=stats.uptime_s,
+        ).SerializeToString()
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        """Every method takes and returns raw bytes: framing is done above."""
+        raw = {"request_deserializer": None, "response_serializer": None}
+        return grpc.method_handlers_generic_handler(
+            SERVICE,
+            {
+                "Put": grpc.stream_unary_rpc_method_handler(self.Put, **raw),
+                "Get": grpc.unary_stream_rpc_method_handler(self.Get, **raw),
+                "Lookup": grpc.unary_unary_rpc_method_handler(self.Lookup, **raw),
+                "Delete": grpc.unary_unary_rpc_method_handler(self.Delete, **raw),
+                "Stats": grpc.unary_unary_rpc_method_handler(self.Stats, **raw),
+            },
+        )

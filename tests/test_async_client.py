@@ -1,0 +1,36 @@
+"""AsyncClient: the same calls as Client, awaitable."""
+
+import numpy as np
+import pytest
+
+from kvstore.client import AsyncClient
+from kvstore.errors import InvalidArgument, Unavailable
+from kvstore.keys import block_keys
+
+
+async def test_async_story(daemon, salt: bytes) -> None:
+    tokens = np.arange(16 * 4)
+    keys = block_keys(tokens, 16, salt)
+    payloads = [np.full((16, 3), i, np.float32) for i in range(4)]
+    async with AsyncClient(daemon.address, checksum=True) as client:
+        assert (await client.put(keys[:3], payloads[:3])).stored == 3
+        assert await client.lookup(keys) == 3
+        assert await client.lookup_tiers(keys[:1]) == ["host"]
+        assert await client.lookup_tokens(tokens, 16, salt) == 3
+        got = await client.get(keys)
+        assert len(got) == 3 and all(
+            np.array_equal(a, b) for a, b in zip(got, payloads, strict=False)
+        )
+        out = np.empty(1 << 16, np.uint8)
+        got = await client.get(keys, out=out)
+        assert np.shares_memory(got[0], out)
+        assert await client.delete(keys) == 3
+        assert (await client.stats()).tiers[0].name == "host"
+        with pytest.raises(InvalidArgument, match=r"keys\[0\]"):
+            await client.get([b"short"])
+
+
+async def test_unreachable_daemon_is_unavailable() -> None:
+    async with AsyncClient("127.0.0.1:1", timeout=5) as client:
+        with pytest.raises(Unavailable):
+            await client.lookup([bytes(16)])

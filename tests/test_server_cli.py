@@ -1,0 +1,69 @@
+"""The daemon as a user starts it."""
+
+import re
+import subprocess
+import sys
+from dataclasses import fields
+
+from conftest import running_daemon
+from kvstore.client import Client
+from kvstore.config import ServerConfig
+from kvstore.errors import Unavailable
+
+
+def run(*args: str, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "kvstore.server", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        **kw,
+    )
+
+
+def test_help_explains_every_flag() -> None:
+    out = run("--help").stdout
+    for f in fields(ServerConfig):
+        assert f"--{f.name.replace('_', '-')}" in out
+    assert "KVSTORE_" in out
+
+
+def test_port_zero_prints_the_bound_port_and_serves() -> None:
+    with running_daemon("--host-capacity", "8MiB") as daemon:
+        port = int(daemon.address.rsplit(":", 1)[1])
+        assert port > 0
+        with Client(daemon.address) as client:
+            assert client.stats().tiers[0].capacity == 8 << 20
+
+
+def test_environment_configures_the_daemon() -> None:
+    with (
+        running_daemon(env={"KVSTORE_HOST_CAPACITY": "12MiB"}) as daemon,
+        Client(daemon.address) as client,
+    ):
+        assert client.stats().tiers[0].capacity == 12 << 20
+
+
+def test_bad_flag_values_are_named() -> None:
+    result = run("--host-capacity", "lots")
+    assert result.returncode == 2
+    assert re.search(r"host_capacity \(from --host-capacity\): not a size", result.stderr)
+
+
+def test_port_in_use_is_a_clear_error() -> None:
+    with running_daemon("--host-capacity", "4MiB") as daemon:
+        result = run("--address", daemon.address, "--host-capacity", "4MiB")
+        assert result.returncode == 1
+        assert "cannot listen on" in result.stderr
+
+
+def test_sigterm_stops_gracefully() -> None:
+    with running_daemon("--host-capacity", "4MiB") as daemon:
+        address = daemon.address
+    assert daemon.process.returncode == 0
+    with Client(address, timeout=2) as client:
+        try:
+            client.stats()
+            raise AssertionError("a stopped daemon answered")
+        except Unavailable:
+            pass
