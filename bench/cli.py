@@ -1,0 +1,380 @@
+"""kvstore-bench: transfer throughput and lookup rates, next to ceilings and peers
+measured in the same run on the same bytes.
+
+    kvstore-bench [transfer] [--quick] [--json FILE] [--plot FILE.png] ...
+    kvstore-bench lookup [--prompt-tokens 1024,131072] ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from kvstore.bench import ceilings, workloads
+from kvstore.bench.measure import Run, Workload, source_bytes
+from kvstore.bench.procs import Processes
+from kvstore.bench.report import CEILINGS, Row, add_ratios, plot, table, write_json
+from kvstore.bench.workloads import Verifier, bench_keys
+from kvstore.client import Client
+from kvstore.config import format_size, parse_size
+from kvstore.keys import block_keys
+
+SCENARIOS = ("put", "get", "handoff")
+QUICK = {
+    "block_sizes": [256 << 10, 4 << 20],
+    "total": 256 << 20,
+    "repeat": 1,
+    "scenarios": ["put", "get"],
+}
+VERIFY_STRIDE = {"all": 1, "sample": 16, "off": 0}
+
+
+def _sizes(text: str) -> list[int]:
+    try:
+        sizes = [parse_size(part) for part in text.split(",") if part.strip()]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive sizes, got {text!r}")
+    return sizes
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected whole numbers, got {text!r}") from None
+
+
+def _choices(allowed: Sequence[str]) -> Callable[[str], list[str]]:
+    def parse(text: str) -> list[str]:
+        chosen = [part.strip() for part in text.split(",") if part.strip()]
+        unknown = sorted(set(chosen) - set(allowed))
+        if unknown or not chosen:
+            raise argparse.ArgumentTypeError(
+                f"unknown {', '.join(unknown) or 'empty list'}; choose from {', '.join(allowed)}"
+            )
+        return chosen
+
+    return parse
+
+
+def parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--address", help="benchmark this running daemon instead of starting one")
+    common.add_argument("--seed", type=int, default=0, help="seed of the payload bytes and tokens")
+    common.add_argument("--json", type=Path, metavar="FILE", help="write every figure as JSON")
+    common.add_argument(
+        "--repeat", type=int, default=3, help="runs of each measurement; the median is reported"
+    )
+
+    ap = argparse.ArgumentParser(
+        prog="kvstore-bench",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = ap.add_subparsers(dest="command")
+    t = sub.add_parser("transfer", parents=[common], help="put/get/handoff throughput (default)")
+    t.add_argument(
+        "--quick",
+        action="store_true",
+        help="256KiB and 4MiB blocks, put and get, 256MiB each, one run: under a minute",
+    )
+    t.add_argument("--scenarios", type=_choices(SCENARIOS), default=["put", "get", "handoff"])
+    t.add_argument("--block-sizes", type=_sizes, default=_sizes("64KiB,256KiB,1MiB,4MiB"))
+    t.add_argument("--total", type=parse_size, default=1 << 30, help="bytes per measurement")
+    t.add_argument(
+        "--batch",
+        type=_ints,
+        default=[0],
+        help="blocks per request, comma-separated sweep; 0: 64MiB worth",
+    )
+    t.add_argument("--streams", type=_ints, default=[1], help="concurrent client streams (sweep)")
+    t.add_argument("--chunk", type=parse_size, default=1 << 20, help="data frame size of puts")
+    t.add_argument("--ceilings", type=_choices(CEILINGS), default=list(CEILINGS))
+    t.add_argument(
+        "--redis-url",
+        help="a running Redis to compare with (default: start one if redis-server is on PATH)",
+    )
+    t.add_argument("--no-redis", action="store_true", help="skip the Redis peer")
+    t.add_argument(
+        "--verify",
+        choices=tuple(VERIFY_STRIDE),
+        default="sample",
+        help="check received bytes: every block, every 16th, or none",
+    )
+    t.add_argument("--plot", type=Path, metavar="FILE.png", help="throughput vs block size")
+    lk = sub.add_parser("lookup", parents=[common], help="prefix lookups per second")
+    lk.add_argument("--prompt-tokens", type=_ints, default=[1024, 4096, 16384, 65536, 131072])
+    lk.add_argument("--block-size", type=int, default=16, help="tokens per block")
+    lk.add_argument("--seconds", type=float, default=1.0, help="time spent on each prompt length")
+    return ap
+
+
+def parse(argv: Sequence[str]) -> argparse.Namespace:
+    ap = parser()
+    argv = list(argv)
+    if not argv or argv[0] not in ("transfer", "lookup", "-h", "--help"):
+        argv.insert(0, "transfer")
+    args = ap.parse_args(argv)
+    if args.repeat < 1:
+        ap.error("--repeat must be at least 1")
+    if args.command == "transfer":
+        if args.quick:
+            for name, value in QUICK.items():
+                setattr(args, name, value)
+        if args.total < max(args.block_sizes):
+            ap.error(f"--total {format_size(args.total)} is smaller than a block")
+        if min(args.batch) < 0 or min(args.streams) < 1:
+            ap.error("--batch must be >= 0 and --streams >= 1")
+        if not 4096 <= args.chunk <= 64 << 20:
+            ap.error("--chunk must be 4KiB..64MiB")
+    elif min(args.prompt_tokens) < args.block_size or args.block_size < 1:
+        ap.error("--prompt-tokens must each hold at least one --block-size block")
+    return args
+
+
+def warmup(work: Workload) -> Workload:
+    """A shorter run of the same shape, timed by no one: connections, code paths and
+    memory are warm when the measured runs start."""
+    return replace(
+        work,
+        total=max(work.block_size, min(work.total, 32 << 20)) // work.block_size * work.block_size,
+    )
+
+
+def median(runs: list[Run]) -> Run:
+    return sorted(runs, key=lambda r: r.gbps if r.nbytes else -r.seconds)[len(runs) // 2]
+
+
+class Transfer:
+    """One `transfer` run: every selected measurement, kvstore first, then ceilings and peers."""
+
+    def __init__(
+        self,
+        args: argparse.Namespace,
+        procs: Processes,
+        address: str,
+        redis_url: str | None,
+        advance: Callable[[str], None],
+    ) -> None:
+        self.args, self.procs, self.address, self.redis_url = args, procs, address, redis_url
+        self.advance = advance
+        self.source = source_bytes(args.total, args.seed)
+        self.ports: dict[str, int] = {}
+        self.rows: list[Row] = []
+
+    def steps(self) -> int:
+        a = self.args
+        per_size = (
+            len(a.batch) * len(a.streams) * len(a.scenarios)
+            + 2 * len(a.ceilings)
+            + (4 if self.redis_url else 0)
+        )
+        return per_size * len(a.block_sizes)
+
+    def run(self) -> list[Row]:
+        for size in self.args.block_sizes:
+            for batch in self.args.batch:
+                for streams in self.args.streams:
+                    self.kvstore(self.workload(size, batch), streams)
+            work = self.workload(size, self.args.batch[0])
+            self.ceilings(work)
+            if self.redis_url:
+                self.redis(work)
+        add_ratios(self.rows)
+        return self.rows
+
+    def workload(self, size: int, batch: int) -> Workload:
+        return Workload(
+            size,
+            self.args.total // size * size,
+            batch or max(1, (64 << 20) // size),
+            self.args.chunk,
+        )
+
+    def verifier(self, work: Workload) -> Verifier:
+        return Verifier(self.source, work.block_size, VERIFY_STRIDE[self.args.verify])
+
+    def kvstore(self, work: Workload, streams: int) -> None:
+        runs: dict[str, list[Run]] = {s: [] for s in self.args.scenarios}
+        warm = warmup(work)
+        keys = bench_keys(warm, f"warmup/{work}/{streams}")
+        workloads.kvstore_put(self.address, warm, self.source, keys, streams)
+        workloads.kvstore_get(self.address, warm, keys, streams, self.verifier(warm))
+        self.delete(keys)
+        for rep in range(self.args.repeat):
+            keys = bench_keys(work, f"{work}/{streams}/{rep}/{self.args.seed}")
+            if {"put", "get"} & set(runs):
+                runs.setdefault("put", []).append(
+                    workloads.kvstore_put(self.address, work, self.source, keys, streams)
+                )
+            if "get" in runs:
+                runs["get"].append(
+                    workloads.kvstore_get(self.address, work, keys, streams, self.verifier(work))
+                )
+            elif "put" in runs:  # put alone: still check what was stored, untimed
+                workloads.kvstore_get(self.address, work, keys, 1, self.verifier(work))
+            if "handoff" in runs:
+                handoff_keys = bench_keys(work, f"handoff/{work}/{rep}/{self.args.seed}")
+                runs["handoff"].append(
+                    workloads.handoff(
+                        self.address, work, self.source, handoff_keys, self.verifier(work)
+                    )
+                )
+                self.delete(handoff_keys)
+            self.delete(keys)
+        for scenario in self.args.scenarios:
+            run = median(runs[scenario])
+            extra = {"batch": work.batch, "streams": streams, "tier": "host", "codec": "none"}
+            if scenario == "handoff":
+                extra["handoff_s"] = round(run.seconds, 4)
+            self.rows.append(Row.of(scenario, "grpc", work.block_size, run, **extra))
+            self.advance(f"kvstore {scenario} {format_size(work.block_size)}")
+
+    def ceilings(self, work: Workload) -> None:
+        a = self.args
+        for name in a.ceilings:
+            for direction in ("put", "get"):
+                self.ceiling(name, warmup(work), direction)
+                run = median([self.ceiling(name, work, direction) for _ in range(a.repeat)])
+                self.rows.append(Row.of(direction, name, work.block_size, run, batch=work.batch))
+                self.advance(f"{name} {direction} {format_size(work.block_size)}")
+
+    def ceiling(self, name: str, work: Workload, direction: str) -> Run:
+        if name == "memcpy":
+            return ceilings.memcpy(work, self.source)
+        if name == "file_io":
+            return ceilings.file_io(self.procs.tempdir(), work, self.source, direction)
+        kind = "tcp" if name == "raw_tcp" else "grpc"
+        if kind not in self.ports:
+            self.ports[kind] = ceilings.start_server(self.procs, kind)
+        if name == "raw_tcp":
+            return ceilings.raw_tcp(self.ports[kind], work, self.source, direction)
+        return ceilings.grpc_bare(self.ports[kind], work, direction)
+
+    def redis(self, work: Workload) -> None:
+        for pipelined in (False, True):
+            path = "redis_pipelined" if pipelined else "redis"
+            puts, gets = [], []
+            warm = warmup(work)
+            keys = bench_keys(warm, "redis/warmup")
+            workloads.redis_put(self.redis_url, warm, self.source, keys, pipelined)
+            workloads.redis_get(self.redis_url, warm, keys, pipelined, self.verifier(warm))
+            for rep in range(self.args.repeat):
+                keys = bench_keys(work, f"redis/{rep}")
+                puts.append(workloads.redis_put(self.redis_url, work, self.source, keys, pipelined))
+                gets.append(
+                    workloads.redis_get(self.redis_url, work, keys, pipelined, self.verifier(work))
+                )
+            for scenario, runs in (("put", puts), ("get", gets)):
+                self.rows.append(
+                    Row.of(scenario, path, work.block_size, median(runs), batch=work.batch)
+                )
+                self.advance(f"{path} {scenario} {format_size(work.block_size)}")
+
+    def delete(self, keys: list[bytes]) -> None:
+        with Client(self.address) as client:
+            for start in range(0, len(keys), 8192):
+                client.delete(keys[start : start + 8192])
+
+
+def run_lookup(args: argparse.Namespace, address: str, advance: Callable[[str], None]) -> list[Row]:
+    tokens = np.random.default_rng(args.seed).integers(0, 50_000, max(args.prompt_tokens))
+    salt = f"kvstore-bench/lookup/{args.seed}".encode()
+    keys = block_keys(tokens, args.block_size, salt)
+    with Client(address) as client:
+        for start in range(0, len(keys), 8192):
+            part = keys[start : start + 8192]
+            client.put(part, [b"\0"] * len(part))
+    rows = []
+    for n in args.prompt_tokens:
+        for server_side in (False, True):
+            run = median(
+                [
+                    workloads.lookup(
+                        address,
+                        tokens[:n],
+                        args.block_size,
+                        salt,
+                        server_side,
+                        args.seconds / args.repeat,
+                    )
+                    for _ in range(args.repeat)
+                ]
+            )
+            path = "grpc-tokens" if server_side else "grpc"
+            rows.append(
+                Row.of(
+                    "lookup",
+                    path,
+                    args.block_size,
+                    run,
+                    prompt_tokens=n,
+                    blocks=n // args.block_size,
+                    ops_per_s=round(len(run.latencies) / run.seconds, 1),
+                )
+            )
+            advance(f"lookup {n} tokens ({path})")
+    return rows
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from rich.console import Console
+    from rich.progress import Progress
+
+    args = parse(sys.argv[1:] if argv is None else argv)
+    console = Console(stderr=True)
+    params = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    try:
+        with Processes() as procs, Progress(console=console, transient=True) as progress:
+            address = args.address
+            if address is None:
+                capacity = (args.total * 2 if args.command == "transfer" else 1 << 30) + (256 << 20)
+                address = procs.daemon("--host-capacity", str(capacity))
+            redis_url, redis_version = None, None
+            if args.command == "transfer" and not args.no_redis:
+                redis_url = args.redis_url or procs.redis()
+                redis_version = _redis_version() if redis_url else None
+            task = progress.add_task("starting", total=None)
+
+            def advance(what: str) -> None:
+                progress.update(task, advance=1, description=what)
+
+            if args.command == "transfer":
+                transfer = Transfer(args, procs, address, redis_url, advance)
+                progress.update(task, total=transfer.steps())
+                rows = transfer.run()
+            else:
+                progress.update(task, total=2 * len(args.prompt_tokens))
+                rows = run_lookup(args, address, advance)
+    except KeyboardInterrupt:
+        console.print("interrupted: every process the benchmark started has been stopped")
+        return 130
+    out = Console()
+    if not out.is_terminal:
+        out = Console(width=140)
+    out.print(table(rows, f"kvstore-bench {args.command}"))
+    if args.json:
+        write_json(args.json, params, rows, redis_version)
+    if getattr(args, "plot", None):
+        plot(args.plot, rows)
+    return 0
+
+
+def _redis_version() -> str | None:
+    try:
+        out = subprocess.run(["redis-server", "--version"], capture_output=True, text=True).stdout
+    except OSError:
+        return None
+    return next((w.split("=", 1)[1] for w in out.split() if w.startswith("v=")), None)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

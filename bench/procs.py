@@ -1,0 +1,118 @@
+"""Processes the benchmark starts, and stops whatever happens (Ctrl-C included)."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import ExitStack
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Processes(ExitStack):
+    """Every child started here is terminated (then killed) when the stack closes."""
+
+    def spawn(self, cmd: list[str], **kw) -> subprocess.Popen:
+        proc = subprocess.Popen(cmd, **kw)
+        self.callback(_stop, proc)
+        return proc
+
+    def daemon(self, *flags: str) -> str:
+        """Start `kvstore-server` on a free port; return its address."""
+        proc = self.spawn(
+            [
+                sys.executable,
+                "-m",
+                "kvstore.server",
+                "--address",
+                "127.0.0.1:0",
+                "--log-level",
+                "warning",
+                *flags,
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        line = proc.stdout.readline()
+        match = re.search(r"listening on (\S+)", line)
+        if not match:
+            raise RuntimeError(f"kvstore-server did not start: {line}{proc.stderr.read()}")
+        return match.group(1)
+
+    def redis(self) -> str | None:
+        """Start `redis-server` on a free port if it is installed; return its URL."""
+        binary = shutil.which("redis-server")
+        if binary is None:
+            return None
+        workdir = self.enter_context(tempfile.TemporaryDirectory(prefix="kvstore-bench-redis-"))
+        port = free_port()
+        self.spawn(
+            [
+                binary,
+                "--port",
+                str(port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                workdir,
+                "--protected-mode",
+                "no",
+                "--proto-max-bulk-len",
+                "1gb",
+                "--client-query-buffer-limit",
+                "1gb",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        url = f"redis://127.0.0.1:{port}/0"
+        _wait_for_redis(url)
+        return url
+
+    def tempdir(self) -> Path:
+        return Path(self.enter_context(tempfile.TemporaryDirectory(prefix="kvstore-bench-")))
+
+
+def _wait_for_redis(url: str, timeout: float = 20.0) -> None:
+    import redis
+
+    deadline = time.monotonic() + timeout
+    client = redis.Redis.from_url(url)
+    while True:
+        try:
+            client.ping()
+            return
+        except redis.ConnectionError:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"redis-server did not answer on {url}") from None
+            time.sleep(0.05)
+        finally:
+            client.close()
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    for stream in (proc.stdout, proc.stderr):
+        if stream:
+            stream.close()

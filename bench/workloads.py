@@ -1,0 +1,220 @@
+"""kvstore's own workloads, and Redis doing the same work as a peer."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import xxhash
+
+from kvstore.bench.measure import Run, Workload, timed_batches
+from kvstore.client import Client
+from kvstore.keys import block_keys
+
+
+class Verifier:
+    """Checks received blocks against the source: every `stride`-th block (1 = all, 0 = none)."""
+
+    def __init__(self, source: np.ndarray, block_size: int, stride: int) -> None:
+        self.source, self.block_size, self.stride = source, block_size, stride
+        self.checked = 0
+
+    def wants(self, index: int) -> bool:
+        return self.stride > 0 and index % self.stride == 0
+
+    def check(self, index: int, received: np.ndarray) -> None:
+        sent = self.source[index * self.block_size : (index + 1) * self.block_size]
+        if received.nbytes != sent.nbytes or xxhash.xxh3_64_intdigest(
+            received
+        ) != xxhash.xxh3_64_intdigest(sent):
+            raise AssertionError(f"block {index} came back different from what was sent")
+        self.checked += 1
+
+
+def bench_keys(work: Workload, tag: str) -> list[bytes]:
+    """Fresh keys for one measurement, so every put really stores."""
+    return block_keys(np.arange(work.blocks), 1, f"kvstore-bench/{tag}".encode())
+
+
+def kvstore_put(
+    address: str, work: Workload, source: np.ndarray, keys: list[bytes], streams: int
+) -> Run:
+    size = work.block_size
+
+    def request(client: Client, batch: range) -> None:
+        client.put([keys[i] for i in batch], [source[i * size : (i + 1) * size] for i in batch])
+
+    return _concurrently(address, work, streams, request)
+
+
+def kvstore_get(
+    address: str, work: Workload, keys: list[bytes], streams: int, verifier: Verifier
+) -> Run:
+    def request(client: Client, batch: range) -> None:
+        blocks = client.get([keys[i] for i in batch])
+        if len(blocks) != len(batch):
+            raise AssertionError(f"get returned {len(blocks)} of {len(batch)} blocks")
+        for i, block in zip(batch, blocks, strict=True):
+            if verifier.wants(i):
+                verifier.check(i, block)
+
+    return _concurrently(address, work, streams, request)
+
+
+def _concurrently(
+    address: str, work: Workload, streams: int, request: Callable[[Client, range], None]
+) -> Run:
+    """`streams` clients in threads, each taking every `streams`-th batch."""
+    clients = [Client(address, chunk_size=work.chunk) for _ in range(streams)]
+    try:
+        if streams == 1:
+            return timed_batches(work, lambda batch: request(clients[0], batch))
+        batches = list(work.batches())
+        latencies: list[float] = []
+
+        def worker(n: int) -> None:
+            for batch in batches[n::streams]:
+                t = time.perf_counter()
+                request(clients[n], batch)
+                latencies.append(time.perf_counter() - t)
+
+        start = time.perf_counter()
+        with ThreadPoolExecutor(streams) as pool:
+            list(pool.map(worker, range(streams)))
+        return Run(work.blocks * work.block_size, time.perf_counter() - start, latencies)
+    finally:
+        for client in clients:
+            client.close()
+
+
+def redis_put(
+    url: str, work: Workload, source: np.ndarray, keys: list[bytes], pipelined: bool
+) -> Run:
+    import redis
+
+    size = work.block_size
+    with redis.Redis.from_url(url) as r:
+
+        def request(batch: range) -> None:
+            if pipelined:
+                r.mset({b"b:" + keys[i]: source[i * size : (i + 1) * size].data for i in batch})
+            else:
+                for i in batch:
+                    r.set(b"b:" + keys[i], source[i * size : (i + 1) * size].data)
+
+        return timed_batches(work, request)
+
+
+def redis_get(
+    url: str, work: Workload, keys: list[bytes], pipelined: bool, verifier: Verifier
+) -> Run:
+    import redis
+
+    with redis.Redis.from_url(url) as r:
+
+        def request(batch: range) -> None:
+            names = [b"b:" + keys[i] for i in batch]
+            values = r.mget(names) if pipelined else [r.get(name) for name in names]
+            for i, value in zip(batch, values, strict=True):
+                if value is None:
+                    raise AssertionError(f"redis lost block {i}")
+                if verifier.wants(i):
+                    verifier.check(i, np.frombuffer(value, np.uint8))
+
+        run = timed_batches(work, request)
+        r.flushdb()
+        return run
+
+
+def handoff(
+    address: str, work: Workload, source: np.ndarray, keys: list[bytes], verifier: Verifier
+) -> Run:
+    """A producer process puts a prompt's blocks batch by batch, as prefill makes them; a
+    consumer process gets each as soon as it is there. Time: first put to last byte."""
+    ctx = mp.get_context("spawn")
+    ready, results = ctx.Barrier(3), ctx.Queue()
+    consumer = ctx.Process(target=_consume, args=(address, work, keys, ready, results))
+    producer = ctx.Process(target=_produce, args=(address, work, source, keys, ready, results))
+    consumer.start()
+    producer.start()
+    try:
+        ready.wait(timeout=120)
+        outcome = dict(results.get(timeout=600) for _ in range(2))
+    finally:
+        for proc in (producer, consumer):
+            proc.join(timeout=30)
+            if proc.is_alive():
+                proc.kill()
+    if "error" in outcome:
+        raise AssertionError(outcome["error"])
+    with Client(address) as client:  # verify outside the timed path
+        for i in filter(verifier.wants, range(work.blocks)):
+            verifier.check(i, client.get([keys[i]])[0])
+    first_put, (last_byte, latencies) = outcome["first_put"], outcome["last_byte"]
+    return Run(work.blocks * work.block_size, last_byte - first_put, latencies)
+
+
+def _produce(address, work, source, keys, ready, results) -> None:
+    size = work.block_size
+    try:
+        with Client(address, chunk_size=work.chunk) as client:
+            ready.wait()
+            results.put(("first_put", time.monotonic()))  # CLOCK_MONOTONIC: system-wide
+            for batch in work.batches():
+                client.put(
+                    [keys[i] for i in batch], [source[i * size : (i + 1) * size] for i in batch]
+                )
+    except Exception as exc:
+        results.put(("error", f"producer failed: {exc!r}"))
+
+
+def _consume(address, work, keys, ready, results) -> None:
+    received, latencies = 0, []
+    try:
+        with Client(address) as client:
+            ready.wait()
+            deadline = time.monotonic() + 300
+            while received < work.blocks:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"only {received} of {work.blocks} blocks arrived")
+                t = time.perf_counter()
+                got = client.get(keys[received : received + work.batch])
+                if got:
+                    latencies.append(time.perf_counter() - t)
+                    received += len(got)
+                else:
+                    time.sleep(0.0002)  # nothing new yet: the producer is ahead of us next
+            results.put(("last_byte", (time.monotonic(), latencies)))
+    except Exception as exc:  # reported to the parent, which fails loudly
+        results.put(("error", f"consumer failed: {exc!r}"))
+
+
+def lookup(
+    address: str,
+    tokens: np.ndarray,
+    block_size: int,
+    salt: bytes,
+    server_side: bool,
+    min_seconds: float,
+) -> Run:
+    """Prefix lookups of one prompt, repeated for at least `min_seconds`.
+
+    Client side: the router hashes the tokens and sends keys. Server side: it
+    sends the token ids and the node hashes them.
+    """
+    latencies = []
+    with Client(address) as client:
+        start = time.perf_counter()
+        while time.perf_counter() - start < min_seconds or len(latencies) < 20:
+            t = time.perf_counter()
+            if server_side:
+                found = client.lookup_tokens(tokens, block_size, salt)
+            else:
+                found = client.lookup(block_keys(tokens, block_size, salt))
+            latencies.append(time.perf_counter() - t)
+            if found != len(tokens) // block_size:
+                raise AssertionError(f"lookup found {found} of {len(tokens) // block_size} blocks")
+        return Run(0, time.perf_counter() - start, latencies)
