@@ -26,11 +26,13 @@ from kvstore.config import format_size, parse_size
 from kvstore.keys import block_keys
 
 SCENARIOS = ("put", "get", "handoff")
+PATHS = ("tcp", "grpc")
 QUICK = {
     "block_sizes": [256 << 10, 4 << 20],
     "total": 256 << 20,
     "repeat": 1,
     "scenarios": ["put", "get"],
+    "paths": list(PATHS),
 }
 VERIFY_STRIDE = {"all": 1, "sample": 16, "off": 0}
 
@@ -87,6 +89,12 @@ def parser() -> argparse.ArgumentParser:
         help="256KiB and 4MiB blocks, put and get, 256MiB each, one run: under a minute",
     )
     t.add_argument("--scenarios", type=_choices(SCENARIOS), default=["put", "get", "handoff"])
+    t.add_argument(
+        "--paths",
+        type=_choices(PATHS),
+        default=list(PATHS),
+        help="transfer paths: the raw TCP data plane, the gRPC stream",
+    )
     t.add_argument("--block-sizes", type=_sizes, default=_sizes("64KiB,256KiB,1MiB,4MiB"))
     t.add_argument("--total", type=parse_size, default=1 << 30, help="bytes per measurement")
     t.add_argument(
@@ -173,7 +181,7 @@ class Transfer:
     def steps(self) -> int:
         a = self.args
         per_size = (
-            len(a.batch) * len(a.streams) * len(a.scenarios)
+            len(a.paths) * len(a.batch) * len(a.streams) * len(a.scenarios)
             + 2 * len(a.ceilings)
             + (4 if self.redis_url else 0)
         )
@@ -181,9 +189,10 @@ class Transfer:
 
     def run(self) -> list[Row]:
         for size in self.args.block_sizes:
-            for batch in self.args.batch:
-                for streams in self.args.streams:
-                    self.kvstore(self.workload(size, batch), streams)
+            for path in self.args.paths:
+                for batch in self.args.batch:
+                    for streams in self.args.streams:
+                        self.kvstore(path, self.workload(size, batch), streams)
             work = self.workload(size, self.args.batch[0])
             self.ceilings(work)
             if self.redis_url:
@@ -202,41 +211,38 @@ class Transfer:
     def verifier(self, work: Workload) -> Verifier:
         return Verifier(self.source, work.block_size, VERIFY_STRIDE[self.args.verify])
 
-    def kvstore(self, work: Workload, streams: int) -> None:
+    def kvstore(self, path: str, work: Workload, streams: int) -> None:
         runs: dict[str, list[Run]] = {s: [] for s in self.args.scenarios}
         warm = warmup(work)
-        keys = bench_keys(warm, f"warmup/{work}/{streams}")
-        workloads.kvstore_put(self.address, warm, self.source, keys, streams)
-        workloads.kvstore_get(self.address, warm, keys, streams, self.verifier(warm))
+        keys = bench_keys(warm, f"warmup/{path}/{work}/{streams}")
+        workloads.kvstore_put(self.address, path, warm, self.source, keys, streams)
+        workloads.kvstore_get(self.address, path, warm, keys, streams, self.verifier(warm))
         self.delete(keys)
         for rep in range(self.args.repeat):
-            keys = bench_keys(work, f"{work}/{streams}/{rep}/{self.args.seed}")
-            if {"put", "get"} & set(runs):
-                runs.setdefault("put", []).append(
-                    workloads.kvstore_put(self.address, work, self.source, keys, streams)
-                )
-            if "get" in runs:
-                runs["get"].append(
-                    workloads.kvstore_get(self.address, work, keys, streams, self.verifier(work))
-                )
-            elif "put" in runs:  # put alone: still check what was stored, untimed
-                workloads.kvstore_get(self.address, work, keys, 1, self.verifier(work))
+            keys = bench_keys(work, f"{path}/{work}/{streams}/{rep}/{self.args.seed}")
+            put = workloads.kvstore_put(self.address, path, work, self.source, keys, streams)
+            runs.setdefault("put", []).append(put)
+            # get (timed) or, for put alone, an untimed check of what was stored
+            get = workloads.kvstore_get(
+                self.address, path, work, keys, streams, self.verifier(work)
+            )
+            runs.setdefault("get", []).append(get)
+            self.delete(keys)
             if "handoff" in runs:
-                handoff_keys = bench_keys(work, f"handoff/{work}/{rep}/{self.args.seed}")
+                keys = bench_keys(work, f"handoff/{path}/{work}/{rep}/{self.args.seed}")
                 runs["handoff"].append(
                     workloads.handoff(
-                        self.address, work, self.source, handoff_keys, self.verifier(work)
+                        self.address, path, work, self.source, keys, self.verifier(work)
                     )
                 )
-                self.delete(handoff_keys)
-            self.delete(keys)
+                self.delete(keys)
         for scenario in self.args.scenarios:
             run = median(runs[scenario])
             extra = {"batch": work.batch, "streams": streams, "tier": "host", "codec": "none"}
             if scenario == "handoff":
                 extra["handoff_s"] = round(run.seconds, 4)
-            self.rows.append(Row.of(scenario, "grpc", work.block_size, run, **extra))
-            self.advance(f"kvstore {scenario} {format_size(work.block_size)}")
+            self.rows.append(Row.of(scenario, path, work.block_size, run, **extra))
+            self.advance(f"kvstore {path} {scenario} {format_size(work.block_size)}")
 
     def ceilings(self, work: Workload) -> None:
         a = self.args

@@ -16,7 +16,6 @@ from kvstore.config import format_size
 
 CEILINGS = ("raw_tcp", "memcpy", "grpc_bare", "file_io")
 PEERS = ("redis", "redis_pipelined")
-KVSTORE_PATHS = ("grpc",)
 
 
 @dataclass

@@ -40,35 +40,40 @@ def bench_keys(work: Workload, tag: str) -> list[bytes]:
 
 
 def kvstore_put(
-    address: str, work: Workload, source: np.ndarray, keys: list[bytes], streams: int
+    address: str, path: str, work: Workload, source: np.ndarray, keys: list[bytes], streams: int
 ) -> Run:
     size = work.block_size
 
     def request(client: Client, batch: range) -> None:
         client.put([keys[i] for i in batch], [source[i * size : (i + 1) * size] for i in batch])
 
-    return _concurrently(address, work, streams, request)
+    return _concurrently(address, path, work, streams, request)
 
 
 def kvstore_get(
-    address: str, work: Workload, keys: list[bytes], streams: int, verifier: Verifier
+    address: str, path: str, work: Workload, keys: list[bytes], streams: int, verifier: Verifier
 ) -> Run:
+    """Gets into a reused buffer per stream, as an engine receives into its own staging
+    memory (fresh memory for every request would measure page faults, not transfer)."""
+    buffers = {}
+
     def request(client: Client, batch: range) -> None:
-        blocks = client.get([keys[i] for i in batch])
+        out = buffers.setdefault(id(client), np.empty(work.batch * work.block_size, np.uint8))
+        blocks = client.get([keys[i] for i in batch], out=out)
         if len(blocks) != len(batch):
             raise AssertionError(f"get returned {len(blocks)} of {len(batch)} blocks")
         for i, block in zip(batch, blocks, strict=True):
             if verifier.wants(i):
                 verifier.check(i, block)
 
-    return _concurrently(address, work, streams, request)
+    return _concurrently(address, path, work, streams, request)
 
 
 def _concurrently(
-    address: str, work: Workload, streams: int, request: Callable[[Client, range], None]
+    address: str, path: str, work: Workload, streams: int, request: Callable[[Client, range], None]
 ) -> Run:
     """`streams` clients in threads, each taking every `streams`-th batch."""
-    clients = [Client(address, chunk_size=work.chunk) for _ in range(streams)]
+    clients = [Client(address, chunk_size=work.chunk, transport=path) for _ in range(streams)]
     try:
         if streams == 1:
             return timed_batches(work, lambda batch: request(clients[0], batch))
@@ -130,14 +135,21 @@ def redis_get(
 
 
 def handoff(
-    address: str, work: Workload, source: np.ndarray, keys: list[bytes], verifier: Verifier
+    address: str,
+    path: str,
+    work: Workload,
+    source: np.ndarray,
+    keys: list[bytes],
+    verifier: Verifier,
 ) -> Run:
     """A producer process puts a prompt's blocks batch by batch, as prefill makes them; a
     consumer process gets each as soon as it is there. Time: first put to last byte."""
     ctx = mp.get_context("spawn")
     ready, results = ctx.Barrier(3), ctx.Queue()
-    consumer = ctx.Process(target=_consume, args=(address, work, keys, ready, results))
-    producer = ctx.Process(target=_produce, args=(address, work, source, keys, ready, results))
+    consumer = ctx.Process(target=_consume, args=(address, path, work, keys, ready, results))
+    producer = ctx.Process(
+        target=_produce, args=(address, path, work, source, keys, ready, results)
+    )
     consumer.start()
     producer.start()
     try:
@@ -150,17 +162,17 @@ def handoff(
                 proc.kill()
     if "error" in outcome:
         raise AssertionError(outcome["error"])
-    with Client(address) as client:  # verify outside the timed path
+    with Client(address, transport=path) as client:  # verify outside the timed path
         for i in filter(verifier.wants, range(work.blocks)):
             verifier.check(i, client.get([keys[i]])[0])
     first_put, (last_byte, latencies) = outcome["first_put"], outcome["last_byte"]
     return Run(work.blocks * work.block_size, last_byte - first_put, latencies)
 
 
-def _produce(address, work, source, keys, ready, results) -> None:
+def _produce(address, path, work, source, keys, ready, results) -> None:
     size = work.block_size
     try:
-        with Client(address, chunk_size=work.chunk) as client:
+        with Client(address, chunk_size=work.chunk, transport=path) as client:
             ready.wait()
             results.put(("first_put", time.monotonic()))  # CLOCK_MONOTONIC: system-wide
             for batch in work.batches():
@@ -171,10 +183,10 @@ def _produce(address, work, source, keys, ready, results) -> None:
         results.put(("error", f"producer failed: {exc!r}"))
 
 
-def _consume(address, work, keys, ready, results) -> None:
+def _consume(address, path, work, keys, ready, results) -> None:
     received, latencies = 0, []
     try:
-        with Client(address) as client:
+        with Client(address, transport=path) as client:
             ready.wait()
             deadline = time.monotonic() + 300
             while received < work.blocks:

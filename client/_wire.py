@@ -18,7 +18,9 @@ from kvstore.errors import (
     KVStoreError,
     NotFound,
     ResourceExhausted,
+    Unauthenticated,
     Unavailable,
+    Unsupported,
 )
 from kvstore.keys import BlockKey, check_keys
 from kvstore.proto import kvstore_pb2 as pb
@@ -48,14 +50,10 @@ def as_bytes(payload: Payload) -> tuple[memoryview, str, tuple[int, ...]]:
     return view.cast("B") if view.format != "B" or view.ndim != 1 else view, "", ()
 
 
-def put_frames(
-    keys: Sequence[BlockKey], payloads: Sequence[Payload], chunk_size: int, checksum: bool
-) -> Iterator[bytes]:
-    """Header frames for the whole batch, then the payloads as data frames.
-
-    Validation and headers happen now, so bad input raises here, in the caller;
-    data frames are built lazily as gRPC sends them.
-    """
+def encode_blocks(
+    keys: Sequence[BlockKey], payloads: Sequence[Payload], checksum: bool
+) -> tuple[list[pb.BlockHeader], list[memoryview]]:
+    """Headers and flat byte views of a batch; bad input raises here, in the caller."""
     keys = check_keys(keys, unique=True)
     if len(payloads) != len(keys):
         raise InvalidArgument("payloads", f"got {len(payloads)} for {len(keys)} keys")
@@ -70,6 +68,14 @@ def put_frames(
         )
         views.append(view)
         headers.append(pb.BlockHeader(key=key, meta=meta))
+    return headers, views
+
+
+def put_frames(
+    headers: Sequence[pb.BlockHeader], views: Sequence[memoryview], chunk_size: int
+) -> Iterator[bytes]:
+    """Header frames for the whole batch, then the payloads as data frames (built lazily,
+    as gRPC sends them)."""
     header_frames = [
         pb.PutRequest(
             headers=pb.BlockHeaders(blocks=headers[i : i + HEADERS_PER_FRAME])
@@ -93,7 +99,7 @@ class GetAssembler:
     """
 
     def __init__(self, out: memoryview | np.ndarray | None, verify: bool) -> None:
-        self._out = None if out is None else _writable_bytes(out)
+        self._out = None if out is None else writable_bytes(out)
         self._verify = verify
         self._metas: list[pb.BlockMeta] | None = None
         self._keys: list[bytes] = []
@@ -120,9 +126,7 @@ class GetAssembler:
     def result(self) -> list[np.ndarray]:
         if self._metas is None or len(self._blocks) != len(self._metas):
             raise Unavailable("Get reply ended before all blocks arrived")
-        return [
-            self._shaped(block, meta) for block, meta in zip(self._blocks, self._metas, strict=True)
-        ]
+        return [shaped(block, meta) for block, meta in zip(self._blocks, self._metas, strict=True)]
 
     def _feed_data(self, data: np.ndarray) -> None:
         metas = self._metas
@@ -153,23 +157,29 @@ class GetAssembler:
         return self._out[start : self._out_used]
 
     def _finish(self, block: np.ndarray) -> None:
-        meta = self._metas[len(self._blocks)]
-        if self._verify and meta.checksum and xxhash.xxh3_64_intdigest(block) != meta.checksum:
-            raise CorruptBlock(f"block {self._keys[len(self._blocks)].hex()} failed its checksum")
+        index = len(self._blocks)
+        if self._verify:
+            verify_checksum(block, self._metas[index], self._keys[index])
         self._blocks.append(block)
 
-    @staticmethod
-    def _shaped(block: np.ndarray, meta: pb.BlockMeta) -> np.ndarray:
-        if not meta.dtype:
-            return block
-        try:
-            dtype = np.dtype(meta.dtype)
-        except TypeError:
-            return block  # a dtype numpy does not know (e.g. bfloat16): raw bytes
-        return block.view(dtype).reshape(tuple(meta.shape))
+
+def verify_checksum(block: np.ndarray, meta: pb.BlockMeta, key: bytes) -> None:
+    if meta.checksum and xxhash.xxh3_64_intdigest(block) != meta.checksum:
+        raise CorruptBlock(f"block {key.hex()} failed its checksum")
 
 
-def _writable_bytes(out: memoryview | np.ndarray) -> np.ndarray:
+def shaped(block: np.ndarray, meta: pb.BlockMeta) -> np.ndarray:
+    """The block as the array it was put as (raw bytes for dtypes numpy lacks, e.g. bfloat16)."""
+    if not meta.dtype:
+        return block
+    try:
+        dtype = np.dtype(meta.dtype)
+    except TypeError:
+        return block
+    return block.view(dtype).reshape(tuple(meta.shape))
+
+
+def writable_bytes(out: memoryview | np.ndarray) -> np.ndarray:
     array = out if isinstance(out, np.ndarray) else np.frombuffer(out, np.uint8)
     if not (array.flags.c_contiguous and array.flags.writeable):
         raise InvalidArgument("out", "must be a writable, contiguous buffer")
@@ -195,12 +205,17 @@ ERRORS: dict[grpc.StatusCode, type[KVStoreError]] = {
     grpc.StatusCode.UNAVAILABLE: Unavailable,
     grpc.StatusCode.DEADLINE_EXCEEDED: Unavailable,
     grpc.StatusCode.CANCELLED: Unavailable,
+    grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
+    grpc.StatusCode.FAILED_PRECONDITION: Unsupported,
 }
 
 
 def error_from_rpc(exc: grpc.RpcError) -> KVStoreError:
     """The kvstore exception for a failed call, with the server's message."""
-    code, details = exc.code(), exc.details() or ""
+    return error_from_status(exc.code(), exc.details() or "")
+
+
+def error_from_status(code: grpc.StatusCode, details: str) -> KVStoreError:
     cls = ERRORS.get(code, KVStoreError)
     if cls is InvalidArgument:
         field, _, reason = details.partition(": ")

@@ -1,7 +1,13 @@
-"""The asyncio client: the same calls as `Client`, awaitable."""
+"""The asyncio client: the same calls as `Client`, awaitable.
+
+Control calls use grpc.aio; data-plane transfers run the same socket code as
+the sync client in a worker thread (the GIL is released inside every send and
+receive), so they overlap with the event loop.
+"""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 
 import grpc
@@ -12,12 +18,15 @@ from kvstore.client._wire import (
     SERVICE,
     GetAssembler,
     Payload,
+    encode_blocks,
     error_from_rpc,
     get_request,
     put_frames,
     stats_from_proto,
 )
-from kvstore.client.client import DEFAULT_CHUNK
+from kvstore.client.client import DEFAULT_CHUNK, check_transport
+from kvstore.client.dataplane import DataConnections, Unreachable, receive_get, send_put
+from kvstore.errors import Unavailable, Unsupported
 from kvstore.ingest import PutResult
 from kvstore.keys import BlockKey, check_keys
 from kvstore.proto import kvstore_pb2 as pb
@@ -34,26 +43,50 @@ class AsyncClient:
         chunk_size: int = DEFAULT_CHUNK,
         timeout: float | None = None,
         checksum: bool = False,
+        transport: str = "auto",
     ) -> None:
         self.address = address
         self.chunk_size = chunk_size
         self.timeout = timeout
         self.checksum = checksum
+        self.transport = check_transport(transport)
         self._channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
-        self._put = self._channel.stream_unary(SERVICE + "Put")
-        self._get = self._channel.unary_stream(SERVICE + "Get")
-        self._lookup = self._channel.unary_unary(SERVICE + "Lookup")
-        self._delete = self._channel.unary_unary(SERVICE + "Delete")
-        self._stats = self._channel.unary_unary(SERVICE + "Stats")
+        method = {
+            name: SERVICE + name
+            for name in ("Put", "Get", "Lookup", "Delete", "Stats", "OpenPut", "OpenGet", "Push")
+        }
+        self._put = self._channel.stream_unary(method["Put"])
+        self._get = self._channel.unary_stream(method["Get"])
+        self._unary = {
+            name: self._channel.unary_unary(path)
+            for name, path in method.items()
+            if name not in ("Put", "Get")
+        }
+        self._data = DataConnections(timeout, address.rpartition(":")[0].strip("[]"))
+        self._tcp_ok = transport != "grpc"
 
     async def put(self, keys: Sequence[BlockKey], payloads: Sequence[Payload]) -> PutResult:
-        frames = put_frames(keys, payloads, self.chunk_size, self.checksum)
-        reply = pb.PutReply.FromString(await self._call(self._put, frames))
+        headers, views = encode_blocks(keys, payloads, self.checksum)
+        if self._tcp_ok:
+            try:
+                reply = await self._call("OpenPut", pb.BlockHeaders(blocks=headers))
+                ticket = pb.Ticket.FromString(reply)
+                return await asyncio.to_thread(send_put, self._data, ticket, views)
+            except (Unreachable, Unsupported) as exc:
+                self._fall_back(exc)
+        frames = put_frames(headers, views, self.chunk_size)
+        reply = pb.PutReply.FromString(await self._call_with(self._put, frames))
         return PutResult(reply.stored, reply.existed)
 
     async def get(
         self, keys: Sequence[BlockKey], *, out: memoryview | np.ndarray | None = None
     ) -> list[np.ndarray]:
+        if self._tcp_ok:
+            try:
+                ticket = pb.Ticket.FromString(await self._call("OpenGet", get_request(keys)))
+                return await asyncio.to_thread(receive_get, self._data, ticket, out, self.checksum)
+            except (Unreachable, Unsupported) as exc:
+                self._fall_back(exc)
         assembler = GetAssembler(out, self.checksum)
         try:
             async for raw in self._get(get_request(keys), timeout=self.timeout):
@@ -62,12 +95,16 @@ class AsyncClient:
             raise error_from_rpc(exc) from None
         return assembler.result()
 
+    async def push(self, keys: Sequence[BlockKey], target: str) -> pb.PushReply:
+        request = pb.PushRequest(keys=check_keys(keys), target=target)
+        return pb.PushReply.FromString(await self._call("Push", request))
+
     async def lookup(self, keys: Sequence[BlockKey]) -> int:
         return len(await self.lookup_tiers(keys))
 
     async def lookup_tiers(self, keys: Sequence[BlockKey]) -> list[str]:
         request = pb.LookupRequest(keys=pb.GetRequest(keys=check_keys(keys)))
-        return list(pb.LookupReply.FromString(await self._call(self._lookup, request)).tiers)
+        return list(pb.LookupReply.FromString(await self._call("Lookup", request)).tiers)
 
     async def lookup_tokens(
         self, token_ids: Sequence[int] | np.ndarray, block_size: int, salt: bytes
@@ -75,18 +112,19 @@ class AsyncClient:
         tokens = pb.TokenPrefix(
             token_ids=np.asarray(token_ids, np.uint32).tolist(), block_size=block_size, salt=salt
         )
-        request = pb.LookupRequest(tokens=tokens)
-        return pb.LookupReply.FromString(await self._call(self._lookup, request)).found
+        reply = await self._call("Lookup", pb.LookupRequest(tokens=tokens))
+        return pb.LookupReply.FromString(reply).found
 
     async def delete(self, keys: Sequence[BlockKey]) -> int:
         request = pb.DeleteRequest(keys=check_keys(keys))
-        return pb.DeleteReply.FromString(await self._call(self._delete, request)).deleted
+        return pb.DeleteReply.FromString(await self._call("Delete", request)).deleted
 
     async def stats(self) -> StoreStats:
-        reply = await self._call(self._stats, pb.StatsRequest())
+        reply = await self._call("Stats", pb.StatsRequest())
         return stats_from_proto(pb.StatsReply.FromString(reply))
 
     async def close(self) -> None:
+        self._data.close()
         await self._channel.close()
 
     async def __aenter__(self) -> AsyncClient:
@@ -95,7 +133,15 @@ class AsyncClient:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    async def _call(self, method, request) -> bytes:
+    def _fall_back(self, exc: Unavailable | Unsupported) -> None:
+        if self.transport == "tcp":
+            raise exc
+        self._tcp_ok = False
+
+    async def _call(self, name: str, request: object) -> bytes:
+        return await self._call_with(self._unary[name], request)
+
+    async def _call_with(self, method, request) -> bytes:
         if hasattr(request, "SerializeToString"):
             request = request.SerializeToString()
         try:

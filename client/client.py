@@ -12,25 +12,39 @@ from kvstore.client._wire import (
     SERVICE,
     GetAssembler,
     Payload,
+    encode_blocks,
     error_from_rpc,
     get_request,
     put_frames,
     stats_from_proto,
 )
+from kvstore.client.dataplane import DataConnections, Unreachable, receive_get, send_put
+from kvstore.errors import InvalidArgument, Unavailable, Unsupported
 from kvstore.ingest import PutResult
 from kvstore.keys import BlockKey, check_keys
 from kvstore.proto import kvstore_pb2 as pb
 from kvstore.store import StoreStats
 
 DEFAULT_CHUNK = 1 << 20
+TRANSPORTS = ("auto", "tcp", "grpc")
+
+
+def check_transport(transport: str) -> str:
+    if transport not in TRANSPORTS:
+        raise InvalidArgument("transport", f"must be one of {', '.join(TRANSPORTS)}")
+    return transport
 
 
 class Client:
-    """Batch calls over one channel; thread-safe, so one client can serve many threads.
+    """Batch calls to one node; thread-safe, so one client can serve many threads.
 
     Prefix semantics: `lookup` counts the leading keys present, `get` returns the
     leading blocks present (fewer than asked at the first missing key, never an
     error). Errors raise `kvstore.KVStoreError` subclasses.
+
+    `transport`: `auto` moves bulk bytes over the node's raw TCP data plane and
+    falls back to the gRPC stream when that cannot be reached; `tcp` or `grpc`
+    force one path.
     """
 
     def __init__(
@@ -40,23 +54,48 @@ class Client:
         chunk_size: int = DEFAULT_CHUNK,
         timeout: float | None = None,
         checksum: bool = False,
+        transport: str = "auto",
     ) -> None:
         """`checksum`: send an xxh3 of every payload (the node verifies it) and verify on get."""
         self.address = address
         self.chunk_size = chunk_size
         self.timeout = timeout
         self.checksum = checksum
+        self.transport = check_transport(transport)
         self._channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
-        self._put = self._channel.stream_unary(SERVICE + "Put")
-        self._get = self._channel.unary_stream(SERVICE + "Get")
-        self._lookup = self._channel.unary_unary(SERVICE + "Lookup")
-        self._delete = self._channel.unary_unary(SERVICE + "Delete")
-        self._stats = self._channel.unary_unary(SERVICE + "Stats")
+        method = {
+            name: SERVICE + name
+            for name in ("Put", "Get", "Lookup", "Delete", "Stats", "OpenPut", "OpenGet", "Push")
+        }
+        self._put = self._channel.stream_unary(method["Put"])
+        self._get = self._channel.unary_stream(method["Get"])
+        self._unary = {
+            name: self._channel.unary_unary(path)
+            for name, path in method.items()
+            if name not in ("Put", "Get")
+        }
+        self._data = DataConnections(timeout, address.rpartition(":")[0].strip("[]"))
+        self._tcp_ok = transport != "grpc"
 
     def put(self, keys: Sequence[BlockKey], payloads: Sequence[Payload]) -> PutResult:
-        """Store one payload per key (bytes-like or numpy arrays, 1 B and up) in one stream."""
-        frames = put_frames(keys, payloads, self.chunk_size, self.checksum)
-        reply = pb.PutReply.FromString(self._call(self._put, frames))
+        """Store one payload per key (bytes-like or numpy arrays, 1 B and up) in one transfer."""
+        return self.put_encoded(*encode_blocks(keys, payloads, self.checksum))
+
+    def put_encoded(
+        self, headers: Sequence[pb.BlockHeader], views: Sequence[memoryview]
+    ) -> PutResult:
+        """Put blocks whose headers are already built (e.g. a node forwarding its own)."""
+        if self._tcp_ok:
+            try:
+                ticket = pb.Ticket.FromString(
+                    self._call("OpenPut", pb.BlockHeaders(blocks=headers))
+                )
+                return send_put(self._data, ticket, views)
+            except (Unreachable, Unsupported) as exc:
+                self._fall_back(exc)
+        reply = pb.PutReply.FromString(
+            self._call_with(self._put, put_frames(headers, views, self.chunk_size))
+        )
         return PutResult(reply.stored, reply.existed)
 
     def get(
@@ -64,9 +103,15 @@ class Client:
     ) -> list[np.ndarray]:
         """The payloads of the present prefix of `keys`, in order, with their dtype and shape.
 
-        Without `out`, arrays are read-only views of the received frames (no copy);
+        Without `out`, arrays are read-only views of received memory (no copy);
         with `out`, blocks are written back to back into that writable buffer.
         """
+        if self._tcp_ok:
+            try:
+                ticket = pb.Ticket.FromString(self._call("OpenGet", get_request(keys)))
+                return receive_get(self._data, ticket, out, self.checksum)
+            except (Unreachable, Unsupported) as exc:
+                self._fall_back(exc)
         assembler = GetAssembler(out, self.checksum)
         try:
             for raw in self._get(get_request(keys), timeout=self.timeout):
@@ -75,6 +120,12 @@ class Client:
             raise error_from_rpc(exc) from None
         return assembler.result()
 
+    def push(self, keys: Sequence[BlockKey], target: str) -> pb.PushReply:
+        """Ask this node to send the present prefix of `keys` to node `target` (HOST:PORT),
+        node to node over the target's data plane; `found`, `stored`, `existed` count blocks."""
+        request = pb.PushRequest(keys=check_keys(keys), target=target)
+        return pb.PushReply.FromString(self._call("Push", request))
+
     def lookup(self, keys: Sequence[BlockKey]) -> int:
         """How many leading keys are present."""
         return len(self.lookup_tiers(keys))
@@ -82,7 +133,7 @@ class Client:
     def lookup_tiers(self, keys: Sequence[BlockKey]) -> list[str]:
         """The tier holding each block of the present prefix."""
         request = pb.LookupRequest(keys=pb.GetRequest(keys=check_keys(keys)))
-        return list(pb.LookupReply.FromString(self._call(self._lookup, request)).tiers)
+        return list(pb.LookupReply.FromString(self._call("Lookup", request)).tiers)
 
     def lookup_tokens(
         self, token_ids: Sequence[int] | np.ndarray, block_size: int, salt: bytes
@@ -91,20 +142,20 @@ class Client:
         tokens = pb.TokenPrefix(
             token_ids=np.asarray(token_ids, np.uint32).tolist(), block_size=block_size, salt=salt
         )
-        reply = pb.LookupReply.FromString(self._call(self._lookup, pb.LookupRequest(tokens=tokens)))
-        return reply.found
+        return pb.LookupReply.FromString(
+            self._call("Lookup", pb.LookupRequest(tokens=tokens))
+        ).found
 
     def delete(self, keys: Sequence[BlockKey]) -> int:
         """Remove blocks; returns how many were present."""
         request = pb.DeleteRequest(keys=check_keys(keys))
-        return pb.DeleteReply.FromString(self._call(self._delete, request)).deleted
+        return pb.DeleteReply.FromString(self._call("Delete", request)).deleted
 
     def stats(self) -> StoreStats:
-        return stats_from_proto(
-            pb.StatsReply.FromString(self._call(self._stats, pb.StatsRequest()))
-        )
+        return stats_from_proto(pb.StatsReply.FromString(self._call("Stats", pb.StatsRequest())))
 
     def close(self) -> None:
+        self._data.close()
         self._channel.close()
 
     def __enter__(self) -> Client:
@@ -113,7 +164,16 @@ class Client:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _call(self, method, request) -> bytes:
+    def _fall_back(self, exc: Unavailable | Unsupported) -> None:
+        """The data plane is off or unreachable: use gRPC from now on, unless forced."""
+        if self.transport == "tcp":
+            raise exc
+        self._tcp_ok = False
+
+    def _call(self, name: str, request: object) -> bytes:
+        return self._call_with(self._unary[name], request)
+
+    def _call_with(self, method, request) -> bytes:
         if hasattr(request, "SerializeToString"):
             request = request.SerializeToString()
         try:

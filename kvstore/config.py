@@ -60,6 +60,14 @@ class ServerConfig:
         "bytes of host DRAM for blocks, preallocated at start (e.g. 4GiB)",
         parse_size,
     )
+    data_address: str = _opt(
+        "auto",
+        "HOST:PORT of the raw TCP data plane; auto: the gRPC host, a free port; off: none",
+    )
+    ticket_ttl: float = _opt(30.0, "seconds a data plane ticket stays valid", float)
+    data_timeout: float = _opt(
+        30.0, "seconds a data connection may stall before its transfer is dropped", float
+    )
     chunk_size: int = _opt(1 << 20, "bytes per data frame when streaming blocks out", parse_size)
     max_block_size: int = _opt(256 << 20, "largest block a client may put", parse_size)
     reserve_timeout: float = _opt(
@@ -81,6 +89,14 @@ class ServerConfig:
             raise ValueError(f"host_capacity: must be at least 1MiB, got {self.host_capacity}")
         if not 4096 <= self.chunk_size <= 64 << 20:
             raise ValueError(f"chunk_size: must be 4KiB..64MiB, got {self.chunk_size}")
+        if self.data_address not in ("auto", "off"):
+            host, sep, port = self.data_address.rpartition(":")
+            if not sep or not host or not port.isdigit() or int(port) > 65535:
+                raise ValueError(
+                    f"data_address: expected HOST:PORT, auto or off, got {self.data_address!r}"
+                )
+        if self.ticket_ttl < 0 or self.data_timeout <= 0:
+            raise ValueError("ticket_ttl must be >= 0 and data_timeout > 0")
         if self.max_block_size < 1:
             raise ValueError(f"max_block_size: must be positive, got {self.max_block_size}")
         if self.reserve_timeout < 0:

@@ -34,3 +34,11 @@ class Unavailable(KVStoreError, ConnectionError):
 
 class CorruptBlock(KVStoreError):
     """A block's bytes do not match its checksum."""
+
+
+class Unauthenticated(KVStoreError):
+    """A transfer ticket that is unknown, used, expired, or presented by another host."""
+
+
+class Unsupported(KVStoreError):
+    """The node does not offer what was asked (e.g. it runs no data plane)."""

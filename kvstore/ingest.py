@@ -1,8 +1,10 @@
 """Assembles a Put stream into whole blocks, whatever the transport.
 
 A stream declares blocks (key + meta), then carries the concatenation of their
-payloads cut into chunks anywhere. Each chunk is copied once, straight into the
-block's reserved slot; a block is committed only when its last byte arrived, so
+payloads, cut anywhere. `target()` is where the next bytes belong (the rest of
+the block's reserved slot), so a socket can `recv_into` it and a framed
+transport can copy a chunk into it: either way each byte is written once,
+straight into place. A block is committed only when its last byte arrived, so
 a stream that breaks leaves nothing partial behind.
 """
 
@@ -18,6 +20,8 @@ from kvstore.keys import BlockKey, check_key
 from kvstore.meta import BlockMeta
 from kvstore.store import Store
 from kvstore.tiers import Reservation
+
+_SCRATCH = 1 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,18 +40,27 @@ class _Current:
 
 
 class BlockIngest:
-    """Feed `declare` and `feed` in stream order, then `finish`; `abort` on any failure."""
+    """`declare`, then `target`/`advance` (or `feed`) in stream order, then `finish`;
+    `abort` on any failure.
 
-    def __init__(self, store: Store) -> None:
+    With `omit_present`, blocks already stored when declared are acknowledged at
+    once and expect no bytes (a negotiated transfer tells the sender to skip them).
+    """
+
+    def __init__(self, store: Store, *, omit_present: bool = False) -> None:
         self._store = store
+        self._omit_present = omit_present
         self._declared: deque[tuple[int, BlockKey, BlockMeta]] = deque()
         self._seen: set[BlockKey] = set()
         self._current: _Current | None = None
+        self._scratch: memoryview | None = None
+        self.pending_bytes = 0
         self._stored = 0
         self._existed = 0
 
-    def declare(self, blocks: list[tuple[bytes, BlockMeta]]) -> None:
-        """Validate and queue block headers; nothing is reserved yet."""
+    def declare(self, blocks: list[tuple[bytes, BlockMeta]]) -> list[int]:
+        """Validate and queue block headers; return the indices omitted as present."""
+        omitted = []
         for key, meta in blocks:
             index = len(self._seen)
             field = f"blocks[{index}]"
@@ -61,31 +74,53 @@ class BlockIngest:
                     f" ({self._store.host.capacity} bytes)"
                 )
             self._seen.add(key)
+            if self._omit_present and self._store.contains(key):
+                self._existed += 1
+                omitted.append(index)
+                continue
             self._declared.append((index, key, meta))
+            self.pending_bytes += meta.size
+        return omitted
+
+    def target(self) -> memoryview:
+        """Writable memory for the next bytes of the stream (part of one block)."""
+        current = self._current or self._next()
+        want = current.meta.size - current.filled
+        if current.slot is not None:
+            return current.slot.view[current.filled :]
+        if self._scratch is None:
+            self._scratch = memoryview(bytearray(_SCRATCH))
+        return self._scratch[: min(want, _SCRATCH)]
+
+    def advance(self, n: int) -> None:
+        """`n` bytes were written at the start of `target()`."""
+        current = self._current
+        current.filled += n
+        self.pending_bytes -= n
+        if current.filled == current.meta.size:
+            self._complete(current)
 
     def feed(self, data: memoryview) -> None:
-        """Copy the next bytes of the stream into their slots, committing whole blocks."""
+        """Copy the next bytes of the stream into place."""
         while data:
-            current = self._current or self._next(len(data))
-            n = min(current.meta.size - current.filled, len(data))
-            if current.slot is not None:
-                current.slot.view[current.filled : current.filled + n] = data[:n]  # the one copy
-            current.filled += n
+            if self.pending_bytes == 0:
+                raise InvalidArgument("data", f"{len(data)} bytes beyond the declared blocks")
+            target = self.target()
+            n = min(len(target), len(data))
+            target[:n] = data[:n]  # the one copy: frame -> slot
+            self.advance(n)
             data = data[n:]
-            if current.filled == current.meta.size:
-                self._complete(current)
 
     def finish(self) -> PutResult:
         """End of stream: every declared block must be whole."""
         if not self._seen:
             raise InvalidArgument("blocks", "empty batch: declare at least one block")
         if self._current is not None or self._declared:
+            current = self._current
             index, key, meta = (
-                (self._current.index, self._current.key, self._current.meta)
-                if self._current
-                else self._declared[0]
+                (current.index, current.key, current.meta) if current else self._declared[0]
             )
-            filled = self._current.filled if self._current else 0
+            filled = current.filled if current else 0
             raise InvalidArgument(
                 f"blocks[{index}].size",
                 f"stream ended after {filled} of {meta.size} bytes of block {key.hex()}",
@@ -98,9 +133,9 @@ class BlockIngest:
             self._store.abort(self._current.slot)
         self._current = None
 
-    def _next(self, pending: int) -> _Current:
+    def _next(self) -> _Current:
         if not self._declared:
-            raise InvalidArgument("data", f"{pending} bytes beyond the declared blocks")
+            raise InvalidArgument("data", "bytes beyond the declared blocks")
         index, key, meta = self._declared.popleft()
         slot = None if self._store.contains(key) else self._store.reserve(meta.size)
         self._current = _Current(index, key, meta, slot)

@@ -72,11 +72,16 @@ class Store:
         self._count("lookups", 1)
         return [self.host.name] * self.host.present_prefix(keys)
 
+    def pin(self, keys: Sequence[BlockKey]) -> ReadBatch:
+        """Pin the present prefix of `keys`; the caller must close the batch."""
+        batch = ReadBatch(self.host, self.host.pin_prefix(keys))
+        self._count("gets", len(batch.blocks))
+        return batch
+
     @contextmanager
     def read(self, keys: Sequence[BlockKey]) -> Iterator[ReadBatch]:
         """Pin the present prefix of `keys` for the duration of a transfer."""
-        batch = ReadBatch(self.host, self.host.pin_prefix(keys))
-        self._count("gets", len(batch.blocks))
+        batch = self.pin(keys)
         try:
             yield batch
         finally:

@@ -145,3 +145,35 @@ class StatsReply(_message.Message):
     lookups: int
     uptime_s: float
     def __init__(self, tiers: _Optional[_Iterable[_Union[TierStats, _Mapping]]] = ..., puts: _Optional[int] = ..., gets: _Optional[int] = ..., lookups: _Optional[int] = ..., uptime_s: _Optional[float] = ...) -> None: ...
+
+class Ticket(_message.Message):
+    __slots__ = ("id", "data_address", "expires_in_s", "blocks", "present")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    DATA_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_IN_S_FIELD_NUMBER: _ClassVar[int]
+    BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    PRESENT_FIELD_NUMBER: _ClassVar[int]
+    id: bytes
+    data_address: str
+    expires_in_s: float
+    blocks: _containers.RepeatedCompositeFieldContainer[BlockHeader]
+    present: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, id: _Optional[bytes] = ..., data_address: _Optional[str] = ..., expires_in_s: _Optional[float] = ..., blocks: _Optional[_Iterable[_Union[BlockHeader, _Mapping]]] = ..., present: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class PushRequest(_message.Message):
+    __slots__ = ("keys", "target")
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    keys: _containers.RepeatedScalarFieldContainer[bytes]
+    target: str
+    def __init__(self, keys: _Optional[_Iterable[bytes]] = ..., target: _Optional[str] = ...) -> None: ...
+
+class PushReply(_message.Message):
+    __slots__ = ("found", "stored", "existed")
+    FOUND_FIELD_NUMBER: _ClassVar[int]
+    STORED_FIELD_NUMBER: _ClassVar[int]
+    EXISTED_FIELD_NUMBER: _ClassVar[int]
+    found: int
+    stored: int
+    existed: int
+    def __init__(self, found: _Optional[int] = ..., stored: _Optional[int] = ..., existed: _Optional[int] = ...) -> None: ...

@@ -59,6 +59,21 @@ class KVStoreStub:
                 request_serializer=kvstore_dot_proto_dot_kvstore__pb2.StatsRequest.SerializeToString,
                 response_deserializer=kvstore_dot_proto_dot_kvstore__pb2.StatsReply.FromString,
                 _registered_method=True)
+        self.OpenPut = channel.unary_unary(
+                '/kvstore.v1.KVStore/OpenPut',
+                request_serializer=kvstore_dot_proto_dot_kvstore__pb2.BlockHeaders.SerializeToString,
+                response_deserializer=kvstore_dot_proto_dot_kvstore__pb2.Ticket.FromString,
+                _registered_method=True)
+        self.OpenGet = channel.unary_unary(
+                '/kvstore.v1.KVStore/OpenGet',
+                request_serializer=kvstore_dot_proto_dot_kvstore__pb2.GetRequest.SerializeToString,
+                response_deserializer=kvstore_dot_proto_dot_kvstore__pb2.Ticket.FromString,
+                _registered_method=True)
+        self.Push = channel.unary_unary(
+                '/kvstore.v1.KVStore/Push',
+                request_serializer=kvstore_dot_proto_dot_kvstore__pb2.PushRequest.SerializeToString,
+                response_deserializer=kvstore_dot_proto_dot_kvstore__pb2.PushReply.FromString,
+                _registered_method=True)
 
 
 class KVStoreServicer:
@@ -100,6 +115,28 @@ class KVStoreServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def OpenPut(self, request, context):
+        """Data plane (proto/DATAPLANE.md): a Put or Get negotiated here, its bytes
+        moved over a raw TCP connection to `Ticket.data_address`.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def OpenGet(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Push(self, request, context):
+        """Asks this node to push the present prefix of `keys` to another node over
+        that node's data plane; the target acknowledges only whole blocks.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KVStoreServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -127,6 +164,21 @@ def add_KVStoreServicer_to_server(servicer, server):
                     servicer.Stats,
                     request_deserializer=kvstore_dot_proto_dot_kvstore__pb2.StatsRequest.FromString,
                     response_serializer=kvstore_dot_proto_dot_kvstore__pb2.StatsReply.SerializeToString,
+            ),
+            'OpenPut': grpc.unary_unary_rpc_method_handler(
+                    servicer.OpenPut,
+                    request_deserializer=kvstore_dot_proto_dot_kvstore__pb2.BlockHeaders.FromString,
+                    response_serializer=kvstore_dot_proto_dot_kvstore__pb2.Ticket.SerializeToString,
+            ),
+            'OpenGet': grpc.unary_unary_rpc_method_handler(
+                    servicer.OpenGet,
+                    request_deserializer=kvstore_dot_proto_dot_kvstore__pb2.GetRequest.FromString,
+                    response_serializer=kvstore_dot_proto_dot_kvstore__pb2.Ticket.SerializeToString,
+            ),
+            'Push': grpc.unary_unary_rpc_method_handler(
+                    servicer.Push,
+                    request_deserializer=kvstore_dot_proto_dot_kvstore__pb2.PushRequest.FromString,
+                    response_serializer=kvstore_dot_proto_dot_kvstore__pb2.PushReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -264,6 +316,87 @@ class KVStore:
             '/kvstore.v1.KVStore/Stats',
             kvstore_dot_proto_dot_kvstore__pb2.StatsRequest.SerializeToString,
             kvstore_dot_proto_dot_kvstore__pb2.StatsReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def OpenPut(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvstore.v1.KVStore/OpenPut',
+            kvstore_dot_proto_dot_kvstore__pb2.BlockHeaders.SerializeToString,
+            kvstore_dot_proto_dot_kvstore__pb2.Ticket.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def OpenGet(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvstore.v1.KVStore/OpenGet',
+            kvstore_dot_proto_dot_kvstore__pb2.GetRequest.SerializeToString,
+            kvstore_dot_proto_dot_kvstore__pb2.Ticket.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Push(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvstore.v1.KVStore/Push',
+            kvstore_dot_proto_dot_kvstore__pb2.PushRequest.SerializeToString,
+            kvstore_dot_proto_dot_kvstore__pb2.PushReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -17,7 +17,9 @@ from grpc_reflection.v1alpha import reflection
 
 from kvstore import __version__
 from kvstore.config import ServerConfig, format_size, parse_size
+from kvstore.server.dataplane import DataPlane
 from kvstore.server.servicer import SERVICE, KVStoreServicer
+from kvstore.server.tickets import TicketBook
 from kvstore.store import Store
 from kvstore.tiers.host import HostTier
 
@@ -43,9 +45,6 @@ class Daemon:
                 ("grpc.so_reuseport", 0),
             ],
         )
-        self.server.add_generic_rpc_handlers(
-            [KVStoreServicer(self.store, config.chunk_size).handler()]
-        )
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
@@ -57,8 +56,24 @@ class Daemon:
         except RuntimeError as exc:  # grpc's way of saying the bind failed
             raise OSError(f"cannot listen on {config.address}: {exc}") from None
         self.address = f"{host_name}:{port}"
+        self.tickets, self.data_plane = None, None
+        if config.data_address != "off":
+            data_address = config.data_address
+            if data_address == "auto":
+                data_address = f"{host_name}:0"
+            self.tickets = TicketBook(config.ticket_ttl)
+            self.data_plane = DataPlane(data_address, self.tickets, config.data_timeout)
+        servicer = KVStoreServicer(
+            self.store,
+            config.chunk_size,
+            self.tickets,
+            self.data_plane.address if self.data_plane else "",
+        )
+        self.server.add_generic_rpc_handlers([servicer.handler()])
 
     def start(self) -> Daemon:
+        if self.data_plane:
+            self.data_plane.start()
         self.server.start()
         for name in ("", SERVICE):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -68,6 +83,9 @@ class Daemon:
         """Refuse new RPCs, let running ones finish for up to `grace` seconds."""
         self.health.enter_graceful_shutdown()
         self.server.stop(grace).wait()
+        if self.data_plane:
+            self.data_plane.stop()
+            self.tickets.close()
 
 
 def parser() -> argparse.ArgumentParser:
@@ -113,8 +131,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stopping.set())
     print(
-        f"kvstore-server {__version__} listening on {daemon.address} "
-        f"(host tier {format_size(daemon.store.host.capacity)})",
+        f"kvstore-server {__version__} listening on {daemon.address} (data plane "
+        f"{daemon.data_plane.address if daemon.data_plane else 'off'}, "
+        f"host tier {format_size(daemon.store.host.capacity)})",
         flush=True,
     )
     stopping.wait()

@@ -7,18 +7,20 @@ generic deserialization failure.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 
 import grpc
 import numpy as np
 
-from kvstore.errors import InvalidArgument
+from kvstore.errors import InvalidArgument, KVStoreError, Unavailable, Unsupported
 from kvstore.ingest import BlockIngest
 from kvstore.keys import block_keys, check_keys
 from kvstore.meta import BlockMeta
 from kvstore.proto import kvstore_pb2 as pb
 from kvstore.proto.frames import FrameError, M, data_frames, decode_frame, reject_unknown
 from kvstore.server.status import streaming, unary
+from kvstore.server.tickets import TicketBook
 from kvstore.store import Store
 from kvstore.tiers import PinnedBlock
 
@@ -58,10 +60,34 @@ def parse(raw: bytes, message_type: type[M]) -> M:
     return message
 
 
+def peer_host(context: grpc.ServicerContext) -> str:
+    """The caller's address as a data connection from it would show it."""
+    peer = context.peer()  # ipv4:127.0.0.1:5000, ipv6:[::1]:5000, unix:...
+    kind, _, rest = peer.partition(":")
+    host = rest.rsplit(":", 1)[0].strip("[]") if kind in ("ipv4", "ipv6") else kind
+    return same_host(host)
+
+
+def same_host(host: str) -> str:
+    """One spelling per host: IPv4-mapped and IPv6 loopback fold onto IPv4."""
+    host = host.removeprefix("::ffff:")
+    return "127.0.0.1" if host == "::1" else host
+
+
 class KVStoreServicer:
-    def __init__(self, store: Store, chunk_size: int) -> None:
+    def __init__(
+        self,
+        store: Store,
+        chunk_size: int,
+        tickets: TicketBook | None = None,
+        data_address: str = "",
+    ) -> None:
         self.store = store
         self.chunk_size = chunk_size
+        self.tickets = tickets
+        self.data_address = data_address
+        self._peers: dict[str, object] = {}
+        self._peers_lock = threading.Lock()
 
     @unary
     def Put(self, frames: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
@@ -130,6 +156,65 @@ class KVStoreServicer:
             uptime_s=stats.uptime_s,
         ).SerializeToString()
 
+    @unary
+    def OpenPut(self, raw: bytes, context: grpc.ServicerContext) -> bytes:
+        headers = parse(raw, pb.BlockHeaders).blocks
+        tickets = self._tickets()
+        if not headers:
+            raise InvalidArgument("blocks", "empty batch: declare at least one block")
+        ingest = BlockIngest(self.store, omit_present=True)
+        present = ingest.declare([(h.key, meta_from_proto(h.meta)) for h in headers])
+        ticket = tickets.issue(peer_host(context), put=ingest)
+        return pb.Ticket(
+            id=ticket.id, data_address=self.data_address, expires_in_s=tickets.ttl, present=present
+        ).SerializeToString()
+
+    @unary
+    def OpenGet(self, raw: bytes, context: grpc.ServicerContext) -> bytes:
+        keys = check_keys(parse(raw, pb.GetRequest).keys)
+        tickets = self._tickets()
+        batch = self.store.pin(keys)
+        headers = [pb.BlockHeader(key=b.key, meta=meta_to_proto(b.meta)) for b in batch.blocks]
+        if not headers:
+            return pb.Ticket(data_address=self.data_address).SerializeToString()
+        ticket = tickets.issue(peer_host(context), get=batch)
+        return pb.Ticket(
+            id=ticket.id, data_address=self.data_address, expires_in_s=tickets.ttl, blocks=headers
+        ).SerializeToString()
+
+    @unary
+    def Push(self, raw: bytes, context: grpc.ServicerContext) -> bytes:
+        request = parse(raw, pb.PushRequest)
+        keys = check_keys(request.keys)
+        if not request.target:
+            raise InvalidArgument("target", "must name the receiving node (HOST:PORT)")
+        with self.store.read(keys) as batch:
+            if not batch.blocks:
+                return pb.PushReply().SerializeToString()
+            headers = [pb.BlockHeader(key=b.key, meta=meta_to_proto(b.meta)) for b in batch.blocks]
+            try:
+                result = self._peer(request.target).put_encoded(
+                    headers, [b.view for b in batch.blocks]
+                )
+            except KVStoreError as exc:
+                raise Unavailable(f"push to {request.target} failed: {exc}") from None
+        return pb.PushReply(
+            found=len(headers), stored=result.stored, existed=result.existed
+        ).SerializeToString()
+
+    def _tickets(self) -> TicketBook:
+        if self.tickets is None:
+            raise Unsupported("this node runs no data plane (--data-address off)")
+        return self.tickets
+
+    def _peer(self, target: str):
+        from kvstore.client import Client  # a node pushing is a client of the other node
+
+        with self._peers_lock:
+            if target not in self._peers:
+                self._peers[target] = Client(target, chunk_size=self.chunk_size)
+            return self._peers[target]
+
     def handler(self) -> grpc.GenericRpcHandler:
         """Every method takes and returns raw bytes: framing is done above."""
         raw = {"request_deserializer": None, "response_serializer": None}
@@ -141,5 +226,8 @@ class KVStoreServicer:
                 "Lookup": grpc.unary_unary_rpc_method_handler(self.Lookup, **raw),
                 "Delete": grpc.unary_unary_rpc_method_handler(self.Delete, **raw),
                 "Stats": grpc.unary_unary_rpc_method_handler(self.Stats, **raw),
+                "OpenPut": grpc.unary_unary_rpc_method_handler(self.OpenPut, **raw),
+                "OpenGet": grpc.unary_unary_rpc_method_handler(self.OpenGet, **raw),
+                "Push": grpc.unary_unary_rpc_method_handler(self.Push, **raw),
             },
         )

@@ -15,7 +15,9 @@ from kvstore.errors import (
     KVStoreError,
     NotFound,
     ResourceExhausted,
+    Unauthenticated,
     Unavailable,
+    Unsupported,
 )
 from kvstore.proto.frames import FrameError
 
@@ -28,6 +30,8 @@ STATUS: dict[type[Exception], grpc.StatusCode] = {
     NotFound: grpc.StatusCode.NOT_FOUND,
     CorruptBlock: grpc.StatusCode.DATA_LOSS,
     Unavailable: grpc.StatusCode.UNAVAILABLE,
+    Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    Unsupported: grpc.StatusCode.FAILED_PRECONDITION,
 }
 
 

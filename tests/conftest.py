@@ -70,9 +70,10 @@ def small_daemon() -> Iterator[Daemon]:
         yield d
 
 
-@pytest.fixture
-def client(daemon: Daemon) -> Iterator[Client]:
-    with daemon.client() as c:
+@pytest.fixture(params=["tcp", "grpc"])
+def client(daemon: Daemon, request: pytest.FixtureRequest) -> Iterator[Client]:
+    """A client forced onto each transfer path in turn."""
+    with daemon.client(transport=request.param) as c:
         yield c
 
 

@@ -1,0 +1,120 @@
+"""The client's side of the data plane (proto/DATAPLANE.md): pooled TCP connections,
+payloads sent with scatter-gather writes and received with `recv_into` straight
+into their destination."""
+
+from __future__ import annotations
+
+import socket
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+import grpc
+import numpy as np
+
+from kvstore.client._wire import error_from_status, shaped, verify_checksum, writable_bytes
+from kvstore.errors import InvalidArgument, Unavailable
+from kvstore.ingest import PutResult
+from kvstore.proto import kvstore_pb2 as pb
+from kvstore.proto.dataplane import MAGIC, PREAMBLE, Trailer, read_trailer, recv_exact, send_views
+
+_STATUS = {code.value[0]: code for code in grpc.StatusCode}
+
+
+class Unreachable(Unavailable):
+    """The data port could not be reached: the caller may fall back to gRPC."""
+
+
+class DataConnections:
+    """Idle TCP connections per data-plane address, reused across transfers."""
+
+    def __init__(self, timeout: float | None, grpc_host: str) -> None:
+        self.timeout = timeout
+        self.grpc_host = grpc_host
+        self._idle: dict[str, list[socket.socket]] = {}
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def connection(self, address: str) -> Iterator[socket.socket]:
+        """A connection to `address`; pooled again only if the transfer ended cleanly."""
+        with self._lock:
+            idle = self._idle.get(address)
+            sock = idle.pop() if idle else None
+        if sock is None:
+            sock = self._connect(address)
+        try:
+            yield sock
+        except BaseException:
+            sock.close()
+            raise
+        with self._lock:
+            self._idle.setdefault(address, []).append(sock)
+
+    def close(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, {}
+        for socks in idle.values():
+            for sock in socks:
+                sock.close()
+
+    def _connect(self, address: str) -> socket.socket:
+        host, _, port = address.rpartition(":")
+        host = host.strip("[]")
+        if host in ("0.0.0.0", "::", ""):  # the node bound every interface: use the one we dialed
+            host = self.grpc_host
+        try:
+            sock = socket.create_connection((host, int(port)), timeout=self.timeout or 30)
+        except OSError as exc:
+            raise Unreachable(f"data plane {address} unreachable: {exc}") from None
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.settimeout(self.timeout)
+        return sock
+
+
+def send_put(conns: DataConnections, ticket: pb.Ticket, views: Sequence[memoryview]) -> PutResult:
+    """Send the payloads a Put ticket asks for; the trailer says what was stored."""
+    present = set(ticket.present)
+    wanted = [v for i, v in enumerate(views) if i not in present]
+    if not wanted:
+        return PutResult(0, len(views))
+    with conns.connection(ticket.data_address) as sock:
+        sock.sendall(PREAMBLE.pack(MAGIC, ticket.id))
+        send_views(sock, wanted)  # no copy: straight from the caller's arrays
+        trailer = _checked(read_trailer(sock))
+    return PutResult(trailer.stored, trailer.existed)
+
+
+def receive_get(
+    conns: DataConnections, ticket: pb.Ticket, out: memoryview | np.ndarray | None, verify: bool
+) -> list[np.ndarray]:
+    """Receive a Get ticket's blocks into one buffer (or `out`), each straight into place."""
+    metas = [h.meta for h in ticket.blocks]
+    if not metas:
+        return []
+    total = sum(m.size for m in metas)
+    if out is None:
+        dest = np.empty(total, np.uint8)
+    else:
+        dest = writable_bytes(out)
+        if len(dest) < total:
+            raise InvalidArgument("out", f"holds {len(dest)} bytes, the blocks need {total}")
+    blocks, offset = [], 0
+    for meta in metas:
+        blocks.append(dest[offset : offset + meta.size])
+        offset += meta.size
+    with conns.connection(ticket.data_address) as sock:
+        sock.sendall(PREAMBLE.pack(MAGIC, ticket.id))
+        view = memoryview(dest)
+        recv_exact(sock, view[:total])  # one copy: kernel -> destination
+        _checked(read_trailer(sock))
+    if verify:
+        for block, header in zip(blocks, ticket.blocks, strict=True):
+            verify_checksum(block, header.meta, header.key)
+    return [shaped(block, meta) for block, meta in zip(blocks, metas, strict=True)]
+
+
+def _checked(trailer: Trailer) -> Trailer:
+    if trailer.status:
+        code = _STATUS.get(trailer.status, grpc.StatusCode.UNKNOWN)
+        raise error_from_status(code, trailer.message)
+    return trailer
