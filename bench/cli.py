@@ -26,7 +26,7 @@ from kvstore.config import format_size, parse_size
 from kvstore.keys import block_keys
 
 SCENARIOS = ("put", "get", "handoff")
-PATHS = ("tcp", "grpc")
+PATHS = ("shm", "lease", "tcp", "grpc")
 QUICK = {
     "block_sizes": [256 << 10, 4 << 20],
     "total": 256 << 20,
@@ -176,6 +176,7 @@ class Transfer:
         self.advance = advance
         self.source = source_bytes(args.total, args.seed)
         self.ports: dict[str, int] = {}
+        self._clients: dict[tuple[str, int], list[Client]] = {}
         self.rows: list[Row] = []
 
     def steps(self) -> int:
@@ -208,6 +209,18 @@ class Transfer:
             self.args.chunk,
         )
 
+    def clients(self, path: str, streams: int) -> list[Client]:
+        if (path, streams) not in self._clients:
+            self._clients[path, streams] = workloads.clients(
+                self.address, path, streams, self.args.chunk
+            )
+        return self._clients[path, streams]
+
+    def close(self) -> None:
+        for clients in self._clients.values():
+            for client in clients:
+                client.close()
+
     def verifier(self, work: Workload) -> Verifier:
         return Verifier(self.source, work.block_size, VERIFY_STRIDE[self.args.verify])
 
@@ -215,17 +228,16 @@ class Transfer:
         runs: dict[str, list[Run]] = {s: [] for s in self.args.scenarios}
         warm = warmup(work)
         keys = bench_keys(warm, f"warmup/{path}/{work}/{streams}")
-        workloads.kvstore_put(self.address, path, warm, self.source, keys, streams)
-        workloads.kvstore_get(self.address, path, warm, keys, streams, self.verifier(warm))
+        clients = self.clients(path, streams)
+        workloads.kvstore_put(clients, warm, self.source, keys)
+        workloads.kvstore_get(clients, path, warm, keys, self.verifier(warm))
         self.delete(keys)
         for rep in range(self.args.repeat):
             keys = bench_keys(work, f"{path}/{work}/{streams}/{rep}/{self.args.seed}")
-            put = workloads.kvstore_put(self.address, path, work, self.source, keys, streams)
+            put = workloads.kvstore_put(clients, work, self.source, keys)
             runs.setdefault("put", []).append(put)
             # get (timed) or, for put alone, an untimed check of what was stored
-            get = workloads.kvstore_get(
-                self.address, path, work, keys, streams, self.verifier(work)
-            )
+            get = workloads.kvstore_get(clients, path, work, keys, self.verifier(work))
             runs.setdefault("get", []).append(get)
             self.delete(keys)
             if "handoff" in runs:
@@ -355,6 +367,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             if args.command == "transfer":
                 transfer = Transfer(args, procs, address, redis_url, advance)
+                procs.callback(transfer.close)
                 progress.update(task, total=transfer.steps())
                 rows = transfer.run()
             else:

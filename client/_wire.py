@@ -29,6 +29,11 @@ from kvstore.store import StoreStats
 from kvstore.tiers import TierStats
 
 SERVICE = "/kvstore.v1.KVStore/"
+UNARY = tuple(
+    m.name
+    for m in pb.DESCRIPTOR.services_by_name["KVStore"].methods
+    if not m.client_streaming and not m.server_streaming
+)
 HEADERS_PER_FRAME = 4096
 MAX_MESSAGE = 256 << 20
 CHANNEL_OPTIONS = [
@@ -84,6 +89,12 @@ def put_frames(
     ]
     data = (frame for frame, _ in data_frames(views, chunk_size))
     return itertools.chain(header_frames, data)
+
+
+def bind(channel: grpc.Channel | grpc.aio.Channel) -> tuple[object, object, dict[str, object]]:
+    """The Put and Get stream callables and every unary RPC, all on raw bytes."""
+    unary = {name: channel.unary_unary(SERVICE + name) for name in UNARY}
+    return channel.stream_unary(SERVICE + "Put"), channel.unary_stream(SERVICE + "Get"), unary
 
 
 def get_request(keys: Sequence[BlockKey]) -> bytes:
@@ -189,6 +200,7 @@ def writable_bytes(out: memoryview | np.ndarray) -> np.ndarray:
 def stats_from_proto(reply: pb.StatsReply) -> StoreStats:
     tiers = tuple(TierStats(**{f: getattr(t, f) for f in TierStats.__slots__}) for t in reply.tiers)
     return StoreStats(
+        transfers=dict(reply.transfers),
         tiers=tiers,
         puts=reply.puts,
         gets=reply.gets,

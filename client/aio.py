@@ -15,9 +15,9 @@ import numpy as np
 
 from kvstore.client._wire import (
     CHANNEL_OPTIONS,
-    SERVICE,
     GetAssembler,
     Payload,
+    bind,
     encode_blocks,
     error_from_rpc,
     get_request,
@@ -34,7 +34,11 @@ from kvstore.store import StoreStats
 
 
 class AsyncClient:
-    """See `kvstore.client.Client`; every method here is a coroutine."""
+    """See `kvstore.client.Client`; every method here is a coroutine.
+
+    Transfers take the TCP data plane or gRPC; shared memory and leases are the
+    sync client's (`transport="shm"` is refused here).
+    """
 
     def __init__(
         self,
@@ -50,26 +54,18 @@ class AsyncClient:
         self.timeout = timeout
         self.checksum = checksum
         self.transport = check_transport(transport)
+        if transport == "shm":
+            raise Unsupported("AsyncClient moves bytes over tcp or grpc; use Client for shm")
         self._channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
-        method = {
-            name: SERVICE + name
-            for name in ("Put", "Get", "Lookup", "Delete", "Stats", "OpenPut", "OpenGet", "Push")
-        }
-        self._put = self._channel.stream_unary(method["Put"])
-        self._get = self._channel.unary_stream(method["Get"])
-        self._unary = {
-            name: self._channel.unary_unary(path)
-            for name, path in method.items()
-            if name not in ("Put", "Get")
-        }
+        self._put, self._get, self._unary = bind(self._channel)
         self._data = DataConnections(timeout, address.rpartition(":")[0].strip("[]"))
-        self._tcp_ok = transport != "grpc"
+        self._tcp_ok = transport in ("auto", "tcp")
 
     async def put(self, keys: Sequence[BlockKey], payloads: Sequence[Payload]) -> PutResult:
         headers, views = encode_blocks(keys, payloads, self.checksum)
         if self._tcp_ok:
             try:
-                reply = await self._call("OpenPut", pb.BlockHeaders(blocks=headers))
+                reply = await self._call("OpenPut", pb.OpenPutRequest(blocks=headers))
                 ticket = pb.Ticket.FromString(reply)
                 return await asyncio.to_thread(send_put, self._data, ticket, views)
             except (Unreachable, Unsupported) as exc:
@@ -83,7 +79,8 @@ class AsyncClient:
     ) -> list[np.ndarray]:
         if self._tcp_ok:
             try:
-                ticket = pb.Ticket.FromString(await self._call("OpenGet", get_request(keys)))
+                request = pb.OpenGetRequest(keys=check_keys(keys))
+                ticket = pb.Ticket.FromString(await self._call("OpenGet", request))
                 return await asyncio.to_thread(receive_get, self._data, ticket, out, self.checksum)
             except (Unreachable, Unsupported) as exc:
                 self._fall_back(exc)

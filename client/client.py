@@ -7,11 +7,12 @@ from collections.abc import Sequence
 import grpc
 import numpy as np
 
+from kvstore.client import shm
 from kvstore.client._wire import (
     CHANNEL_OPTIONS,
-    SERVICE,
     GetAssembler,
     Payload,
+    bind,
     encode_blocks,
     error_from_rpc,
     get_request,
@@ -26,7 +27,7 @@ from kvstore.proto import kvstore_pb2 as pb
 from kvstore.store import StoreStats
 
 DEFAULT_CHUNK = 1 << 20
-TRANSPORTS = ("auto", "tcp", "grpc")
+TRANSPORTS = ("auto", "shm", "tcp", "grpc")
 
 
 def check_transport(transport: str) -> str:
@@ -42,9 +43,10 @@ class Client:
     leading blocks present (fewer than asked at the first missing key, never an
     error). Errors raise `kvstore.KVStoreError` subclasses.
 
-    `transport`: `auto` moves bulk bytes over the node's raw TCP data plane and
-    falls back to the gRPC stream when that cannot be reached; `tcp` or `grpc`
-    force one path.
+    `transport`: `auto` takes the fastest path the node and this host allow:
+    shared memory when client and node share the host (proven, never assumed),
+    else the node's raw TCP data plane, else the gRPC stream. `shm`, `tcp` or
+    `grpc` force one path.
     """
 
     def __init__(
@@ -63,19 +65,11 @@ class Client:
         self.checksum = checksum
         self.transport = check_transport(transport)
         self._channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
-        method = {
-            name: SERVICE + name
-            for name in ("Put", "Get", "Lookup", "Delete", "Stats", "OpenPut", "OpenGet", "Push")
-        }
-        self._put = self._channel.stream_unary(method["Put"])
-        self._get = self._channel.unary_stream(method["Get"])
-        self._unary = {
-            name: self._channel.unary_unary(path)
-            for name, path in method.items()
-            if name not in ("Put", "Get")
-        }
+        self._put, self._get, self._unary = bind(self._channel)
         self._data = DataConnections(timeout, address.rpartition(":")[0].strip("[]"))
-        self._tcp_ok = transport != "grpc"
+        self._tcp_ok = transport in ("auto", "tcp")
+        self._shm_ok = transport in ("auto", "shm")
+        self._segment: shm.SharedSegment | None = None
 
     def put(self, keys: Sequence[BlockKey], payloads: Sequence[Payload]) -> PutResult:
         """Store one payload per key (bytes-like or numpy arrays, 1 B and up) in one transfer."""
@@ -85,11 +79,14 @@ class Client:
         self, headers: Sequence[pb.BlockHeader], views: Sequence[memoryview]
     ) -> PutResult:
         """Put blocks whose headers are already built (e.g. a node forwarding its own)."""
+        if segment := self._shared_segment():
+            request = pb.OpenPutRequest(blocks=headers, shared_memory=True)
+            ticket = pb.Ticket.FromString(self._call("OpenPut", request))
+            return shm.put(segment, ticket, views, self._finish)
         if self._tcp_ok:
             try:
-                ticket = pb.Ticket.FromString(
-                    self._call("OpenPut", pb.BlockHeaders(blocks=headers))
-                )
+                request = pb.OpenPutRequest(blocks=headers)
+                ticket = pb.Ticket.FromString(self._call("OpenPut", request))
                 return send_put(self._data, ticket, views)
             except (Unreachable, Unsupported) as exc:
                 self._fall_back(exc)
@@ -106,9 +103,12 @@ class Client:
         Without `out`, arrays are read-only views of received memory (no copy);
         with `out`, blocks are written back to back into that writable buffer.
         """
+        if segment := self._shared_segment():
+            ticket = self._open_get(keys, shared_memory=True)
+            return shm.get(segment, ticket, out, self.checksum, self._finish)
         if self._tcp_ok:
             try:
-                ticket = pb.Ticket.FromString(self._call("OpenGet", get_request(keys)))
+                ticket = self._open_get(keys, shared_memory=False)
                 return receive_get(self._data, ticket, out, self.checksum)
             except (Unreachable, Unsupported) as exc:
                 self._fall_back(exc)
@@ -119,6 +119,14 @@ class Client:
         except grpc.RpcError as exc:
             raise error_from_rpc(exc) from None
         return assembler.result()
+
+    def lease(self, keys: Sequence[BlockKey]) -> shm.Lease:
+        """Zero-copy views of the present prefix of `keys` in the node's shared arena,
+        valid until released (use `with`) or expired. Same host only."""
+        segment = self._shared_segment()
+        if segment is None:
+            raise Unsupported("leases need a node on this host with a shared arena")
+        return shm.Lease(segment, self._open_get(keys, shared_memory=True), self._finish)
 
     def push(self, keys: Sequence[BlockKey], target: str) -> pb.PushReply:
         """Ask this node to send the present prefix of `keys` to node `target` (HOST:PORT),
@@ -163,6 +171,25 @@ class Client:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def _shared_segment(self) -> shm.SharedSegment | None:
+        """The node's arena mapped here, once this host is proven to be the node's."""
+        if self._segment is None and self._shm_ok:
+            try:
+                info = pb.SegmentInfo.FromString(self._call("Segment", pb.StatsRequest()))
+                self._segment = shm.SharedSegment(info)
+            except Unsupported:
+                if self.transport == "shm":
+                    raise
+                self._shm_ok = False
+        return self._segment
+
+    def _open_get(self, keys: Sequence[BlockKey], shared_memory: bool) -> pb.Ticket:
+        request = pb.OpenGetRequest(keys=check_keys(keys), shared_memory=shared_memory)
+        return pb.Ticket.FromString(self._call("OpenGet", request))
+
+    def _finish(self, ticket_id: bytes) -> pb.PutReply:
+        return pb.PutReply.FromString(self._call("Finish", pb.FinishRequest(ticket=ticket_id)))
 
     def _fall_back(self, exc: Unavailable | Unsupported) -> None:
         """The data plane is off or unreachable: use gRPC from now on, unless forced."""

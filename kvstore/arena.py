@@ -10,8 +10,10 @@ checked first (O(1) per eviction, no rescan).
 from __future__ import annotations
 
 import mmap
+import os
 
 ALIGN = 64  # cache line: keeps every slot aligned for numpy and vector copies
+HEADER = 4096  # first page of a shared segment: its token, then blocks
 
 
 def aligned(size: int) -> int:
@@ -19,15 +21,28 @@ def aligned(size: int) -> int:
 
 
 class Arena:
-    """Offsets into one preallocated buffer. Not thread-safe: its owner locks."""
+    """Offsets into one preallocated buffer. Not thread-safe: its owner locks.
+
+    Where the OS offers `memfd_create`, the buffer is an anonymous shared-memory
+    file: same-host clients can map it (`segment_path`) and read or write slots
+    directly. It vanishes with the process, so a crash leaks nothing. Offsets in
+    the file are `HEADER` plus arena offsets.
+    """
 
     def __init__(self, capacity: int, *, prefault: bool = True) -> None:
-        self.capacity = aligned(capacity) if capacity % ALIGN else capacity
-        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+        self.capacity = aligned(capacity)
+        flags = mmap.MAP_SHARED
         if prefault and hasattr(mmap, "MAP_POPULATE"):
             flags |= mmap.MAP_POPULATE  # fault pages in now, not during the first puts
-        self._mmap = mmap.mmap(-1, self.capacity, flags=flags)
-        self.memory = memoryview(self._mmap)
+        self.segment_fd = -1
+        if hasattr(os, "memfd_create"):
+            self.segment_fd = os.memfd_create("kvstore-arena")
+            os.ftruncate(self.segment_fd, HEADER + self.capacity)
+            self._mmap = mmap.mmap(self.segment_fd, HEADER + self.capacity, flags=flags)
+        else:
+            self._mmap = mmap.mmap(-1, HEADER + self.capacity, flags=flags | mmap.MAP_ANONYMOUS)
+        self.header = memoryview(self._mmap)[:HEADER]
+        self.memory = memoryview(self._mmap)[HEADER:]
         self._free: dict[int, int] = {0: self.capacity}  # start -> size
         self._free_ends: dict[int, int] = {self.capacity: 0}  # end -> start
         self.used = 0
@@ -62,6 +77,11 @@ class Arena:
         self._free[start] = end - start
         self._free_ends[end] = start
         return start, end - start
+
+    @property
+    def segment_path(self) -> str | None:
+        """A path this host's processes of the same user can open to map the arena."""
+        return f"/proc/{os.getpid()}/fd/{self.segment_fd}" if self.segment_fd >= 0 else None
 
     def view(self, offset: int, size: int) -> memoryview:
         return self.memory[offset : offset + size]

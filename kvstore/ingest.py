@@ -63,17 +63,7 @@ class BlockIngest:
         omitted = []
         for key, meta in blocks:
             index = len(self._seen)
-            field = f"blocks[{index}]"
-            key = check_key(key, f"{field}.key")
-            if key in self._seen:
-                raise InvalidArgument(f"{field}.key", f"repeats an earlier key ({key.hex()})")
-            meta.validate(field, self._store.max_block_size)
-            if meta.size > self._store.host.capacity:
-                raise ResourceExhausted(
-                    f"{field}.size: {meta.size} bytes exceeds the host tier"
-                    f" ({self._store.host.capacity} bytes)"
-                )
-            self._seen.add(key)
+            key = validate_block(self._store, index, key, meta, self._seen)
             if self._omit_present and self._store.contains(key):
                 self._existed += 1
                 omitted.append(index)
@@ -146,16 +136,80 @@ class BlockIngest:
         if current.slot is None:
             self._existed += 1
             return
-        if (
-            current.meta.checksum
-            and xxhash.xxh3_64_intdigest(current.slot.view) != current.meta.checksum
-        ):
+        try:
+            check_payload(current.index, current.key, current.meta, current.slot.view)
+        except InvalidArgument:
             self._store.abort(current.slot)
-            raise InvalidArgument(
-                f"blocks[{current.index}].checksum",
-                f"payload of block {current.key.hex()} does not match its checksum",
-            )
+            raise
         if self._store.commit(current.key, current.meta, current.slot):
             self._stored += 1
         else:
             self._existed += 1
+
+
+class SlotPut:
+    """A put whose slots are all reserved up front and written by someone else (a
+    same-host client, through the shared arena), then published together.
+
+    Blocks already present are acknowledged and get no slot. `commit` publishes
+    every slot whose bytes match their checksum; `abort` frees them all.
+    """
+
+    def __init__(self, store: Store, blocks: list[tuple[bytes, BlockMeta]]) -> None:
+        self._store = store
+        self.present: list[int] = []
+        self.slots: list[tuple[int, BlockKey, BlockMeta, Reservation]] = []
+        seen: set[BlockKey] = set()
+        try:
+            for index, (key, meta) in enumerate(blocks):
+                key = validate_block(store, index, key, meta, seen)
+                if store.contains(key):
+                    self.present.append(index)
+                else:
+                    self.slots.append((index, key, meta, store.reserve(meta.size)))
+        except BaseException:
+            self.abort()
+            raise
+
+    def commit(self) -> PutResult:
+        """Publish every slot; a checksum mismatch frees it and the rest, then raises."""
+        slots, self.slots = self.slots, []
+        stored = 0
+        for n, (index, key, meta, slot) in enumerate(slots):
+            try:
+                check_payload(index, key, meta, slot.view)
+            except InvalidArgument:
+                for *_, rest in slots[n:]:
+                    self._store.abort(rest)
+                raise
+            stored += self._store.commit(key, meta, slot)
+        return PutResult(stored, len(self.present) + len(slots) - stored)
+
+    def abort(self) -> None:
+        slots, self.slots = self.slots, []
+        for *_, slot in slots:
+            self._store.abort(slot)
+
+
+def validate_block(
+    store: Store, index: int, key: bytes, meta: BlockMeta, seen: set[BlockKey]
+) -> BlockKey:
+    """Check one declared block of a batch; `seen` collects the batch's keys."""
+    field = f"blocks[{index}]"
+    key = check_key(key, f"{field}.key")
+    if key in seen:
+        raise InvalidArgument(f"{field}.key", f"repeats an earlier key ({key.hex()})")
+    meta.validate(field, store.max_block_size)
+    if meta.size > store.host.capacity:
+        raise ResourceExhausted(
+            f"{field}.size: {meta.size} bytes exceeds the host tier ({store.host.capacity} bytes)"
+        )
+    seen.add(key)
+    return key
+
+
+def check_payload(index: int, key: BlockKey, meta: BlockMeta, payload: memoryview) -> None:
+    if meta.checksum and xxhash.xxh3_64_intdigest(payload) != meta.checksum:
+        raise InvalidArgument(
+            f"blocks[{index}].checksum", f"payload of block {key.hex()} does not match its checksum"
+        )

@@ -8,7 +8,7 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from kvstore.keys import BlockKey
 from kvstore.meta import BlockMeta
@@ -22,6 +22,7 @@ class StoreStats:
     gets: int
     lookups: int
     uptime_s: float
+    transfers: dict[str, int] = field(default_factory=dict)  # by "put/PATH"; filled by the server
 
 
 class ReadBatch:

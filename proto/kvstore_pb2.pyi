@@ -133,32 +133,75 @@ class TierStats(_message.Message):
     def __init__(self, name: _Optional[str] = ..., blocks: _Optional[int] = ..., bytes: _Optional[int] = ..., capacity: _Optional[int] = ..., hits: _Optional[int] = ..., misses: _Optional[int] = ..., evictions: _Optional[int] = ..., demotions: _Optional[int] = ..., promotions: _Optional[int] = ...) -> None: ...
 
 class StatsReply(_message.Message):
-    __slots__ = ("tiers", "puts", "gets", "lookups", "uptime_s")
+    __slots__ = ("tiers", "puts", "gets", "lookups", "uptime_s", "transfers")
+    class TransfersEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
     TIERS_FIELD_NUMBER: _ClassVar[int]
     PUTS_FIELD_NUMBER: _ClassVar[int]
     GETS_FIELD_NUMBER: _ClassVar[int]
     LOOKUPS_FIELD_NUMBER: _ClassVar[int]
     UPTIME_S_FIELD_NUMBER: _ClassVar[int]
+    TRANSFERS_FIELD_NUMBER: _ClassVar[int]
     tiers: _containers.RepeatedCompositeFieldContainer[TierStats]
     puts: int
     gets: int
     lookups: int
     uptime_s: float
-    def __init__(self, tiers: _Optional[_Iterable[_Union[TierStats, _Mapping]]] = ..., puts: _Optional[int] = ..., gets: _Optional[int] = ..., lookups: _Optional[int] = ..., uptime_s: _Optional[float] = ...) -> None: ...
+    transfers: _containers.ScalarMap[str, int]
+    def __init__(self, tiers: _Optional[_Iterable[_Union[TierStats, _Mapping]]] = ..., puts: _Optional[int] = ..., gets: _Optional[int] = ..., lookups: _Optional[int] = ..., uptime_s: _Optional[float] = ..., transfers: _Optional[_Mapping[str, int]] = ...) -> None: ...
 
 class Ticket(_message.Message):
-    __slots__ = ("id", "data_address", "expires_in_s", "blocks", "present")
+    __slots__ = ("id", "data_address", "expires_in_s", "blocks", "present", "offsets")
     ID_FIELD_NUMBER: _ClassVar[int]
     DATA_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     EXPIRES_IN_S_FIELD_NUMBER: _ClassVar[int]
     BLOCKS_FIELD_NUMBER: _ClassVar[int]
     PRESENT_FIELD_NUMBER: _ClassVar[int]
+    OFFSETS_FIELD_NUMBER: _ClassVar[int]
     id: bytes
     data_address: str
     expires_in_s: float
     blocks: _containers.RepeatedCompositeFieldContainer[BlockHeader]
     present: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, id: _Optional[bytes] = ..., data_address: _Optional[str] = ..., expires_in_s: _Optional[float] = ..., blocks: _Optional[_Iterable[_Union[BlockHeader, _Mapping]]] = ..., present: _Optional[_Iterable[int]] = ...) -> None: ...
+    offsets: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, id: _Optional[bytes] = ..., data_address: _Optional[str] = ..., expires_in_s: _Optional[float] = ..., blocks: _Optional[_Iterable[_Union[BlockHeader, _Mapping]]] = ..., present: _Optional[_Iterable[int]] = ..., offsets: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class OpenPutRequest(_message.Message):
+    __slots__ = ("blocks", "shared_memory")
+    BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    SHARED_MEMORY_FIELD_NUMBER: _ClassVar[int]
+    blocks: _containers.RepeatedCompositeFieldContainer[BlockHeader]
+    shared_memory: bool
+    def __init__(self, blocks: _Optional[_Iterable[_Union[BlockHeader, _Mapping]]] = ..., shared_memory: _Optional[bool] = ...) -> None: ...
+
+class OpenGetRequest(_message.Message):
+    __slots__ = ("keys", "shared_memory")
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    SHARED_MEMORY_FIELD_NUMBER: _ClassVar[int]
+    keys: _containers.RepeatedScalarFieldContainer[bytes]
+    shared_memory: bool
+    def __init__(self, keys: _Optional[_Iterable[bytes]] = ..., shared_memory: _Optional[bool] = ...) -> None: ...
+
+class FinishRequest(_message.Message):
+    __slots__ = ("ticket",)
+    TICKET_FIELD_NUMBER: _ClassVar[int]
+    ticket: bytes
+    def __init__(self, ticket: _Optional[bytes] = ...) -> None: ...
+
+class SegmentInfo(_message.Message):
+    __slots__ = ("path", "token", "size")
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    token: bytes
+    size: int
+    def __init__(self, path: _Optional[str] = ..., token: _Optional[bytes] = ..., size: _Optional[int] = ...) -> None: ...
 
 class PushRequest(_message.Message):
     __slots__ = ("keys", "target")

@@ -61,13 +61,23 @@ class KVStoreStub:
                 _registered_method=True)
         self.OpenPut = channel.unary_unary(
                 '/kvstore.v1.KVStore/OpenPut',
-                request_serializer=kvstore_dot_proto_dot_kvstore__pb2.BlockHeaders.SerializeToString,
+                request_serializer=kvstore_dot_proto_dot_kvstore__pb2.OpenPutRequest.SerializeToString,
                 response_deserializer=kvstore_dot_proto_dot_kvstore__pb2.Ticket.FromString,
                 _registered_method=True)
         self.OpenGet = channel.unary_unary(
                 '/kvstore.v1.KVStore/OpenGet',
-                request_serializer=kvstore_dot_proto_dot_kvstore__pb2.GetRequest.SerializeToString,
+                request_serializer=kvstore_dot_proto_dot_kvstore__pb2.OpenGetRequest.SerializeToString,
                 response_deserializer=kvstore_dot_proto_dot_kvstore__pb2.Ticket.FromString,
+                _registered_method=True)
+        self.Finish = channel.unary_unary(
+                '/kvstore.v1.KVStore/Finish',
+                request_serializer=kvstore_dot_proto_dot_kvstore__pb2.FinishRequest.SerializeToString,
+                response_deserializer=kvstore_dot_proto_dot_kvstore__pb2.PutReply.FromString,
+                _registered_method=True)
+        self.Segment = channel.unary_unary(
+                '/kvstore.v1.KVStore/Segment',
+                request_serializer=kvstore_dot_proto_dot_kvstore__pb2.StatsRequest.SerializeToString,
+                response_deserializer=kvstore_dot_proto_dot_kvstore__pb2.SegmentInfo.FromString,
                 _registered_method=True)
         self.Push = channel.unary_unary(
                 '/kvstore.v1.KVStore/Push',
@@ -117,7 +127,8 @@ class KVStoreServicer:
 
     def OpenPut(self, request, context):
         """Data plane (proto/DATAPLANE.md): a Put or Get negotiated here, its bytes
-        moved over a raw TCP connection to `Ticket.data_address`.
+        moved over a raw TCP connection to `Ticket.data_address`, or, for a client
+        on the same host, through the shared host arena at `Ticket.offsets`.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -125,6 +136,21 @@ class KVStoreServicer:
 
     def OpenGet(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Finish(self, request, context):
+        """Ends a shared-memory ticket: commits a Put's written slots, or releases a
+        Get's pinned blocks (the lease). Unfinished tickets expire and are released.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Segment(self, request, context):
+        """Where the shared host arena is, for a client to map and prove it shares the host.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -167,13 +193,23 @@ def add_KVStoreServicer_to_server(servicer, server):
             ),
             'OpenPut': grpc.unary_unary_rpc_method_handler(
                     servicer.OpenPut,
-                    request_deserializer=kvstore_dot_proto_dot_kvstore__pb2.BlockHeaders.FromString,
+                    request_deserializer=kvstore_dot_proto_dot_kvstore__pb2.OpenPutRequest.FromString,
                     response_serializer=kvstore_dot_proto_dot_kvstore__pb2.Ticket.SerializeToString,
             ),
             'OpenGet': grpc.unary_unary_rpc_method_handler(
                     servicer.OpenGet,
-                    request_deserializer=kvstore_dot_proto_dot_kvstore__pb2.GetRequest.FromString,
+                    request_deserializer=kvstore_dot_proto_dot_kvstore__pb2.OpenGetRequest.FromString,
                     response_serializer=kvstore_dot_proto_dot_kvstore__pb2.Ticket.SerializeToString,
+            ),
+            'Finish': grpc.unary_unary_rpc_method_handler(
+                    servicer.Finish,
+                    request_deserializer=kvstore_dot_proto_dot_kvstore__pb2.FinishRequest.FromString,
+                    response_serializer=kvstore_dot_proto_dot_kvstore__pb2.PutReply.SerializeToString,
+            ),
+            'Segment': grpc.unary_unary_rpc_method_handler(
+                    servicer.Segment,
+                    request_deserializer=kvstore_dot_proto_dot_kvstore__pb2.StatsRequest.FromString,
+                    response_serializer=kvstore_dot_proto_dot_kvstore__pb2.SegmentInfo.SerializeToString,
             ),
             'Push': grpc.unary_unary_rpc_method_handler(
                     servicer.Push,
@@ -341,7 +377,7 @@ class KVStore:
             request,
             target,
             '/kvstore.v1.KVStore/OpenPut',
-            kvstore_dot_proto_dot_kvstore__pb2.BlockHeaders.SerializeToString,
+            kvstore_dot_proto_dot_kvstore__pb2.OpenPutRequest.SerializeToString,
             kvstore_dot_proto_dot_kvstore__pb2.Ticket.FromString,
             options,
             channel_credentials,
@@ -368,8 +404,62 @@ class KVStore:
             request,
             target,
             '/kvstore.v1.KVStore/OpenGet',
-            kvstore_dot_proto_dot_kvstore__pb2.GetRequest.SerializeToString,
+            kvstore_dot_proto_dot_kvstore__pb2.OpenGetRequest.SerializeToString,
             kvstore_dot_proto_dot_kvstore__pb2.Ticket.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Finish(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvstore.v1.KVStore/Finish',
+            kvstore_dot_proto_dot_kvstore__pb2.FinishRequest.SerializeToString,
+            kvstore_dot_proto_dot_kvstore__pb2.PutReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Segment(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvstore.v1.KVStore/Segment',
+            kvstore_dot_proto_dot_kvstore__pb2.StatsRequest.SerializeToString,
+            kvstore_dot_proto_dot_kvstore__pb2.SegmentInfo.FromString,
             options,
             channel_credentials,
             insecure,

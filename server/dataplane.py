@@ -13,16 +13,19 @@ import threading
 from kvstore.errors import KVStoreError
 from kvstore.proto.dataplane import MAGIC, PREAMBLE, Trailer, recv_exact, send_views
 from kvstore.proto.frames import FrameError
-from kvstore.server.status import status_of
+from kvstore.server.status import TransferCounts, status_of
 from kvstore.server.tickets import Ticket, TicketBook
 
 log = logging.getLogger("kvstore.dataplane")
 
 
 class DataPlane:
-    def __init__(self, address: str, book: TicketBook, timeout: float) -> None:
+    def __init__(
+        self, address: str, book: TicketBook, timeout: float, transfers: TransferCounts
+    ) -> None:
         host, _, port = address.rpartition(":")
         self.book = book
+        self.transfers = transfers
         self.timeout = timeout
         self._listener = socket.create_server((host.strip("[]"), int(port)), backlog=128)
         self.address = f"{host}:{self._listener.getsockname()[1]}"
@@ -87,6 +90,7 @@ class DataPlane:
         finally:
             ticket.cancel()  # anything not completed is released
         conn.sendall(trailer.encode())
+        self.transfers.add("put/tcp" if ticket.put else "get/tcp")
         return True
 
     @staticmethod

@@ -56,19 +56,16 @@ class Daemon:
         except RuntimeError as exc:  # grpc's way of saying the bind failed
             raise OSError(f"cannot listen on {config.address}: {exc}") from None
         self.address = f"{host_name}:{port}"
-        self.tickets, self.data_plane = None, None
+        self.tickets, self.data_plane = TicketBook(config.ticket_ttl), None
+        servicer = KVStoreServicer(self.store, config.chunk_size, self.tickets)
         if config.data_address != "off":
             data_address = config.data_address
             if data_address == "auto":
                 data_address = f"{host_name}:0"
-            self.tickets = TicketBook(config.ticket_ttl)
-            self.data_plane = DataPlane(data_address, self.tickets, config.data_timeout)
-        servicer = KVStoreServicer(
-            self.store,
-            config.chunk_size,
-            self.tickets,
-            self.data_plane.address if self.data_plane else "",
-        )
+            self.data_plane = DataPlane(
+                data_address, self.tickets, config.data_timeout, servicer.transfers
+            )
+            servicer.data_address = self.data_plane.address
         self.server.add_generic_rpc_handlers([servicer.handler()])
 
     def start(self) -> Daemon:
@@ -85,7 +82,7 @@ class Daemon:
         self.server.stop(grace).wait()
         if self.data_plane:
             self.data_plane.stop()
-            self.tickets.close()
+        self.tickets.close()
 
 
 def parser() -> argparse.ArgumentParser:

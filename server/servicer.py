@@ -14,13 +14,13 @@ import grpc
 import numpy as np
 
 from kvstore.errors import InvalidArgument, KVStoreError, Unavailable, Unsupported
-from kvstore.ingest import BlockIngest
+from kvstore.ingest import BlockIngest, SlotPut
 from kvstore.keys import block_keys, check_keys
 from kvstore.meta import BlockMeta
 from kvstore.proto import kvstore_pb2 as pb
 from kvstore.proto.frames import FrameError, M, data_frames, decode_frame, reject_unknown
-from kvstore.server.status import streaming, unary
-from kvstore.server.tickets import TicketBook
+from kvstore.server.status import TransferCounts, streaming, unary
+from kvstore.server.tickets import Ticket, TicketBook
 from kvstore.store import Store
 from kvstore.tiers import PinnedBlock
 
@@ -79,13 +79,14 @@ class KVStoreServicer:
         self,
         store: Store,
         chunk_size: int,
-        tickets: TicketBook | None = None,
+        tickets: TicketBook,
         data_address: str = "",
     ) -> None:
         self.store = store
         self.chunk_size = chunk_size
         self.tickets = tickets
         self.data_address = data_address
+        self.transfers = TransferCounts()
         self._peers: dict[str, object] = {}
         self._peers_lock = threading.Lock()
 
@@ -107,6 +108,7 @@ class KVStoreServicer:
         except BaseException:
             ingest.abort()
             raise
+        self.transfers.add("put/grpc")
         return pb.PutReply(stored=result.stored, existed=result.existed).SerializeToString()
 
     @streaming
@@ -120,6 +122,7 @@ class KVStoreServicer:
                 for _ in range(ended):  # copied into `frame`: the tier may evict them again
                     batch.release(next(pending))
                 yield frame
+        self.transfers.add("get/grpc")
 
     @unary
     def Lookup(self, raw: bytes, context: grpc.ServicerContext) -> bytes:
@@ -154,33 +157,72 @@ class KVStoreServicer:
             gets=stats.gets,
             lookups=stats.lookups,
             uptime_s=stats.uptime_s,
+            transfers=self.transfers.snapshot(),
         ).SerializeToString()
 
     @unary
     def OpenPut(self, raw: bytes, context: grpc.ServicerContext) -> bytes:
-        headers = parse(raw, pb.BlockHeaders).blocks
-        tickets = self._tickets()
-        if not headers:
+        request = parse(raw, pb.OpenPutRequest)
+        if not request.blocks:
             raise InvalidArgument("blocks", "empty batch: declare at least one block")
+        blocks = [(h.key, meta_from_proto(h.meta)) for h in request.blocks]
+        host = peer_host(context)
+        if request.shared_memory:
+            slots = SlotPut(self.store, blocks)
+            ticket = self.tickets.issue(host, put=slots)
+            offsets = [self.store.host.segment_offset(s.offset) for *_, s in slots.slots]
+            return self._ticket(ticket, present=slots.present, offsets=offsets)
+        self._data_plane()
         ingest = BlockIngest(self.store, omit_present=True)
-        present = ingest.declare([(h.key, meta_from_proto(h.meta)) for h in headers])
-        ticket = tickets.issue(peer_host(context), put=ingest)
-        return pb.Ticket(
-            id=ticket.id, data_address=self.data_address, expires_in_s=tickets.ttl, present=present
-        ).SerializeToString()
+        present = ingest.declare(blocks)
+        return self._ticket(self.tickets.issue(host, put=ingest), present=present)
 
     @unary
     def OpenGet(self, raw: bytes, context: grpc.ServicerContext) -> bytes:
-        keys = check_keys(parse(raw, pb.GetRequest).keys)
-        tickets = self._tickets()
+        request = parse(raw, pb.OpenGetRequest)
+        keys = check_keys(request.keys)
+        if not request.shared_memory:
+            self._data_plane()
         batch = self.store.pin(keys)
         headers = [pb.BlockHeader(key=b.key, meta=meta_to_proto(b.meta)) for b in batch.blocks]
         if not headers:
             return pb.Ticket(data_address=self.data_address).SerializeToString()
-        ticket = tickets.issue(peer_host(context), get=batch)
-        return pb.Ticket(
-            id=ticket.id, data_address=self.data_address, expires_in_s=tickets.ttl, blocks=headers
+        offsets = [self.store.host.segment_offset(b.offset) for b in batch.blocks]
+        ticket = self.tickets.issue(peer_host(context), get=batch)
+        return self._ticket(
+            ticket, blocks=headers, offsets=offsets if request.shared_memory else ()
+        )
+
+    @unary
+    def Finish(self, raw: bytes, context: grpc.ServicerContext) -> bytes:
+        ticket = self.tickets.redeem(parse(raw, pb.FinishRequest).ticket, peer_host(context))
+        try:
+            result = ticket.put.commit() if isinstance(ticket.put, SlotPut) else None
+        finally:
+            ticket.cancel()
+        self.transfers.add("get/shm" if result is None else "put/shm")
+        if result is None:
+            return pb.PutReply().SerializeToString()
+        return pb.PutReply(stored=result.stored, existed=result.existed).SerializeToString()
+
+    @unary
+    def Segment(self, raw: bytes, context: grpc.ServicerContext) -> bytes:
+        parse(raw, pb.StatsRequest)
+        host = self.store.host
+        if host.segment_path is None:
+            raise Unsupported("this node's host arena is not in shared memory")
+        return pb.SegmentInfo(
+            path=host.segment_path, token=host.segment_token, size=host.capacity
         ).SerializeToString()
+
+    def _ticket(self, ticket: Ticket, **fields: object) -> bytes:
+        return pb.Ticket(
+            id=ticket.id, data_address=self.data_address, expires_in_s=self.tickets.ttl, **fields
+        ).SerializeToString()
+
+    def _data_plane(self) -> None:
+        if not self.data_address:
+            raise Unsupported("this node runs no data plane (--data-address off)")
 
     @unary
     def Push(self, raw: bytes, context: grpc.ServicerContext) -> bytes:
@@ -201,11 +243,6 @@ class KVStoreServicer:
         return pb.PushReply(
             found=len(headers), stored=result.stored, existed=result.existed
         ).SerializeToString()
-
-    def _tickets(self) -> TicketBook:
-        if self.tickets is None:
-            raise Unsupported("this node runs no data plane (--data-address off)")
-        return self.tickets
 
     def _peer(self, target: str):
         from kvstore.client import Client  # a node pushing is a client of the other node
@@ -229,5 +266,7 @@ class KVStoreServicer:
                 "OpenPut": grpc.unary_unary_rpc_method_handler(self.OpenPut, **raw),
                 "OpenGet": grpc.unary_unary_rpc_method_handler(self.OpenGet, **raw),
                 "Push": grpc.unary_unary_rpc_method_handler(self.Push, **raw),
+                "Finish": grpc.unary_unary_rpc_method_handler(self.Finish, **raw),
+                "Segment": grpc.unary_unary_rpc_method_handler(self.Segment, **raw),
             },
         )

@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass
 
 from kvstore.errors import Unauthenticated
-from kvstore.ingest import BlockIngest
+from kvstore.ingest import BlockIngest, SlotPut
 from kvstore.store import ReadBatch
 
 
@@ -17,11 +17,11 @@ class Ticket:
     id: bytes
     host: str  # the address that asked for it; only it may redeem it
     expires: float
-    put: BlockIngest | None = None
+    put: BlockIngest | SlotPut | None = None
     get: ReadBatch | None = None
 
     def cancel(self) -> None:
-        """Release what the ticket holds: a Put's reservation, a Get's pins."""
+        """Release what the ticket holds: a Put's reservations, a Get's pins."""
         if self.put is not None:
             self.put.abort()
         if self.get is not None:
@@ -40,7 +40,11 @@ class TicketBook:
         self._sweeper.start()
 
     def issue(
-        self, host: str, *, put: BlockIngest | None = None, get: ReadBatch | None = None
+        self,
+        host: str,
+        *,
+        put: BlockIngest | SlotPut | None = None,
+        get: ReadBatch | None = None,
     ) -> Ticket:
         ticket = Ticket(os.urandom(16), host, time.monotonic() + self.ttl, put, get)
         with self._lock:

@@ -129,3 +129,24 @@ def test_client_refuses_mismatched_batches(client: Client, salt: bytes) -> None:
         client.put(keys, [b"only one"])
     with pytest.raises(InvalidArgument, match=r"keys\[1\]"):
         client.put([keys[0], keys[0]], [b"a", b"b"])
+
+
+@pytest.mark.parametrize("transport", ["shm", "tcp", "grpc"])
+def test_the_chosen_path_really_carries_the_bytes(daemon, salt: bytes, transport: str) -> None:
+    keys = keys_for(salt, 2)
+    with daemon.client(transport=transport) as client:
+        before = client.stats().transfers
+        client.put(keys, [b"a" * 1000, b"b" * 5])
+        assert [bytes(b) for b in client.get(keys)] == [b"a" * 1000, b"b" * 5]
+        after = client.stats().transfers
+    for direction in ("put", "get"):
+        name = f"{direction}/{transport}"
+        assert after.get(name, 0) == before.get(name, 0) + 1
+    assert sum(after.values()) == sum(before.values()) + 2
+
+
+def test_auto_prefers_shared_memory_on_the_same_host(daemon, salt: bytes) -> None:
+    with daemon.client() as client:
+        before = client.stats().transfers.get("put/shm", 0)
+        client.put(keys_for(salt, 1), [b"x"])
+        assert client.stats().transfers["put/shm"] == before + 1

@@ -11,12 +11,13 @@ One lock guards the index, LRU and arena; it is never held while bytes move.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from kvstore.arena import Arena
+from kvstore.arena import HEADER, Arena
 from kvstore.errors import ResourceExhausted
 from kvstore.keys import BlockKey
 from kvstore.lru import LRU
@@ -43,6 +44,17 @@ class HostTier:
         self._lru = LRU()
         self._space = threading.Condition(threading.Lock())
         self._stats = TierStats(self.name, capacity=self.capacity)
+        self.segment_token = os.urandom(16)
+        self.arena.header[:16] = self.segment_token  # proof of sharing the host, for clients
+
+    @property
+    def segment_path(self) -> str | None:
+        return self.arena.segment_path
+
+    @staticmethod
+    def segment_offset(offset: int) -> int:
+        """Where an arena offset lies in the shared segment a client maps."""
+        return HEADER + offset
 
     def reserve(self, size: int, timeout: float) -> Reservation:
         """A write target of `size` bytes, evicting cold blocks as needed."""

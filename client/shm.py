@@ -1,0 +1,120 @@
+"""Same-host transfers through the node's shared host arena.
+
+The client maps the arena once, after proving it shares the host (the segment
+holds a random token that only the node's reply names). A Get copies blocks out
+of the mapping while the node keeps them pinned, or hands out a `Lease` of
+zero-copy views; a Put writes into slots the node reserved, then commits them.
+Whatever a client does not finish (it died, or failed half way) expires with
+its ticket and is released by the node.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import time
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from kvstore.client._wire import shaped, verify_checksum, writable_bytes
+from kvstore.errors import InvalidArgument, Unsupported
+from kvstore.ingest import PutResult
+from kvstore.proto import kvstore_pb2 as pb
+
+Finish = Callable[[bytes], pb.PutReply]
+
+
+class SharedSegment:
+    """The node's host arena, mapped into this process."""
+
+    def __init__(self, info: pb.SegmentInfo) -> None:
+        try:
+            fd = os.open(info.path, os.O_RDWR)
+        except OSError as exc:
+            raise Unsupported(f"cannot open the node's shared arena: {exc}") from None
+        try:
+            flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)  # no faults while copying
+            self._mmap = mmap.mmap(fd, 0, flags=flags)
+        finally:
+            os.close(fd)
+        if self._mmap[:16] != info.token:
+            self._mmap.close()
+            raise Unsupported("the shared arena holds another token: not the node's host")
+        self.memory = np.frombuffer(self._mmap, np.uint8)
+
+    def block(self, offset: int, size: int) -> np.ndarray:
+        return self.memory[offset : offset + size]
+
+
+def put(
+    segment: SharedSegment, ticket: pb.Ticket, views: Sequence[memoryview], finish: Finish
+) -> PutResult:
+    """Write the payloads into the reserved slots, then have the node publish them."""
+    present = set(ticket.present)
+    wanted = [v for i, v in enumerate(views) if i not in present]
+    for view, offset in zip(wanted, ticket.offsets, strict=True):
+        segment.block(offset, len(view))[:] = np.frombuffer(view, np.uint8)  # one copy
+    reply = finish(ticket.id)
+    return PutResult(reply.stored, reply.existed)
+
+
+def get(
+    segment: SharedSegment,
+    ticket: pb.Ticket,
+    out: memoryview | np.ndarray | None,
+    verify: bool,
+    finish: Finish,
+) -> list[np.ndarray]:
+    """Copy the pinned blocks out of the mapping, then release them."""
+    metas = [h.meta for h in ticket.blocks]
+    if not metas:
+        return []
+    total = sum(m.size for m in metas)
+    dest = np.empty(total, np.uint8) if out is None else writable_bytes(out)
+    if len(dest) < total:
+        raise InvalidArgument("out", f"holds {len(dest)} bytes, the blocks need {total}")
+    blocks, start = [], 0
+    try:
+        for meta, offset in zip(metas, ticket.offsets, strict=True):
+            block = dest[start : start + meta.size]
+            block[:] = segment.block(offset, meta.size)  # one copy: arena -> destination
+            blocks.append(block)
+            start += meta.size
+    finally:
+        finish(ticket.id)
+    if verify:
+        for block, header in zip(blocks, ticket.blocks, strict=True):
+            verify_checksum(block, header.meta, header.key)
+    return [shaped(block, meta) for block, meta in zip(blocks, metas, strict=True)]
+
+
+class Lease:
+    """Zero-copy, read-only views of blocks in the node's arena.
+
+    The node keeps the blocks pinned (not evicted, not reused) until `release()`
+    or until `expires_at` (`time.monotonic()`), whichever comes first; after
+    that the views must not be read. Use it as a context manager.
+    """
+
+    def __init__(self, segment: SharedSegment, ticket: pb.Ticket, finish: Finish) -> None:
+        self._ticket_id = ticket.id
+        self._finish: Finish | None = finish if ticket.id else None
+        self.expires_at = time.monotonic() + ticket.expires_in_s
+        self.blocks: list[np.ndarray] = []
+        for header, offset in zip(ticket.blocks, ticket.offsets, strict=True):
+            view = segment.block(offset, header.meta.size)
+            view.flags.writeable = False
+            self.blocks.append(shaped(view, header.meta))
+
+    def release(self) -> None:
+        """Let the node evict the blocks again; the views are invalid from now on."""
+        finish, self._finish = self._finish, None
+        if finish is not None:
+            finish(self._ticket_id)
+
+    def __enter__(self) -> Lease:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
