@@ -25,7 +25,7 @@ from kvstore.client import Client
 from kvstore.config import format_size, parse_size
 from kvstore.keys import block_keys
 
-SCENARIOS = ("put", "get", "handoff")
+SCENARIOS = ("put", "get", "handoff", "push")
 PATHS = ("shm", "lease", "tcp", "grpc")
 QUICK = {
     "block_sizes": [256 << 10, 4 << 20],
@@ -177,6 +177,7 @@ class Transfer:
         self.source = source_bytes(args.total, args.seed)
         self.ports: dict[str, int] = {}
         self._clients: dict[tuple[str, int], list[Client]] = {}
+        self._nodes: dict[str, str] = {}
         self.rows: list[Row] = []
 
     def steps(self) -> int:
@@ -209,6 +210,13 @@ class Transfer:
             self.args.chunk,
         )
 
+    def second_node(self) -> str:
+        """A decode node for the push scenario, started on first use."""
+        if "node" not in self._nodes:
+            capacity = str(self.args.total + (256 << 20))
+            self._nodes["node"] = self.procs.daemon("--host-capacity", capacity)
+        return self._nodes["node"]
+
     def clients(self, path: str, streams: int) -> list[Client]:
         if (path, streams) not in self._clients:
             self._clients[path, streams] = workloads.clients(
@@ -240,6 +248,20 @@ class Transfer:
             get = workloads.kvstore_get(clients, path, work, keys, self.verifier(work))
             runs.setdefault("get", []).append(get)
             self.delete(keys)
+            if "push" in runs:
+                keys = bench_keys(work, f"push/{path}/{work}/{rep}/{self.args.seed}")
+                runs["push"].append(
+                    workloads.push(
+                        clients,
+                        path,
+                        self.second_node(),
+                        work,
+                        self.source,
+                        keys,
+                        self.verifier(work),
+                    )
+                )
+                self.delete(keys)
             if "handoff" in runs:
                 keys = bench_keys(work, f"handoff/{path}/{work}/{rep}/{self.args.seed}")
                 runs["handoff"].append(

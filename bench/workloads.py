@@ -211,6 +211,35 @@ def _consume(address, path, work, keys, ready, results) -> None:
         results.put(("error", f"consumer failed: {exc!r}"))
 
 
+def push(
+    clients: list[Client],
+    path: str,
+    target: str,
+    work: Workload,
+    source: np.ndarray,
+    keys: list[bytes],
+    verifier: Verifier,
+) -> Run:
+    """Node to node: the blocks are on this node; each request asks it to push a batch to
+    `target` over `path`. Checked at the target, untimed."""
+    client = clients[0]
+    size = work.block_size
+    for batch in work.batches():  # untimed: the prefill node holds the blocks already
+        client.put([keys[i] for i in batch], [source[i * size : (i + 1) * size] for i in batch])
+
+    def request(batch: range) -> None:
+        reply = client.push([keys[i] for i in batch], target, _transport(path))
+        if reply.stored != len(batch):
+            raise AssertionError(f"push stored {reply.stored} of {len(batch)} blocks")
+
+    run = timed_batches(work, request)
+    with Client(target) as receiver:
+        for i in filter(verifier.wants, range(work.blocks)):
+            verifier.check(i, receiver.get([keys[i]])[0])
+        receiver.delete(keys)
+    return run
+
+
 def lookup(
     address: str,
     tokens: np.ndarray,

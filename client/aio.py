@@ -92,8 +92,10 @@ class AsyncClient:
             raise error_from_rpc(exc) from None
         return assembler.result()
 
-    async def push(self, keys: Sequence[BlockKey], target: str) -> pb.PushReply:
-        request = pb.PushRequest(keys=check_keys(keys), target=target)
+    async def push(
+        self, keys: Sequence[BlockKey], target: str, transport: str = "auto"
+    ) -> pb.PushReply:
+        request = pb.PushRequest(keys=check_keys(keys), target=target, transport=transport)
         return pb.PushReply.FromString(await self._call("Push", request))
 
     async def lookup(self, keys: Sequence[BlockKey]) -> int:

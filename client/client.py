@@ -128,10 +128,10 @@ class Client:
             raise Unsupported("leases need a node on this host with a shared arena")
         return shm.Lease(segment, self._open_get(keys, shared_memory=True), self._finish)
 
-    def push(self, keys: Sequence[BlockKey], target: str) -> pb.PushReply:
+    def push(self, keys: Sequence[BlockKey], target: str, transport: str = "auto") -> pb.PushReply:
         """Ask this node to send the present prefix of `keys` to node `target` (HOST:PORT),
         node to node over the target's data plane; `found`, `stored`, `existed` count blocks."""
-        request = pb.PushRequest(keys=check_keys(keys), target=target)
+        request = pb.PushRequest(keys=check_keys(keys), target=target, transport=transport)
         return pb.PushReply.FromString(self._call("Push", request))
 
     def lookup(self, keys: Sequence[BlockKey]) -> int:

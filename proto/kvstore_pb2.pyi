@@ -204,12 +204,14 @@ class SegmentInfo(_message.Message):
     def __init__(self, path: _Optional[str] = ..., token: _Optional[bytes] = ..., size: _Optional[int] = ...) -> None: ...
 
 class PushRequest(_message.Message):
-    __slots__ = ("keys", "target")
+    __slots__ = ("keys", "target", "transport")
     KEYS_FIELD_NUMBER: _ClassVar[int]
     TARGET_FIELD_NUMBER: _ClassVar[int]
+    TRANSPORT_FIELD_NUMBER: _ClassVar[int]
     keys: _containers.RepeatedScalarFieldContainer[bytes]
     target: str
-    def __init__(self, keys: _Optional[_Iterable[bytes]] = ..., target: _Optional[str] = ...) -> None: ...
+    transport: str
+    def __init__(self, keys: _Optional[_Iterable[bytes]] = ..., target: _Optional[str] = ..., transport: _Optional[str] = ...) -> None: ...
 
 class PushReply(_message.Message):
     __slots__ = ("found", "stored", "existed")

@@ -87,7 +87,7 @@ class KVStoreServicer:
         self.tickets = tickets
         self.data_address = data_address
         self.transfers = TransferCounts()
-        self._peers: dict[str, object] = {}
+        self._peers: dict[tuple[str, str], object] = {}
         self._peers_lock = threading.Lock()
 
     @unary
@@ -230,27 +230,31 @@ class KVStoreServicer:
         keys = check_keys(request.keys)
         if not request.target:
             raise InvalidArgument("target", "must name the receiving node (HOST:PORT)")
+        transport = request.transport or "auto"
+        if transport not in ("auto", "shm", "tcp", "grpc"):
+            raise InvalidArgument("transport", f"unknown transport {transport!r}")
         with self.store.read(keys) as batch:
             if not batch.blocks:
                 return pb.PushReply().SerializeToString()
             headers = [pb.BlockHeader(key=b.key, meta=meta_to_proto(b.meta)) for b in batch.blocks]
             try:
-                result = self._peer(request.target).put_encoded(
-                    headers, [b.view for b in batch.blocks]
-                )
+                peer = self._peer(request.target, transport)
+                result = peer.put_encoded(headers, [b.view for b in batch.blocks])
             except KVStoreError as exc:
                 raise Unavailable(f"push to {request.target} failed: {exc}") from None
         return pb.PushReply(
             found=len(headers), stored=result.stored, existed=result.existed
         ).SerializeToString()
 
-    def _peer(self, target: str):
+    def _peer(self, target: str, transport: str):
         from kvstore.client import Client  # a node pushing is a client of the other node
 
         with self._peers_lock:
-            if target not in self._peers:
-                self._peers[target] = Client(target, chunk_size=self.chunk_size)
-            return self._peers[target]
+            if (target, transport) not in self._peers:
+                self._peers[target, transport] = Client(
+                    target, chunk_size=self.chunk_size, transport=transport
+                )
+            return self._peers[target, transport]
 
     def handler(self) -> grpc.GenericRpcHandler:
         """Every method takes and returns raw bytes: framing is done above."""

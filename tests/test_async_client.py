@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from kvstore.client import AsyncClient
-from kvstore.errors import InvalidArgument, Unavailable
+from kvstore.errors import InvalidArgument, Unavailable, Unsupported
 from kvstore.keys import block_keys
 
 
@@ -34,3 +34,20 @@ async def test_unreachable_daemon_is_unavailable() -> None:
     async with AsyncClient("127.0.0.1:1", timeout=5) as client:
         with pytest.raises(Unavailable):
             await client.lookup([bytes(16)])
+
+
+@pytest.mark.parametrize("transport", ["tcp", "grpc"])
+async def test_async_transfers_take_the_chosen_path(daemon, salt: bytes, transport: str) -> None:
+    keys = block_keys(np.arange(32), 16, salt)
+    async with AsyncClient(daemon.address, transport=transport) as client:
+        before = (await client.stats()).transfers
+        await client.put(keys, [b"x" * 100, b"y"])
+        assert [bytes(b) for b in await client.get(keys)] == [b"x" * 100, b"y"]
+        after = (await client.stats()).transfers
+    for name in (f"put/{transport}", f"get/{transport}"):
+        assert after.get(name, 0) == before.get(name, 0) + 1
+
+
+def test_async_client_refuses_shared_memory(daemon) -> None:
+    with pytest.raises(Unsupported, match="use Client for shm"):
+        AsyncClient(daemon.address, transport="shm")

@@ -9,7 +9,13 @@ import pytest
 
 from conftest import running_daemon
 from kvstore.client.dataplane import DataConnections
-from kvstore.errors import ResourceExhausted, Unauthenticated, Unavailable, Unsupported
+from kvstore.errors import (
+    InvalidArgument,
+    ResourceExhausted,
+    Unauthenticated,
+    Unavailable,
+    Unsupported,
+)
 from kvstore.keys import block_keys
 from kvstore.proto import kvstore_pb2 as pb
 from kvstore.proto.dataplane import MAGIC, PREAMBLE, read_trailer, recv_exact
@@ -210,3 +216,15 @@ def test_many_blocks_over_one_pooled_connection(daemon, salt, rng) -> None:
 def test_resource_exhausted_travels_over_the_data_plane(small_daemon) -> None:
     with small_daemon.client(transport="tcp") as client, pytest.raises(ResourceExhausted):
         client.put(keys_for(b"big", 1), [np.zeros(17 * MiB, np.uint8)])
+
+
+@pytest.mark.parametrize("transport", ["tcp", "grpc", "shm"])
+def test_push_takes_the_path_asked_for(daemon, salt, transport: str) -> None:
+    keys = keys_for(salt, 2)
+    with running_daemon("--host-capacity", "8MiB") as target, daemon.client() as source:
+        source.put(keys, [b"one", b"two"])
+        assert source.push(keys, target.address, transport).stored == 2
+        with target.client() as receiver:
+            assert receiver.stats().transfers == {f"put/{transport}": 1}
+        with pytest.raises(InvalidArgument, match="unknown transport"):
+            source.push(keys, target.address, "pigeon")
