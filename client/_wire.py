@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass
 
 import grpc
 import numpy as np
 import xxhash
 
+from kvstore import codecs
 from kvstore.errors import (
     CorruptBlock,
     InvalidArgument,
@@ -44,11 +47,34 @@ CHANNEL_OPTIONS = [
 Payload = bytes | bytearray | memoryview | np.ndarray
 
 
+@dataclass(frozen=True)
+class Encoding:
+    """How a client encodes what it puts: the codec (see `kvstore.codecs`), the tensor
+    layout it records (axis names, e.g. "tokens,layers,kv,heads,dim"), and checksums."""
+
+    codec: str = "none"
+    layout: str = ""
+    checksum: bool = False
+
+    def __post_init__(self) -> None:
+        codecs.get(self.codec)  # unknown names fail here, in the caller
+
+    def with_overrides(self, codec: str | None, layout: str | None) -> Encoding:
+        if codec is None and layout is None:
+            return self
+        return Encoding(
+            self.codec if codec is None else codec,
+            self.layout if layout is None else layout,
+            self.checksum,
+        )
+
+
 def as_bytes(payload: Payload) -> tuple[memoryview, str, tuple[int, ...]]:
     """A flat byte view of a payload (no copy when contiguous) and its dtype and shape."""
     if isinstance(payload, np.ndarray):
         array = np.ascontiguousarray(payload)  # copies only a non-contiguous array
-        return memoryview(array.reshape(-1).view(np.uint8)), array.dtype.str, array.shape
+        view = memoryview(array.reshape(-1).view(np.uint8))
+        return view, codecs.dtype_name(array.dtype), array.shape
     view = memoryview(payload)
     if not view.c_contiguous:
         view = memoryview(view.tobytes())
@@ -56,24 +82,40 @@ def as_bytes(payload: Payload) -> tuple[memoryview, str, tuple[int, ...]]:
 
 
 def encode_blocks(
-    keys: Sequence[BlockKey], payloads: Sequence[Payload], checksum: bool
+    keys: Sequence[BlockKey],
+    payloads: Sequence[Payload],
+    encoding: Encoding,
+    pool: Executor,
 ) -> tuple[list[pb.BlockHeader], list[memoryview]]:
-    """Headers and flat byte views of a batch; bad input raises here, in the caller."""
+    """Headers and flat byte views of a batch, encoded in parallel; bad input raises here."""
     keys = check_keys(keys, unique=True)
     if len(payloads) != len(keys):
         raise InvalidArgument("payloads", f"got {len(payloads)} for {len(keys)} keys")
-    views, headers = [], []
-    for key, payload in zip(keys, payloads, strict=True):
+    codec = codecs.get(encoding.codec)
+
+    def encode(payload: Payload) -> tuple[memoryview, pb.BlockMeta]:
         view, dtype, shape = as_bytes(payload)
-        meta = pb.BlockMeta(
-            size=len(view),
-            dtype=dtype,
-            shape=shape,
-            checksum=xxhash.xxh3_64_intdigest(view) if checksum else 0,
-        )
-        views.append(view)
-        headers.append(pb.BlockHeader(key=key, meta=meta))
-    return headers, views
+        meta = pb.BlockMeta(dtype=dtype, shape=shape, layout=encoding.layout)
+        if codec is not None:
+            array = payload if isinstance(payload, np.ndarray) else np.frombuffer(view, np.uint8)
+            meta.raw_size, meta.codec = len(view), codec.name
+            view = memoryview(codec.encode(np.ascontiguousarray(array), encoding.layout))
+        meta.size = len(view)
+        meta.checksum = xxhash.xxh3_64_intdigest(view) if encoding.checksum else 0
+        return view, meta
+
+    encoded = list(pool.map(encode, payloads) if codec else map(encode, payloads))
+    headers = [pb.BlockHeader(key=k, meta=m) for k, (_, m) in zip(keys, encoded, strict=True)]
+    return headers, [view for view, _ in encoded]
+
+
+def decode_blocks(
+    blocks: Sequence[tuple[np.ndarray, pb.BlockMeta]], pool: Executor
+) -> list[np.ndarray]:
+    """The arrays as they were put: decoded (in parallel) where a codec was used."""
+    if not any(meta.codec not in ("", "none") for _, meta in blocks):
+        return [shaped(block, meta) for block, meta in blocks]
+    return list(pool.map(lambda pair: shaped(*pair), blocks))
 
 
 def put_frames(
@@ -134,10 +176,10 @@ class GetAssembler:
         else:
             raise KVStoreError("unexpected frame in Get reply")
 
-    def result(self) -> list[np.ndarray]:
+    def result(self) -> list[tuple[np.ndarray, pb.BlockMeta]]:
         if self._metas is None or len(self._blocks) != len(self._metas):
             raise Unavailable("Get reply ended before all blocks arrived")
-        return [shaped(block, meta) for block, meta in zip(self._blocks, self._metas, strict=True)]
+        return list(zip(self._blocks, self._metas, strict=True))
 
     def _feed_data(self, data: np.ndarray) -> None:
         metas = self._metas
@@ -180,7 +222,13 @@ def verify_checksum(block: np.ndarray, meta: pb.BlockMeta, key: bytes) -> None:
 
 
 def shaped(block: np.ndarray, meta: pb.BlockMeta) -> np.ndarray:
-    """The block as the array it was put as (raw bytes for dtypes numpy lacks, e.g. bfloat16)."""
+    """The block as the array it was put as: decoded, with its dtype and shape (raw bytes
+    for a dtype numpy does not know)."""
+    codec = codecs.get(meta.codec)
+    if codec is not None:
+        dtype = codecs.parse_dtype(meta.dtype) if meta.dtype else np.dtype(np.uint8)
+        shape = tuple(meta.shape) if meta.dtype else (meta.raw_size,)
+        return codec.decode(memoryview(block), dtype, shape, meta.layout)
     if not meta.dtype:
         return block
     try:

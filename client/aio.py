@@ -8,16 +8,20 @@ receive), so they overlap with the event loop.
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import numpy as np
 
 from kvstore.client._wire import (
     CHANNEL_OPTIONS,
+    Encoding,
     GetAssembler,
     Payload,
     bind,
+    decode_blocks,
     encode_blocks,
     error_from_rpc,
     get_request,
@@ -48,11 +52,14 @@ class AsyncClient:
         timeout: float | None = None,
         checksum: bool = False,
         transport: str = "auto",
+        codec: str = "none",
+        layout: str = "",
     ) -> None:
         self.address = address
         self.chunk_size = chunk_size
         self.timeout = timeout
         self.checksum = checksum
+        self.encoding = Encoding(codec, layout, checksum)
         self.transport = check_transport(transport)
         if transport == "shm":
             raise Unsupported("AsyncClient moves bytes over tcp or grpc; use Client for shm")
@@ -60,9 +67,20 @@ class AsyncClient:
         self._put, self._get, self._unary = bind(self._channel)
         self._data = DataConnections(timeout, address.rpartition(":")[0].strip("[]"))
         self._tcp_ok = transport in ("auto", "tcp")
+        self._pool = ThreadPoolExecutor(os.cpu_count() or 2, thread_name_prefix="kvstore-codec")
 
-    async def put(self, keys: Sequence[BlockKey], payloads: Sequence[Payload]) -> PutResult:
-        headers, views = encode_blocks(keys, payloads, self.checksum)
+    async def put(
+        self,
+        keys: Sequence[BlockKey],
+        payloads: Sequence[Payload],
+        *,
+        codec: str | None = None,
+        layout: str | None = None,
+    ) -> PutResult:
+        encoding = self.encoding.with_overrides(codec, layout)
+        headers, views = await asyncio.to_thread(
+            encode_blocks, keys, payloads, encoding, self._pool
+        )
         if self._tcp_ok:
             try:
                 reply = await self._call("OpenPut", pb.OpenPutRequest(blocks=headers))
@@ -77,6 +95,12 @@ class AsyncClient:
     async def get(
         self, keys: Sequence[BlockKey], *, out: memoryview | np.ndarray | None = None
     ) -> list[np.ndarray]:
+        blocks = await self._receive(keys, out)
+        return await asyncio.to_thread(decode_blocks, blocks, self._pool)
+
+    async def _receive(
+        self, keys: Sequence[BlockKey], out: memoryview | np.ndarray | None
+    ) -> list[tuple[np.ndarray, pb.BlockMeta]]:
         if self._tcp_ok:
             try:
                 request = pb.OpenGetRequest(keys=check_keys(keys))
@@ -123,6 +147,7 @@ class AsyncClient:
         return stats_from_proto(pb.StatsReply.FromString(reply))
 
     async def close(self) -> None:
+        self._pool.shutdown(wait=False)
         self._data.close()
         await self._channel.close()
 

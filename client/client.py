@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import numpy as np
@@ -10,9 +12,11 @@ import numpy as np
 from kvstore.client import shm
 from kvstore.client._wire import (
     CHANNEL_OPTIONS,
+    Encoding,
     GetAssembler,
     Payload,
     bind,
+    decode_blocks,
     encode_blocks,
     error_from_rpc,
     get_request,
@@ -47,6 +51,10 @@ class Client:
     shared memory when client and node share the host (proven, never assumed),
     else the node's raw TCP data plane, else the gRPC stream. `shm`, `tcp` or
     `grpc` force one path.
+
+    `codec` and `layout` are the defaults for puts (one client per namespace, or
+    pass them per `put`); gets decode whatever codec each block names. Encoding
+    and decoding run in a thread pool over all cores.
     """
 
     def __init__(
@@ -57,13 +65,17 @@ class Client:
         timeout: float | None = None,
         checksum: bool = False,
         transport: str = "auto",
+        codec: str = "none",
+        layout: str = "",
     ) -> None:
         """`checksum`: send an xxh3 of every payload (the node verifies it) and verify on get."""
         self.address = address
         self.chunk_size = chunk_size
         self.timeout = timeout
         self.checksum = checksum
+        self.encoding = Encoding(codec, layout, checksum)
         self.transport = check_transport(transport)
+        self._pool = ThreadPoolExecutor(os.cpu_count() or 2, thread_name_prefix="kvstore-codec")
         self._channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
         self._put, self._get, self._unary = bind(self._channel)
         self._data = DataConnections(timeout, address.rpartition(":")[0].strip("[]"))
@@ -71,9 +83,18 @@ class Client:
         self._shm_ok = transport in ("auto", "shm")
         self._segment: shm.SharedSegment | None = None
 
-    def put(self, keys: Sequence[BlockKey], payloads: Sequence[Payload]) -> PutResult:
-        """Store one payload per key (bytes-like or numpy arrays, 1 B and up) in one transfer."""
-        return self.put_encoded(*encode_blocks(keys, payloads, self.checksum))
+    def put(
+        self,
+        keys: Sequence[BlockKey],
+        payloads: Sequence[Payload],
+        *,
+        codec: str | None = None,
+        layout: str | None = None,
+    ) -> PutResult:
+        """Store one payload per key (bytes-like or numpy arrays, 1 B and up) in one transfer,
+        encoded with `codec` (default: the client's) and recording `layout`."""
+        encoding = self.encoding.with_overrides(codec, layout)
+        return self.put_encoded(*encode_blocks(keys, payloads, encoding, self._pool))
 
     def put_encoded(
         self, headers: Sequence[pb.BlockHeader], views: Sequence[memoryview]
@@ -101,8 +122,15 @@ class Client:
         """The payloads of the present prefix of `keys`, in order, with their dtype and shape.
 
         Without `out`, arrays are read-only views of received memory (no copy);
-        with `out`, blocks are written back to back into that writable buffer.
+        with `out`, blocks are written back to back into that writable buffer. Encoded
+        blocks are decoded into new arrays (`out` then holds their encoded bytes).
         """
+        return decode_blocks(self._receive(keys, out), self._pool)
+
+    def _receive(
+        self, keys: Sequence[BlockKey], out: memoryview | np.ndarray | None
+    ) -> list[tuple[np.ndarray, pb.BlockMeta]]:
+        """The stored bytes of the present prefix and their metadata, by the fastest path."""
         if segment := self._shared_segment():
             ticket = self._open_get(keys, shared_memory=True)
             return shm.get(segment, ticket, out, self.checksum, self._finish)
@@ -163,6 +191,7 @@ class Client:
         return stats_from_proto(pb.StatsReply.FromString(self._call("Stats", pb.StatsRequest())))
 
     def close(self) -> None:
+        self._pool.shutdown(wait=False)
         self._data.close()
         self._channel.close()
 

@@ -12,7 +12,7 @@ from contextlib import contextmanager
 import grpc
 import numpy as np
 
-from kvstore.client._wire import error_from_status, shaped, verify_checksum, writable_bytes
+from kvstore.client._wire import error_from_status, verify_checksum, writable_bytes
 from kvstore.errors import InvalidArgument, Unavailable
 from kvstore.ingest import PutResult
 from kvstore.proto import kvstore_pb2 as pb
@@ -86,7 +86,7 @@ def send_put(conns: DataConnections, ticket: pb.Ticket, views: Sequence[memoryvi
 
 def receive_get(
     conns: DataConnections, ticket: pb.Ticket, out: memoryview | np.ndarray | None, verify: bool
-) -> list[np.ndarray]:
+) -> list[tuple[np.ndarray, pb.BlockMeta]]:
     """Receive a Get ticket's blocks into one buffer (or `out`), each straight into place."""
     metas = [h.meta for h in ticket.blocks]
     if not metas:
@@ -110,7 +110,7 @@ def receive_get(
     if verify:
         for block, header in zip(blocks, ticket.blocks, strict=True):
             verify_checksum(block, header.meta, header.key)
-    return [shaped(block, meta) for block, meta in zip(blocks, metas, strict=True)]
+    return list(zip(blocks, metas, strict=True))
 
 
 def _checked(trailer: Trailer) -> Trailer:

@@ -65,7 +65,7 @@ def get(
     out: memoryview | np.ndarray | None,
     verify: bool,
     finish: Finish,
-) -> list[np.ndarray]:
+) -> list[tuple[np.ndarray, pb.BlockMeta]]:
     """Copy the pinned blocks out of the mapping, then release them."""
     metas = [h.meta for h in ticket.blocks]
     if not metas:
@@ -86,7 +86,7 @@ def get(
     if verify:
         for block, header in zip(blocks, ticket.blocks, strict=True):
             verify_checksum(block, header.meta, header.key)
-    return [shaped(block, meta) for block, meta in zip(blocks, metas, strict=True)]
+    return list(zip(blocks, metas, strict=True))
 
 
 class Lease:

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from kvstore.codecs import NAMES as CODECS
 from kvstore.errors import InvalidArgument
-
-CODECS = frozenset({"", "none"})
-"""Payload encodings a node accepts; the codec registry adds its names here."""
 
 MAX_NAME = 64
 

@@ -1,0 +1,310 @@
+"""Payload codecs: chosen by the producer, named in each block's metadata, undone by the
+consumer. Nodes never decode; they store and send encoded bytes.
+
+Lossless: `none`, `lz4`, `zstd`, `shuffle-lz4`, `shuffle-zstd` (2-byte values split
+into a high-byte and a low-byte plane first) and `split-zstd`, the best for 16-bit
+float KV: values go channel-major (the token axis last), the sign and exponent of
+each value become one symbol (rank-coded to a byte) entropy-coded by zstd in
+32 KiB frames, and the mantissa bits are packed raw (they are noise).
+
+Lossy, opt-in, for float KV: `int8` (symmetric; keys get one scale per channel
+across the block's tokens, values one per token and head: the layouts where
+each has its outliers), `int4` (the same with 7 levels, two codes a byte) and
+`fp8` (e4m3 with a scale per token and head). Each can be stacked with zstd:
+`int8+zstd`, `int4+zstd`, `fp8+zstd`. Error bounds: see `LOSSY_BOUNDS`.
+"""
+
+from __future__ import annotations
+
+import struct
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import lz4.block
+import ml_dtypes
+import numpy as np
+import zstandard
+
+from kvstore.errors import InvalidArgument
+
+BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
+FP8 = np.dtype(ml_dtypes.float8_e4m3fn)
+FRAME = 32 << 10  # zstd frames small enough for their tables to follow the channels
+LOSSY_BOUNDS = {"int8": 0.01, "fp8": 0.05, "int4": 0.25}
+"""Mean relative error (||x - x'|| / ||x||) per block on real KV, enforced by tests."""
+
+_U32 = struct.Struct("<I")
+_local = threading.local()  # zstd contexts are reused, one per thread (they are not shared)
+
+
+@dataclass(frozen=True)
+class Codec:
+    name: str
+    lossy: bool
+    encode: Callable[[np.ndarray, str], bytes]  # (array, layout) -> payload
+    decode: Callable[[memoryview, np.dtype, tuple[int, ...], str], np.ndarray]
+
+
+def dtype_name(dtype: np.dtype) -> str:
+    """How metadata names a dtype: numpy's string, or the name of an extension type."""
+    return dtype.name if dtype.kind == "V" else dtype.str
+
+
+def parse_dtype(name: str) -> np.dtype | None:
+    try:
+        return np.dtype(name)
+    except TypeError:
+        return None
+
+
+# ---- byte codecs ---------------------------------------------------------------------
+
+
+def _zstd(data: memoryview | bytes) -> bytes:
+    if not hasattr(_local, "c"):
+        _local.c = zstandard.ZstdCompressor(level=1, write_checksum=False)
+    return _local.c.compress(data)
+
+
+def _unzstd(data: memoryview | bytes) -> bytes:
+    if not hasattr(_local, "d"):
+        _local.d = zstandard.ZstdDecompressor()
+    return _local.d.decompress(data)
+
+
+def _lz4(data: memoryview | bytes) -> bytes:
+    return lz4.block.compress(data, store_size=True)
+
+
+def _unlz4(data: memoryview | bytes) -> bytes:
+    return lz4.block.decompress(data)
+
+
+def _planes(array: np.ndarray) -> np.ndarray:
+    """Byte planes: every value's k-th byte together (bitwise for 2-byte values: fast)."""
+    flat = np.ascontiguousarray(array).reshape(-1)
+    if flat.dtype.itemsize == 2:
+        words = flat.view(np.uint16)
+        return np.concatenate([(words >> 8).astype(np.uint8), (words & 0xFF).astype(np.uint8)])
+    return np.ascontiguousarray(flat.view(np.uint8).reshape(-1, flat.dtype.itemsize).T)
+
+
+def _unplanes(raw: bytes, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
+    planes = np.frombuffer(raw, np.uint8).reshape(dtype.itemsize, -1)
+    if dtype.itemsize == 2:
+        words = (planes[0].astype(np.uint16) << 8) | planes[1]
+        return words.view(dtype).reshape(shape)
+    return np.ascontiguousarray(planes.T).view(dtype).reshape(shape)
+
+
+def _bytes_codec(name: str, pack: Callable, unpack: Callable, shuffle: bool) -> Codec:
+    def encode(array: np.ndarray, layout: str) -> bytes:
+        flat = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
+        return pack(_planes(array) if shuffle else flat)
+
+    def decode(payload: memoryview, dtype: np.dtype, shape: tuple[int, ...], layout: str):
+        raw = unpack(payload)
+        if shuffle:
+            return _unplanes(raw, dtype, shape)
+        return np.frombuffer(raw, dtype).reshape(shape)
+
+    return Codec(name, False, encode, decode)
+
+
+# ---- split-zstd: sign+exponent symbols, packed mantissas, channel-major -----------------
+
+
+def _channel_major(array: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(np.moveaxis(array, 0, -1)) if array.ndim > 1 else array
+
+
+def _token_major(array: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    if len(shape) <= 1:
+        return array.reshape(shape)
+    moved = array.reshape((*shape[1:], shape[0]))
+    return np.ascontiguousarray(np.moveaxis(moved, -1, 0))
+
+
+def _frames(data: bytes) -> bytes:
+    frames = [_zstd(data[i : i + FRAME]) for i in range(0, len(data), FRAME)]
+    return b"".join([_U32.pack(len(frames)), *(_U32.pack(len(f)) for f in frames), *frames])
+
+
+def _unframes(payload: memoryview) -> tuple[bytes, memoryview]:
+    (count,) = _U32.unpack_from(payload)
+    sizes = struct.unpack_from(f"<{count}I", payload, 4)
+    pos, parts = 4 + 4 * count, []
+    for size in sizes:
+        parts.append(_unzstd(payload[pos : pos + size]))
+        pos += size
+    return b"".join(parts), payload[pos:]
+
+
+_SEVEN = [(np.uint64(0x7F << (8 * i)), np.uint64(i)) for i in range(8)]
+
+
+def _pack7(values: np.ndarray) -> bytes:
+    """Pack 7-bit values, 8 into 7 bytes: drop the top bit of every byte of a uint64 word."""
+    pad = (-len(values)) % 8
+    words = np.concatenate([values, np.zeros(pad, np.uint8)]).view(np.uint64)
+    packed = np.zeros_like(words)
+    for mask, shift in _SEVEN:
+        packed |= (words & mask) >> shift
+    return packed.view(np.uint8).reshape(-1, 8)[:, :7].tobytes()
+
+
+def _unpack7(raw: memoryview, n: int) -> np.ndarray:
+    padded = np.zeros((len(raw) // 7, 8), np.uint8)
+    padded[:, :7] = np.frombuffer(raw, np.uint8).reshape(-1, 7)
+    packed = padded.view(np.uint64).reshape(-1)
+    words = np.zeros_like(packed)
+    for mask, shift in _SEVEN:
+        words |= (packed << shift) & mask
+    return words.view(np.uint8)[:n]
+
+
+def _split_encode(array: np.ndarray, layout: str) -> bytes:
+    if array.dtype not in (BFLOAT16, np.dtype("<f2")):
+        raise InvalidArgument("codec", f"split-zstd needs float16 or bfloat16, got {array.dtype}")
+    words = _channel_major(array).reshape(-1).view(np.uint16)
+    if array.dtype == BFLOAT16:  # 9 bits of sign + exponent, rank-coded to a byte
+        symbols = words >> 7
+        counts = np.bincount(symbols, minlength=512)
+        if np.count_nonzero(counts) <= 256:
+            table = np.argsort(-counts, kind="stable")[: np.count_nonzero(counts)].astype("<u2")
+            rank = np.zeros(512, np.uint8)
+            rank[table] = np.arange(len(table), dtype=np.uint8)
+            head = struct.pack("<BH", 7, len(table)) + table.tobytes()
+            return head + _frames(rank[symbols].tobytes()) + _pack7((words & 0x7F).astype(np.uint8))
+    # float16 (or a bf16 block with too many exponents): the high byte holds sign, the
+    # exponent and the top mantissa bits; the low byte is noise and goes raw
+    head = struct.pack("<BH", 8, 0)
+    return (
+        head
+        + _frames((words >> 8).astype(np.uint8).tobytes())
+        + (words & 0xFF).astype(np.uint8).tobytes()
+    )
+
+
+def _split_decode(payload: memoryview, dtype: np.dtype, shape: tuple[int, ...], layout: str):
+    low_bits, table_len = struct.unpack_from("<BH", payload)
+    pos = 3 + 2 * table_len
+    table = np.frombuffer(payload[3:pos], "<u2")
+    symbols, rest = _unframes(payload[pos:])
+    high = np.frombuffer(symbols, np.uint8)
+    if low_bits == 7:
+        words = (np.take(table, high) << 7) | _unpack7(rest, len(high))
+    else:
+        words = (high.astype(np.uint16) << 8) | np.frombuffer(rest, np.uint8)
+    cm_shape = (*shape[1:], shape[0]) if len(shape) > 1 else shape
+    return _token_major(words.view(dtype).reshape(cm_shape), shape)
+
+
+# ---- lossy: int8, int4, fp8 -----------------------------------------------------------
+
+
+def _kv_halves(array: np.ndarray, layout: str) -> list[tuple[np.ndarray, int]]:
+    """(part, scale axis) pairs: keys scaled per channel (over tokens, axis 0), values
+    per token and head (over the last axis). Without a `kv` axis in the layout, every
+    vector along the last axis gets its own scale."""
+    axes = layout.split(",") if layout else []
+    if "kv" in axes and array.shape[axes.index("kv")] == 2 and len(axes) == array.ndim:
+        k = axes.index("kv")
+        return [(np.take(array, 0, axis=k), 0), (np.take(array, 1, axis=k), -1)]
+    return [(array, -1)]
+
+
+def _join_halves(parts: list[np.ndarray], layout: str, shape: tuple[int, ...]) -> np.ndarray:
+    if len(parts) == 1:
+        return parts[0].reshape(shape)
+    return np.stack(parts, axis=layout.split(",").index("kv"))
+
+
+def _quantizer(levels: int, bits: int, fp8: bool = False):
+    def encode(array: np.ndarray, layout: str) -> bytes:
+        if array.dtype.kind != "f" and array.dtype != BFLOAT16:
+            raise InvalidArgument("codec", f"lossy codecs need float KV, got {array.dtype}")
+        out = []
+        for part, axis in _kv_halves(array.astype(np.float32), layout):
+            top = np.abs(part).max(axis=axis, keepdims=True)
+            scale = np.where(top > 0, top / levels, 1).astype(np.float32)
+            if fp8:
+                codes = (part / scale).astype(FP8).view(np.uint8)
+            else:
+                codes = np.clip(np.rint(part / scale), -levels, levels).astype(np.int8)
+                if bits == 4:
+                    flat = np.concatenate([codes.reshape(-1), np.zeros(codes.size % 2, np.int8)])
+                    codes = ((flat[0::2] & 0xF) | (flat[1::2] << 4)).astype(np.uint8)
+            out += [scale.tobytes(), np.ascontiguousarray(codes).tobytes()]
+        return b"".join(out)
+
+    def decode(payload: memoryview, dtype: np.dtype, shape: tuple[int, ...], layout: str):
+        template = np.empty(shape, np.float32)
+        parts, pos = [], 0
+        for part, axis in _kv_halves(template, layout):
+            scale_shape = list(part.shape)
+            scale_shape[axis] = 1
+            n_scale = int(np.prod(scale_shape))
+            scale = np.frombuffer(payload[pos : pos + 4 * n_scale], np.float32).reshape(scale_shape)
+            pos += 4 * n_scale
+            n_codes = part.size if bits == 8 else (part.size + 1) // 2
+            raw = np.frombuffer(payload[pos : pos + n_codes], np.uint8)
+            pos += n_codes
+            if fp8:
+                values = raw.view(FP8).astype(np.float32)
+            elif bits == 4:
+                pairs = np.empty((len(raw), 2), np.int8)
+                pairs[:, 0] = (raw.astype(np.int8) << 4) >> 4  # sign-extend the low nibble
+                pairs[:, 1] = raw.astype(np.int8) >> 4
+                values = pairs.reshape(-1)[: part.size].astype(np.float32)
+            else:
+                values = raw.view(np.int8).astype(np.float32)
+            parts.append(values.reshape(part.shape) * scale)
+        return _join_halves(parts, layout, shape).astype(dtype)
+
+    return encode, decode
+
+
+def _stacked(codec: Codec) -> Codec:
+    """`codec` then zstd over its output (quantized codes compress further)."""
+    return Codec(
+        f"{codec.name}+zstd",
+        codec.lossy,
+        lambda array, layout: _zstd(codec.encode(array, layout)),
+        lambda payload, dtype, shape, layout: codec.decode(
+            memoryview(_unzstd(payload)), dtype, shape, layout
+        ),
+    )
+
+
+def _registry() -> dict[str, Codec]:
+    codecs = [
+        _bytes_codec("lz4", _lz4, _unlz4, shuffle=False),
+        _bytes_codec("zstd", _zstd, _unzstd, shuffle=False),
+        _bytes_codec("shuffle-lz4", _lz4, _unlz4, shuffle=True),
+        _bytes_codec("shuffle-zstd", _zstd, _unzstd, shuffle=True),
+        Codec("split-zstd", False, _split_encode, _split_decode),
+    ]
+    for name, (levels, bits, fp8) in {
+        "int8": (72, 8, False),
+        "int4": (7, 4, False),
+        "fp8": (448, 8, True),
+    }.items():
+        codec = Codec(name, True, *_quantizer(levels, bits, fp8))
+        codecs += [codec, _stacked(codec)]
+    return {c.name: c for c in codecs}
+
+
+CODECS: dict[str, Codec] = _registry()
+NAMES = frozenset({"", "none", *CODECS})
+
+
+def get(name: str) -> Codec | None:
+    """The codec called `name`; None for no encoding ("" or "none")."""
+    if name in ("", "none"):
+        return None
+    try:
+        return CODECS[name]
+    except KeyError:
+        raise InvalidArgument("codec", f"unknown codec {name!r}; known: {sorted(NAMES)}") from None

@@ -1,0 +1,123 @@
+"""Codecs on real KV (SmolLM2-135M, fp16 and bf16): exact round trips, bounded errors."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from conftest import DATA
+from kvstore import codecs
+from kvstore.codecs import BFLOAT16, CODECS, LOSSY_BOUNDS
+from kvstore.errors import InvalidArgument
+from kvstore.keys import block_keys
+
+LAYOUT = "tokens,layers,kv,heads,dim"
+
+
+@pytest.fixture(scope="module")
+def blocks(kv_sample: np.ndarray) -> dict[str, list[np.ndarray]]:
+    """Two 256-token blocks of each dtype: the same KV captured in fp16 and in bf16."""
+    bf16 = np.load(DATA / "smollm2_kv_bf16_512tok.npy").view(BFLOAT16)
+    return {"float16": [kv_sample[:256], kv_sample[256:]], "bfloat16": [bf16[:256], bf16[256:]]}
+
+
+def relative_error(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.astype(np.float32), b.astype(np.float32)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(a))
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("name", sorted(CODECS))
+def test_every_codec_round_trips_real_kv(blocks, name: str, dtype: str) -> None:
+    codec = CODECS[name]
+    for block in blocks[dtype]:
+        payload = codec.encode(block, LAYOUT)
+        back = codec.decode(memoryview(payload), block.dtype, block.shape, LAYOUT)
+        assert back.dtype == block.dtype and back.shape == block.shape
+        if codec.lossy:
+            assert relative_error(block, back) <= LOSSY_BOUNDS[name.split("+")[0]]
+        else:
+            assert np.array_equal(back.view(np.uint16), block.view(np.uint16))
+
+
+def ratio(codec: str, block: np.ndarray) -> float:
+    return block.nbytes / len(CODECS[codec].encode(block, LAYOUT))
+
+
+def test_what_real_kv_compresses_to(blocks) -> None:
+    bf16, fp16 = blocks["bfloat16"][0], blocks["float16"][0]
+    assert ratio("lz4", bf16) < 1.02  # lz4 alone finds nothing in real KV
+    assert ratio("zstd", bf16) < ratio("shuffle-zstd", bf16) < ratio("split-zstd", bf16)
+    assert ratio("split-zstd", bf16) >= 1.45
+    assert ratio("split-zstd", fp16) >= 1.12
+    assert ratio("int8+zstd", fp16) > ratio("int8", fp16) > 1.9
+    assert ratio("int4+zstd", fp16) >= 4
+
+
+def test_keys_get_per_channel_scales_values_per_token(blocks) -> None:
+    """With the layout known, int8 beats one scale per vector for both halves."""
+    block = blocks["float16"][0]
+    int8 = CODECS["int8"]
+    with_layout = int8.decode(
+        memoryview(int8.encode(block, LAYOUT)), block.dtype, block.shape, LAYOUT
+    )
+    without = int8.decode(memoryview(int8.encode(block, "")), block.dtype, block.shape, "")
+    assert relative_error(block, with_layout) < relative_error(block, without)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.binary(max_size=5000), st.sampled_from(["lz4", "zstd", "shuffle-lz4", "shuffle-zstd"]))
+def test_byte_codecs_round_trip_any_bytes(data: bytes, name: str) -> None:
+    array = np.frombuffer(data, np.uint8)
+    payload = CODECS[name].encode(array, "")
+    assert CODECS[name].decode(memoryview(payload), array.dtype, array.shape, "").tobytes() == data
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.integers(1, 40), st.integers(1, 9), st.sampled_from(["float16", "bfloat16"]))
+def test_split_zstd_round_trips_odd_shapes(tokens: int, width: int, dtype: str) -> None:
+    rng = np.random.default_rng(tokens * 100 + width)
+    block = (
+        (rng.standard_normal((tokens, width)) * 10.0 ** rng.integers(-3, 3))
+        .astype(np.float32)
+        .astype(np.dtype(dtype))
+    )
+    payload = CODECS["split-zstd"].encode(block, "")
+    back = CODECS["split-zstd"].decode(memoryview(payload), block.dtype, block.shape, "")
+    assert np.array_equal(back.view(np.uint16), block.view(np.uint16))
+
+
+def test_codecs_refuse_what_they_cannot_encode() -> None:
+    with pytest.raises(InvalidArgument, match="split-zstd needs float16 or bfloat16"):
+        CODECS["split-zstd"].encode(np.zeros(4, np.float32), "")
+    with pytest.raises(InvalidArgument, match="lossy codecs need float"):
+        CODECS["int8"].encode(np.zeros(4, np.int32), "")
+    with pytest.raises(InvalidArgument, match="unknown codec 'snappy'"):
+        codecs.get("snappy")
+
+
+@pytest.mark.parametrize("transport", ["shm", "tcp", "grpc"])
+def test_encoded_blocks_travel_through_the_daemon(daemon, blocks, transport: str) -> None:
+    bf16 = blocks["bfloat16"]
+    keys = block_keys(np.arange(512), 256, f"codec-{transport}".encode())
+    with daemon.client(
+        transport=transport, codec="split-zstd", layout=LAYOUT, checksum=True
+    ) as client:
+        assert client.put(keys, bf16).stored == 2
+        got = client.get(keys)
+        assert [g.dtype for g in got] == [BFLOAT16, BFLOAT16]
+        assert all(
+            np.array_equal(a.view(np.uint16), b.view(np.uint16))
+            for a, b in zip(got, bf16, strict=True)
+        )
+        host = client.stats().tiers[0]
+        lossy_keys = block_keys(np.arange(512), 256, f"codec-lossy-{transport}".encode())
+        client.put(lossy_keys, bf16, codec="int8+zstd")
+        assert client.stats().tiers[0].bytes - host.bytes < sum(b.nbytes for b in bf16) / 2
+        for a, b in zip(client.get(lossy_keys), bf16, strict=True):
+            assert relative_error(b, a) <= LOSSY_BOUNDS["int8"]
+
+
+def test_a_client_refuses_an_unknown_codec(daemon) -> None:
+    with pytest.raises(InvalidArgument, match="unknown codec"):
+        daemon.client(codec="snappy")
