@@ -16,16 +16,18 @@ from pathlib import Path
 
 import numpy as np
 
-from kvstore.bench import ceilings, workloads
+from kvstore.bench import ceilings, codec_bench, workloads
 from kvstore.bench.measure import Run, Workload, source_bytes
 from kvstore.bench.procs import Processes
 from kvstore.bench.report import CEILINGS, Row, add_ratios, plot, table, write_json
 from kvstore.bench.workloads import Verifier, bench_keys
 from kvstore.client import Client
+from kvstore.codecs import CODECS
 from kvstore.config import format_size, parse_size
 from kvstore.keys import block_keys
 
 SCENARIOS = ("put", "get", "handoff", "push")
+DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
 PATHS = ("shm", "lease", "tcp", "grpc")
 QUICK = {
     "block_sizes": [256 << 10, 4 << 20],
@@ -52,6 +54,13 @@ def _ints(text: str) -> list[int]:
         return [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected whole numbers, got {text!r}") from None
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers, got {text!r}") from None
 
 
 def _choices(allowed: Sequence[str]) -> Callable[[str], list[str]]:
@@ -118,6 +127,26 @@ def parser() -> argparse.ArgumentParser:
         help="check received bytes: every block, every 16th, or none",
     )
     t.add_argument("--plot", type=Path, metavar="FILE.png", help="throughput vs block size")
+    cd = sub.add_parser("codecs", parents=[common], help="codecs on real KV, and over slow links")
+    cd.add_argument("--codecs", type=_choices(sorted(CODECS)), default=sorted(CODECS))
+    cd.add_argument(
+        "--data-dir",
+        type=Path,
+        default=DATA_DIR,
+        help="where the real KV samples (smollm2_kv_*_512tok.npy) are",
+    )
+    cd.add_argument(
+        "--links",
+        type=_floats,
+        default=[1.0, 10.0, 0.0],
+        help="link speeds in Gbit/s for the end-to-end rows; 0: unlimited",
+    )
+    cd.add_argument(
+        "--link-codecs",
+        type=_choices(sorted(CODECS)),
+        default=["shuffle-zstd", "split-zstd", "int8+zstd", "int4+zstd"],
+    )
+    cd.add_argument("--copies", type=int, default=8, help="copies of the sample per transfer")
     lk = sub.add_parser("lookup", parents=[common], help="prefix lookups per second")
     lk.add_argument("--prompt-tokens", type=_ints, default=[1024, 4096, 16384, 65536, 131072])
     lk.add_argument("--block-size", type=int, default=16, help="tokens per block")
@@ -128,7 +157,7 @@ def parser() -> argparse.ArgumentParser:
 def parse(argv: Sequence[str]) -> argparse.Namespace:
     ap = parser()
     argv = list(argv)
-    if not argv or argv[0] not in ("transfer", "lookup", "-h", "--help"):
+    if not argv or argv[0] not in ("transfer", "lookup", "codecs", "-h", "--help"):
         argv.insert(0, "transfer")
     args = ap.parse_args(argv)
     if args.repeat < 1:
@@ -143,6 +172,11 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
             ap.error("--batch must be >= 0 and --streams >= 1")
         if not 4096 <= args.chunk <= 64 << 20:
             ap.error("--chunk must be 4KiB..64MiB")
+    elif args.command == "codecs":
+        if not (args.data_dir / "smollm2_kv_fp16_512tok.npy").exists():
+            ap.error(f"--data-dir {args.data_dir} holds no smollm2_kv_*_512tok.npy samples")
+        if args.copies < 1 or min(args.links) < 0:
+            ap.error("--copies must be >= 1 and --links >= 0")
     elif min(args.prompt_tokens) < args.block_size or args.block_size < 1:
         ap.error("--prompt-tokens must each hold at least one --block-size block")
     return args
@@ -387,7 +421,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             def advance(what: str) -> None:
                 progress.update(task, advance=1, description=what)
 
-            if args.command == "transfer":
+            if args.command == "codecs":
+                blocks = codec_bench.load_blocks(args.data_dir)
+                progress.update(task, total=2)
+                rows = codec_bench.codec_rows(blocks, args.codecs, args.repeat)
+                advance("codecs on the real sample")
+                rows += codec_bench.link_rows(
+                    address, blocks["bfloat16"], args.link_codecs, args.links, args.copies
+                )
+                advance("codecs over links")
+            elif args.command == "transfer":
                 transfer = Transfer(args, procs, address, redis_url, advance)
                 procs.callback(transfer.close)
                 progress.update(task, total=transfer.steps())

@@ -109,30 +109,36 @@ def write_json(
 def table(rows: list[Row], title: str) -> Any:
     from rich.table import Table
 
-    ratio_names = [n for n in (*CEILINGS, "redis") if any(n in r.ratios for r in rows)]
+    ratio_names = [n for n in (*CEILINGS, "redis", "none") if any(n in r.ratios for r in rows)]
+    codec_rows = any(r.scenario.startswith("codec") for r in rows)
     t = Table(title=title)
     for name in ("scenario", "path", "block", "GB/s", "p50 ms", "p99 ms"):
         t.add_column(name, justify="left" if name in ("scenario", "path") else "right")
+    if codec_rows:
+        for name in ("ratio", "enc GB/s", "rel err"):
+            t.add_column(name, justify="right")
     for name in ratio_names:
         t.add_column(f"/{name}", justify="right")
     for r in rows:
-        label = (
-            format_size(r.block_size)
-            if r.scenario != "lookup"
-            else f"{r.extra.get('prompt_tokens')} tok"
-        )
-        speed = f"{r.gbps:.2f}" if r.gbps is not None else f"{r.extra.get('ops_per_s', 0):.0f}/s"
-        style = "bold" if r.is_kvstore else "dim"
-        t.add_row(
-            r.scenario,
-            r.path,
-            label,
-            speed,
-            f"{r.p50_ms:.2f}",
-            f"{r.p99_ms:.2f}",
-            *(f"{r.ratios[n]:.2f}" if n in r.ratios else "" for n in ratio_names),
-            style=style,
-        )
+        e = r.extra
+        if r.scenario == "lookup":
+            label = f"{e.get('prompt_tokens')} tok"
+        else:
+            label = format_size(r.block_size)
+        path = r.path
+        if r.scenario.startswith("codec"):
+            link = f" @{e['link_gbit']:g}Gb" if e.get("link_gbit") else ""
+            path = f"{e['codec']} {e['dtype'].replace('float', 'f')}{link}"
+        speed = f"{r.gbps:.2f}" if r.gbps is not None else f"{e.get('ops_per_s', 0):.0f}/s"
+        cells = [r.scenario, path, label, speed, f"{r.p50_ms:.2f}", f"{r.p99_ms:.2f}"]
+        if codec_rows:
+            cells += [
+                f"{e['ratio']:.3f}" if "ratio" in e else "",
+                f"{e['encode_gbps']:.3f}" if "encode_gbps" in e else "",
+                f"{e['rel_error']:.4f}" if "rel_error" in e else "",
+            ]
+        cells += [f"{r.ratios[n]:.2f}" if n in r.ratios else "" for n in ratio_names]
+        t.add_row(*cells, style="bold" if r.is_kvstore else "dim")
     return t
 
 

@@ -160,3 +160,37 @@ def test_ctrl_c_stops_everything_it_started() -> None:
             not os.path.exists(f"/proc/{pid}")
             or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
         ), f"child {pid} outlived the benchmark"
+
+
+def test_codecs_report_every_codec_on_real_kv(tmp_path: Path) -> None:
+    from kvstore.codecs import CODECS
+
+    out = tmp_path / "c.json"
+    result = bench(
+        "codecs",
+        "--repeat",
+        "1",
+        "--links",
+        "1,0",
+        "--copies",
+        "1",
+        "--link-codecs",
+        "shuffle-zstd",
+        "--json",
+        str(out),
+    )
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(out.read_text())["results"]
+    codec_rows = [r for r in rows if r["scenario"] == "codec"]
+    assert {(r["codec"], r["dtype"]) for r in codec_rows} == {
+        (c, d) for c in CODECS for d in ("float16", "bfloat16")
+    }
+    for row in codec_rows:
+        assert ROW_FIELDS | {"ratio", "encode_gbps", "decode_gbps", "rel_error"} <= set(row)
+        assert row["ratio"] > 0.9 and row["encode_gbps"] > 0 and row["decode_gbps"] > 0
+        assert (row["rel_error"] == 0) == (not CODECS[row["codec"]].lossy)
+    links = [r for r in rows if r["scenario"] == "codec-transfer"]
+    assert {(r["codec"], r["link_gbit"]) for r in links} == {
+        (c, g) for c in ("none", "shuffle-zstd") for g in (1.0, None)
+    }
+    assert all(r["gbps"] > 0 and r["ratios"]["none"] > 0 for r in links)

@@ -1,0 +1,118 @@
+"""Codec figures on the real KV sample: what each codec does alone, and what it buys
+end to end through a daemon when the link is slow (a token bucket stands for the link)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+from kvstore.bench.measure import Run
+from kvstore.bench.report import Row
+from kvstore.client import Client
+from kvstore.codecs import BFLOAT16, CODECS
+from kvstore.keys import block_keys
+
+LAYOUT = "tokens,layers,kv,heads,dim"
+BLOCK_TOKENS = 256
+
+
+def load_blocks(data_dir: Path) -> dict[str, list[np.ndarray]]:
+    """256-token blocks of the same real KV in fp16 and bf16."""
+    fp16 = np.load(data_dir / "smollm2_kv_fp16_512tok.npy")
+    bf16 = np.load(data_dir / "smollm2_kv_bf16_512tok.npy").view(BFLOAT16)
+    cut = range(0, len(fp16) - BLOCK_TOKENS + 1, BLOCK_TOKENS)
+    return {
+        "float16": [fp16[i : i + BLOCK_TOKENS] for i in cut],
+        "bfloat16": [bf16[i : i + BLOCK_TOKENS] for i in cut],
+    }
+
+
+def codec_rows(blocks: dict[str, list[np.ndarray]], names: list[str], repeat: int) -> list[Row]:
+    """Ratio, one-core encode and decode speed (raw bytes per second), and error."""
+    rows = []
+    for dtype, arrays in blocks.items():
+        for name in names:
+            codec = CODECS[name]
+            raw = sum(a.nbytes for a in arrays)
+            stored, enc, dec, errors = 0, [], [], []
+            for array in arrays:
+                for _ in range(repeat):
+                    t = time.perf_counter()
+                    payload = codec.encode(array, LAYOUT)
+                    enc.append(time.perf_counter() - t)
+                    t = time.perf_counter()
+                    back = codec.decode(memoryview(payload), array.dtype, array.shape, LAYOUT)
+                    dec.append(time.perf_counter() - t)
+                stored += len(payload)
+                x, y = array.astype(np.float32), back.astype(np.float32)
+                errors.append(float(np.linalg.norm(x - y) / np.linalg.norm(x)))
+            per_block = arrays[0].nbytes
+            run = Run(raw, sum(dec) / repeat, dec)
+            rows.append(
+                Row.of(
+                    "codec",
+                    "cpu",
+                    per_block,
+                    run,
+                    codec=name,
+                    dtype=dtype,
+                    ratio=round(raw / stored, 4),
+                    encode_gbps=round(per_block * len(enc) / sum(enc) / 1e9, 4),
+                    decode_gbps=round(per_block * len(dec) / sum(dec) / 1e9, 4),
+                    rel_error=round(float(np.mean(errors)), 6) if codec.lossy else 0.0,
+                )
+            )
+    return rows
+
+
+def link_rows(
+    address: str, blocks: list[np.ndarray], names: list[str], links_gbit: list[float], copies: int
+) -> list[Row]:
+    """Raw KV bytes delivered per second, put then get through the daemon, each request
+    held to the link rate by its stored bytes; ratios against no codec on the same link."""
+    rows = []
+    batch = blocks * copies
+    raw = sum(b.nbytes for b in batch)
+    for gbit in links_gbit:
+        base = None
+        for name in ["none", *names]:
+            with Client(address, transport="tcp", codec=name, layout=LAYOUT) as client:
+                keys = block_keys(np.arange(len(batch) * 16), 16, f"link/{gbit}/{name}".encode())
+                before = client.stats().tiers[0].bytes
+                t = time.perf_counter()
+                client.put(keys, batch)
+                wire = client.stats().tiers[0].bytes - before  # the bytes that crossed the link
+                _hold(t, wire, gbit)
+                put_s = time.perf_counter() - t
+                t = time.perf_counter()
+                got = client.get(keys)
+                _hold(t, wire, gbit)
+                get_s = time.perf_counter() - t
+                if len(got) != len(batch):
+                    raise AssertionError(f"{name}: got {len(got)} of {len(batch)} blocks back")
+                client.delete(keys)
+            run = Run(2 * raw, put_s + get_s, [put_s, get_s])
+            row = Row.of(
+                "codec-transfer",
+                "tcp",
+                blocks[0].nbytes,
+                run,
+                codec=name,
+                dtype=str(blocks[0].dtype),
+                link_gbit=gbit or None,
+                ratio=round(raw / wire, 4),
+            )
+            base = base or row.gbps
+            row.ratios["none"] = round(row.gbps / base, 3)
+            rows.append(row)
+    return rows
+
+
+def _hold(start: float, nbytes: int, gbit: float) -> None:
+    """Wait until `nbytes` sent at `start` could have crossed a `gbit` link (0: no link)."""
+    if gbit:
+        left = start + nbytes * 8 / (gbit * 1e9) - time.perf_counter()
+        if left > 0:
+            time.sleep(left)
