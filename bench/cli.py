@@ -16,13 +16,13 @@ from pathlib import Path
 
 import numpy as np
 
-from kvstore.bench import ceilings, codec_bench, workloads
+from kvstore import codecs
+from kvstore.bench import ceilings, codec_bench, ttft, workloads
 from kvstore.bench.measure import Run, Workload, source_bytes
 from kvstore.bench.procs import Processes
 from kvstore.bench.report import CEILINGS, Row, add_ratios, plot, table, write_json
 from kvstore.bench.workloads import Verifier, bench_keys
 from kvstore.client import Client
-from kvstore.codecs import CODECS
 from kvstore.config import format_size, parse_size
 from kvstore.keys import block_keys
 
@@ -128,7 +128,7 @@ def parser() -> argparse.ArgumentParser:
     )
     t.add_argument("--plot", type=Path, metavar="FILE.png", help="throughput vs block size")
     cd = sub.add_parser("codecs", parents=[common], help="codecs on real KV, and over slow links")
-    cd.add_argument("--codecs", type=_choices(sorted(CODECS)), default=sorted(CODECS))
+    cd.add_argument("--codecs", type=_choices(sorted(codecs.CODECS)), default=sorted(codecs.CODECS))
     cd.add_argument(
         "--data-dir",
         type=Path,
@@ -143,10 +143,25 @@ def parser() -> argparse.ArgumentParser:
     )
     cd.add_argument(
         "--link-codecs",
-        type=_choices(sorted(CODECS)),
+        type=_choices(sorted(codecs.CODECS)),
         default=["shuffle-zstd", "split-zstd", "int8+zstd", "int4+zstd"],
     )
     cd.add_argument("--copies", type=int, default=8, help="copies of the sample per transfer")
+    tt = sub.add_parser(
+        "ttft",
+        parents=[common],
+        help="disaggregated prefill/decode with SmolLM2: time to first token",
+    )
+    tt.add_argument("--prompt-tokens", type=_ints, default=[2048])
+    tt.add_argument(
+        "--block-size",
+        type=int,
+        default=16,
+        help="tokens per block (an engine's page; the partial last block is recomputed)",
+    )
+    tt.add_argument("--codec", choices=sorted(codecs.NAMES - {""}), default="none")
+    tt.add_argument("--device", default="cpu", help="cpu, or cuda on a GPU machine")
+    tt.add_argument("--new-tokens", type=int, default=32, help="greedy tokens compared")
     lk = sub.add_parser("lookup", parents=[common], help="prefix lookups per second")
     lk.add_argument("--prompt-tokens", type=_ints, default=[1024, 4096, 16384, 65536, 131072])
     lk.add_argument("--block-size", type=int, default=16, help="tokens per block")
@@ -157,7 +172,7 @@ def parser() -> argparse.ArgumentParser:
 def parse(argv: Sequence[str]) -> argparse.Namespace:
     ap = parser()
     argv = list(argv)
-    if not argv or argv[0] not in ("transfer", "lookup", "codecs", "-h", "--help"):
+    if not argv or argv[0] not in ("transfer", "lookup", "codecs", "ttft", "-h", "--help"):
         argv.insert(0, "transfer")
     args = ap.parse_args(argv)
     if args.repeat < 1:
@@ -172,6 +187,9 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
             ap.error("--batch must be >= 0 and --streams >= 1")
         if not 4096 <= args.chunk <= 64 << 20:
             ap.error("--chunk must be 4KiB..64MiB")
+    elif args.command == "ttft":
+        if args.block_size < 1 or min(args.prompt_tokens) < 2 or args.new_tokens < 1:
+            ap.error("--block-size, --new-tokens >= 1 and --prompt-tokens >= 2")
     elif args.command == "codecs":
         if not (args.data_dir / "smollm2_kv_fp16_512tok.npy").exists():
             ap.error(f"--data-dir {args.data_dir} holds no smollm2_kv_*_512tok.npy samples")
@@ -421,7 +439,27 @@ def main(argv: Sequence[str] | None = None) -> int:
             def advance(what: str) -> None:
                 progress.update(task, advance=1, description=what)
 
-            if args.command == "codecs":
+            if args.command == "ttft":
+                progress.update(task, total=len(args.prompt_tokens))
+                rows = []
+                for n in args.prompt_tokens:
+                    result = ttft.run(
+                        address, n, args.block_size, args.codec, args.device, args.new_tokens
+                    )
+                    rows.append(
+                        Row(
+                            "ttft",
+                            "auto",
+                            args.block_size,
+                            0,
+                            None,
+                            result["ttft_cached_s"] * 1e3,
+                            result["ttft_cached_s"] * 1e3,
+                            extra=result,
+                        )
+                    )
+                    advance(f"ttft {n} tokens")
+            elif args.command == "codecs":
                 blocks = codec_bench.load_blocks(args.data_dir)
                 progress.update(task, total=2)
                 rows = codec_bench.codec_rows(blocks, args.codecs, args.repeat)

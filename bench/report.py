@@ -121,15 +121,23 @@ def table(rows: list[Row], title: str) -> Any:
         t.add_column(f"/{name}", justify="right")
     for r in rows:
         e = r.extra
-        if r.scenario == "lookup":
+        if r.scenario in ("lookup", "ttft"):
             label = f"{e.get('prompt_tokens')} tok"
         else:
             label = format_size(r.block_size)
         path = r.path
+        if r.scenario == "ttft":
+            same = "identical" if e["identical_tokens"] else f"{e['token_agreement']:.0%} agree"
+            path = f"{e['codec']} {e['device']}, {same}"
         if r.scenario.startswith("codec"):
             link = f" @{e['link_gbit']:g}Gb" if e.get("link_gbit") else ""
             path = f"{e['codec']} {e['dtype'].replace('float', 'f')}{link}"
-        speed = f"{r.gbps:.2f}" if r.gbps is not None else f"{e.get('ops_per_s', 0):.0f}/s"
+        if r.gbps is not None:
+            speed = f"{r.gbps:.2f}"
+        elif "speedup" in e:
+            speed = f"x{e['speedup']:g} ttft"
+        else:
+            speed = f"{e.get('ops_per_s', 0):.0f}/s"
         cells = [r.scenario, path, label, speed, f"{r.p50_ms:.2f}", f"{r.p99_ms:.2f}"]
         if codec_rows:
             cells += [

