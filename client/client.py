@@ -103,7 +103,7 @@ class Client:
         if segment := self._shared_segment():
             request = pb.OpenPutRequest(blocks=headers, shared_memory=True)
             ticket = pb.Ticket.FromString(self._call("OpenPut", request))
-            return shm.put(segment, ticket, views, self._finish)
+            return shm.put(segment, ticket, views, self._finish, self._pool)
         if self._tcp_ok:
             try:
                 request = pb.OpenPutRequest(blocks=headers)
@@ -133,7 +133,7 @@ class Client:
         """The stored bytes of the present prefix and their metadata, by the fastest path."""
         if segment := self._shared_segment():
             ticket = self._open_get(keys, shared_memory=True)
-            return shm.get(segment, ticket, out, self.checksum, self._finish)
+            return shm.get(segment, ticket, out, self.checksum, self._finish, self._pool)
         if self._tcp_ok:
             try:
                 ticket = self._open_get(keys, shared_memory=False)

@@ -71,7 +71,7 @@ class KVAdapter:
         self.client = client
         self.spec = spec
         self.codec = codec
-        self._staging = np.empty(0, np.uint8)  # reused: loads land here, block after block
+        self._staging = torch.empty(0, dtype=torch.uint8)  # reused host memory, see _host_buffer
 
     def keys(self, token_ids: Sequence[int] | np.ndarray) -> list[bytes]:
         return block_keys(np.asarray(token_ids), self.spec.block_size, self.spec.salt)
@@ -152,7 +152,10 @@ class KVAdapter:
         if not keys:
             return None
         size = self.spec.block_size
-        host = _to_host(tokens[: len(keys) * size])  # one device -> host copy for all blocks
+        tokens = tokens[: len(keys) * size].contiguous()
+        staging = self._host_buffer(tokens.numel() * tokens.element_size(), tokens.device)
+        staging.view(tokens.dtype).view(tokens.shape).copy_(tokens)  # one copy for all blocks
+        host = _as_numpy(staging.view(tokens.dtype).view(tokens.shape))
         blocks = [host[i * size : (i + 1) * size] for i in range(len(keys))]
         return self.client.put(keys, blocks, codec=self.codec, layout=LAYOUT)
 
@@ -163,9 +166,9 @@ class KVAdapter:
         if not keys:
             return None
         block_bytes = int(np.prod(self.spec.block_shape)) * _numpy_dtype(self.spec.dtype).itemsize
-        if self._staging.nbytes < len(keys) * block_bytes:
-            self._staging = np.empty(len(keys) * block_bytes, np.uint8)
-        blocks = self.client.get(keys, out=self._staging)  # received straight into place
+        staging = self._host_buffer(len(keys) * block_bytes, torch.device(device))
+        out = staging.numpy()
+        blocks = self.client.get(keys, out=out)  # received straight into place
         if not blocks:
             return None
         expected = _numpy_dtype(self.spec.dtype)
@@ -176,12 +179,21 @@ class KVAdapter:
                     f"stored as {block.dtype}{list(block.shape)}, this model "
                     f"needs {expected}{list(self.spec.block_shape)}: another model or layout",
                 )
-        if self.codec in (None, "", "none") and np.shares_memory(blocks[0], self._staging):
-            tokens = self._staging[: len(blocks) * block_bytes].view(expected)  # contiguous
-            kv = tokens.reshape(-1, *self.spec.block_shape[1:])
+        if np.shares_memory(blocks[0], out):  # back to back in the staging buffer
+            kv = staging[: len(blocks) * block_bytes].view(self.spec.dtype)
         else:  # decoded blocks are arrays of their own
-            kv = np.concatenate(blocks)
-        return _to_device(kv, self.spec.dtype, device)
+            kv = _from_numpy(np.concatenate(blocks), self.spec.dtype)
+        kv = kv.view(-1, *self.spec.block_shape[1:])
+        # blocking: the staging buffer is reused by the next call, so the copy must be done
+        return kv.to(device) if kv.device != torch.device(device) else kv
+
+    def _host_buffer(self, nbytes: int, device: torch.device) -> torch.Tensor:
+        """Host memory reused across calls; pinned when the KV lives on a GPU, so the copy
+        to or from the device is one DMA at full speed."""
+        pinned = device.type == "cuda"
+        if self._staging.numel() < nbytes or self._staging.is_pinned() != pinned:
+            self._staging = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pinned)
+        return self._staging[:nbytes]
 
 
 def _numpy_dtype(dtype: torch.dtype) -> np.dtype:
@@ -192,23 +204,14 @@ def _numpy_dtype(dtype: torch.dtype) -> np.dtype:
     return torch.empty(0, dtype=dtype).numpy().dtype
 
 
-def _to_host(tensor: torch.Tensor) -> np.ndarray:
-    """One contiguous host copy (pinned when coming from a GPU), as numpy without a copy."""
-    tensor = tensor.contiguous()
-    if tensor.device.type != "cpu":
-        host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
-        host.copy_(tensor)
-        tensor = host
+def _as_numpy(tensor: torch.Tensor) -> np.ndarray:
+    """A CPU tensor as numpy without a copy (bfloat16 through ml_dtypes)."""
     if tensor.dtype == torch.bfloat16:
         return tensor.view(torch.int16).numpy().view(_numpy_dtype(torch.bfloat16))
     return tensor.numpy()
 
 
-def _to_device(array: np.ndarray, dtype: torch.dtype, device: str | torch.device) -> torch.Tensor:
+def _from_numpy(array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
     if dtype == torch.bfloat16:
-        tensor = torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
-    else:
-        tensor = torch.from_numpy(array)
-    if torch.device(device).type != "cpu":
-        tensor = tensor.pin_memory().to(device, non_blocking=True)
-    return tensor
+        return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(array)
