@@ -8,16 +8,13 @@ receive), so they overlap with the event loop.
 from __future__ import annotations
 
 import asyncio
-import os
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import numpy as np
 
 from kvstore.client._wire import (
     CHANNEL_OPTIONS,
-    Encoding,
     GetAssembler,
     Payload,
     bind,
@@ -28,46 +25,27 @@ from kvstore.client._wire import (
     put_frames,
     stats_from_proto,
 )
-from kvstore.client.client import DEFAULT_CHUNK, check_transport
-from kvstore.client.dataplane import DataConnections, Unreachable, receive_get, send_put
-from kvstore.errors import Unavailable, Unsupported
+from kvstore.client.base import ClientBase
+from kvstore.client.dataplane import Unreachable, receive_get, send_put
+from kvstore.errors import Unsupported
 from kvstore.ingest import PutResult
 from kvstore.keys import BlockKey, check_keys
 from kvstore.proto import kvstore_pb2 as pb
 from kvstore.store import StoreStats
 
 
-class AsyncClient:
+class AsyncClient(ClientBase):
     """See `kvstore.client.Client`; every method here is a coroutine.
 
     Transfers take the TCP data plane or gRPC; shared memory and leases are the
     sync client's (`transport="shm"` is refused here).
     """
 
-    def __init__(
-        self,
-        address: str,
-        *,
-        chunk_size: int = DEFAULT_CHUNK,
-        timeout: float | None = None,
-        checksum: bool = False,
-        transport: str = "auto",
-        codec: str = "none",
-        layout: str = "",
-    ) -> None:
-        self.address = address
-        self.chunk_size = chunk_size
-        self.timeout = timeout
-        self.checksum = checksum
-        self.encoding = Encoding(codec, layout, checksum)
-        self.transport = check_transport(transport)
-        if transport == "shm":
+    def _open(self) -> None:
+        if self.transport == "shm":
             raise Unsupported("AsyncClient moves bytes over tcp or grpc; use Client for shm")
-        self._channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self._channel = grpc.aio.insecure_channel(self.address, options=CHANNEL_OPTIONS)
         self._put, self._get, self._unary = bind(self._channel)
-        self._data = DataConnections(timeout, address.rpartition(":")[0].strip("[]"))
-        self._tcp_ok = transport in ("auto", "tcp")
-        self._pool = ThreadPoolExecutor(os.cpu_count() or 2, thread_name_prefix="kvstore-codec")
 
     async def put(
         self,
@@ -147,8 +125,7 @@ class AsyncClient:
         return stats_from_proto(pb.StatsReply.FromString(reply))
 
     async def close(self) -> None:
-        self._pool.shutdown(wait=False)
-        self._data.close()
+        self._close_local()
         await self._channel.close()
 
     async def __aenter__(self) -> AsyncClient:
@@ -156,11 +133,6 @@ class AsyncClient:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
-
-    def _fall_back(self, exc: Unavailable | Unsupported) -> None:
-        if self.transport == "tcp":
-            raise exc
-        self._tcp_ok = False
 
     async def _call(self, name: str, request: object) -> bytes:
         return await self._call_with(self._unary[name], request)

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import numpy as np
@@ -12,7 +10,6 @@ import numpy as np
 from kvstore.client import shm
 from kvstore.client._wire import (
     CHANNEL_OPTIONS,
-    Encoding,
     GetAssembler,
     Payload,
     bind,
@@ -23,24 +20,16 @@ from kvstore.client._wire import (
     put_frames,
     stats_from_proto,
 )
-from kvstore.client.dataplane import DataConnections, Unreachable, receive_get, send_put
-from kvstore.errors import InvalidArgument, Unavailable, Unsupported
+from kvstore.client.base import ClientBase
+from kvstore.client.dataplane import Unreachable, receive_get, send_put
+from kvstore.errors import Unsupported
 from kvstore.ingest import PutResult
 from kvstore.keys import BlockKey, check_keys
 from kvstore.proto import kvstore_pb2 as pb
 from kvstore.store import StoreStats
 
-DEFAULT_CHUNK = 1 << 20
-TRANSPORTS = ("auto", "shm", "tcp", "grpc")
 
-
-def check_transport(transport: str) -> str:
-    if transport not in TRANSPORTS:
-        raise InvalidArgument("transport", f"must be one of {', '.join(TRANSPORTS)}")
-    return transport
-
-
-class Client:
+class Client(ClientBase):
     """Batch calls to one node; thread-safe, so one client can serve many threads.
 
     Prefix semantics: `lookup` counts the leading keys present, `get` returns the
@@ -57,30 +46,10 @@ class Client:
     and decoding run in a thread pool over all cores.
     """
 
-    def __init__(
-        self,
-        address: str,
-        *,
-        chunk_size: int = DEFAULT_CHUNK,
-        timeout: float | None = None,
-        checksum: bool = False,
-        transport: str = "auto",
-        codec: str = "none",
-        layout: str = "",
-    ) -> None:
-        """`checksum`: send an xxh3 of every payload (the node verifies it) and verify on get."""
-        self.address = address
-        self.chunk_size = chunk_size
-        self.timeout = timeout
-        self.checksum = checksum
-        self.encoding = Encoding(codec, layout, checksum)
-        self.transport = check_transport(transport)
-        self._pool = ThreadPoolExecutor(os.cpu_count() or 2, thread_name_prefix="kvstore-codec")
-        self._channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+    def _open(self) -> None:
+        self._channel = grpc.insecure_channel(self.address, options=CHANNEL_OPTIONS)
         self._put, self._get, self._unary = bind(self._channel)
-        self._data = DataConnections(timeout, address.rpartition(":")[0].strip("[]"))
-        self._tcp_ok = transport in ("auto", "tcp")
-        self._shm_ok = transport in ("auto", "shm")
+        self._shm_ok = self.transport in ("auto", "shm")
         self._segment: shm.SharedSegment | None = None
 
     def put(
@@ -191,8 +160,7 @@ class Client:
         return stats_from_proto(pb.StatsReply.FromString(self._call("Stats", pb.StatsRequest())))
 
     def close(self) -> None:
-        self._pool.shutdown(wait=False)
-        self._data.close()
+        self._close_local()
         self._channel.close()
 
     def __enter__(self) -> Client:
@@ -219,12 +187,6 @@ class Client:
 
     def _finish(self, ticket_id: bytes) -> pb.PutReply:
         return pb.PutReply.FromString(self._call("Finish", pb.FinishRequest(ticket=ticket_id)))
-
-    def _fall_back(self, exc: Unavailable | Unsupported) -> None:
-        """The data plane is off or unreachable: use gRPC from now on, unless forced."""
-        if self.transport == "tcp":
-            raise exc
-        self._tcp_ok = False
 
     def _call(self, name: str, request: object) -> bytes:
         return self._call_with(self._unary[name], request)
