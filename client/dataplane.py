@@ -4,6 +4,7 @@ into their destination."""
 
 from __future__ import annotations
 
+import select
 import socket
 import threading
 from collections.abc import Iterator, Sequence
@@ -40,6 +41,9 @@ class DataConnections:
         with self._lock:
             idle = self._idle.get(address)
             sock = idle.pop() if idle else None
+        if sock is not None and _closed_by_peer(sock):
+            sock.close()
+            sock = None
         if sock is None:
             sock = self._connect(address)
         try:
@@ -69,6 +73,12 @@ class DataConnections:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.settimeout(self.timeout)
         return sock
+
+
+def _closed_by_peer(sock: socket.socket) -> bool:
+    """An idle pooled connection that is readable has been closed (or broken) by the node."""
+    readable, _, _ = select.select([sock], [], [], 0)
+    return bool(readable)
 
 
 def send_put(conns: DataConnections, ticket: pb.Ticket, views: Sequence[memoryview]) -> PutResult:

@@ -17,6 +17,7 @@ from kvstore.server.status import TransferCounts, status_of
 from kvstore.server.tickets import Ticket, TicketBook
 
 log = logging.getLogger("kvstore.dataplane")
+IDLE_TIMEOUT = 600.0  # a pooled connection may wait this long for its next transfer
 
 
 class DataPlane:
@@ -70,10 +71,13 @@ class DataPlane:
 
     def _transfer(self, conn: socket.socket, host: str, preamble: memoryview) -> bool:
         """One ticket's transfer; False when the connection should close."""
+        conn.settimeout(IDLE_TIMEOUT)  # between transfers: the client's pool keeps it open
         try:
-            recv_exact(conn, preamble)
-        except ConnectionError:
-            return False  # the client closed between transfers: a normal end
+            recv_exact(conn, preamble[:1])
+        except (ConnectionError, TimeoutError):
+            return False  # the client closed or left it idle: a normal end
+        conn.settimeout(self.timeout)  # within a transfer, a stall ends it
+        recv_exact(conn, preamble[1:])
         magic, ticket_id = PREAMBLE.unpack(preamble)
         try:
             if magic != MAGIC:

@@ -228,3 +228,14 @@ def test_push_takes_the_path_asked_for(daemon, salt, transport: str) -> None:
             assert receiver.stats().transfers == {f"put/{transport}": 1}
         with pytest.raises(InvalidArgument, match="unknown transport"):
             source.push(keys, target.address, "pigeon")
+
+
+def test_a_pooled_connection_the_node_closed_is_replaced(daemon, salt) -> None:
+    keys = keys_for(salt, 2)
+    with daemon.client(transport="tcp") as client:
+        client.put(keys[:1], [b"first"])
+        for pooled in client._data._idle.values():  # the node drops them (e.g. at a restart)
+            for sock in pooled:
+                sock.shutdown(socket.SHUT_RDWR)
+        assert client.put(keys[1:], [b"second"]).stored == 1
+        assert [bytes(b) for b in client.get(keys)] == [b"first", b"second"]
