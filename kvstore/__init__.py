@@ -1,18 +1,30 @@
 """kvstore: KV-cache transfer and tiered storage for disaggregated LLM inference.
 
-The core (this package) is plain Python + numpy: keys, block metadata, tiers and
-the store that orchestrates them. `kvstore.server` and `kvstore.client` put it on
-the wire.
+The core (this package) is plain Python + numpy: keys, block metadata, codecs, tiers
+and the store that orchestrates them. `kvstore.server` and `kvstore.client` put it
+on the wire.
 """
 
-from kvstore.errors import InvalidArgument, KVStoreError, NotFound, ResourceExhausted, Unavailable
+from kvstore.errors import (
+    CorruptBlock,
+    InvalidArgument,
+    KVStoreError,
+    NotFound,
+    ResourceExhausted,
+    Unauthenticated,
+    Unavailable,
+    Unsupported,
+)
 
 __version__ = "0.1.0"
 __all__ = [
+    "CorruptBlock",
     "InvalidArgument",
     "KVStoreError",
     "NotFound",
     "ResourceExhausted",
+    "Unauthenticated",
     "Unavailable",
+    "Unsupported",
     "__version__",
 ]
