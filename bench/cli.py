@@ -112,7 +112,15 @@ def parser() -> argparse.ArgumentParser:
         default=[0],
         help="blocks per request, comma-separated sweep; 0: 64MiB worth",
     )
-    t.add_argument("--streams", type=_ints, default=[1], help="concurrent client streams (sweep)")
+    t.add_argument(
+        "--streams", type=_ints, default=[1], help="concurrent client streams per process (sweep)"
+    )
+    t.add_argument(
+        "--procs",
+        type=_ints,
+        default=[1],
+        help="client processes sharing a put/get workload (sweep)",
+    )
     t.add_argument("--chunk", type=parse_size, default=1 << 20, help="data frame size of puts")
     t.add_argument("--ceilings", type=_choices(CEILINGS), default=list(CEILINGS))
     t.add_argument(
@@ -183,8 +191,8 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
                 setattr(args, name, value)
         if args.total < max(args.block_sizes):
             ap.error(f"--total {format_size(args.total)} is smaller than a block")
-        if min(args.batch) < 0 or min(args.streams) < 1:
-            ap.error("--batch must be >= 0 and --streams >= 1")
+        if min(args.batch) < 0 or min(args.streams) < 1 or min(args.procs) < 1:
+            ap.error("--batch must be >= 0, --streams and --procs >= 1")
         if not 4096 <= args.chunk <= 64 << 20:
             ap.error("--chunk must be 4KiB..64MiB")
     elif args.command == "ttft":
@@ -235,7 +243,10 @@ class Transfer:
     def steps(self) -> int:
         a = self.args
         per_size = (
-            len(a.paths) * len(a.batch) * len(a.streams) * len(a.scenarios)
+            len(a.paths)
+            * len(a.batch)
+            * len(a.streams)
+            * (len(a.scenarios) + 2 * sum(p > 1 for p in a.procs))
             + 2 * len(a.ceilings)
             + (4 if self.redis_url else 0)
         )
@@ -247,6 +258,8 @@ class Transfer:
                 for batch in self.args.batch:
                     for streams in self.args.streams:
                         self.kvstore(path, self.workload(size, batch), streams)
+                        for procs in (p for p in self.args.procs if p > 1):
+                            self.kvstore_procs(path, self.workload(size, batch), streams, procs)
             work = self.workload(size, self.args.batch[0])
             self.ceilings(work)
             if self.redis_url:
@@ -324,11 +337,43 @@ class Transfer:
                 self.delete(keys)
         for scenario in self.args.scenarios:
             run = median(runs[scenario])
-            extra = {"batch": work.batch, "streams": streams, "tier": "host", "codec": "none"}
+            extra = {
+                "batch": work.batch,
+                "streams": streams,
+                "procs": 1,
+                "tier": "host",
+                "codec": "none",
+            }
             if scenario == "handoff":
                 extra["handoff_s"] = round(run.seconds, 4)
             self.rows.append(Row.of(scenario, path, work.block_size, run, **extra))
             self.advance(f"kvstore {path} {scenario} {format_size(work.block_size)}")
+
+    def kvstore_procs(self, path: str, work: Workload, streams: int, procs: int) -> None:
+        """Put and get with the workload shared by `procs` client processes."""
+        runs: dict[str, list[Run]] = {"put": [], "get": []}
+        stride = VERIFY_STRIDE[self.args.verify]
+        for rep in range(self.args.repeat + 1):  # the first one warms up, untimed
+            keys = bench_keys(work, f"procs/{path}/{work}/{streams}/{procs}/{rep}")
+            put, get = workloads.in_processes(
+                self.address, path, work, keys, self.args.seed, procs, streams, stride
+            )
+            self.delete(keys)
+            if rep:
+                runs["put"].append(put)
+                runs["get"].append(get)
+        for scenario in ("put", "get"):
+            extra = {
+                "batch": work.batch,
+                "streams": streams,
+                "procs": procs,
+                "tier": "host",
+                "codec": "none",
+            }
+            self.rows.append(
+                Row.of(scenario, path, work.block_size, median(runs[scenario]), **extra)
+            )
+            self.advance(f"kvstore {path} {scenario} x{procs} processes")
 
     def ceilings(self, work: Workload) -> None:
         a = self.args

@@ -11,20 +11,24 @@ import numpy as np
 
 @dataclass(frozen=True)
 class Workload:
-    """`total` bytes in blocks of `block_size`, `batch` blocks per request."""
+    """`total` bytes in blocks of `block_size`, `batch` blocks per request; `part`
+    (index, count) selects every count-th batch, the share of one of `count` clients."""
 
     block_size: int
     total: int
     batch: int
     chunk: int = 1 << 20
+    part: tuple[int, int] = (0, 1)
 
     @property
     def blocks(self) -> int:
         return self.total // self.block_size
 
     def batches(self) -> Iterator[range]:
-        for start in range(0, self.blocks, self.batch):
-            yield range(start, min(start + self.batch, self.blocks))
+        index, count = self.part
+        for n, start in enumerate(range(0, self.blocks, self.batch)):
+            if n % count == index:
+                yield range(start, min(start + self.batch, self.blocks))
 
 
 @dataclass

@@ -6,6 +6,7 @@ import multiprocessing as mp
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 
 import numpy as np
 import xxhash
@@ -271,3 +272,81 @@ def lookup(
 def _transport(path: str) -> str:
     """A lease is a way of reading over shared memory; puts on that path use shm."""
     return "shm" if path == "lease" else path
+
+
+def in_processes(
+    address: str,
+    path: str,
+    work: Workload,
+    keys: list[bytes],
+    seed: int,
+    procs: int,
+    streams: int,
+    verify_stride: int,
+) -> tuple[Run, Run]:
+    """Put, then get, with the batches shared among `procs` client processes (each with
+    `streams` clients); each phase is timed from its first start to its last finish."""
+    ctx = mp.get_context("spawn")
+    start, results = ctx.Barrier(procs), ctx.Queue()
+    children = [
+        ctx.Process(
+            target=_client_process,
+            args=(
+                n,
+                address,
+                path,
+                work,
+                keys,
+                seed,
+                procs,
+                streams,
+                verify_stride,
+                start,
+                results,
+            ),
+        )
+        for n in range(procs)
+    ]
+    for child in children:
+        child.start()
+    try:
+        reports = [results.get(timeout=900) for _ in children]
+    finally:
+        for child in children:
+            child.join(timeout=30)
+            if child.is_alive():
+                child.kill()
+    errors = [r for r in reports if isinstance(r, str)]
+    if errors:
+        raise AssertionError(errors[0])
+    runs = []
+    for phase in ("put", "get"):
+        begin = min(r[phase][0] for r in reports)
+        end = max(r[phase][1] for r in reports)
+        latencies = [t for r in reports for t in r[phase][2]]
+        runs.append(Run(work.blocks * work.block_size, end - begin, latencies))
+    return runs[0], runs[1]
+
+
+def _client_process(n, address, path, work, keys, seed, procs, streams, stride, start, results):
+    try:
+        from kvstore.bench.measure import source_bytes
+
+        source = source_bytes(work.total, seed)
+        share = replace(work, part=(n, procs))
+        verifier = Verifier(source, work.block_size, stride)
+        own = clients(address, path, streams, work.chunk)
+        report = {}
+        for phase in ("put", "get"):
+            start.wait()
+            begin = time.monotonic()  # CLOCK_MONOTONIC: comparable across processes
+            if phase == "put":
+                run = kvstore_put(own, share, source, keys)
+            else:
+                run = kvstore_get(own, path, share, keys, verifier)
+            report[phase] = (begin, time.monotonic(), run.latencies)
+        for client in own:
+            client.close()
+        results.put(report)
+    except Exception as exc:  # reported to the parent, which fails loudly
+        results.put(f"client process {n} failed: {exc!r}")
