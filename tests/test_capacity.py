@@ -1,8 +1,8 @@
 """A full host tier: LRU eviction, and readers that are never robbed."""
 
+import grpc
 import numpy as np
 
-from kvstore.client._wire import get_request
 from kvstore.keys import block_keys
 from kvstore.proto import kvstore_pb2 as pb
 from kvstore.proto.frames import decode_frame
@@ -28,11 +28,17 @@ def test_lru_evicts_the_oldest_blocks_when_full(small_daemon) -> None:
 
 def test_a_slow_reader_gets_intact_bytes_while_writers_churn_the_tier(small_daemon) -> None:
     """Pinning itself is tested on the tier; here: whatever the timing, no torn bytes."""
-    with small_daemon.client() as reader, small_daemon.client() as writer:
+    with (
+        small_daemon.client() as reader,
+        small_daemon.client() as writer,
+        grpc.insecure_channel(small_daemon.address) as channel,
+    ):
         keys = block_keys(np.arange(40 * 16), 16, b"pin")
         payloads = blocks(12)
         reader.put(keys[:12], payloads)
-        stream = reader._get(get_request(keys[:12]))
+        stream = channel.unary_stream("/kvstore.v1.KVStore/Get")(
+            pb.GetRequest(keys=keys[:12]).SerializeToString()
+        )
         assert pb.GetReply.FromString(next(stream)).headers.blocks[11].meta.size == MiB
         for i in range(12, 40, 2):  # 28 MiB more through a 16 MiB tier
             writer.put(keys[i : i + 2], blocks(2))
