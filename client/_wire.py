@@ -152,68 +152,55 @@ class GetAssembler:
     """
 
     def __init__(self, out: memoryview | np.ndarray | None, verify: bool) -> None:
-        self._out = None if out is None else writable_bytes(out)
+        self._out = out
         self._verify = verify
-        self._metas: list[pb.BlockMeta] | None = None
-        self._keys: list[bytes] = []
+        self._headers: list[pb.BlockHeader] | None = None
+        self._slots: list[np.ndarray] | None = None  # with `out`: where each block goes
         self._blocks: list[np.ndarray] = []
         self._partial: np.ndarray | None = None
         self._filled = 0
-        self._out_used = 0
 
     def feed(self, raw: bytes) -> None:
         frame = decode_frame(raw, pb.GetReply)
         if isinstance(frame, memoryview):
             self._feed_data(np.frombuffer(frame, np.uint8))
-        elif frame.HasField("headers") and self._metas is None:
-            self._metas = [h.meta for h in frame.headers.blocks]
-            self._keys = [h.key for h in frame.headers.blocks]
-            need = sum(m.size for m in self._metas)
-            if self._out is not None and len(self._out) < need:
-                raise InvalidArgument(
-                    "out", f"holds {len(self._out)} bytes, the blocks need {need}"
-                )
+        elif frame.HasField("headers") and self._headers is None:
+            self._headers = list(frame.headers.blocks)
+            if self._out is not None:
+                self._slots = block_slices(self._headers, self._out)[1]
         else:
             raise KVStoreError("unexpected frame in Get reply")
 
     def result(self) -> list[tuple[np.ndarray, pb.BlockMeta]]:
-        if self._metas is None or len(self._blocks) != len(self._metas):
+        if self._headers is None or len(self._blocks) != len(self._headers):
             raise Unavailable("Get reply ended before all blocks arrived")
-        return list(zip(self._blocks, self._metas, strict=True))
+        return received(self._blocks, self._headers, self._verify)
 
     def _feed_data(self, data: np.ndarray) -> None:
-        metas = self._metas
-        if metas is None:
+        headers = self._headers
+        if headers is None:
             raise KVStoreError("Get reply sent data before headers")
         while len(data):
-            if len(self._blocks) >= len(metas):
+            if len(self._blocks) >= len(headers):
                 raise KVStoreError("Get reply sent more bytes than its headers declared")
-            size = metas[len(self._blocks)].size
-            if self._partial is None and self._out is None and len(data) >= size:
-                self._finish(data[:size])  # whole in this frame: a view, no copy
+            size = headers[len(self._blocks)].meta.size
+            if self._partial is None and self._slots is None and len(data) >= size:
+                self._blocks.append(data[:size])  # whole in this frame: a view, no copy
                 data = data[size:]
                 continue
             if self._partial is None:
-                self._partial = self._destination(size)
+                self._partial = (
+                    np.empty(size, np.uint8)
+                    if self._slots is None
+                    else self._slots[len(self._blocks)]
+                )
             n = min(size - self._filled, len(data))
             self._partial[self._filled : self._filled + n] = data[:n]  # one copy: frame -> block
             self._filled += n
             data = data[n:]
             if self._filled == size:
-                self._finish(self._partial)
+                self._blocks.append(self._partial)
                 self._partial, self._filled = None, 0
-
-    def _destination(self, size: int) -> np.ndarray:
-        if self._out is None:
-            return np.empty(size, np.uint8)
-        start, self._out_used = self._out_used, self._out_used + size
-        return self._out[start : self._out_used]
-
-    def _finish(self, block: np.ndarray) -> None:
-        index = len(self._blocks)
-        if self._verify:
-            verify_checksum(block, self._metas[index], self._keys[index])
-        self._blocks.append(block)
 
 
 def verify_checksum(block: np.ndarray, meta: pb.BlockMeta, key: bytes) -> None:
@@ -238,11 +225,36 @@ def shaped(block: np.ndarray, meta: pb.BlockMeta) -> np.ndarray:
     return block.view(dtype).reshape(tuple(meta.shape))
 
 
-def writable_bytes(out: memoryview | np.ndarray) -> np.ndarray:
+def writable_bytes(out: memoryview | np.ndarray, need: int) -> np.ndarray:
+    """`out` as flat writable bytes with room for `need` of them, or InvalidArgument."""
     array = out if isinstance(out, np.ndarray) else np.frombuffer(out, np.uint8)
     if not (array.flags.c_contiguous and array.flags.writeable):
         raise InvalidArgument("out", "must be a writable, contiguous buffer")
-    return array.reshape(-1).view(np.uint8)
+    flat = array.reshape(-1).view(np.uint8)
+    if len(flat) < need:
+        raise InvalidArgument("out", f"holds {len(flat)} bytes, the blocks need {need}")
+    return flat
+
+
+def block_slices(
+    headers: Sequence[pb.BlockHeader], out: memoryview | np.ndarray | None
+) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Where a reply's blocks land, back to back in `out` or in one fresh buffer: the
+    whole span, and each block's slice of it."""
+    total = sum(h.meta.size for h in headers)
+    span = (np.empty(total, np.uint8) if out is None else writable_bytes(out, total))[:total]
+    ends = np.cumsum([0, *(h.meta.size for h in headers)])
+    return span, [span[a:b] for a, b in itertools.pairwise(ends)]
+
+
+def received(
+    blocks: Sequence[np.ndarray], headers: Sequence[pb.BlockHeader], verify: bool
+) -> list[tuple[np.ndarray, pb.BlockMeta]]:
+    """The blocks of a reply with their metadata, checksums checked when asked for."""
+    if verify:
+        for block, header in zip(blocks, headers, strict=True):
+            verify_checksum(block, header.meta, header.key)
+    return [(block, header.meta) for block, header in zip(blocks, headers, strict=True)]
 
 
 def stats_from_proto(reply: pb.StatsReply) -> StoreStats:

@@ -13,8 +13,8 @@ from contextlib import contextmanager
 import grpc
 import numpy as np
 
-from kvstore.client._wire import error_from_status, verify_checksum, writable_bytes
-from kvstore.errors import InvalidArgument, Unavailable
+from kvstore.client._wire import block_slices, error_from_status, received
+from kvstore.errors import Unavailable
 from kvstore.ingest import PutResult
 from kvstore.proto import kvstore_pb2 as pb
 from kvstore.proto.dataplane import MAGIC, PREAMBLE, Trailer, read_trailer, recv_exact, send_views
@@ -98,29 +98,14 @@ def receive_get(
     conns: DataConnections, ticket: pb.Ticket, out: memoryview | np.ndarray | None, verify: bool
 ) -> list[tuple[np.ndarray, pb.BlockMeta]]:
     """Receive a Get ticket's blocks into one buffer (or `out`), each straight into place."""
-    metas = [h.meta for h in ticket.blocks]
-    if not metas:
+    if not ticket.blocks:
         return []
-    total = sum(m.size for m in metas)
-    if out is None:
-        dest = np.empty(total, np.uint8)
-    else:
-        dest = writable_bytes(out)
-        if len(dest) < total:
-            raise InvalidArgument("out", f"holds {len(dest)} bytes, the blocks need {total}")
-    blocks, offset = [], 0
-    for meta in metas:
-        blocks.append(dest[offset : offset + meta.size])
-        offset += meta.size
+    span, blocks = block_slices(ticket.blocks, out)
     with conns.connection(ticket.data_address) as sock:
         sock.sendall(PREAMBLE.pack(MAGIC, ticket.id))
-        view = memoryview(dest)
-        recv_exact(sock, view[:total])  # one copy: kernel -> destination
+        recv_exact(sock, memoryview(span))  # one copy: kernel -> destination
         _checked(read_trailer(sock))
-    if verify:
-        for block, header in zip(blocks, ticket.blocks, strict=True):
-            verify_checksum(block, header.meta, header.key)
-    return list(zip(blocks, metas, strict=True))
+    return received(blocks, ticket.blocks, verify)
 
 
 def _checked(trailer: Trailer) -> Trailer:

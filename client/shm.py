@@ -18,8 +18,8 @@ from concurrent.futures import Executor
 
 import numpy as np
 
-from kvstore.client._wire import shaped, verify_checksum, writable_bytes
-from kvstore.errors import InvalidArgument, Unsupported
+from kvstore.client._wire import block_slices, received, shaped
+from kvstore.errors import Unsupported
 from kvstore.ingest import PutResult
 from kvstore.proto import kvstore_pb2 as pb
 
@@ -78,26 +78,18 @@ def get(
     pool: Executor,
 ) -> list[tuple[np.ndarray, pb.BlockMeta]]:
     """Copy the pinned blocks out of the mapping, then release them."""
-    metas = [h.meta for h in ticket.blocks]
-    if not metas:
+    if not ticket.blocks:
         return []
-    total = sum(m.size for m in metas)
-    dest = np.empty(total, np.uint8) if out is None else writable_bytes(out)
-    if len(dest) < total:
-        raise InvalidArgument("out", f"holds {len(dest)} bytes, the blocks need {total}")
-    blocks, pairs, start = [], [], 0
-    for meta, offset in zip(metas, ticket.offsets, strict=True):
-        blocks.append(dest[start : start + meta.size])
-        pairs.append((blocks[-1], segment.block(offset, meta.size)))
-        start += meta.size
+    _, blocks = block_slices(ticket.blocks, out)
+    pairs = [
+        (block, segment.block(offset, len(block)))
+        for block, offset in zip(blocks, ticket.offsets, strict=True)
+    ]
     try:
         _copy(pairs, pool)  # one copy: arena -> destination
     finally:
         finish(ticket.id)
-    if verify:
-        for block, header in zip(blocks, ticket.blocks, strict=True):
-            verify_checksum(block, header.meta, header.key)
-    return list(zip(blocks, metas, strict=True))
+    return received(blocks, ticket.blocks, verify)
 
 
 def _copy(pairs: list[tuple[np.ndarray, np.ndarray]], pool: Executor) -> None:
