@@ -80,13 +80,9 @@ def main() -> None:
         address = procs.daemon("--host-capacity", str(3 * nbytes), "--data-timeout", "120")
         with Client(address) as client:
             adapter = KVAdapter(client, spec)
-            ids = torch.tensor(table, device="cuda")
 
             def stage_out() -> None:  # what store_pages does before the put
-                gathered = torch.stack([layer.index_select(0, ids) for layer in pages])
-                adapter._host_buffer(nbytes, ids.device).view(torch.bfloat16).copy_(
-                    gathered.permute(1, 3, 0, 2, 4, 5).reshape(-1)
-                )
+                adapter.to_host(adapter.gather_pages(pages, table))
 
             rows["adapter_gather_d2h"] = timed(stage_out, args.repeat)
 

@@ -119,10 +119,25 @@ class KVAdapter:
         """Store the full blocks of a request whose KV lies in `pages` (one tensor per layer,
         `[num_pages, 2, page_size, heads, dim]`) at the page ids of `block_table`."""
         n = min(len(block_table), len(token_ids) // self.spec.block_size)
-        ids = torch.as_tensor(list(block_table[:n]), device=pages[0].device)
-        gathered = torch.stack([layer.index_select(0, ids) for layer in pages])  # on the device
-        tokens = gathered.permute(1, 3, 0, 2, 4, 5).reshape(-1, *self.spec.block_shape[1:])
+        tokens = self.gather_pages(pages, block_table[:n])
         return self._store(token_ids[: n * self.spec.block_size], tokens)
+
+    def gather_pages(
+        self, pages: Sequence[torch.Tensor], block_table: Sequence[int]
+    ) -> torch.Tensor:
+        """The KV of the pages in `block_table`, token-major, gathered on their device."""
+        ids = torch.as_tensor(list(block_table), device=pages[0].device)
+        gathered = torch.stack([layer.index_select(0, ids) for layer in pages])
+        return gathered.permute(1, 3, 0, 2, 4, 5).reshape(-1, *self.spec.block_shape[1:])
+
+    def to_host(self, tokens: torch.Tensor) -> np.ndarray:
+        """`tokens` copied once, in one batch, into the reused host staging buffer (pinned
+        for a GPU), as numpy without a further copy. Valid until the next call."""
+        tokens = tokens.contiguous()
+        staging = self._host_buffer(tokens.numel() * tokens.element_size(), tokens.device)
+        host = staging.view(tokens.dtype).view(tokens.shape)
+        host.copy_(tokens)
+        return _as_numpy(host)
 
     def load_pages(
         self,
@@ -152,10 +167,7 @@ class KVAdapter:
         if not keys:
             return None
         size = self.spec.block_size
-        tokens = tokens[: len(keys) * size].contiguous()
-        staging = self._host_buffer(tokens.numel() * tokens.element_size(), tokens.device)
-        staging.view(tokens.dtype).view(tokens.shape).copy_(tokens)  # one copy for all blocks
-        host = _as_numpy(staging.view(tokens.dtype).view(tokens.shape))
+        host = self.to_host(tokens[: len(keys) * size])  # one copy for all blocks
         blocks = [host[i * size : (i + 1) * size] for i in range(len(keys))]
         return self.client.put(keys, blocks, codec=self.codec, layout=LAYOUT)
 
