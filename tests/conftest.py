@@ -55,6 +55,14 @@ def running_daemon(*flags: str, env: dict[str, str] | None = None) -> Iterator[D
         proc.stderr.close()
 
 
+def raw_call(address: str, method: str, request: object) -> bytes:
+    """One unary RPC with a hand-built request, past every client-side check."""
+    import grpc
+
+    with grpc.insecure_channel(address) as channel:
+        return channel.unary_unary(f"/kvstore.v1.KVStore/{method}")(request.SerializeToString())
+
+
 @pytest.fixture(scope="session")
 def daemon() -> Iterator[Daemon]:
     """One shared daemon; tests keep apart by salting their keys uniquely."""

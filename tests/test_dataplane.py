@@ -7,7 +7,7 @@ import grpc
 import numpy as np
 import pytest
 
-from conftest import running_daemon
+from conftest import raw_call, running_daemon
 from kvstore.client.dataplane import DataConnections
 from kvstore.errors import (
     InvalidArgument,
@@ -29,9 +29,7 @@ def keys_for(salt: bytes, n: int) -> list[bytes]:
 
 
 def open_ticket(address: str, method: str, request) -> pb.Ticket:
-    with grpc.insecure_channel(address) as channel:
-        raw = channel.unary_unary(f"/kvstore.v1.KVStore/{method}")(request.SerializeToString())
-    return pb.Ticket.FromString(raw)
+    return pb.Ticket.FromString(raw_call(address, method, request))
 
 
 def headers(keys: list[bytes], sizes: list[int], **meta) -> pb.BlockHeaders:

@@ -6,18 +6,13 @@ import grpc
 import numpy as np
 import pytest
 
-from conftest import running_daemon
+from conftest import raw_call, running_daemon
 from kvstore.client.shm import SharedSegment
 from kvstore.errors import Unsupported
 from kvstore.keys import block_keys
 from kvstore.proto import kvstore_pb2 as pb
 
 MiB = 1 << 20
-
-
-def call(address: str, method: str, request) -> bytes:
-    with grpc.insecure_channel(address) as channel:
-        return channel.unary_unary(f"/kvstore.v1.KVStore/{method}")(request.SerializeToString())
 
 
 @pytest.fixture
@@ -45,7 +40,7 @@ def test_a_lease_is_zero_copy_and_pins_its_blocks(small_daemon) -> None:
 
 
 def test_the_client_proves_it_shares_the_host(small_daemon) -> None:
-    info = pb.SegmentInfo.FromString(call(small_daemon.address, "Segment", pb.StatsRequest()))
+    info = pb.SegmentInfo.FromString(raw_call(small_daemon.address, "Segment", pb.StatsRequest()))
     assert SharedSegment(info).memory.size == info.size + 4096
     with pytest.raises(Unsupported, match="another token"):
         SharedSegment(pb.SegmentInfo(path=info.path, token=b"x" * 16, size=info.size))
@@ -58,7 +53,7 @@ def test_a_client_that_dies_holding_reservations_leaks_nothing(short_ttl) -> Non
     request = pb.OpenPutRequest(
         shared_memory=True, blocks=[pb.BlockHeader(key=keys[0], meta=pb.BlockMeta(size=12 * MiB))]
     )
-    ticket = pb.Ticket.FromString(call(short_ttl.address, "OpenPut", request))
+    ticket = pb.Ticket.FromString(raw_call(short_ttl.address, "OpenPut", request))
     assert len(ticket.offsets) == 1  # 12 MiB reserved; the writer never finishes
     with short_ttl.client() as client:  # waits for the expiry to free the slot
         assert client.put(keys[1:], [np.zeros(12 * MiB, np.uint8)]).stored == 1
@@ -70,11 +65,11 @@ def test_a_client_that_dies_holding_a_lease_leaks_nothing(short_ttl) -> None:
     with short_ttl.client() as client:
         client.put(keys[:1], [np.ones(12 * MiB, np.uint8)])
         request = pb.OpenGetRequest(keys=keys[:1], shared_memory=True)
-        ticket = pb.Ticket.FromString(call(short_ttl.address, "OpenGet", request))
+        ticket = pb.Ticket.FromString(raw_call(short_ttl.address, "OpenGet", request))
         assert ticket.offsets  # pinned; the reader never releases
         assert client.put(keys[1:], [np.zeros(12 * MiB, np.uint8)]).stored == 1
         with pytest.raises(grpc.RpcError) as info:  # the lease is gone
-            call(short_ttl.address, "Finish", pb.FinishRequest(ticket=ticket.id))
+            raw_call(short_ttl.address, "Finish", pb.FinishRequest(ticket=ticket.id))
         assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
 
@@ -85,14 +80,14 @@ def test_a_shared_memory_put_is_checked_and_finished_once(small_daemon) -> None:
             shared_memory=True,
             blocks=[pb.BlockHeader(key=keys[0], meta=pb.BlockMeta(size=4, checksum=1))],
         )
-        ticket = pb.Ticket.FromString(call(small_daemon.address, "OpenPut", request))
+        ticket = pb.Ticket.FromString(raw_call(small_daemon.address, "OpenPut", request))
         finish = pb.FinishRequest(ticket=ticket.id)
         with pytest.raises(grpc.RpcError) as info:
-            call(small_daemon.address, "Finish", finish)
+            raw_call(small_daemon.address, "Finish", finish)
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "blocks[0].checksum" in info.value.details()
         with pytest.raises(grpc.RpcError) as info:
-            call(small_daemon.address, "Finish", finish)
+            raw_call(small_daemon.address, "Finish", finish)
         assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
         assert "already used" in info.value.details()
         assert client.lookup(keys[:1]) == 0
