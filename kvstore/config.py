@@ -14,6 +14,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from kvstore.tiers.disk import FSYNC_POLICIES
+
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
 
@@ -43,6 +45,15 @@ def _default_host_capacity() -> int:
     except (ValueError, OSError):
         ram = 8 << 30
     return min(2 << 30, ram // 4)
+
+
+def parse_bool(text: str | bool) -> bool:
+    if isinstance(text, bool):
+        return text
+    value = str(text).strip().lower()
+    if value not in {"1", "true", "yes", "on", "0", "false", "no", "off"}:
+        raise ValueError(f"not a boolean: {text!r} (use true or false)")
+    return value in {"1", "true", "yes", "on"}
 
 
 def _opt(default: Any, help: str, parse: Any = None, **kw: Any) -> Any:
@@ -75,9 +86,27 @@ class ServerConfig:
     )
     workers: int = _opt(32, "concurrent RPCs served (threads)", int)
     prefault: bool = _opt(
-        True,
-        "touch the host arena at start so first puts run at full speed",
-        lambda v: str(v).lower() not in {"0", "false", "no", "off"},
+        True, "touch the host arena at start so first puts run at full speed", parse_bool
+    )
+    disk_dir: str = _opt("", "directory of the disk tier's segment files; empty: no disk tier")
+    disk_capacity: int = _opt(
+        0, "bytes of disk for blocks; 0: 80% of the free space of --disk-dir at start", parse_size
+    )
+    segment_size: int = _opt(256 << 20, "bytes per disk segment file", parse_size)
+    fsync: str = _opt(
+        "batch",
+        "when disk writes are synced: batch (each demotion batch), interval (every second) "
+        "or never (left to the OS)",
+    )
+    dirty_ratio: float = _opt(
+        0.5,
+        "fraction of the host tier that may hold blocks not yet on disk before the oldest are "
+        "written down; 0 writes every block down at once",
+        float,
+    )
+    promote: bool = _opt(True, "keep blocks read from disk in the host tier", parse_bool)
+    persist_on_shutdown: bool = _opt(
+        False, "on SIGTERM/SIGINT, write every host block to disk before exiting", parse_bool
     )
     log_level: str = _opt("info", "debug, info, warning or error")
 
@@ -103,6 +132,14 @@ class ServerConfig:
             raise ValueError(f"reserve_timeout: must be >= 0, got {self.reserve_timeout}")
         if self.workers < 2:
             raise ValueError(f"workers: must be at least 2, got {self.workers}")
+        if self.fsync not in FSYNC_POLICIES:
+            raise ValueError(
+                f"fsync: expected one of {', '.join(FSYNC_POLICIES)}, got {self.fsync!r}"
+            )
+        if not 0 <= self.dirty_ratio <= 1:
+            raise ValueError(f"dirty_ratio: must be in 0..1, got {self.dirty_ratio}")
+        if self.segment_size < 1 << 20:
+            raise ValueError(f"segment_size: must be at least 1MiB, got {self.segment_size}")
         if self.log_level.lower() not in {"debug", "info", "warning", "error"}:
             raise ValueError(f"log_level: unknown level {self.log_level!r}")
 

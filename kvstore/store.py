@@ -1,18 +1,34 @@
-"""The Store: what the server calls. It owns policy (placement, reads, lookups);
-tiers own bytes. Today one host tier; lower tiers slot in beneath it.
+"""The Store: what the server calls. It owns policy (placement, demotion,
+promotion, lookups); tiers own bytes.
+
+Puts land in the host tier, where the network writes them in place. With a
+disk tier below, the host tier writes back: a demoter thread copies the oldest
+blocks down once more than `dirty_ratio` of the host tier is not yet on disk,
+or at once when a put finds no room; only blocks with a copy below are evicted,
+so a full host tier slows puts down and never drops data. A get that misses the
+host tier reads the block from disk into a host slot, kept there (promoted)
+or freed when the transfer ends.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+from kvstore.errors import ResourceExhausted
 from kvstore.keys import BlockKey
 from kvstore.meta import BlockMeta
-from kvstore.tiers import PinnedBlock, Reservation, Tier, TierStats
+from kvstore.tiers import PinnedBlock, Reservation, TierStats
+from kvstore.tiers.disk import DiskTier
+from kvstore.tiers.host import HostTier
+
+log = logging.getLogger("kvstore.store")
+
+DEMOTE_BATCH = 64 << 20  # bytes written per demotion batch (and per fsync under `batch`)
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,32 +44,57 @@ class StoreStats:
 class ReadBatch:
     """The present prefix of a Get, pinned until each block is released."""
 
-    def __init__(self, tier: Tier, blocks: list[PinnedBlock]) -> None:
-        self._tier = tier
+    def __init__(self, blocks: list[PinnedBlock], releases: list[Callable[[], None]]) -> None:
         self.blocks = blocks
-        self._held = {id(b): b for b in blocks}
+        self._held = {id(b): release for b, release in zip(blocks, releases, strict=True)}
 
     def release(self, block: PinnedBlock) -> None:
         """Let the tier evict `block` again; safe to call once the bytes are copied out."""
-        if self._held.pop(id(block), None) is not None:
-            self._tier.unpin(block)
+        if (release := self._held.pop(id(block), None)) is not None:
+            release()
 
     def close(self) -> None:
-        for block in list(self._held.values()):
-            self.release(block)
+        for release in list(self._held.values()):
+            release()
+        self._held.clear()
 
 
 class Store:
-    def __init__(self, host: Tier, *, max_block_size: int, reserve_timeout: float) -> None:
+    def __init__(
+        self,
+        host: HostTier,
+        *,
+        max_block_size: int,
+        reserve_timeout: float,
+        disk: DiskTier | None = None,
+        dirty_ratio: float = 0.5,
+        promote: bool = True,
+    ) -> None:
+        if disk is not None and not host.write_back:
+            raise ValueError("a host tier above a disk tier must write back")
         self.host = host
+        self.disk = disk
         self.max_block_size = max_block_size
         self.reserve_timeout = reserve_timeout
+        self.promote = promote
+        self.dirty_limit = int(dirty_ratio * host.capacity)
         self._started = time.monotonic()
-        self._counts = {"puts": 0, "gets": 0, "lookups": 0}
+        self._counts = {"puts": 0, "gets": 0, "lookups": 0, "promotions": 0}
         self._counts_lock = threading.Lock()
+        self._demoter: threading.Thread | None = None
+        self._wake = threading.Condition()
+        self._pressure = self._stopping = False
+        if disk is not None:
+            host.on_pressure = self._on_pressure
+            self._demoter = threading.Thread(target=self._demote_loop, name="kvstore-demoter")
+            self._demoter.start()
+
+    @property
+    def tiers(self) -> tuple[HostTier | DiskTier, ...]:
+        return (self.host, self.disk) if self.disk else (self.host,)
 
     def contains(self, key: BlockKey) -> bool:
-        return self.host.contains(key)
+        return any(tier.contains(key) for tier in self.tiers)
 
     def reserve(self, size: int) -> Reservation:
         """A private slot for a block's bytes; waits for space up to `reserve_timeout`."""
@@ -61,23 +102,41 @@ class Store:
 
     def commit(self, key: BlockKey, meta: BlockMeta, reservation: Reservation) -> bool:
         """Make a whole block visible; False if the key was already present."""
-        stored = self.host.commit(key, meta, reservation)
+        on_disk = self.disk is not None and self.disk.contains(key)
+        stored = self.host.commit(key, meta, reservation, clean=on_disk)
         self._count("puts", int(stored))
+        if self.host.dirty_bytes > self.dirty_limit:
+            self._kick()
         return stored
 
     def abort(self, reservation: Reservation) -> None:
         self.host.abort(reservation)
 
     def lookup(self, keys: Sequence[BlockKey]) -> list[str]:
-        """Tier name of each block of the longest present prefix of `keys`."""
+        """Tier name of each block of the longest present prefix of `keys` (highest copy)."""
         self._count("lookups", 1)
-        return [self.host.name] * self.host.present_prefix(keys)
+        names = [self.host.name] * self.host.present_prefix(keys)
+        for key in keys[len(names) :] if self.disk else ():
+            tier = next((t for t in self.tiers if t.contains(key)), None)
+            if tier is None:
+                break
+            names.append(tier.name)
+        return names
 
     def pin(self, keys: Sequence[BlockKey]) -> ReadBatch:
         """Pin the present prefix of `keys`; the caller must close the batch."""
-        batch = ReadBatch(self.host, self.host.pin_prefix(keys))
-        self._count("gets", len(batch.blocks))
-        return batch
+        blocks = self.host.pin_prefix(keys)
+        releases: list[Callable[[], None]] = [self._unpinner(b) for b in blocks]
+        if self.disk is not None:
+            for key in keys[len(blocks) :]:
+                if pinned := self.host.pin_prefix([key]):
+                    found = pinned[0], self._unpinner(pinned[0])
+                elif (found := self._from_disk(key)) is None:
+                    break
+                blocks.append(found[0])
+                releases.append(found[1])
+        self._count("gets", len(blocks))
+        return ReadBatch(blocks, releases)
 
     @contextmanager
     def read(self, keys: Sequence[BlockKey]) -> Iterator[ReadBatch]:
@@ -89,14 +148,94 @@ class Store:
             batch.close()
 
     def delete(self, keys: Sequence[BlockKey]) -> int:
-        return self.host.delete(keys)
+        present = [key for key in dict.fromkeys(keys) if self.contains(key)]
+        for tier in self.tiers:
+            tier.delete(present)
+        return len(present)
 
     def stats(self) -> StoreStats:
         with self._counts_lock:
             counts = dict(self._counts)
-        return StoreStats(
-            tiers=(self.host.stats(),), uptime_s=time.monotonic() - self._started, **counts
-        )
+        tiers = tuple(tier.stats() for tier in self.tiers)
+        if self.disk is not None:
+            tiers[1].promotions = counts["promotions"]
+        del counts["promotions"]
+        return StoreStats(tiers=tiers, uptime_s=time.monotonic() - self._started, **counts)
+
+    def close(self, *, persist: bool = False) -> None:
+        """Stop demoting; with `persist`, first write every host block down to disk."""
+        if self._demoter is None:
+            return
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        self._demoter.join()
+        self._demoter = None
+        if persist:
+            while self._demote_batch():
+                pass
+        self.disk.close()
+
+    # -- demotion and promotion -------------------------------------------
+
+    def _on_pressure(self) -> None:
+        """A put is waiting for room: demote now, whatever the dirty ratio."""
+        self._pressure = True
+        self._kick()
+
+    def _kick(self) -> None:
+        with self._wake:
+            self._wake.notify()
+
+    def _demote_loop(self) -> None:
+        while True:
+            with self._wake:
+                self._wake.wait_for(lambda: self._stopping or self._must_demote())
+                if self._stopping:
+                    return
+                self._pressure = False
+            self._demote_batch()
+
+    def _must_demote(self) -> bool:
+        dirty = self.host.dirty_bytes
+        return dirty > self.dirty_limit or (self._pressure and dirty > 0)
+
+    def _demote_batch(self) -> bool:
+        """Copy the oldest dirty host blocks to disk; False when there were none."""
+        blocks = self.host.take_dirty(DEMOTE_BATCH)
+        if not blocks:
+            return False
+        try:  # a block whose write fails is logged and counted by the disk tier
+            self.disk.append([(b.key, b.meta, b.view) for b in blocks])
+        finally:
+            gone = self.host.mark_clean(blocks)
+        if gone:  # deleted while being written down: delete the copy too
+            self.disk.delete([b.key for b in gone if not self.host.contains(b.key)])
+        return True
+
+    def _from_disk(self, key: BlockKey) -> tuple[PinnedBlock, Callable[[], None]] | None:
+        """Read `key` from disk into a host slot and pin it there, or None if absent."""
+        meta = self.disk.meta(key)
+        if meta is None:
+            return None
+        try:  # no waiting: what blocks room may be this very batch's pins
+            slot = self.host.reserve(meta.size, 0)
+        except ResourceExhausted:
+            return None
+        meta = self.disk.read_into(key, slot.view)
+        if meta is None:
+            self.host.abort(slot)
+            return None
+        if not self.promote:
+            block = PinnedBlock(key, meta, slot.view[: meta.size], slot.offset)
+            return block, lambda: self.host.abort(slot)
+        self.host.commit(key, meta, slot, clean=True)
+        self._count("promotions", 1)
+        pinned = self.host.pin_prefix([key])  # a racing put may have won: pin whichever is there
+        return (pinned[0], self._unpinner(pinned[0])) if pinned else None
+
+    def _unpinner(self, block: PinnedBlock) -> Callable[[], None]:
+        return lambda: self.host.unpin(block)
 
     def _count(self, name: str, n: int) -> None:
         with self._counts_lock:

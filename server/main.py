@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
@@ -16,11 +17,12 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from kvstore import __version__
-from kvstore.config import ServerConfig, format_size, parse_size
+from kvstore.config import ServerConfig, format_size, parse_bool, parse_size
 from kvstore.server.dataplane import DataPlane
 from kvstore.server.servicer import SERVICE, KVStoreServicer
 from kvstore.server.tickets import TicketBook
 from kvstore.store import Store
+from kvstore.tiers.disk import DiskTier
 from kvstore.tiers.host import HostTier
 
 log = logging.getLogger("kvstore.server")
@@ -33,9 +35,20 @@ class Daemon:
 
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
-        host = HostTier(config.host_capacity, prefault=config.prefault)
+        disk = None
+        if config.disk_dir:
+            capacity = config.disk_capacity or _free_space(config.disk_dir) * 4 // 5
+            disk = DiskTier(
+                config.disk_dir, capacity, segment_size=config.segment_size, fsync=config.fsync
+            )
+        host = HostTier(config.host_capacity, prefault=config.prefault, write_back=bool(disk))
         self.store = Store(
-            host, max_block_size=config.max_block_size, reserve_timeout=config.reserve_timeout
+            host,
+            disk=disk,
+            max_block_size=config.max_block_size,
+            reserve_timeout=config.reserve_timeout,
+            dirty_ratio=config.dirty_ratio,
+            promote=config.promote,
         )
         self.server = grpc.server(
             futures.ThreadPoolExecutor(config.workers, thread_name_prefix="kvstore-rpc"),
@@ -83,6 +96,13 @@ class Daemon:
         if self.data_plane:
             self.data_plane.stop()
         self.tickets.close()
+        self.store.close(persist=self.config.persist_on_shutdown)
+
+
+def _free_space(directory: str) -> int:
+    os.makedirs(directory, exist_ok=True)
+    stat = os.statvfs(directory)
+    return stat.f_bavail * stat.f_frsize
 
 
 def parser() -> argparse.ArgumentParser:
@@ -97,12 +117,14 @@ def parser() -> argparse.ArgumentParser:
         default = getattr(defaults, f.name)
         if f.metadata["parse"] is parse_size:
             default = format_size(default)
+        switch = {"nargs": "?", "const": "true"} if f.metadata["parse"] is parse_bool else {}
         ap.add_argument(
             f"--{f.name.replace('_', '-')}",
             dest=f.name,
             default=None,
             metavar=f.name.upper(),
-            help=f"{f.metadata['help']} (default: {default})",
+            help=f"{f.metadata['help']} (default: {default})".replace("%", "%%"),
+            **switch,
         )
     ap.add_argument("--version", action="version", version=f"kvstore {__version__}")
     return ap
@@ -127,10 +149,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     stopping = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stopping.set())
+    tiers = ", ".join(f"{t.name} tier {format_size(t.capacity)}" for t in daemon.store.tiers)
     print(
         f"kvstore-server {__version__} listening on {daemon.address} (data plane "
-        f"{daemon.data_plane.address if daemon.data_plane else 'off'}, "
-        f"host tier {format_size(daemon.store.host.capacity)})",
+        f"{daemon.data_plane.address if daemon.data_plane else 'off'}, {tiers})",
         flush=True,
     )
     stopping.wait()

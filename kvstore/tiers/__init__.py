@@ -40,6 +40,8 @@ class TierStats:
     evictions: int = 0
     demotions: int = 0
     promotions: int = 0
+    errors: int = 0  # failed writes, corrupt or unreadable blocks
+    last_error: str = ""
 
 
 class Tier(Protocol):

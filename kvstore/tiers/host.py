@@ -5,7 +5,10 @@ Guarantees:
 - a pinned block is never evicted or reused: a delete or eviction of a pinned
   block hides it at once and frees its bytes when the last reader unpins;
 - when nothing can be evicted (everything pinned or reserved) a writer waits
-  for space up to its timeout (back-pressure) instead of failing a reader.
+  for space up to its timeout (back-pressure) instead of failing a reader;
+- with `write_back`, a block is evictable only once it is clean (a copy is in
+  the tier below): dirty blocks wait, oldest first, for `take_dirty`, and a
+  writer that finds no room calls `on_pressure` so they are demoted sooner.
 One lock guards the index, LRU and arena; it is never held while bytes move.
 """
 
@@ -14,7 +17,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from kvstore.arena import HEADER, Arena
@@ -30,18 +33,23 @@ class _Slot:
     offset: int
     meta: BlockMeta
     pins: int = 0
+    clean: bool = True
     hidden: bool = False  # deleted or evicted while pinned: freed on the last unpin
 
 
 class HostTier:
     name = "host"
 
-    def __init__(self, capacity: int, *, prefault: bool = True) -> None:
+    def __init__(self, capacity: int, *, prefault: bool = True, write_back: bool = False) -> None:
         self.arena = Arena(capacity, prefault=prefault)
         self.capacity = self.arena.capacity
+        self.write_back = write_back
+        self.on_pressure: Callable[[], None] = lambda: None
         self._slots: dict[BlockKey, _Slot] = {}
         self._hidden: dict[BlockKey, list[_Slot]] = {}
-        self._lru = LRU()
+        self._lru = LRU()  # clean, unpinned blocks: the legal victims
+        self._dirty: dict[BlockKey, int] = {}  # key -> size, oldest first
+        self.dirty_bytes = 0
         self._space = threading.Condition(threading.Lock())
         self._stats = TierStats(self.name, capacity=self.capacity)
         self.segment_token = os.urandom(16)
@@ -69,19 +77,31 @@ class HostTier:
                 if left <= 0:
                     raise ResourceExhausted(
                         f"no room for {size} bytes in the {self.name} tier within {timeout:g}s:"
-                        " all blocks are pinned or being written"
+                        " all blocks are pinned, being written or not yet demoted"
                     )
+                if self._dirty:
+                    self.on_pressure()
                 self._space.wait(left)
         return Reservation(offset, size, self.arena.view(offset, size))
 
-    def commit(self, key: BlockKey, meta: BlockMeta, reservation: Reservation) -> bool:
-        """Publish a reserved block. False (and the slot freed) if `key` was already present."""
+    def commit(
+        self, key: BlockKey, meta: BlockMeta, reservation: Reservation, *, clean: bool = False
+    ) -> bool:
+        """Publish a reserved block. False (and the slot freed) if `key` was already present.
+
+        `clean`: a copy already exists below (only matters with `write_back`).
+        """
+        clean = clean or not self.write_back
         with self._space:
             if key in self._slots:
                 self._release(reservation.offset, reservation.size)
                 return False
-            self._slots[key] = _Slot(reservation.offset, meta)
-            self._lru.on_put(key)
+            self._slots[key] = _Slot(reservation.offset, meta, clean=clean)
+            if clean:
+                self._lru.on_put(key)
+            else:
+                self._dirty[key] = meta.size
+                self.dirty_bytes += meta.size
             self._stats.blocks += 1
             self._stats.bytes += meta.size
             self._space.notify_all()  # a new evictable block
@@ -121,12 +141,47 @@ class HostTier:
             self._stats.hits += len(pinned)
         return pinned
 
+    def take_dirty(self, max_bytes: int) -> list[PinnedBlock]:
+        """Pin the oldest dirty blocks, up to `max_bytes` (at least one), for demotion."""
+        taken: list[PinnedBlock] = []
+        total = 0
+        with self._space:
+            while self._dirty and (not taken or total < max_bytes):
+                key, size = next(iter(self._dirty.items()))
+                del self._dirty[key]
+                self.dirty_bytes -= size
+                slot = self._slots[key]
+                slot.pins += 1
+                taken.append(
+                    PinnedBlock(key, slot.meta, self.arena.view(slot.offset, size), slot.offset)
+                )
+                total += size
+        return taken
+
+    def mark_clean(self, blocks: Sequence[PinnedBlock]) -> list[PinnedBlock]:
+        """Record that `blocks` (from `take_dirty`) are copied below, and unpin them.
+
+        Returns those deleted meanwhile, whose copy below must be deleted too.
+        """
+        gone = []
+        with self._space:
+            for block in blocks:
+                slot = self._slots.get(block.key)
+                if slot is not None and slot.offset == block.offset:
+                    slot.clean = True
+                    self._stats.demotions += 1
+                else:
+                    gone.append(block)
+        for block in blocks:
+            self.unpin(block)
+        return gone
+
     def unpin(self, block: PinnedBlock) -> None:
         with self._space:
             slot = self._slots.get(block.key)
             if slot is not None and slot.offset == block.offset:
                 slot.pins -= 1
-                if slot.pins == 0:
+                if slot.pins == 0 and slot.clean:
                     self._lru.on_put(block.key)  # just read: most recently used
                     self._space.notify_all()
                 return
@@ -164,6 +219,8 @@ class HostTier:
         if slot is None:
             return None
         self._lru.remove(key)
+        if (size := self._dirty.pop(key, None)) is not None:
+            self.dirty_bytes -= size
         self._stats.blocks -= 1
         self._stats.bytes -= slot.meta.size
         if slot.pins:
