@@ -70,9 +70,13 @@ class Client(ClientBase):
     ) -> PutResult:
         """Put blocks whose headers are already built (e.g. a node forwarding its own)."""
         if segment := self._shared_segment():
-            request = pb.OpenPutRequest(blocks=headers, shared_memory=True)
-            ticket = pb.Ticket.FromString(self._call("OpenPut", request))
-            return shm.put(segment, ticket, views, self._finish, self._pool)
+            stored = existed = 0
+            for part in shm.batches(views, len(segment.memory) // 4):  # slots are held at once
+                request = pb.OpenPutRequest(blocks=headers[part], shared_memory=True)
+                ticket = pb.Ticket.FromString(self._call("OpenPut", request))
+                result = shm.put(segment, ticket, views[part], self._finish, self._pool)
+                stored, existed = stored + result.stored, existed + result.existed
+            return PutResult(stored, existed)
         if self._tcp_ok:
             try:
                 request = pb.OpenPutRequest(blocks=headers)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import mmap
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Executor
 
 import numpy as np
@@ -48,6 +48,17 @@ class SharedSegment:
 
     def block(self, offset: int, size: int) -> np.ndarray:
         return self.memory[offset : offset + size]
+
+
+def batches(views: Sequence[memoryview], limit: int) -> Iterator[slice]:
+    """Consecutive runs of `views` of at most `limit` bytes (or one block), in order."""
+    start = total = 0
+    for i, view in enumerate(views):
+        if i > start and total + len(view) > limit:
+            yield slice(start, i)
+            start, total = i, 0
+        total += len(view)
+    yield slice(start, len(views))
 
 
 def put(

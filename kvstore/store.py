@@ -218,8 +218,11 @@ class Store:
         meta = self.disk.meta(key)
         if meta is None:
             return None
-        try:  # no waiting: what blocks room may be this very batch's pins
-            slot = self.host.reserve(meta.size, 0)
+        # Wait only for dirty blocks to be written down: what else blocks room
+        # may be this very batch's pins.
+        timeout = self.reserve_timeout if self.host.dirty_bytes else 0
+        try:
+            slot = self.host.reserve(meta.size, timeout)
         except ResourceExhausted:
             return None
         meta = self.disk.read_into(key, slot.view)

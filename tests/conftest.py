@@ -30,7 +30,9 @@ class Daemon:
 
 
 @contextmanager
-def running_daemon(*flags: str, env: dict[str, str] | None = None) -> Iterator[Daemon]:
+def running_daemon(
+    *flags: str, env: dict[str, str] | None = None, **popen: object
+) -> Iterator[Daemon]:
     """A `kvstore-server` subprocess on a free port; stopped (and checked) on exit."""
     cmd = [sys.executable, "-m", "kvstore.server", "--address", "127.0.0.1:0", *flags]
     proc = subprocess.Popen(
@@ -39,6 +41,7 @@ def running_daemon(*flags: str, env: dict[str, str] | None = None) -> Iterator[D
         stderr=subprocess.PIPE,
         text=True,
         env={**os.environ, **(env or {})},
+        **popen,
     )
     line = proc.stdout.readline()  # the daemon prints its address once it serves
     match = re.search(r"listening on (\S+)", line)

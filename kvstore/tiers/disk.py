@@ -78,6 +78,21 @@ def decode_meta(raw: bytes, size: int) -> BlockMeta:
     return BlockMeta(size, dtype, tuple(shape), layout, codec, raw_size, checksum)
 
 
+def _pwrite_all(fd: int, buffers: list[bytes | memoryview], offset: int) -> None:
+    """pwritev until every byte is written; a short write is retried, so a full disk
+    surfaces as its OSError (ENOSPC, EFBIG) rather than a count."""
+    views = [memoryview(b).cast("B") for b in buffers if len(b)]
+    while views:
+        n = os.pwritev(fd, views, offset)
+        if n == 0:
+            raise OSError("write made no progress")
+        offset += n
+        while views and n >= len(views[0]):
+            n -= len(views.pop(0))
+        if views:
+            views[0] = views[0][n:]
+
+
 @dataclass(slots=True, eq=False)
 class _Segment:
     id: int
@@ -214,9 +229,7 @@ class DiskTier:
         header = encode_header(LIVE, key, meta_raw, meta.size, body_hash)
         pad = bytes(length - HEADER - len(meta_raw) - meta.size)
         try:
-            n = os.pwritev(segment.fd, [header, meta_raw, payload, pad], segment.size)
-            if n != length:
-                raise OSError(f"short write: {n} of {length} bytes")
+            _pwrite_all(segment.fd, [header, meta_raw, payload, pad], segment.size)
         except OSError:
             os.ftruncate(segment.fd, segment.size)  # leave no partial record behind
             raise
