@@ -3,6 +3,7 @@ measured in the same run on the same bytes.
 
     kvstore-bench [transfer] [--quick] [--json FILE] [--plot FILE.png] ...
     kvstore-bench lookup [--prompt-tokens 1024,131072] ...
+    kvstore-bench tiers [--dir DIR] [--host-capacity 1GiB] ...
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import argparse
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -17,8 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from kvstore import codecs
-from kvstore.bench import ceilings, codec_bench, ttft, workloads
-from kvstore.bench.measure import Run, Workload, source_bytes
+from kvstore.bench import ceilings, codec_bench, tier_bench, ttft, workloads
+from kvstore.bench.measure import Run, Workload, median, source_bytes
 from kvstore.bench.procs import Processes
 from kvstore.bench.report import CEILINGS, Row, add_ratios, plot, table, write_json
 from kvstore.bench.workloads import Verifier, bench_keys
@@ -170,6 +172,17 @@ def parser() -> argparse.ArgumentParser:
     tt.add_argument("--codec", choices=sorted(codecs.NAMES - {""}), default="none")
     tt.add_argument("--device", default="cpu", help="cpu, or cuda on a GPU machine")
     tt.add_argument("--new-tokens", type=int, default=32, help="greedy tokens compared")
+    tr = sub.add_parser("tiers", parents=[common], help="disk tier and demotion throughput")
+    tr.add_argument("--dir", type=Path, default=Path("."), help="where the disk files go")
+    tr.add_argument("--block-size", type=parse_size, default=4 << 20)
+    tr.add_argument("--total", type=parse_size, default=1 << 30, help="bytes per disk measurement")
+    tr.add_argument(
+        "--host-capacity",
+        type=parse_size,
+        default=1 << 30,
+        help="host tier of the demotion daemon; 2.5 times this is put",
+    )
+    tr.add_argument("--transports", type=_choices(("shm", "tcp", "grpc")), default=["shm", "tcp"])
     lk = sub.add_parser("lookup", parents=[common], help="prefix lookups per second")
     lk.add_argument("--prompt-tokens", type=_ints, default=[1024, 4096, 16384, 65536, 131072])
     lk.add_argument("--block-size", type=int, default=16, help="tokens per block")
@@ -180,7 +193,7 @@ def parser() -> argparse.ArgumentParser:
 def parse(argv: Sequence[str]) -> argparse.Namespace:
     ap = parser()
     argv = list(argv)
-    if not argv or argv[0] not in ("transfer", "lookup", "codecs", "ttft", "-h", "--help"):
+    if not argv or argv[0] not in ("transfer", "lookup", "codecs", "ttft", "tiers", "-h", "--help"):
         argv.insert(0, "transfer")
     args = ap.parse_args(argv)
     if args.repeat < 1:
@@ -203,6 +216,9 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
             ap.error(f"--data-dir {args.data_dir} holds no smollm2_kv_*_512tok.npy samples")
         if args.copies < 1 or min(args.links) < 0:
             ap.error("--copies must be >= 1 and --links >= 0")
+    elif args.command == "tiers":
+        if args.total < args.block_size or args.host_capacity < 4 * args.block_size:
+            ap.error("--total must hold a block and --host-capacity at least four")
     elif min(args.prompt_tokens) < args.block_size or args.block_size < 1:
         ap.error("--prompt-tokens must each hold at least one --block-size block")
     return args
@@ -215,10 +231,6 @@ def warmup(work: Workload) -> Workload:
         work,
         total=max(work.block_size, min(work.total, 32 << 20)) // work.block_size * work.block_size,
     )
-
-
-def median(runs: list[Run]) -> Run:
-    return sorted(runs, key=lambda r: r.gbps if r.nbytes else -r.seconds)[len(runs) // 2]
 
 
 class Transfer:
@@ -472,7 +484,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with Processes() as procs, Progress(console=console, transient=True) as progress:
             address = args.address
-            if address is None:
+            if address is None and args.command != "tiers":
                 capacity = (args.total * 2 if args.command == "transfer" else 1 << 30) + (256 << 20)
                 address = procs.daemon("--host-capacity", str(capacity))
             redis_url, redis_version = None, None
@@ -513,6 +525,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                     address, blocks["bfloat16"], args.link_codecs, args.links, args.copies
                 )
                 advance("codecs over links")
+            elif args.command == "tiers":
+                progress.update(task, total=2)
+                work = Workload(args.block_size, args.total, max(1, (64 << 20) // args.block_size))
+                with tempfile.TemporaryDirectory(dir=args.dir) as scratch:
+                    rows = tier_bench.disk_rows(Path(scratch), work, args.seed, args.repeat)
+                    advance("disk tier")
+                    for transport in args.transports:
+                        rows += tier_bench.demotion_rows(
+                            procs, Path(scratch), args.host_capacity, args.block_size,
+                            transport, args.seed,
+                        )  # fmt: skip
+                    advance("demotion")
+                add_ratios(rows)
             elif args.command == "transfer":
                 transfer = Transfer(args, procs, address, redis_url, advance)
                 procs.callback(transfer.close)

@@ -60,3 +60,7 @@ def timed_batches(work: Workload, request: Callable[[range], None]) -> Run:
 def source_bytes(total: int, seed: int) -> np.ndarray:
     """Seeded random payload bytes: comparable across runs, incompressible."""
     return np.random.default_rng(seed).integers(0, 256, total, dtype=np.uint8)
+
+
+def median(runs: list[Run]) -> Run:
+    return sorted(runs, key=lambda r: r.gbps if r.nbytes else -r.seconds)[len(runs) // 2]

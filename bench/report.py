@@ -54,13 +54,13 @@ def add_ratios(rows: list[Row]) -> None:
 
     `redis` is compared against the better of Redis's two ways (one command per
     block, or pipelined MSET/MGET). A handoff or a push is compared with the put
-    ceilings: bytes leaving one process for another.
+    ceilings: bytes leaving one process for another; a demotion with the disk's.
     """
     index = {(r.scenario, r.path, r.block_size): r for r in rows if not r.is_kvstore}
     for row in rows:
         if not row.is_kvstore or not row.gbps:
             continue
-        direction = "put" if row.scenario in ("handoff", "push") else row.scenario
+        direction = "put" if row.scenario in ("handoff", "push", "demotion") else row.scenario
         for name in CEILINGS:
             other = index.get((direction, name, row.block_size))
             if other and other.gbps:
