@@ -109,7 +109,8 @@ def write_json(
 def table(rows: list[Row], title: str) -> Any:
     from rich.table import Table
 
-    ratio_names = [n for n in (*CEILINGS, "redis", "none") if any(n in r.ratios for r in rows)]
+    names = (*CEILINGS, "redis", "none", "empty_host")
+    ratio_names = [n for n in names if any(n in r.ratios for r in rows)]
     codec_rows = any(r.scenario.startswith("codec") for r in rows)
     t = Table(title=title)
     for name in ("scenario", "path", "block", "GB/s", "p50 ms", "p99 ms"):

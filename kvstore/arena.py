@@ -12,7 +12,7 @@ from __future__ import annotations
 import mmap
 import os
 
-ALIGN = 64  # cache line: keeps every slot aligned for numpy and vector copies
+ALIGN = 4096  # a page: slots suit vector copies and direct I/O to disk
 HEADER = 4096  # first page of a shared segment: its token, then blocks
 
 

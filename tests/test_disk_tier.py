@@ -107,7 +107,8 @@ def test_deleted_blocks_stay_deleted_after_restart(tmp_path: Path, payloads) -> 
 def test_a_full_tier_drops_its_least_recently_used_segment(tmp_path: Path, payloads) -> None:
     ks = keys(16)
     size = len(payloads[0])
-    tier = DiskTier(tmp_path, 8 * size + 8192, segment_size=2 * size + 8192)
+    record = size + 8192  # at most: a payload plus its header page and padding
+    tier = DiskTier(tmp_path, 8 * record, segment_size=2 * record)
     tier.append([(k, meta_of(p), p) for k, p in zip(ks[:6], payloads, strict=False)])
     assert read(tier, ks[0], size) == bytes(payloads[0])  # the first segment is now warm
     tier.append([(k, meta_of(p), p) for k, p in zip(ks[6:12], payloads[6:], strict=False)])
