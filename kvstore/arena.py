@@ -20,29 +20,12 @@ def aligned(size: int) -> int:
     return (size + ALIGN - 1) & ~(ALIGN - 1)
 
 
-class Arena:
-    """Offsets into one preallocated buffer. Not thread-safe: its owner locks.
+class Extents:
+    """Variable-size extents of `capacity` bytes: offsets only, no memory.
+    Not thread-safe: its owner locks."""
 
-    Where the OS offers `memfd_create`, the buffer is an anonymous shared-memory
-    file: same-host clients can map it (`segment_path`) and read or write slots
-    directly. It vanishes with the process, so a crash leaks nothing. Offsets in
-    the file are `HEADER` plus arena offsets.
-    """
-
-    def __init__(self, capacity: int, *, prefault: bool = True) -> None:
+    def __init__(self, capacity: int) -> None:
         self.capacity = aligned(capacity)
-        flags = mmap.MAP_SHARED
-        if prefault and hasattr(mmap, "MAP_POPULATE"):
-            flags |= mmap.MAP_POPULATE  # fault pages in now, not during the first puts
-        self.segment_fd = -1
-        if hasattr(os, "memfd_create"):
-            self.segment_fd = os.memfd_create("kvstore-arena")
-            os.ftruncate(self.segment_fd, HEADER + self.capacity)
-            self._mmap = mmap.mmap(self.segment_fd, HEADER + self.capacity, flags=flags)
-        else:
-            self._mmap = mmap.mmap(-1, HEADER + self.capacity, flags=flags | mmap.MAP_ANONYMOUS)
-        self.header = memoryview(self._mmap)[:HEADER]
-        self.memory = memoryview(self._mmap)[HEADER:]
         self._free: dict[int, int] = {0: self.capacity}  # start -> size
         self._free_ends: dict[int, int] = {self.capacity: 0}  # end -> start
         self.used = 0
@@ -78,14 +61,6 @@ class Arena:
         self._free_ends[end] = start
         return start, end - start
 
-    @property
-    def segment_path(self) -> str | None:
-        """A path this host's processes of the same user can open to map the arena."""
-        return f"/proc/{os.getpid()}/fd/{self.segment_fd}" if self.segment_fd >= 0 else None
-
-    def view(self, offset: int, size: int) -> memoryview:
-        return self.memory[offset : offset + size]
-
     def _take(self, start: int, need: int) -> int:
         free = self._free.pop(start)
         del self._free_ends[start + free]
@@ -94,3 +69,36 @@ class Arena:
             self._free_ends[start + free] = start + need
         self.used += need
         return start
+
+
+class Arena(Extents):
+    """Offsets into one preallocated buffer. Not thread-safe: its owner locks.
+
+    Where the OS offers `memfd_create`, the buffer is an anonymous shared-memory
+    file: same-host clients can map it (`segment_path`) and read or write slots
+    directly. It vanishes with the process, so a crash leaks nothing. Offsets in
+    the file are `HEADER` plus arena offsets.
+    """
+
+    def __init__(self, capacity: int, *, prefault: bool = True) -> None:
+        super().__init__(capacity)
+        flags = mmap.MAP_SHARED
+        if prefault and hasattr(mmap, "MAP_POPULATE"):
+            flags |= mmap.MAP_POPULATE  # fault pages in now, not during the first puts
+        self.segment_fd = -1
+        if hasattr(os, "memfd_create"):
+            self.segment_fd = os.memfd_create("kvstore-arena")
+            os.ftruncate(self.segment_fd, HEADER + self.capacity)
+            self._mmap = mmap.mmap(self.segment_fd, HEADER + self.capacity, flags=flags)
+        else:
+            self._mmap = mmap.mmap(-1, HEADER + self.capacity, flags=flags | mmap.MAP_ANONYMOUS)
+        self.header = memoryview(self._mmap)[:HEADER]
+        self.memory = memoryview(self._mmap)[HEADER:]
+
+    @property
+    def segment_path(self) -> str | None:
+        """A path this host's processes of the same user can open to map the arena."""
+        return f"/proc/{os.getpid()}/fd/{self.segment_fd}" if self.segment_fd >= 0 else None
+
+    def view(self, offset: int, size: int) -> memoryview:
+        return self.memory[offset : offset + size]

@@ -104,6 +104,13 @@ class ServerConfig:
         "written down; 0 writes every block down at once",
         float,
     )
+    device_capacity: int = _opt(
+        0,
+        "bytes of accelerator memory for blocks, above the host tier; 0: none. Needs torch "
+        "and the device; without them the daemon warns and runs without this tier",
+        parse_size,
+    )
+    device: str = _opt("cuda", "torch device of the device tier: cuda, cuda:N (cpu: for tests)")
     promote: bool = _opt(True, "keep blocks read from disk in the host tier", parse_bool)
     persist_on_shutdown: bool = _opt(
         False, "on SIGTERM/SIGINT, write every host block to disk before exiting", parse_bool

@@ -8,6 +8,7 @@ legal victim.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Iterator
 
 from kvstore.keys import BlockKey
 
@@ -31,6 +32,10 @@ class LRU:
     def victim(self) -> BlockKey | None:
         """The coldest key, or None when nothing is evictable."""
         return next(iter(self._order), None)
+
+    def __iter__(self) -> Iterator[BlockKey]:
+        """Keys from the coldest to the warmest."""
+        return iter(self._order)
 
     def __len__(self) -> int:
         return len(self._order)

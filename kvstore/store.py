@@ -1,8 +1,11 @@
 """The Store: what the server calls. It owns policy (placement, demotion,
 promotion, lookups); tiers own bytes.
 
-Puts land in the host tier, where the network writes them in place. With a
-disk tier below, the host tier writes back: a demoter thread copies the oldest
+Puts arrive in the host tier, where the network writes them in place. With a
+device tier on top, each is then moved up while the device has room (its least
+recently used blocks are moved down to the host tier to make it, when the host
+has room at once), and a get of a device block copies it down for the transfer.
+With a disk tier below, the host tier writes back: a demoter thread copies the oldest
 blocks down once more than `dirty_ratio` of the host tier is not yet on disk,
 or at once when a put finds no room; only blocks with a copy below are evicted,
 so a full host tier slows puts down and never drops data. A get that misses the
@@ -19,10 +22,12 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+from kvstore.arena import aligned
 from kvstore.errors import ResourceExhausted
 from kvstore.keys import BlockKey
 from kvstore.meta import BlockMeta
 from kvstore.tiers import PinnedBlock, Reservation, TierStats
+from kvstore.tiers.device import DeviceTier
 from kvstore.tiers.disk import DiskTier
 from kvstore.tiers.host import HostTier
 
@@ -67,6 +72,7 @@ class Store:
         max_block_size: int,
         reserve_timeout: float,
         disk: DiskTier | None = None,
+        device: DeviceTier | None = None,
         dirty_ratio: float = 0.5,
         promote: bool = True,
     ) -> None:
@@ -74,6 +80,8 @@ class Store:
             raise ValueError("a host tier above a disk tier must write back")
         self.host = host
         self.disk = disk
+        self.device = device
+        self._moves = threading.Lock()  # one device move at a time
         self.max_block_size = max_block_size
         self.reserve_timeout = reserve_timeout
         self.promote = promote
@@ -90,8 +98,8 @@ class Store:
             self._demoter.start()
 
     @property
-    def tiers(self) -> tuple[HostTier | DiskTier, ...]:
-        return (self.host, self.disk) if self.disk else (self.host,)
+    def tiers(self) -> tuple[DeviceTier | HostTier | DiskTier, ...]:
+        return tuple(t for t in (self.device, self.host, self.disk) if t is not None)
 
     def contains(self, key: BlockKey) -> bool:
         return any(tier.contains(key) for tier in self.tiers)
@@ -102,6 +110,13 @@ class Store:
 
     def commit(self, key: BlockKey, meta: BlockMeta, reservation: Reservation) -> bool:
         """Make a whole block visible; False if the key was already present."""
+        if self.device is not None and self.device.contains(key):
+            self.host.abort(reservation)
+            return False
+        if self.device is not None and self._up_to_device(key, meta, reservation):
+            self.host.abort(reservation)
+            self._count("puts", 1)
+            return True
         on_disk = self.disk is not None and self.disk.contains(key)
         stored = self.host.commit(key, meta, reservation, clean=on_disk)
         self._count("puts", int(stored))
@@ -116,7 +131,7 @@ class Store:
         """Tier name of each block of the longest present prefix of `keys` (highest copy)."""
         self._count("lookups", 1)
         names = [self.host.name] * self.host.present_prefix(keys)
-        for key in keys[len(names) :] if self.disk else ():
+        for key in keys[len(names) :] if len(self.tiers) > 1 else ():
             tier = next((t for t in self.tiers if t.contains(key)), None)
             if tier is None:
                 break
@@ -127,14 +142,16 @@ class Store:
         """Pin the present prefix of `keys`; the caller must close the batch."""
         blocks = self.host.pin_prefix(keys)
         releases: list[Callable[[], None]] = [self._unpinner(b) for b in blocks]
-        if self.disk is not None:
-            for key in keys[len(blocks) :]:
-                if pinned := self.host.pin_prefix([key]):
-                    found = pinned[0], self._unpinner(pinned[0])
-                elif (found := self._from_disk(key)) is None:
+        while len(blocks) < len(keys) and len(self.tiers) > 1:
+            key = keys[len(blocks)]
+            if pinned := self.host.pin_prefix([key]):
+                found = [(pinned[0], self._unpinner(pinned[0]))]
+            elif not (found := self._from_device(keys[len(blocks) :])):
+                if (one := self._from_disk(key)) is None:
                     break
-                blocks.append(found[0])
-                releases.append(found[1])
+                found = [one]
+            blocks += [block for block, _ in found]
+            releases += [release for _, release in found]
         self._count("gets", len(blocks))
         return ReadBatch(blocks, releases)
 
@@ -157,13 +174,15 @@ class Store:
         with self._counts_lock:
             counts = dict(self._counts)
         tiers = tuple(tier.stats() for tier in self.tiers)
+        promotions = counts.pop("promotions")
         if self.disk is not None:
-            tiers[1].promotions = counts["promotions"]
-        del counts["promotions"]
+            tiers[-1].promotions = promotions
         return StoreStats(tiers=tiers, uptime_s=time.monotonic() - self._started, **counts)
 
     def close(self, *, persist: bool = False) -> None:
         """Stop demoting; with `persist`, first write every host block down to disk."""
+        if persist and self.device is not None and self.disk is not None:
+            self._device_to_disk()
         if self._demoter is None:
             return
         with self._wake:
@@ -212,6 +231,87 @@ class Store:
         if gone:  # deleted while being written down: delete the copy too
             self.disk.delete([b.key for b in gone if not self.host.contains(b.key)])
         return True
+
+    def _up_to_device(self, key: BlockKey, meta: BlockMeta, reservation: Reservation) -> bool:
+        """Move a just-received block up to the device, if room can be made without waiting."""
+        if meta.size > self.device.capacity or self.contains(key):
+            return False
+        with self._moves:
+            victims = self.device.victims(meta.size)
+            if victims and not self._device_to_host(victims):
+                return False
+            try:
+                return self.device.put_batch([(key, meta, reservation.view)]) == 1
+            except ResourceExhausted:  # fragmented: the block stays in the host tier
+                return False
+
+    def _device_to_host(self, victims: list[tuple[BlockKey, BlockMeta]]) -> bool:
+        """Move blocks down into one fresh host extent (one copy); False if no room now."""
+        try:
+            slots = self._host_slots([meta.size for _, meta in victims])
+        except ResourceExhausted:
+            return False
+        metas = self.device.read_batch([k for k, _ in victims], [s.view for s in slots], hit=False)
+        for (key, _), meta, slot in zip(victims, metas, slots, strict=False):
+            self.host.commit(
+                key, meta, slot, clean=self.disk is not None and self.disk.contains(key)
+            )
+        for slot in slots[len(metas) :]:
+            self.host.abort(slot)
+        self.device.delete([k for k, _ in victims], demoted=True)
+        return True
+
+    def _from_device(
+        self, keys: Sequence[BlockKey]
+    ) -> list[tuple[PinnedBlock, Callable[[], None]]]:
+        """Copy the run of device blocks leading `keys` down into host slots for a transfer."""
+        if self.device is None:
+            return []
+        metas, total = [], 0
+        for key in keys[: self.device.present_prefix(keys)]:
+            meta = self.device.meta(key)
+            total += meta.size if meta else 0
+            if meta is None or (metas and total > self.host.capacity // 4):
+                break  # the rest on a later turn: a transfer must not need all of DRAM
+            metas.append(meta)
+        if not metas:
+            return []
+        with self._moves:
+            try:
+                slots = self._host_slots([m.size for m in metas])
+            except ResourceExhausted:
+                return []
+            got = self.device.read_batch(keys[: len(metas)], [s.view for s in slots])
+        for slot in slots[len(got) :]:
+            self.host.abort(slot)
+        return [
+            (PinnedBlock(key, meta, slot.view[: meta.size], slot.offset), self._aborter(slot))
+            for key, meta, slot in zip(keys, got, slots, strict=False)
+        ]
+
+    def _host_slots(self, sizes: list[int]) -> list[Reservation]:
+        """One host extent for `sizes`, cut into back-to-back slots; raises if no room now."""
+        whole = self.host.reserve(sum(aligned(size) for size in sizes), 0)
+        slots, at = [], 0
+        for size in sizes:
+            slots.append(
+                Reservation(whole.offset + at, size, self.host.arena.view(whole.offset + at, size))
+            )
+            at += aligned(size)
+        return slots
+
+    def _device_to_disk(self) -> None:
+        """On a persisting shutdown: write every device block down to disk."""
+        for key in self.device.listing():
+            meta = self.device.meta(key)
+            if meta is None:
+                continue
+            buffer = memoryview(bytearray(meta.size))
+            if self.device.read_batch([key], [buffer], hit=False):
+                self.disk.append([(key, meta, buffer)])
+
+    def _aborter(self, slot: Reservation) -> Callable[[], None]:
+        return lambda: self.host.abort(slot)
 
     def _from_disk(self, key: BlockKey) -> tuple[PinnedBlock, Callable[[], None]] | None:
         """Read `key` from disk into a host slot and pin it there, or None if absent."""

@@ -22,6 +22,7 @@ from kvstore.server.dataplane import DataPlane
 from kvstore.server.servicer import SERVICE, KVStoreServicer
 from kvstore.server.tickets import TicketBook
 from kvstore.store import Store
+from kvstore.tiers.device import DeviceTier, device_available
 from kvstore.tiers.disk import DiskTier
 from kvstore.tiers.host import HostTier
 
@@ -42,9 +43,18 @@ class Daemon:
                 config.disk_dir, capacity, segment_size=config.segment_size, fsync=config.fsync
             )
         host = HostTier(config.host_capacity, prefault=config.prefault, write_back=bool(disk))
+        device = None
+        if config.device_capacity and device_available(config.device):
+            device = DeviceTier(config.device_capacity, config.device)
+            device.register_host(host.arena.memory)
+        elif config.device_capacity:
+            log.warning(
+                "no %s device here (or no torch): running without a device tier", config.device
+            )
         self.store = Store(
             host,
             disk=disk,
+            device=device,
             max_block_size=config.max_block_size,
             reserve_timeout=config.reserve_timeout,
             dirty_ratio=config.dirty_ratio,

@@ -116,6 +116,28 @@ def test_lookup_reports_rates_per_prompt_length(tmp_path: Path) -> None:
     )
 
 
+def test_tiers_report_disk_and_demotion_beside_their_ceilings(tmp_path: Path) -> None:
+    out = tmp_path / "t.json"
+    result = bench(
+        "tiers", "--dir", str(tmp_path), "--total", "64MiB", "--block-size", "1MiB",
+        "--host-capacity", "32MiB", "--transports", "tcp", "--repeat", "1", "--json", str(out),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    rows = {
+        (r["scenario"], r["path"], r.get("host_tier")): r
+        for r in json.loads(out.read_text())["results"]
+    }
+    assert set(rows) == {
+        ("put", "file_io", None), ("get", "file_io", None), ("put", "disk_tier", None),
+        ("get", "disk_tier", None), ("demotion", "tcp", "empty"), ("demotion", "tcp", "full"),
+    }  # fmt: skip
+    assert all(r["gbps"] > 0 for r in rows.values())
+    assert rows[("put", "disk_tier", None)]["ratios"]["file_io"] > 0
+    full = rows[("demotion", "tcp", "full")]
+    assert full["ratios"]["empty_host"] > 0 and full["demotions"] > 0 and full["disk_errors"] == 0
+    assert list(tmp_path.iterdir()) == [out]  # scratch files are gone
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -126,6 +148,7 @@ def test_lookup_reports_rates_per_prompt_length(tmp_path: Path) -> None:
         (["--procs", "0"], "--streams and --procs >= 1"),
         (["--repeat", "0"], "--repeat must be at least 1"),
         (["lookup", "--prompt-tokens", "8", "--block-size", "16"], "at least one --block-size"),
+        (["tiers", "--host-capacity", "1MiB"], "--host-capacity at least four"),
     ],
 )
 def test_bad_arguments_are_explained(args: list[str], message: str) -> None:
