@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -23,8 +24,14 @@ class Processes(ExitStack):
     """Every child started here is terminated (then killed) when the stack closes."""
 
     def spawn(self, cmd: list[str], **kw) -> subprocess.Popen:
-        proc = subprocess.Popen(cmd, **kw)
-        self.callback(_stop, proc)
+        # A Ctrl-C between the child's start and its registration here would leave
+        # it running: hold SIGINT back until then (the child gets it unblocked).
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            proc = subprocess.Popen(cmd, preexec_fn=_unblock_sigint, **kw)
+            self.callback(_stop, proc)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         return proc
 
     def daemon(self, *flags: str) -> str:
@@ -103,6 +110,10 @@ def _wait_for_redis(url: str, timeout: float = 20.0) -> None:
             time.sleep(0.05)
         finally:
             client.close()
+
+
+def _unblock_sigint() -> None:
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
 
 def _stop(proc: subprocess.Popen) -> None:

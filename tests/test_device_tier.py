@@ -41,27 +41,40 @@ def meta_of(block: np.ndarray) -> BlockMeta:
 
 
 def test_blocks_go_up_and_come_back_down_intact(device: str, blocks) -> None:
-    tier = DeviceTier(8 * MiB, device)
+    size = blocks[0].nbytes
+    tier = DeviceTier(5 * size, device)
     keys = block_keys(np.arange(40), 4, b"dev")[:8]
-    contiguous = np.concatenate(blocks[:4])  # back to back: one copy up
-    ups = [memoryview(contiguous[i * len(b) : (i + 1) * len(b)]) for i, b in enumerate(blocks[:4])]
-    ups += [memoryview(b) for b in blocks[4:8]]  # scattered: one copy each
+    together = memoryview(np.concatenate(blocks[:4]))  # back to back: one extent, one copy
+    ups = [together[i * size : (i + 1) * size] for i in range(4)]
     assert (
         tier.put_batch([(k, meta_of(b), v) for k, b, v in zip(keys, blocks, ups, strict=False)])
-        == 8
+        == 4
     )
     assert tier.put_batch([(keys[0], meta_of(blocks[0]), ups[0])]) == 0  # already there
+    assert tier.delete([keys[1], keys[3]]) == 2  # holes of one and two blocks
+    more = memoryview(np.concatenate(blocks[4:7]))  # fits no hole whole: scattered on the device
+    ups = [more[i * size : (i + 1) * size] for i in range(3)]
+    assert (
+        tier.put_batch(
+            [(k, meta_of(b), v) for k, b, v in zip(keys[4:], blocks[4:], ups, strict=False)]
+        )
+        == 3
+    )
 
-    together = np.zeros(sum(b.nbytes for b in blocks[:8]), np.uint8)  # one copy down
-    outs = np.split(together, np.cumsum([b.nbytes for b in blocks[:7]]))
-    assert tier.read_batch(keys, [memoryview(o) for o in outs]) == [meta_of(b) for b in blocks[:8]]
-    assert all(np.array_equal(o, b) for o, b in zip(outs, blocks, strict=False))
+    order = [keys[0], keys[2], keys[4], keys[5], keys[6]]
+    expected = [blocks[i] for i in (0, 2, 4, 5, 6)]
+    down = memoryview(np.zeros(5 * size, np.uint8))  # back to back on the host: gathered
+    outs = [down[i * size : (i + 1) * size] for i in range(5)]
+    assert tier.read_batch(order, outs) == [meta_of(b) for b in expected]
+    assert all(
+        np.array_equal(np.frombuffer(o, np.uint8), b) for o, b in zip(outs, expected, strict=True)
+    )
 
-    apart = [np.zeros(b.nbytes + 4096, np.uint8) for b in blocks[:3]]  # through staging
-    assert len(tier.read_batch(keys[5:8], [memoryview(a) for a in apart])) == 3
-    assert all(np.array_equal(a[: b.nbytes], b) for a, b in zip(apart, blocks[5:8], strict=True))
+    apart = [np.zeros(size + 4096, np.uint8) for _ in range(3)]  # one copy each
+    assert len(tier.read_batch([*order[2:], keys[1]], [memoryview(a) for a in apart])) == 3
+    assert all(np.array_equal(a[:size], b) for a, b in zip(apart, expected[2:], strict=True))
     stats = tier.stats()
-    assert stats.blocks == 8 and stats.hits == 11 and stats.bytes == 8 * blocks[0].nbytes
+    assert stats.blocks == 5 and stats.hits == 8 and stats.misses == 1 and stats.bytes == 5 * size
 
 
 def test_victims_are_the_least_recently_used(device: str, blocks) -> None:

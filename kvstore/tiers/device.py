@@ -1,14 +1,13 @@
 """The device tier: blocks in one preallocated pool of accelerator memory, above host DRAM.
 
 Blocks move between host and device in batches, because per-block copies of
-small blocks run far below the link's bulk rate:
-- up: each run of blocks contiguous in host memory is one host-to-device copy
-  into a device scratch buffer, then one fused multi-tensor copy scatters the
-  blocks into their extents of the pool;
-- down: one gather kernel (`torch.cat`) packs the blocks into the scratch
-  buffer, then one device-to-host copy lands them in host memory.
-Host memory the daemon moves through (its arena) is page-locked once with
-`register_host`, so these copies are DMA at full link speed.
+small blocks run far below the link's bulk rate. A batch going up gets one
+extent of the pool when a hole fits it, so blocks that lie back to back in host
+memory (as consecutive puts do in the arena) go up in one copy, and come back
+down in one. Where the pool side is fragmented, one gather (down) or scatter
+(up) kernel on the device packs the blocks through a scratch buffer around that
+one copy. Host memory the daemon moves through (its arena) is page-locked once
+with `register_host`, so the copies are DMA at full link speed.
 
 torch is imported only when this tier is built: the core runs without it. The
 tier also runs on torch's CPU device, which is how CI tests the hierarchy.
@@ -20,6 +19,7 @@ import threading
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import accumulate
 from typing import Any
 
 import numpy as np
@@ -63,7 +63,6 @@ class DeviceTier:
         self.capacity = self._extents.capacity
         self.pool = torch.empty(self.capacity, dtype=torch.uint8, device=self.device)
         self._scratch = torch.empty(0, dtype=torch.uint8, device=self.device)
-        self._staging = memoryview(b"")  # page-locked bounce buffer for scattered reads
         self._slots: dict[BlockKey, _Slot] = {}
         self._lru = LRU()
         self._lock = threading.Lock()  # the index; moves are serialized by the caller
@@ -130,27 +129,10 @@ class DeviceTier:
         """Copy blocks up into the pool; returns how many were new. The caller made room."""
         with self._lock:
             new = [b for b in blocks if b[0] not in self._slots]
-            offsets = [self._extents.alloc(meta.size) for _, meta, _ in new]
-            if None in offsets:
-                for offset, (_, meta, _) in zip(offsets, new, strict=True):
-                    if offset is not None:
-                        self._extents.release(offset, meta.size)
-                raise ResourceExhausted("no room in the device tier for this batch")
+            offsets = self._alloc([meta.size for _, meta, _ in new])
         if not new:
             return 0
-        sizes = [meta.size for _, meta, _ in new]
-        scratch = self._scratch_for(sum(sizes))
-        at = 0
-        for run in _contiguous_runs([view for *_, view in new]):  # one copy per run
-            with warnings.catch_warnings():  # read-only sources are only read
-                warnings.simplefilter("ignore", UserWarning)
-                source = self._torch.frombuffer(run, dtype=self._torch.uint8)
-            scratch[at : at + len(run)].copy_(source, non_blocking=True)
-            at += len(run)
-        parts = scratch[:at].split(sizes)
-        dests = [self.pool[o : o + s] for o, s in zip(offsets, sizes, strict=True)]
-        self._torch._foreach_copy_(dests, list(parts))
-        self._sync()
+        self._move([view for *_, view in new], offsets, [meta.size for _, meta, _ in new], up=True)
         with self._lock:
             for (key, meta, _), offset in zip(new, offsets, strict=True):
                 self._slots[key] = _Slot(offset, meta)
@@ -163,8 +145,7 @@ class DeviceTier:
         self, keys: Sequence[BlockKey], outs: Sequence[memoryview], *, hit: bool = True
     ) -> list[BlockMeta]:
         """Copy blocks down into `outs` (one per key, each at least the block's size);
-        returns the metadata of those still here, a prefix of `keys`. Page-locked
-        `outs` that lie back to back take one copy (see `register_host`). `hit`: a
+        returns the metadata of those still here, a prefix of `keys`. `hit`: a
         reader's access, counted and made warm (a demotion is neither)."""
         with self._lock:
             slots = []
@@ -176,22 +157,53 @@ class DeviceTier:
                 if hit:
                     self._lru.on_hit(key)
             self._stats.hits += len(slots) if hit else 0
-        if not slots:
-            return []
-        sizes = [s.meta.size for s in slots]
-        pieces = [self.pool[s.offset : s.offset + s.meta.size] for s in slots]
-        packed = self._torch.cat(pieces, out=self._scratch_for(sum(sizes))[: sum(sizes)])
-        outs = [out[:size] for out, size in zip(outs, sizes, strict=False)]
-        runs = _contiguous_runs(outs)
-        target = runs[0] if len(runs) == 1 else self._staging_for(sum(sizes))
-        self._torch.frombuffer(target, dtype=self._torch.uint8).copy_(packed, non_blocking=True)
-        self._sync()
-        if len(runs) > 1:
-            at = 0
-            for out in outs:
-                out[:] = target[at : at + len(out)]
-                at += len(out)
+        if slots:
+            sizes = [s.meta.size for s in slots]
+            outs = [out[:size] for out, size in zip(outs, sizes, strict=False)]
+            self._move(outs, [s.offset for s in slots], sizes, up=False)
         return [s.meta for s in slots]
+
+    def _alloc(self, sizes: list[int]) -> list[int]:
+        """Pool offsets for a batch (lock held): one extent if a hole fits it, so the
+        batch moves in one copy; else one extent per block."""
+        start = self._extents.alloc(sum(aligned(size) for size in sizes)) if sizes else None
+        if start is not None:
+            return list(accumulate((aligned(size) for size in sizes[:-1]), initial=start))
+        offsets = [self._extents.alloc(size) for size in sizes]
+        if None in offsets:
+            for offset, size in zip(offsets, sizes, strict=True):
+                if offset is not None:
+                    self._extents.release(offset, size)
+            raise ResourceExhausted("no room in the device tier for this batch")
+        return offsets
+
+    def _move(
+        self, hosts: Sequence[memoryview], offsets: list[int], sizes: list[int], *, up: bool
+    ) -> None:
+        """One copy per run of blocks back to back both in host memory and in the pool.
+        Host blocks back to back but pool blocks apart take one copy and one gather
+        (down) or scatter (up) kernel on the device, through a scratch buffer."""
+        runs = _runs(hosts, offsets, sizes)
+        if len(runs) > 1 and len(host_runs := _runs(hosts, None, sizes)) == 1:
+            host = self._tensor(host_runs[0][0])
+            scratch = self._scratch_for(len(host))[: len(host)]
+            pieces = [self.pool[o : o + s] for o, s in zip(offsets, sizes, strict=True)]
+            if up:
+                scratch.copy_(host, non_blocking=True)
+                self._torch._foreach_copy_(pieces, list(scratch.split(sizes)))
+            else:
+                host.copy_(self._torch.cat(pieces, out=scratch), non_blocking=True)
+        else:
+            for host_view, offset, length in runs:
+                host, pool = self._tensor(host_view), self.pool[offset : offset + length]
+                (pool if up else host).copy_(host if up else pool, non_blocking=True)
+        if self.device.type == "cuda":
+            self._torch.cuda.synchronize(self.device)
+
+    def _tensor(self, view: memoryview) -> Any:
+        with warnings.catch_warnings():  # a read-only source is only read
+            warnings.simplefilter("ignore", UserWarning)
+            return self._torch.frombuffer(view, dtype=self._torch.uint8)
 
     def register_host(self, memory: memoryview) -> None:
         """Page-lock host memory so copies to and from it run as DMA (CUDA only)."""
@@ -206,35 +218,32 @@ class DeviceTier:
             self._scratch = self._torch.empty(size, dtype=self._torch.uint8, device=self.device)
         return self._scratch
 
-    def _staging_for(self, size: int) -> memoryview:
-        if len(self._staging) < size:
-            pinned = self.device.type == "cuda"
-            tensor = self._torch.empty(size, dtype=self._torch.uint8, pin_memory=pinned)
-            self._staging = memoryview(tensor.numpy())
-        return self._staging[:size]
 
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            self._torch.cuda.synchronize(self.device)
-
-
-def _contiguous_runs(views: Sequence[memoryview]) -> list[memoryview]:
-    """Merge views lying back to back in one buffer, so that each run is one copy."""
-    runs: list[list[Any]] = []  # [buffer, address, length, first view]
-    for view in views:
-        address = _address(view)
+def _runs(
+    hosts: Sequence[memoryview], offsets: list[int] | None, sizes: list[int]
+) -> list[tuple[memoryview, int, int]]:
+    """(host view, pool offset, length) of each run of blocks back to back in one host
+    buffer and, unless `offsets` is None, in the pool."""
+    runs: list[list[Any]] = []  # [buffer, address, offset, length, first view]
+    for i, (view, size) in enumerate(zip(hosts, sizes, strict=True)):
+        address, offset = _address(view), offsets[i] if offsets else 0
         last = runs[-1] if runs else None
-        if last and last[0] is view.obj and last[1] + last[2] == address:
-            last[2] += len(view)
+        if (
+            last
+            and last[0] is view.obj
+            and last[1] + last[3] == address
+            and (offsets is None or last[2] + last[3] == offset)
+        ):
+            last[3] += size
         else:
-            runs.append([view.obj, address, len(view), view])
-    merged = []
-    for buffer, address, length, first in runs:
+            runs.append([view.obj, address, offset, size, view])
+    out = []
+    for buffer, address, offset, length, first in runs:
         if length != len(first):
             whole = memoryview(buffer).cast("B")
             first = whole[address - _address(whole) :][:length]
-        merged.append(first)
-    return merged
+        out.append((first, offset, length))
+    return out
 
 
 def _address(view: memoryview) -> int:
