@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import grpc
 import numpy as np
 
+from kvstore import codecs
 from kvstore.client import shm
 from kvstore.client._wire import (
     CHANNEL_OPTIONS,
@@ -27,6 +28,8 @@ from kvstore.ingest import PutResult
 from kvstore.keys import BlockKey, check_keys
 from kvstore.proto import kvstore_pb2 as pb
 from kvstore.store import StoreStats
+
+IN_PLACE_PART = 256 << 20  # bytes per part of an in-place put
 
 
 class Client(ClientBase):
@@ -71,7 +74,8 @@ class Client(ClientBase):
         """Put blocks whose headers are already built (e.g. a node forwarding its own)."""
         if segment := self._shared_segment():
             stored = existed = 0
-            for part in shm.batches(views, len(segment.memory) // 4):  # slots are held at once
+            sizes = [len(view) for view in views]
+            for part in shm.batches(sizes, len(segment.memory) // 4):  # slots are held at once
                 request = pb.OpenPutRequest(blocks=headers[part], shared_memory=True)
                 ticket = pb.Ticket.FromString(self._call("OpenPut", request))
                 result = shm.put(segment, ticket, views[part], self._finish, self._pool)
@@ -88,6 +92,62 @@ class Client(ClientBase):
             self._call_with(self._put, put_frames(headers, views, self.chunk_size))
         )
         return PutResult(reply.stored, reply.existed)
+
+    def put_in_place(
+        self,
+        keys: Sequence[BlockKey],
+        dtype: np.dtype,
+        shape: tuple[int, ...],
+        fill: shm.Fill,
+        *,
+        layout: str | None = None,
+    ) -> PutResult:
+        """Store one block per key, each a `dtype` array of `shape`, that `fill(indexes,
+        slots)` writes straight into the node's shared arena: `slots[j]` is the writable
+        bytes of block `indexes[j]` (blocks already stored are left out). One copy fewer
+        than `put`, for data not yet in host memory (a GPU's). Same host only; no codec,
+        no checksum.
+
+        Blocks go in parts of `IN_PLACE_PART` bytes. `fill` may start its copies and
+        return a wait function instead of finishing them: the part is published after
+        the wait, once the next part's slots are handed out, so copies overlap the
+        node's bookkeeping. If `fill` raises, the node frees unpublished slots when
+        their ticket expires."""
+        segment = self._shared_segment()
+        if segment is None:
+            raise Unsupported("in-place puts need a node on this host with a shared arena")
+        keys = check_keys(keys, unique=True)
+        dtype = np.dtype(dtype)
+        meta = pb.BlockMeta(
+            size=int(np.prod(shape)) * dtype.itemsize,
+            dtype=codecs.dtype_name(dtype),
+            shape=shape,
+            layout=self.encoding.layout if layout is None else layout,
+        )
+        sizes = [meta.size] * len(keys)
+        pending: list[tuple[bytes, Callable[[], None] | None]] = []
+        replies = []
+        for part in shm.batches(sizes, min(len(segment.memory) // 4, IN_PLACE_PART)):
+            request = pb.OpenPutRequest(
+                blocks=[pb.BlockHeader(key=k, meta=meta) for k in keys[part]], shared_memory=True
+            )
+            ticket = pb.Ticket.FromString(self._call("OpenPut", request))
+            wanted, slots = shm.slots(segment, ticket, range(len(keys))[part], sizes)
+            pending.append((ticket.id, fill(wanted, slots) if wanted else None))
+            if len(pending) == 2:
+                replies.append(self._publish(*pending.pop(0)))
+        replies += [self._publish(*p) for p in pending]
+        return PutResult(sum(r.stored for r in replies), sum(r.existed for r in replies))
+
+    def _publish(self, ticket_id: bytes, wait: Callable[[], None] | None) -> pb.PutReply:
+        if wait is not None:
+            wait()
+        return self._finish(ticket_id)
+
+    def shared_arena(self) -> np.ndarray | None:
+        """The node's arena as mapped here, or None when the node is not on this host."""
+        segment = self._shared_segment()
+        return segment.memory if segment is not None else None
 
     def get(
         self, keys: Sequence[BlockKey], *, out: memoryview | np.ndarray | None = None

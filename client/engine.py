@@ -12,19 +12,23 @@ Two cache shapes are supported:
 - paged caches as engines keep them: per layer `[num_pages, 2, page_size, heads,
   dim]` with a block table mapping a request's blocks to page ids, `page_size ==
   block_size`.
-On a GPU, gather and scatter run on the device and the host side is one batched
-copy through pinned memory in each direction.
+On a GPU, gather and scatter run on the device. With the node on the same host,
+the device copies blocks straight into their slots of the node's shared arena
+(page-locked once, here) and loads them straight from there: one DMA per run of
+adjacent blocks, no host copy. Otherwise the host side is one batched copy
+through a pinned staging buffer in each direction.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from kvstore.client.client import Client
+from kvstore.client.client import IN_PLACE_PART, Client
 from kvstore.errors import InvalidArgument
 from kvstore.ingest import PutResult
 from kvstore.keys import block_keys, namespace_salt
@@ -72,6 +76,7 @@ class KVAdapter:
         self.spec = spec
         self.codec = codec
         self._staging = torch.empty(0, dtype=torch.uint8)  # reused host memory, see _host_buffer
+        self._registered: np.ndarray | None = None  # the node's arena, page-locked for DMA
 
     def keys(self, token_ids: Sequence[int] | np.ndarray) -> list[bytes]:
         return block_keys(np.asarray(token_ids), self.spec.block_size, self.spec.salt)
@@ -167,9 +172,78 @@ class KVAdapter:
         if not keys:
             return None
         size = self.spec.block_size
-        host = self.to_host(tokens[: len(keys) * size])  # one copy for all blocks
+        tokens = tokens[: len(keys) * size]
+        if tokens.is_cuda and not self.codec and (arena := self._arena()) is not None:
+            return self._store_in_place(keys, tokens, arena)
+        host = self.to_host(tokens)  # one copy for all blocks
         blocks = [host[i * size : (i + 1) * size] for i in range(len(keys))]
         return self.client.put(keys, blocks, codec=self.codec, layout=LAYOUT)
+
+    def _store_in_place(
+        self, keys: list[bytes], tokens: torch.Tensor, arena: np.ndarray
+    ) -> PutResult:
+        """The device writes each run of adjacent slots in the node's arena in one DMA."""
+        flat = tokens.contiguous().view(-1).view(torch.uint8)
+        per_block = flat.numel() // len(keys)
+
+        def fill(indexes: list[int], slots: list[np.ndarray]) -> Callable[[], None]:
+            for first, count, run in _runs(arena, slots):
+                start = indexes[first] * per_block
+                torch.frombuffer(run, dtype=torch.uint8).copy_(
+                    flat[start : start + count * per_block], non_blocking=True
+                )
+            copied = torch.cuda.Event()
+            copied.record()
+            return copied.synchronize  # the client publishes the part after this
+
+        dtype = _numpy_dtype(self.spec.dtype)
+        return self.client.put_in_place(keys, dtype, self.spec.block_shape, fill, layout=LAYOUT)
+
+    def _load_in_place(
+        self, keys: list[bytes], device: torch.device, arena: np.ndarray
+    ) -> torch.Tensor | None:
+        """Each run of adjacent blocks in the node's arena goes to the device in one DMA.
+        Blocks are leased in parts, so one part's copies overlap the next part's lease."""
+        block_bytes = int(np.prod(self.spec.block_shape)) * _numpy_dtype(self.spec.dtype).itemsize
+        part = max(1, IN_PLACE_PART // block_bytes)
+        kv = torch.empty(len(keys) * block_bytes, dtype=torch.uint8, device=device)
+        at = 0
+        with ExitStack() as leases:
+            for start in range(0, len(keys), part):
+                lease = leases.enter_context(self.client.lease(keys[start : start + part]))
+                self._check(lease.blocks, start)
+                for _, _, run in _runs(arena, lease.blocks):
+                    kv[at : at + run.nbytes].copy_(torch.from_numpy(run), non_blocking=True)
+                    at += run.nbytes
+                if len(lease.blocks) < part:
+                    break
+            torch.cuda.synchronize(device)  # before the leases let the node reuse the slots
+        if not at:
+            return None
+        return kv[:at].view(self.spec.dtype).view(-1, *self.spec.block_shape[1:])
+
+    def _arena(self) -> np.ndarray | None:
+        """The node's arena mapped here and page-locked, or None (another host, no CUDA,
+        checksums wanted: those take the staging path)."""
+        if self.client.checksum or not torch.cuda.is_available():
+            return None
+        arena = self.client.shared_arena()
+        if arena is not None and self._registered is not arena:
+            code = torch.cuda.cudart().cudaHostRegister(arena.ctypes.data, arena.nbytes, 0)
+            if int(code) != 0:
+                return None
+            self._registered = arena
+        return arena
+
+    def _check(self, blocks: Sequence[np.ndarray], first: int = 0) -> None:
+        expected = _numpy_dtype(self.spec.dtype)
+        for i, block in enumerate(blocks, first):
+            if block.shape != self.spec.block_shape or block.dtype != expected:
+                raise InvalidArgument(
+                    f"blocks[{i}]",
+                    f"stored as {block.dtype}{list(block.shape)}, this model "
+                    f"needs {expected}{list(self.spec.block_shape)}: another model or layout",
+                )
 
     def _load(
         self, token_ids: Sequence[int] | np.ndarray, device: str | torch.device
@@ -177,20 +251,16 @@ class KVAdapter:
         keys = self.keys(token_ids)
         if not keys:
             return None
+        device = torch.device(device)
+        if device.type == "cuda" and (arena := self._arena()) is not None:
+            return self._load_in_place(keys, device, arena)
         block_bytes = int(np.prod(self.spec.block_shape)) * _numpy_dtype(self.spec.dtype).itemsize
         staging = self._host_buffer(len(keys) * block_bytes, torch.device(device))
         out = staging.numpy()
         blocks = self.client.get(keys, out=out)  # received straight into place
         if not blocks:
             return None
-        expected = _numpy_dtype(self.spec.dtype)
-        for i, block in enumerate(blocks):
-            if block.shape != self.spec.block_shape or block.dtype != expected:
-                raise InvalidArgument(
-                    f"blocks[{i}]",
-                    f"stored as {block.dtype}{list(block.shape)}, this model "
-                    f"needs {expected}{list(self.spec.block_shape)}: another model or layout",
-                )
+        self._check(blocks)
         if np.shares_memory(blocks[0], out):  # back to back in the staging buffer
             kv = staging[: len(blocks) * block_bytes].view(self.spec.dtype)
         else:  # decoded blocks are arrays of their own
@@ -206,6 +276,27 @@ class KVAdapter:
         if self._staging.numel() < nbytes or self._staging.is_pinned() != pinned:
             self._staging = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pinned)
         return self._staging[:nbytes]
+
+
+def _runs(arena: np.ndarray, blocks: Sequence[np.ndarray]) -> list[tuple[int, int, np.ndarray]]:
+    """(first block, block count, writable bytes) of each run of blocks lying back to back
+    in `arena`; a block elsewhere (e.g. decoded) is a run of its own."""
+    base, end = arena.ctypes.data, arena.ctypes.data + arena.nbytes
+    runs: list[list] = []  # [first, count, start address, length]
+    for i, block in enumerate(blocks):
+        address = block.ctypes.data
+        last = runs[-1] if runs else None
+        if last and last[2] >= 0 and last[2] + last[3] == address and address + block.nbytes <= end:
+            last[1] += 1
+            last[3] += block.nbytes
+        else:
+            inside = base <= address < end
+            runs.append([i, 1, address if inside else -1, block.nbytes, block])
+    return [
+        (first, count, arena[start - base : start - base + length] if start >= 0 else
+         np.ascontiguousarray(rest[0]).reshape(-1).view(np.uint8))
+        for first, count, start, length, *rest in runs
+    ]  # fmt: skip
 
 
 def _numpy_dtype(dtype: torch.dtype) -> np.dtype:

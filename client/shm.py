@@ -24,6 +24,8 @@ from kvstore.ingest import PutResult
 from kvstore.proto import kvstore_pb2 as pb
 
 Finish = Callable[[bytes], pb.PutReply]
+# fill(block indexes, their slots) writes the slots, or starts to and returns a wait
+Fill = Callable[[list[int], list[np.ndarray]], Callable[[], None] | None]
 _PARALLEL_BYTES = 8 << 20  # below this, threads cost more than they save
 _PIECE = 4 << 20
 
@@ -50,15 +52,15 @@ class SharedSegment:
         return self.memory[offset : offset + size]
 
 
-def batches(views: Sequence[memoryview], limit: int) -> Iterator[slice]:
-    """Consecutive runs of `views` of at most `limit` bytes (or one block), in order."""
+def batches(sizes: Sequence[int], limit: int) -> Iterator[slice]:
+    """Consecutive runs of blocks of at most `limit` bytes (or one block), in order."""
     start = total = 0
-    for i, view in enumerate(views):
-        if i > start and total + len(view) > limit:
+    for i, size in enumerate(sizes):
+        if i > start and total + size > limit:
             yield slice(start, i)
             start, total = i, 0
-        total += len(view)
-    yield slice(start, len(views))
+        total += size
+    yield slice(start, len(sizes))
 
 
 def put(
@@ -78,6 +80,17 @@ def put(
     _copy(pairs, pool)  # one copy: caller -> arena
     reply = finish(ticket.id)
     return PutResult(reply.stored, reply.existed)
+
+
+def slots(
+    segment: SharedSegment, ticket: pb.Ticket, indexes: Sequence[int], sizes: Sequence[int]
+) -> tuple[list[int], list[np.ndarray]]:
+    """The blocks of an in-place put that the node still wants, and their reserved slots."""
+    present = set(ticket.present)
+    wanted = [i for n, i in enumerate(indexes) if n not in present]
+    return wanted, [
+        segment.block(offset, sizes[i]) for i, offset in zip(wanted, ticket.offsets, strict=True)
+    ]
 
 
 def get(

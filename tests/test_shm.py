@@ -92,3 +92,23 @@ def test_a_shared_memory_put_is_checked_and_finished_once(small_daemon) -> None:
         assert "already used" in info.value.details()
         assert client.lookup(keys[:1]) == 0
         assert client.put(keys[1:], [b"fine"]).stored == 1
+
+
+def test_put_in_place_lets_the_caller_write_the_slots(daemon, kv_sample) -> None:
+    blocks = [np.ascontiguousarray(b) for b in kv_sample[:64].reshape(4, 16, -1)]
+    keys = block_keys(np.arange(64), 16, b"in-place")
+    written: list[int] = []
+
+    def fill(indexes: list[int], slots: list[np.ndarray]) -> None:
+        for i, slot in zip(indexes, slots, strict=True):
+            slot[:] = blocks[i].reshape(-1).view(np.uint8)
+            written.append(i)
+
+    with daemon.client(transport="shm") as c:
+        c.put(keys[1:2], blocks[1:2])
+        result = c.put_in_place(keys, blocks[0].dtype, blocks[0].shape, fill)
+        assert (result.stored, result.existed) == (3, 1) and written == [0, 2, 3]
+        got = c.get(keys)
+        assert all(np.array_equal(g, b) for g, b in zip(got, blocks, strict=True))
+    with daemon.client(transport="tcp") as c, pytest.raises(Unsupported):
+        c.put_in_place(keys, np.uint8, (1,), fill)
