@@ -26,7 +26,7 @@ from kvstore.arena import aligned
 from kvstore.errors import ResourceExhausted
 from kvstore.keys import BlockKey
 from kvstore.meta import BlockMeta
-from kvstore.tiers import PinnedBlock, Reservation, TierStats
+from kvstore.tiers import PinnedBlock, Reservation, Tier, TierStats
 from kvstore.tiers.device import DeviceTier
 from kvstore.tiers.disk import DiskTier
 from kvstore.tiers.host import HostTier
@@ -98,7 +98,7 @@ class Store:
             self._demoter.start()
 
     @property
-    def tiers(self) -> tuple[DeviceTier | HostTier | DiskTier, ...]:
+    def tiers(self) -> tuple[Tier, ...]:
         return tuple(t for t in (self.device, self.host, self.disk) if t is not None)
 
     def contains(self, key: BlockKey) -> bool:
@@ -110,13 +110,14 @@ class Store:
 
     def commit(self, key: BlockKey, meta: BlockMeta, reservation: Reservation) -> bool:
         """Make a whole block visible; False if the key was already present."""
-        if self.device is not None and self.device.contains(key):
-            self.host.abort(reservation)
-            return False
-        if self.device is not None and self._up_to_device(key, meta, reservation):
-            self.host.abort(reservation)
-            self._count("puts", 1)
-            return True
+        if self.device is not None:
+            if self.device.contains(key):
+                self.host.abort(reservation)
+                return False
+            if self._up_to_device(key, meta, reservation):
+                self.host.abort(reservation)
+                self._count("puts", 1)
+                return True
         on_disk = self.disk is not None and self.disk.contains(key)
         stored = self.host.commit(key, meta, reservation, clean=on_disk)
         self._count("puts", int(stored))
@@ -180,7 +181,7 @@ class Store:
         return StoreStats(tiers=tiers, uptime_s=time.monotonic() - self._started, **counts)
 
     def close(self, *, persist: bool = False) -> None:
-        """Stop demoting; with `persist`, first write every host block down to disk."""
+        """Stop demoting; with `persist`, first write every device and host block to disk."""
         if persist and self.device is not None and self.disk is not None:
             self._device_to_disk()
         if self._demoter is None:
