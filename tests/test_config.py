@@ -44,6 +44,11 @@ def test_flags_win_over_environment_over_defaults() -> None:
         ({"chunk_size": "1"}, "chunk_size"),
         ({"workers": "1"}, "workers"),
         ({"log_level": "loud"}, "log_level"),
+        ({"fsync": "sometimes"}, "fsync"),
+        ({"dirty_ratio": "1.5"}, "dirty_ratio"),
+        ({"segment_size": "4k"}, "segment_size"),
+        ({"persist_on_shutdown": "maybe"}, "persist_on_shutdown"),
+        ({"device_capacity": "a lot"}, "device_capacity"),
     ],
 )
 def test_invalid_settings_name_the_field(flags: dict, field: str) -> None:

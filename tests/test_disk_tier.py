@@ -42,9 +42,10 @@ def segments(directory: Path) -> list[Path]:
     return sorted(directory.glob("seg-*.kvs"))
 
 
-def test_blocks_survive_a_restart_byte_for_byte(tmp_path: Path, payloads) -> None:
+@pytest.mark.parametrize("fsync", ["batch", "interval", "never"])
+def test_blocks_survive_a_restart_byte_for_byte(tmp_path: Path, payloads, fsync: str) -> None:
     ks = keys(len(payloads))
-    tier = DiskTier(tmp_path, 64 * MiB, segment_size=4 * MiB)
+    tier = DiskTier(tmp_path, 64 * MiB, segment_size=4 * MiB, fsync=fsync)
     assert tier.append([(k, meta_of(p), p) for k, p in zip(ks, payloads, strict=True)]) == 16
     assert tier.append([(ks[0], meta_of(payloads[0]), payloads[0])]) == 0  # already there
     tier.close()
