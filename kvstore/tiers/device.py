@@ -15,6 +15,7 @@ tier also runs on torch's CPU device, which is how CI tests the hierarchy.
 
 from __future__ import annotations
 
+import ctypes
 import threading
 import warnings
 from collections.abc import Sequence
@@ -224,27 +225,28 @@ def _runs(
 ) -> list[tuple[memoryview, int, int]]:
     """(host view, pool offset, length) of each run of blocks back to back in one host
     buffer and, unless `offsets` is None, in the pool."""
-    runs: list[list[Any]] = []  # [buffer, address, offset, length, first view]
-    for i, (view, size) in enumerate(zip(hosts, sizes, strict=True)):
-        address, offset = _address(view), offsets[i] if offsets else 0
-        last = runs[-1] if runs else None
+    addresses = [_address(view) for view in hosts]
+    runs = []
+    start = 0
+    for i in range(1, len(hosts) + 1):
         if (
-            last
-            and last[0] is view.obj
-            and last[1] + last[3] == address
-            and (offsets is None or last[2] + last[3] == offset)
+            i < len(hosts)
+            and addresses[i] == addresses[i - 1] + sizes[i - 1]
+            and hosts[i].obj is hosts[start].obj
+            and (offsets is None or offsets[i] == offsets[i - 1] + sizes[i - 1])
         ):
-            last[3] += size
-        else:
-            runs.append([view.obj, address, offset, size, view])
-    out = []
-    for buffer, address, offset, length, first in runs:
-        if length != len(first):
-            whole = memoryview(buffer).cast("B")
-            first = whole[address - _address(whole) :][:length]
-        out.append((first, offset, length))
-    return out
+            continue
+        first, length = hosts[start], addresses[i - 1] + sizes[i - 1] - addresses[start]
+        if i - start > 1:
+            whole = memoryview(first.obj).cast("B")
+            first = whole[addresses[start] - _address(whole) :][:length]
+        runs.append((first, offsets[start] if offsets else 0, length))
+        start = i
+    return runs
 
 
 def _address(view: memoryview) -> int:
-    return np.frombuffer(view, np.uint8).ctypes.data
+    try:  # the fast way, for writable memory
+        return ctypes.addressof(ctypes.c_char.from_buffer(view))
+    except TypeError:
+        return np.frombuffer(view, np.uint8).ctypes.data
