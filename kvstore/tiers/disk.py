@@ -200,19 +200,19 @@ class DiskTier:
             segment = entry.segment
             segment.readers += 1
             segment.used = self._tick()
-        try:
-            start = entry.offset + _record(len(entry.meta_raw), entry.meta.size)[0]
-            n = os.preadv(segment.fd, [out[: entry.meta.size]], start)
+        size = entry.meta.size
+        head = bytearray(_record(len(entry.meta_raw), size)[0])
+        try:  # the header page too: reads of consecutive records stay sequential (readahead)
+            n = os.preadv(segment.fd, [head, out[:size]], entry.offset) - len(head)
+            error = f"block {key.hex()} in {segment.path.name} fails its checksum"
         except OSError as exc:
             n, error = -1, f"reading {segment.path.name}: {exc}"
-        else:
-            error = f"block {key.hex()} in {segment.path.name} fails its checksum"
         finally:
             with self._lock:
                 segment.readers -= 1
                 if segment.dropped and not segment.readers:
                     segment.close()
-        if n == entry.meta.size and self._body_hash(entry.meta_raw, out[:n]) == entry.body_hash:
+        if n == size and self._body_hash(entry.meta_raw, out[:size]) == entry.body_hash:
             with self._lock:
                 self._stats.hits += 1
             return entry.meta
