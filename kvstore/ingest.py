@@ -152,7 +152,7 @@ class SlotPut:
     same-host client, through the shared arena), then published together.
 
     Blocks already present are acknowledged and get no slot. `commit` publishes
-    every slot whose bytes match their checksum; `abort` frees them all.
+    every slot once all match their checksums; `abort` frees them all.
     """
 
     def __init__(self, store: Store, blocks: list[tuple[bytes, BlockMeta]]) -> None:
@@ -160,29 +160,27 @@ class SlotPut:
         self.present: list[int] = []
         self.slots: list[tuple[int, BlockKey, BlockMeta, Reservation]] = []
         seen: set[BlockKey] = set()
-        try:
-            for index, (key, meta) in enumerate(blocks):
-                key = validate_block(store, index, key, meta, seen)
-                if store.contains(key):
-                    self.present.append(index)
-                else:
-                    self.slots.append((index, key, meta, store.reserve(meta.size)))
-        except BaseException:
-            self.abort()
-            raise
+        wanted = []
+        for index, (key, meta) in enumerate(blocks):
+            key = validate_block(store, index, key, meta, seen)
+            if store.contains(key):
+                self.present.append(index)
+            else:
+                wanted.append((index, key, meta))
+        reservations = store.reserve_many([meta.size for *_, meta in wanted])
+        self.slots = [(*block, slot) for block, slot in zip(wanted, reservations, strict=True)]
 
     def commit(self) -> PutResult:
-        """Publish every slot; a checksum mismatch frees it and the rest, then raises."""
+        """Publish every slot, or none: a checksum mismatch frees them all, then raises."""
         slots, self.slots = self.slots, []
-        stored = 0
-        for n, (index, key, meta, slot) in enumerate(slots):
+        for index, key, meta, slot in slots:
             try:
                 check_payload(index, key, meta, slot.view)
             except InvalidArgument:
-                for *_, rest in slots[n:]:
+                for *_, rest in slots:
                     self._store.abort(rest)
                 raise
-            stored += self._store.commit(key, meta, slot)
+        stored = self._store.commit_many([(key, meta, slot) for _, key, meta, slot in slots])
         return PutResult(stored, len(self.present) + len(slots) - stored)
 
     def abort(self) -> None:

@@ -81,6 +81,7 @@ class Store:
         self.host = host
         self.disk = disk
         self.device = device
+        self.tiers: tuple[Tier, ...] = tuple(t for t in (device, host, disk) if t is not None)
         self._moves = threading.Lock()  # one device move at a time
         self.max_block_size = max_block_size
         self.reserve_timeout = reserve_timeout
@@ -96,10 +97,6 @@ class Store:
             host.on_pressure = self._on_pressure
             self._demoter = threading.Thread(target=self._demote_loop, name="kvstore-demoter")
             self._demoter.start()
-
-    @property
-    def tiers(self) -> tuple[Tier, ...]:
-        return tuple(t for t in (self.device, self.host, self.disk) if t is not None)
 
     def contains(self, key: BlockKey) -> bool:
         return any(tier.contains(key) for tier in self.tiers)
@@ -121,6 +118,23 @@ class Store:
         on_disk = self.disk is not None and self.disk.contains(key)
         stored = self.host.commit(key, meta, reservation, clean=on_disk)
         self._count("puts", int(stored))
+        if self.host.dirty_bytes > self.dirty_limit:
+            self._kick()
+        return stored
+
+    def reserve_many(self, sizes: Sequence[int]) -> list[Reservation]:
+        """`reserve` for a batch: all or none."""
+        return self.host.reserve_many(sizes, self.reserve_timeout)
+
+    def commit_many(self, blocks: Sequence[tuple[BlockKey, BlockMeta, Reservation]]) -> int:
+        """`commit` for a batch; returns how many were new."""
+        if self.device is not None:
+            return sum(self.commit(*block) for block in blocks)
+        on_disk = self.disk.contains if self.disk is not None else lambda key: False
+        stored = sum(
+            self.host.commit_many([(key, meta, slot, on_disk(key)) for key, meta, slot in blocks])
+        )
+        self._count("puts", stored)
         if self.host.dirty_bytes > self.dirty_limit:
             self._kick()
         return stored

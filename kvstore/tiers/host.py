@@ -66,23 +66,37 @@ class HostTier:
 
     def reserve(self, size: int, timeout: float) -> Reservation:
         """A write target of `size` bytes, evicting cold blocks as needed."""
-        if size > self.capacity:
-            raise ResourceExhausted(
-                f"block of {size} bytes exceeds the {self.name} tier ({self.capacity} bytes)"
-            )
+        return self.reserve_many([size], timeout)[0]
+
+    def reserve_many(self, sizes: Sequence[int], timeout: float) -> list[Reservation]:
+        """Write targets for a batch, under one lock; all or none (ResourceExhausted)."""
+        for size in sizes:
+            if size > self.capacity:
+                raise ResourceExhausted(
+                    f"block of {size} bytes exceeds the {self.name} tier ({self.capacity} bytes)"
+                )
         deadline = time.monotonic() + timeout
+        offsets: list[int] = []
         with self._space:
-            while (offset := self._alloc(size)) is None:
+            while len(offsets) < len(sizes):
+                if (offset := self._alloc(sizes[len(offsets)])) is not None:
+                    offsets.append(offset)
+                    continue
                 left = deadline - time.monotonic()
                 if left <= 0:
+                    for offset, size in zip(offsets, sizes, strict=False):
+                        self._release(offset, size)
                     raise ResourceExhausted(
-                        f"no room for {size} bytes in the {self.name} tier within {timeout:g}s:"
-                        " all blocks are pinned, being written or not yet demoted"
+                        f"no room for {sizes[len(offsets)]} bytes in the {self.name} tier within "
+                        f"{timeout:g}s: all blocks are pinned, being written or not yet demoted"
                     )
                 if self._dirty:
                     self.on_pressure()
                 self._space.wait(left)
-        return Reservation(offset, size, self.arena.view(offset, size))
+        return [
+            Reservation(o, size, self.arena.view(o, size))
+            for o, size in zip(offsets, sizes, strict=True)
+        ]
 
     def commit(
         self, key: BlockKey, meta: BlockMeta, reservation: Reservation, *, clean: bool = False
@@ -91,21 +105,31 @@ class HostTier:
 
         `clean`: a copy already exists below (only matters with `write_back`).
         """
-        clean = clean or not self.write_back
+        return self.commit_many([(key, meta, reservation, clean)])[0]
+
+    def commit_many(
+        self, blocks: Sequence[tuple[BlockKey, BlockMeta, Reservation, bool]]
+    ) -> list[bool]:
+        """`commit` for a batch of (key, meta, reservation, clean), under one lock."""
+        stored = []
         with self._space:
-            if key in self._slots:
-                self._release(reservation.offset, reservation.size)
-                return False
-            self._slots[key] = _Slot(reservation.offset, meta, clean=clean)
-            if clean:
-                self._lru.on_put(key)
-            else:
-                self._dirty[key] = meta.size
-                self.dirty_bytes += meta.size
-            self._stats.blocks += 1
-            self._stats.bytes += meta.size
-            self._space.notify_all()  # a new evictable block
-            return True
+            for key, meta, reservation, clean in blocks:
+                if key in self._slots:
+                    self._release(reservation.offset, reservation.size)
+                    stored.append(False)
+                    continue
+                clean = clean or not self.write_back
+                self._slots[key] = _Slot(reservation.offset, meta, clean=clean)
+                if clean:
+                    self._lru.on_put(key)
+                else:
+                    self._dirty[key] = meta.size
+                    self.dirty_bytes += meta.size
+                self._stats.blocks += 1
+                self._stats.bytes += meta.size
+                stored.append(True)
+            self._space.notify_all()  # new evictable blocks
+        return stored
 
     def abort(self, reservation: Reservation) -> None:
         with self._space:
