@@ -201,9 +201,9 @@ class DiskTier:
             segment.readers += 1
             segment.used = self._tick()
         size = entry.meta.size
-        head = bytearray(_record(len(entry.meta_raw), size)[0])
-        try:  # the header page too: reads of consecutive records stay sequential (readahead)
-            n = os.preadv(segment.fd, [head, out[:size]], entry.offset) - len(head)
+        start = entry.offset + _record(len(entry.meta_raw), size)[0]
+        try:
+            n = os.preadv(segment.fd, [out[:size]], start)
             error = f"block {key.hex()} in {segment.path.name} fails its checksum"
         except OSError as exc:
             n, error = -1, f"reading {segment.path.name}: {exc}"
