@@ -153,8 +153,9 @@ def parser() -> argparse.ArgumentParser:
     )
     cd.add_argument(
         "--link-codecs",
-        type=_choices(sorted(codecs.CODECS)),
-        default=["shuffle-zstd", "split-zstd", "int8+zstd", "int4+zstd"],
+        type=_choices(["auto", *sorted(codecs.CODECS)]),
+        default=["auto", "shuffle-zstd", "split-zstd", "int8+zstd", "int4+zstd"],
+        help="codecs for the end-to-end rows; auto picks per link (lossless)",
     )
     cd.add_argument("--copies", type=int, default=8, help="copies of the sample per transfer")
     tt = sub.add_parser(

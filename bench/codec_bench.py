@@ -78,7 +78,9 @@ def link_rows(
     for gbit in links_gbit:
         base = None
         for name in ["none", *names]:
-            with Client(address, transport="tcp", codec=name, layout=LAYOUT) as client:
+            with Client(
+                address, transport="tcp", codec=name, layout=LAYOUT, link_gbps=gbit or None
+            ) as client:
                 keys = block_keys(np.arange(len(batch) * 16), 16, f"link/{gbit}/{name}".encode())
                 before = client.stats().tiers[0].bytes
                 t = time.perf_counter()
@@ -93,6 +95,7 @@ def link_rows(
                 if len(got) != len(batch):
                     raise AssertionError(f"{name}: got {len(got)} of {len(batch)} blocks back")
                 client.delete(keys)
+                chosen = client._encoding(None, None, batch[:1]).codec  # what `auto` picked
             run = Run(2 * raw, put_s + get_s, [put_s, get_s])
             row = Row.of(
                 "codec-transfer",
@@ -103,6 +106,7 @@ def link_rows(
                 dtype=str(blocks[0].dtype),
                 link_gbit=gbit or None,
                 ratio=round(raw / wire, 4),
+                chosen=chosen,
             )
             base = base or row.gbps
             row.ratios["none"] = round(row.gbps / base, 3)

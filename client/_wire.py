@@ -52,12 +52,13 @@ class Encoding:
     """How a client encodes what it puts: the codec (see `kvstore.codecs`), the tensor
     layout it records (axis names, e.g. "tokens,layers,kv,heads,dim"), and checksums."""
 
-    codec: str = "none"
+    codec: str = "none"  # or "auto": resolved per kind of payload by the client
     layout: str = ""
     checksum: bool = False
 
     def __post_init__(self) -> None:
-        codecs.get(self.codec)  # unknown names fail here, in the caller
+        if self.codec != "auto":
+            codecs.get(self.codec)  # unknown names fail here, in the caller
 
     def with_overrides(self, codec: str | None, layout: str | None) -> Encoding:
         if codec is None and layout is None:

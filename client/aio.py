@@ -55,7 +55,7 @@ class AsyncClient(ClientBase):
         codec: str | None = None,
         layout: str | None = None,
     ) -> PutResult:
-        encoding = self.encoding.with_overrides(codec, layout)
+        encoding = self._encoding(codec, layout, payloads)
         headers, views = await asyncio.to_thread(
             encode_blocks, keys, payloads, encoding, self._pool
         )

@@ -4,8 +4,13 @@ the data-plane connections, and the choice of transfer path."""
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 
+import numpy as np
+
+from kvstore import codecs
 from kvstore.client._wire import Encoding
 from kvstore.client.dataplane import DataConnections
 from kvstore.errors import InvalidArgument, Unavailable, Unsupported
@@ -25,8 +30,11 @@ class ClientBase:
         transport: str = "auto",
         codec: str = "none",
         layout: str = "",
+        link_gbps: float | None = None,
     ) -> None:
-        """`checksum`: send an xxh3 of every payload (the node verifies it) and verify on get."""
+        """`checksum`: send an xxh3 of every payload (the node verifies it) and verify on get.
+        `codec="auto"` picks the lossless codec that pays off on a `link_gbps` link (none
+        when unlimited), once per kind (dtype, shape, layout) of payload."""
         if transport not in TRANSPORTS:
             raise InvalidArgument("transport", f"must be one of {', '.join(TRANSPORTS)}")
         self.address = address
@@ -34,11 +42,26 @@ class ClientBase:
         self.timeout = timeout
         self.checksum = checksum
         self.encoding = Encoding(codec, layout, checksum)
+        self.link_gbps = link_gbps
+        self._auto: dict[tuple, str] = {}
         self.transport = transport
         self._tcp_ok = transport in ("auto", "tcp")
         self._pool = ThreadPoolExecutor(os.cpu_count() or 2, thread_name_prefix="kvstore-codec")
         self._data = DataConnections(timeout, address.rpartition(":")[0].strip("[]"))
         self._open()
+
+    def _encoding(self, codec: str | None, layout: str | None, payloads: Sequence) -> Encoding:
+        """The encoding of a put, with `auto` resolved for its first payload's kind."""
+        encoding = self.encoding.with_overrides(codec, layout)
+        if encoding.codec != "auto":
+            return encoding
+        sample = payloads[0] if payloads else b""
+        array = sample if isinstance(sample, np.ndarray) else np.frombuffer(sample, np.uint8)
+        kind = (array.dtype.str, array.shape, encoding.layout)
+        if kind not in self._auto:
+            cores = self._pool._max_workers
+            self._auto[kind] = codecs.choose(array, encoding.layout, self.link_gbps, cores)
+        return replace(encoding, codec=self._auto[kind])
 
     def _open(self) -> None:
         """Open the gRPC channel: sync or asyncio, each client its own."""

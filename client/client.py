@@ -65,7 +65,7 @@ class Client(ClientBase):
     ) -> PutResult:
         """Store one payload per key (bytes-like or numpy arrays, 1 B and up) in one transfer,
         encoded with `codec` (default: the client's) and recording `layout`."""
-        encoding = self.encoding.with_overrides(codec, layout)
+        encoding = self._encoding(codec, layout, payloads)
         return self.put_encoded(*encode_blocks(keys, payloads, encoding, self._pool))
 
     def put_encoded(

@@ -7,6 +7,9 @@ float KV: values go channel-major (the token axis last), the sign and exponent o
 each value become one symbol (rank-coded to a byte) entropy-coded by zstd in
 32 KiB frames, and the mantissa bits are packed raw (they are noise).
 
+`auto` (client side only) picks, per link speed, the lossless codec that delivers
+raw KV fastest, timed on the first block of each kind the client puts (`choose`).
+
 Lossy, opt-in, for float KV: `int8` (symmetric; keys get one scale per channel
 across the block's tokens, values one per token and head: the layouts where
 each has its outliers), `int4` (the same with 7 levels, two codes a byte) and
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import struct
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -298,6 +302,36 @@ def _registry() -> dict[str, Codec]:
 
 CODECS: dict[str, Codec] = _registry()
 NAMES = frozenset({"", "none", *CODECS})
+
+
+AUTO_CANDIDATES = ("shuffle-lz4", "zstd", "shuffle-zstd", "split-zstd")
+
+
+def choose(sample: np.ndarray, layout: str, link_gbps: float | None, cores: int) -> str:
+    """The lossless codec that delivers raw KV fastest over a `link_gbps` link, put then
+    get, with encoding and decoding spread over `cores`: each candidate is timed on
+    `sample` (a block of the KV to send), here. "none" when no codec pays for itself,
+    and always on an unlimited link (`link_gbps` None or 0)."""
+    if not link_gbps or sample.nbytes == 0:
+        return "none"
+    wire = link_gbps * 1e9 / 8  # bytes per second
+
+    def seconds_per_byte(name: str) -> float:
+        if name == "none":
+            return 2 / wire
+        codec = CODECS[name]
+        try:
+            codec.encode(sample[:1], layout)  # first calls set up contexts: not timed
+            start = time.perf_counter()
+            payload = codec.encode(sample, layout)
+            codec.decode(memoryview(payload), sample.dtype, sample.shape, layout)
+            end = time.perf_counter()
+        except InvalidArgument:  # a codec for another dtype
+            return float("inf")
+        ratio = sample.nbytes / len(payload)
+        return (end - start) / cores / sample.nbytes + 2 / (wire * ratio)
+
+    return min(("none", *AUTO_CANDIDATES), key=seconds_per_byte)
 
 
 def get(name: str) -> Codec | None:

@@ -199,7 +199,7 @@ def test_codecs_report_every_codec_on_real_kv(tmp_path: Path) -> None:
         "--copies",
         "1",
         "--link-codecs",
-        "shuffle-zstd",
+        "auto,shuffle-zstd",
         "--json",
         str(out),
     )
@@ -215,6 +215,9 @@ def test_codecs_report_every_codec_on_real_kv(tmp_path: Path) -> None:
         assert (row["rel_error"] == 0) == (not CODECS[row["codec"]].lossy)
     links = [r for r in rows if r["scenario"] == "codec-transfer"]
     assert {(r["codec"], r["link_gbit"]) for r in links} == {
-        (c, g) for c in ("none", "shuffle-zstd") for g in (1.0, None)
+        (c, g) for c in ("none", "auto", "shuffle-zstd") for g in (1.0, None)
     }
     assert all(r["gbps"] > 0 and r["ratios"]["none"] > 0 for r in links)
+    auto = {r["link_gbit"]: r for r in links if r["codec"] == "auto"}
+    assert auto[None]["chosen"] == "none" and auto[None]["ratio"] == 1
+    assert auto[1.0]["chosen"] in CODECS and auto[1.0]["ratio"] > 1.3  # 1 Gbit/s: compress

@@ -121,3 +121,28 @@ def test_encoded_blocks_travel_through_the_daemon(daemon, blocks, transport: str
 def test_a_client_refuses_an_unknown_codec(daemon) -> None:
     with pytest.raises(InvalidArgument, match="unknown codec"):
         daemon.client(codec="snappy")
+
+
+def test_auto_sends_raw_on_a_fast_link_and_compresses_on_a_slow_one(blocks) -> None:
+    block = blocks["bfloat16"][0]
+    assert codecs.choose(block, LAYOUT, None, 2) == "none"  # unlimited
+    assert codecs.choose(block, LAYOUT, 1e6, 2) == "none"  # no codec keeps up with it
+    slow = codecs.choose(block, LAYOUT, 0.01, 2)
+    assert slow in codecs.AUTO_CANDIDATES and not CODECS[slow].lossy
+    assert len(CODECS[slow].encode(block, LAYOUT)) < block.nbytes / 1.3
+
+
+@pytest.mark.parametrize("link_gbps", [None, 0.01])
+def test_a_client_on_auto_encodes_as_its_link_wants(small_daemon, blocks, link_gbps) -> None:
+    kv = blocks["bfloat16"]
+    keys = block_keys(np.arange(512), 256, f"auto/{link_gbps}".encode())
+    with small_daemon.client(codec="auto", layout=LAYOUT, link_gbps=link_gbps) as client:
+        before = client.stats().tiers[0].bytes
+        client.put(keys, kv)
+        stored = client.stats().tiers[0].bytes - before
+        got = client.get(keys)
+    assert all(
+        np.array_equal(g.view(np.uint16), b.view(np.uint16)) for g, b in zip(got, kv, strict=False)
+    )
+    raw = sum(b.nbytes for b in kv)
+    assert stored == raw if link_gbps is None else stored < raw / 1.3
