@@ -23,11 +23,14 @@ from kvstore.client import Client
 from kvstore.client.engine import KVAdapter, KVSpec
 
 
-def timed(fn, repeat: int) -> float:
-    """Median seconds of `repeat` runs after one warm-up, the GPU drained each time."""
+def timed(fn, repeat: int, setup=lambda: None) -> float:
+    """Median seconds of `repeat` runs after one warm-up, the GPU drained each time;
+    `setup` runs before each, untimed."""
+    setup()
     fn()
     times = []
     for _ in range(repeat):
+        setup()
         torch.cuda.synchronize()
         start = time.perf_counter()
         fn()

@@ -12,34 +12,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from kvstore.bench.gpu_adapter import timed
 from kvstore.config import format_size, parse_size
 from kvstore.keys import block_keys
 from kvstore.meta import BlockMeta
 from kvstore.tiers.device import DeviceTier
 
 BATCH = 64 << 20  # bytes per move, as the Store moves them
-
-
-def timed(fn, repeat: int, setup=lambda: None) -> float:
-    """Median seconds of `fn` over `repeat` runs after a warm-up; `setup` runs untimed."""
-    setup()
-    fn()
-    times = []
-    for _ in range(repeat):
-        setup()
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def bulk_rates(host: torch.Tensor, repeat: int) -> dict[str, float]:
