@@ -30,6 +30,7 @@ from kvstore.proto import kvstore_pb2 as pb
 from kvstore.store import StoreStats
 
 IN_PLACE_PART = 256 << 20  # bytes per part of an in-place put
+IN_PLACE_AHEAD = 2  # parts whose copies may still run while the next part opens
 
 
 class Client(ClientBase):
@@ -134,7 +135,7 @@ class Client(ClientBase):
             ticket = pb.Ticket.FromString(self._call("OpenPut", request))
             wanted, slots = shm.slots(segment, ticket, range(len(keys))[part], sizes)
             pending.append((ticket.id, fill(wanted, slots) if wanted else None))
-            if len(pending) == 2:
+            if len(pending) > IN_PLACE_AHEAD:
                 replies.append(self._publish(*pending.pop(0)))
         replies += [self._publish(*p) for p in pending]
         return PutResult(sum(r.stored for r in replies), sum(r.existed for r in replies))
