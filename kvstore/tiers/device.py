@@ -130,16 +130,19 @@ class DeviceTier:
         """Copy blocks up into the pool; returns how many were new. The caller made room."""
         with self._lock:
             new = [b for b in blocks if b[0] not in self._slots]
-            offsets = self._alloc([meta.size for _, meta, _ in new])
+            sizes = [meta.size for _, meta, _ in new]
+            offsets = self._alloc(sizes)
         if not new:
             return 0
-        self._move([view for *_, view in new], offsets, [meta.size for _, meta, _ in new], up=True)
+        self._move([view for *_, view in new], offsets, sizes, up=True)
         with self._lock:
-            for (key, meta, _), offset in zip(new, offsets, strict=True):
-                self._slots[key] = _Slot(offset, meta)
+            self._slots.update(
+                (key, _Slot(o, meta)) for (key, meta, _), o in zip(new, offsets, strict=True)
+            )
+            for key, _, _ in new:
                 self._lru.on_put(key)
-                self._stats.blocks += 1
-                self._stats.bytes += meta.size
+            self._stats.blocks += len(new)
+            self._stats.bytes += sum(sizes)
         return len(new)
 
     def read_batch(
@@ -167,9 +170,10 @@ class DeviceTier:
     def _alloc(self, sizes: list[int]) -> list[int]:
         """Pool offsets for a batch (lock held): one extent if a hole fits it, so the
         batch moves in one copy; else one extent per block."""
-        start = self._extents.alloc(sum(aligned(size) for size in sizes)) if sizes else None
+        spans = [aligned(size) for size in sizes]
+        start = self._extents.alloc(sum(spans)) if sizes else None
         if start is not None:
-            return list(accumulate((aligned(size) for size in sizes[:-1]), initial=start))
+            return list(accumulate(spans[:-1], initial=start))
         offsets = [self._extents.alloc(size) for size in sizes]
         if None in offsets:
             for offset, size in zip(offsets, sizes, strict=True):
