@@ -21,6 +21,7 @@ through a pinned staging buffer in each direction.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ from kvstore.ingest import PutResult
 from kvstore.keys import block_keys, namespace_salt
 
 LAYOUT = "tokens,layers,kv,heads,dim"
+log = logging.getLogger("kvstore.engine")
 
 
 @dataclass(frozen=True)
@@ -223,16 +225,19 @@ class KVAdapter:
         return kv[:at].view(self.spec.dtype).view(-1, *self.spec.block_shape[1:])
 
     def _arena(self) -> np.ndarray | None:
-        """The node's arena mapped here and page-locked, or None (another host, no CUDA,
-        checksums wanted: those take the staging path)."""
+        """The node's arena as mapped here, page-locked once if CUDA allows (copies then
+        run as DMA), or None (another host, no CUDA, checksums wanted: those take the
+        staging path)."""
         if self.client.checksum or not torch.cuda.is_available():
             return None
         arena = self.client.shared_arena()
         if arena is not None and self._registered is not arena:
-            code = torch.cuda.cudart().cudaHostRegister(arena.ctypes.data, arena.nbytes, 0)
-            if int(code) != 0:
-                return None
             self._registered = arena
+            cudart = torch.cuda.cudart()
+            code = int(cudart.cudaHostRegister(arena.ctypes.data, arena.nbytes, 0))
+            if code != 0:  # still correct, only slower: the driver stages the copies
+                cudart.cudaGetLastError()  # clear it, or the next kernel launch reports it
+                log.warning("could not page-lock the node's arena (CUDA error %d)", code)
         return arena
 
     def _check(self, blocks: Sequence[np.ndarray], first: int = 0) -> None:
