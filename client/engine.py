@@ -22,6 +22,7 @@ through a pinned staging buffer in each direction.
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -78,7 +79,6 @@ class KVAdapter:
         self.spec = spec
         self.codec = codec
         self._staging = torch.empty(0, dtype=torch.uint8)  # reused host memory, see _host_buffer
-        self._registered: np.ndarray | None = None  # the node's arena, page-locked for DMA
 
     def keys(self, token_ids: Sequence[int] | np.ndarray) -> list[bytes]:
         return block_keys(np.asarray(token_ids), self.spec.block_size, self.spec.salt)
@@ -231,13 +231,8 @@ class KVAdapter:
         if self.client.checksum or not torch.cuda.is_available():
             return None
         arena = self.client.shared_arena()
-        if arena is not None and self._registered is not arena:
-            self._registered = arena
-            cudart = torch.cuda.cudart()
-            code = int(cudart.cudaHostRegister(arena.ctypes.data, arena.nbytes, 0))
-            if code != 0:  # still correct, only slower: the driver stages the copies
-                cudart.cudaGetLastError()  # clear it, or the next kernel launch reports it
-                log.warning("could not page-lock the node's arena (CUDA error %d)", code)
+        if arena is not None:
+            _page_lock(arena)
         return arena
 
     def _check(self, blocks: Sequence[np.ndarray], first: int = 0) -> None:
@@ -281,6 +276,32 @@ class KVAdapter:
         if self._staging.numel() < nbytes or self._staging.is_pinned() != pinned:
             self._staging = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pinned)
         return self._staging[:nbytes]
+
+
+_LOCKED: dict[int, int] = {}  # id -> address of each arena mapping page-locked here
+
+
+def _page_lock(arena: np.ndarray) -> None:
+    """Page-lock a mapping of the node's arena once, so copies to and from it are DMA, and
+    unlock it when the mapping goes: a later mapping at the same address must not find a
+    stale registration. A failure only makes copies slower (the driver stages them)."""
+    if id(arena) in _LOCKED:
+        return
+    cudart, address = torch.cuda.cudart(), arena.ctypes.data
+    code = int(cudart.cudaHostRegister(address, arena.nbytes, 0))
+    if code != 0:
+        cudart.cudaGetLastError()  # clear it, or the next kernel launch reports it
+        log.warning("could not page-lock the node's arena (CUDA error %d)", code)
+        return
+    _LOCKED[id(arena)] = address
+    weakref.finalize(arena, _page_unlock, id(arena), address)
+
+
+def _page_unlock(key: int, address: int) -> None:
+    _LOCKED.pop(key, None)
+    cudart = torch.cuda.cudart()
+    if int(cudart.cudaHostUnregister(address)) != 0:
+        cudart.cudaGetLastError()
 
 
 def _runs(arena: np.ndarray, blocks: Sequence[np.ndarray]) -> list[tuple[int, int, np.ndarray]]:
