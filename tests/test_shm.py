@@ -112,3 +112,26 @@ def test_put_in_place_lets_the_caller_write_the_slots(daemon, kv_sample) -> None
         assert all(np.array_equal(g, b) for g, b in zip(got, blocks, strict=True))
     with daemon.client(transport="tcp") as c, pytest.raises(Unsupported):
         c.put_in_place(keys, np.uint8, (1,), fill)
+
+
+def test_an_in_place_fill_may_finish_its_copies_later(daemon, kv_sample, monkeypatch) -> None:
+    """fill returns a wait; each part is published only after its wait has run."""
+    from kvstore.client import client as client_module
+
+    monkeypatch.setattr(client_module, "IN_PLACE_PART", 1)  # one block per part
+    blocks = [np.ascontiguousarray(b) for b in kv_sample[:64].reshape(4, 16, -1)]
+    keys = block_keys(np.arange(64), 16, b"in-place-later")
+    waited: list[int] = []
+
+    def fill(indexes: list[int], slots: list[np.ndarray]):
+        def wait() -> None:  # the copy happens here, as a GPU's would complete
+            for i, slot in zip(indexes, slots, strict=True):
+                slot[:] = blocks[i].reshape(-1).view(np.uint8)
+                waited.append(i)
+
+        return wait
+
+    with daemon.client(transport="shm") as c:
+        result = c.put_in_place(keys, blocks[0].dtype, blocks[0].shape, fill)
+        assert result.stored == 4 and waited == [0, 1, 2, 3]
+        assert all(np.array_equal(g, b) for g, b in zip(c.get(keys), blocks, strict=True))
