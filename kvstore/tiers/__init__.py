@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Container, Sequence
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 from kvstore.keys import BlockKey
@@ -42,6 +42,20 @@ class TierStats:
     promotions: int = 0
     errors: int = 0  # failed writes, corrupt or unreadable blocks
     last_error: str = ""
+
+    def snapshot(self) -> TierStats:
+        """A copy that later counting leaves alone (the tier holds its lock)."""
+        return replace(self)
+
+
+def present_count(keys: Sequence[BlockKey], index: Container[BlockKey]) -> int:
+    """How many of `keys`, from the first, are in `index` (the tier holds its lock)."""
+    n = 0
+    for key in keys:
+        if key not in index:
+            break
+        n += 1
+    return n
 
 
 class Tier(Protocol):

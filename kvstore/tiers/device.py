@@ -30,7 +30,7 @@ from kvstore.errors import ResourceExhausted
 from kvstore.keys import BlockKey
 from kvstore.lru import LRU
 from kvstore.meta import BlockMeta
-from kvstore.tiers import TierStats
+from kvstore.tiers import TierStats, present_count
 
 
 @dataclass(slots=True)
@@ -77,10 +77,7 @@ class DeviceTier:
 
     def present_prefix(self, keys: Sequence[BlockKey]) -> int:
         with self._lock:
-            n = 0
-            while n < len(keys) and keys[n] in self._slots:
-                n += 1
-            return n
+            return present_count(keys, self._slots)
 
     def meta(self, key: BlockKey) -> BlockMeta | None:
         with self._lock:
@@ -122,7 +119,7 @@ class DeviceTier:
 
     def stats(self) -> TierStats:
         with self._lock:
-            return TierStats(**{f: getattr(self._stats, f) for f in TierStats.__slots__})
+            return self._stats.snapshot()
 
     # -- moves ---------------------------------------------------------------
 

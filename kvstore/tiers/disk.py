@@ -40,7 +40,7 @@ import xxhash
 from kvstore.errors import KVStoreError, ResourceExhausted
 from kvstore.keys import KEY_BYTES, BlockKey
 from kvstore.meta import BlockMeta
-from kvstore.tiers import TierStats
+from kvstore.tiers import TierStats, present_count
 
 log = logging.getLogger("kvstore.disk")
 
@@ -179,10 +179,7 @@ class DiskTier:
 
     def present_prefix(self, keys: Sequence[BlockKey]) -> int:
         with self._lock:
-            n = 0
-            while n < len(keys) and keys[n] in self._index:
-                n += 1
-            return n
+            return present_count(keys, self._index)
 
     def meta(self, key: BlockKey) -> BlockMeta | None:
         with self._lock:
@@ -323,7 +320,7 @@ class DiskTier:
 
     def stats(self) -> TierStats:
         with self._lock:
-            return TierStats(**{f: getattr(self._stats, f) for f in TierStats.__slots__})
+            return self._stats.snapshot()
 
     def close(self) -> None:
         self._stop.set()

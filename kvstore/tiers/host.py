@@ -25,7 +25,7 @@ from kvstore.errors import ResourceExhausted
 from kvstore.keys import BlockKey
 from kvstore.lru import LRU
 from kvstore.meta import BlockMeta
-from kvstore.tiers import PinnedBlock, Reservation, TierStats
+from kvstore.tiers import PinnedBlock, Reservation, TierStats, present_count
 
 
 @dataclass(slots=True)
@@ -141,12 +141,7 @@ class HostTier:
 
     def present_prefix(self, keys: Sequence[BlockKey]) -> int:
         with self._space:
-            n = 0
-            for key in keys:
-                if key not in self._slots:
-                    break
-                n += 1
-            return n
+            return present_count(keys, self._slots)
 
     def pin_prefix(self, keys: Sequence[BlockKey]) -> list[PinnedBlock]:
         """Pin the leading present blocks of `keys`; each must be unpinned once."""
@@ -227,7 +222,7 @@ class HostTier:
 
     def stats(self) -> TierStats:
         with self._space:
-            return TierStats(**{f: getattr(self._stats, f) for f in TierStats.__slots__})
+            return self._stats.snapshot()
 
     def _alloc(self, size: int) -> int | None:
         offset = self.arena.alloc(size)
