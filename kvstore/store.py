@@ -115,8 +115,7 @@ class Store:
                 self.host.abort(reservation)
                 self._count("puts", 1)
                 return True
-        on_disk = self.disk is not None and self.disk.contains(key)
-        stored = self.host.commit(key, meta, reservation, clean=on_disk)
+        stored = self.host.commit(key, meta, reservation, clean=self._on_disk(key))
         self._count("puts", int(stored))
         if self.host.dirty_bytes > self.dirty_limit:
             self._kick()
@@ -130,9 +129,8 @@ class Store:
         """`commit` for a batch; returns how many were new."""
         if self.device is not None:
             return sum(self.commit(*block) for block in blocks)
-        on_disk = self.disk.contains if self.disk is not None else lambda key: False
         stored = sum(
-            self.host.commit_many([(key, meta, slot, on_disk(key)) for key, meta, slot in blocks])
+            self.host.commit_many([(k, meta, slot, self._on_disk(k)) for k, meta, slot in blocks])
         )
         self._count("puts", stored)
         if self.host.dirty_bytes > self.dirty_limit:
@@ -261,18 +259,12 @@ class Store:
                 return False
 
     def _device_to_host(self, victims: list[tuple[BlockKey, BlockMeta]]) -> bool:
-        """Move blocks down into one fresh host extent (one copy); False if no room now."""
-        try:
-            slots = self._host_slots([meta.size for _, meta in victims])
-        except ResourceExhausted:
+        """Move blocks down into DRAM to make room on the device; False if no room now."""
+        moved = self._copy_down([k for k, _ in victims], [m.size for _, m in victims], hit=False)
+        if moved is None:
             return False
-        metas = self.device.read_batch([k for k, _ in victims], [s.view for s in slots], hit=False)
-        for (key, _), meta, slot in zip(victims, metas, slots, strict=False):
-            self.host.commit(
-                key, meta, slot, clean=self.disk is not None and self.disk.contains(key)
-            )
-        for slot in slots[len(metas) :]:
-            self.host.abort(slot)
+        for (key, _), (meta, slot) in zip(victims, moved, strict=False):
+            self.host.commit(key, meta, slot, clean=self._on_disk(key))
         self.device.delete([k for k, _ in victims], demoted=True)
         return True
 
@@ -282,27 +274,35 @@ class Store:
         """Copy the run of device blocks leading `keys` down into host slots for a transfer."""
         if self.device is None:
             return []
-        metas, total = [], 0
+        sizes: list[int] = []
         for key in keys[: self.device.present_prefix(keys)]:
             meta = self.device.meta(key)
-            total += meta.size if meta else 0
-            if meta is None or (metas and total > self.host.capacity // 4):
+            if meta is None or (sizes and sum(sizes) + meta.size > self.host.capacity // 4):
                 break  # the rest on a later turn: a transfer must not need all of DRAM
-            metas.append(meta)
-        if not metas:
-            return []
+            sizes.append(meta.size)
         with self._moves:
-            try:
-                slots = self._host_slots([m.size for m in metas])
-            except ResourceExhausted:
-                return []
-            got = self.device.read_batch(keys[: len(metas)], [s.view for s in slots])
-        for slot in slots[len(got) :]:
-            self.host.abort(slot)
+            moved = self._copy_down(keys[: len(sizes)], sizes, hit=True) if sizes else None
         return [
             (PinnedBlock(key, meta, slot.view[: meta.size], slot.offset), self._aborter(slot))
-            for key, meta, slot in zip(keys, got, slots, strict=False)
+            for key, (meta, slot) in zip(keys, moved or [], strict=False)
         ]
+
+    def _copy_down(
+        self, keys: Sequence[BlockKey], sizes: list[int], *, hit: bool
+    ) -> list[tuple[BlockMeta, Reservation]] | None:
+        """Device blocks copied into one fresh host extent (one copy when the device side
+        is contiguous): (meta, slot) of those still there, or None if DRAM has no room now."""
+        try:
+            slots = self._host_slots(sizes)
+        except ResourceExhausted:
+            return None
+        metas = self.device.read_batch(keys, [s.view for s in slots], hit=hit)
+        for slot in slots[len(metas) :]:
+            self.host.abort(slot)
+        return list(zip(metas, slots, strict=False))
+
+    def _on_disk(self, key: BlockKey) -> bool:
+        return self.disk is not None and self.disk.contains(key)
 
     def _host_slots(self, sizes: list[int]) -> list[Reservation]:
         """One host extent for `sizes`, cut into back-to-back slots; raises if no room now."""
