@@ -48,7 +48,7 @@ def test_what_real_kv_compresses_to(blocks) -> None:
     bf16, fp16 = blocks["bfloat16"][0], blocks["float16"][0]
     assert ratio("lz4", bf16) < 1.02  # lz4 alone finds nothing in real KV
     assert ratio("zstd", bf16) < ratio("shuffle-zstd", bf16) < ratio("split-zstd", bf16)
-    assert ratio("split-zstd", bf16) >= 1.45
+    assert min(ratio("split-zstd", b) for b in blocks["bfloat16"]) >= 1.5
     assert ratio("split-zstd", fp16) >= 1.12
     assert ratio("int8+zstd", fp16) > ratio("int8", fp16) > 1.9
     assert ratio("int4+zstd", fp16) >= 4
@@ -82,6 +82,8 @@ def test_split_zstd_round_trips_odd_shapes(tokens: int, width: int, dtype: str) 
         .astype(np.float32)
         .astype(np.dtype(dtype))
     )
+    specials = np.array([0.0, -0.0, np.inf, -np.inf, np.nan, 1e-40, 6e4], np.float32)
+    block.reshape(-1)[: len(specials)] = specials[: block.size].astype(block.dtype)
     payload = CODECS["split-zstd"].encode(block, "")
     back = CODECS["split-zstd"].decode(memoryview(payload), block.dtype, block.shape, "")
     assert np.array_equal(back.view(np.uint16), block.view(np.uint16))
