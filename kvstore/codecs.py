@@ -156,25 +156,49 @@ def _token_rows(words: np.ndarray) -> np.ndarray:
     return words.reshape(words.shape[0] if words.ndim else 1, -1)
 
 
+def _scratch(slot: str, count: int, dtype: type) -> np.ndarray:
+    """A buffer of this thread's, reused from call to call: faulting in fresh pages for
+    every temporary costs more than the codec's own passes over them."""
+    buffers = _local.__dict__.setdefault("scratch", {})
+    buffer = buffers.get(slot)
+    if buffer is None or len(buffer) < count:
+        buffer = buffers[slot] = np.empty(count, dtype)
+    return buffer[:count]
+
+
 def _bf16_encode(words: np.ndarray) -> bytes:
     """Rotated left by one bit, a bf16 word has its exponent in the high byte and its
     mantissa and sign (noise) in the low byte, which goes raw. Exponents go as nibbles
     around their channel's mean (channels differ, a channel's tokens hardly), two to a
     byte, through zstd: close to their entropy, at a few numpy passes each way."""
     rows = _token_rows(words)
-    rotated = (rows << 1) | (rows >> 15)
-    exponent = (rotated >> 8).astype(np.uint8)
+    rotated = _scratch("words", rows.size, np.uint16).reshape(rows.shape)
+    np.right_shift(rows, 15, out=rotated)
+    rotated |= rows << 1
+    exponent = _scratch("exponent", rows.size, np.uint8).reshape(rows.shape)
+    np.copyto(exponent, rotated >> 8, casting="unsafe")
     center = np.rint(exponent.mean(axis=0, dtype=np.float32)).astype(np.int16)
     base = (center - NIBBLE_FLOOR).astype(np.uint8)
-    nibbles = (exponent - base).reshape(-1)
-    outside = np.flatnonzero(nibbles > 15).astype("<u4")
+    nibbles = _scratch("nibbles", rows.size + 1, np.uint8)
+    nibbles[-1] = 0  # the pad of an odd count
+    np.subtract(exponent, base, out=nibbles[:-1].reshape(rows.shape))
+    outside = np.flatnonzero(nibbles[:-1] > 15).astype("<u4")
     exceptions = exponent.reshape(-1)[outside]
     nibbles[outside] = 0
-    pairs = np.concatenate([nibbles, np.zeros(nibbles.size % 2, np.uint8)]).view("<u2")
-    packed = ((pairs & 0xF) | ((pairs >> 4) & 0xF0)).astype(np.uint8)
+    pairs = nibbles[: rows.size + rows.size % 2].view("<u2")
+    high = pairs >> 4
+    high &= 0xF0
+    pairs &= 0xF
+    pairs |= high
     head = struct.pack("<BII", BF16_NIBBLES, base.size, outside.size)
-    coded = _zstd(np.concatenate([base, packed]))
-    return b"".join([head, outside, exceptions, coded, rotated.astype(np.uint8)])
+    coded = _zstd(np.concatenate([base, pairs.astype(np.uint8)]))
+    payload = np.empty(len(head) + 5 * outside.size + len(coded) + rows.size, np.uint8)
+    pos = 0
+    for part in (head, outside.view(np.uint8), exceptions, coded):
+        payload[pos : pos + len(part)] = np.frombuffer(part, np.uint8)
+        pos += len(part)
+    np.copyto(payload[pos:].reshape(rows.shape), rotated, casting="unsafe")  # low bytes
+    return payload
 
 
 def _bf16_decode(payload: memoryview, count: int) -> np.ndarray:
@@ -182,13 +206,25 @@ def _bf16_decode(payload: memoryview, count: int) -> np.ndarray:
     outside = np.frombuffer(payload, "<u4", n_out, 9)
     exceptions = np.frombuffer(payload, np.uint8, n_out, 9 + 4 * n_out)
     coded = np.frombuffer(_unzstd(payload[9 + 5 * n_out : len(payload) - count]), np.uint8)
-    wide = coded[channels:].astype("<u2")
-    nibbles = ((wide & 0xF) | ((wide & 0xF0) << 4)).view(np.uint8)[:count]
-    exponent = (nibbles.reshape(-1, channels) + coded[:channels]).reshape(-1)
+    pairs = _scratch("pairs", len(coded) - channels, np.uint16)
+    np.copyto(pairs, coded[channels:])
+    high = _scratch("high", len(pairs), np.uint16)
+    np.bitwise_and(pairs, 0xF0, out=high)
+    high <<= 4
+    pairs &= 0xF
+    pairs |= high
+    exponent = pairs.view(np.uint8)[:count]
+    np.add(exponent.reshape(-1, channels), coded[:channels], out=exponent.reshape(-1, channels))
     exponent[outside] = exceptions
-    low = np.frombuffer(payload, np.uint8, count, len(payload) - count)
-    words = (exponent.astype(np.uint16) << 8) | low
-    return (words >> 1) | (words << 15)
+    words = np.empty(count, np.uint16)
+    np.copyto(words, exponent)
+    words <<= 8
+    words |= np.frombuffer(payload, np.uint8, count, len(payload) - count)
+    low_bit = _scratch("high", count, np.uint16)
+    np.left_shift(words, 15, out=low_bit)
+    words >>= 1
+    words |= low_bit
+    return words
 
 
 def _split_encode(array: np.ndarray, layout: str) -> bytes:
