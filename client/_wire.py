@@ -38,6 +38,8 @@ UNARY = tuple(
     if not m.client_streaming and not m.server_streaming
 )
 HEADERS_PER_FRAME = 4096
+ENCODED_PART = 32 << 20
+"""Raw bytes per part of an encoded put: one part is sent while the pool encodes the next."""
 MAX_MESSAGE = 256 << 20
 CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE),
@@ -45,6 +47,7 @@ CHANNEL_OPTIONS = [
 ]
 
 Payload = bytes | bytearray | memoryview | np.ndarray
+BYTES = np.dtype(np.uint8)  # what a payload that is not an array encodes as
 
 
 @dataclass(frozen=True)
@@ -82,17 +85,27 @@ def as_bytes(payload: Payload) -> tuple[memoryview, str, tuple[int, ...]]:
     return view.cast("B") if view.format != "B" or view.ndim != 1 else view, "", ()
 
 
-def encode_blocks(
+def encoded_parts(
     keys: Sequence[BlockKey],
     payloads: Sequence[Payload],
     encoding: Encoding,
     pool: Executor,
-) -> tuple[list[pb.BlockHeader], list[memoryview]]:
-    """Headers and flat byte views of a batch, encoded in parallel; bad input raises here."""
+) -> Iterator[tuple[list[pb.BlockHeader], list[memoryview]]]:
+    """Headers and flat byte views of a batch, in parts of about `ENCODED_PART` raw bytes.
+    With a codec, the pool encodes every block in order and each part is yielded once
+    its blocks are done, so a part goes out while the next is encoded. Bad input raises
+    before the first part."""
     keys = check_keys(keys, unique=True)
     if len(payloads) != len(keys):
         raise InvalidArgument("payloads", f"got {len(payloads)} for {len(keys)} keys")
     codec = codecs.get(encoding.codec)
+    kinds = [
+        (p.dtype, p.nbytes) if isinstance(p, np.ndarray) else (BYTES, memoryview(p).nbytes)
+        for p in payloads
+    ]
+    if codec is not None:
+        for dtype, _ in kinds:
+            codec.check(dtype)
 
     def encode(payload: Payload) -> tuple[memoryview, pb.BlockMeta]:
         view, dtype, shape = as_bytes(payload)
@@ -105,9 +118,31 @@ def encode_blocks(
         meta.checksum = xxhash.xxh3_64_intdigest(view) if encoding.checksum else 0
         return view, meta
 
-    encoded = list(pool.map(encode, payloads) if codec else map(encode, payloads))
-    headers = [pb.BlockHeader(key=k, meta=m) for k, (_, m) in zip(keys, encoded, strict=True)]
-    return headers, [view for view, _ in encoded]
+    def part(first: int, encoded: list[tuple[memoryview, pb.BlockMeta]]):
+        headers = [pb.BlockHeader(key=keys[first + i], meta=m) for i, (_, m) in enumerate(encoded)]
+        return headers, [view for view, _ in encoded]
+
+    if codec is None:
+        yield part(0, [encode(p) for p in payloads])
+        return
+    futures = [pool.submit(encode, p) for p in payloads]
+    try:
+        for run in batches([size for _, size in kinds], ENCODED_PART):
+            yield part(run.start, [f.result() for f in futures[run]])
+    finally:
+        for future in futures:
+            future.cancel()
+
+
+def batches(sizes: Sequence[int], limit: int) -> Iterator[slice]:
+    """Consecutive runs of blocks of at most `limit` bytes (or one block), in order."""
+    start = total = 0
+    for i, size in enumerate(sizes):
+        if i > start and total + size > limit:
+            yield slice(start, i)
+            start, total = i, 0
+        total += size
+    yield slice(start, len(sizes))
 
 
 def decode_blocks(

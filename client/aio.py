@@ -19,7 +19,7 @@ from kvstore.client._wire import (
     Payload,
     bind,
     decode_blocks,
-    encode_blocks,
+    encoded_parts,
     error_from_rpc,
     get_request,
     put_frames,
@@ -56,9 +56,15 @@ class AsyncClient(ClientBase):
         layout: str | None = None,
     ) -> PutResult:
         encoding = self._encoding(codec, layout, payloads)
-        headers, views = await asyncio.to_thread(
-            encode_blocks, keys, payloads, encoding, self._pool
-        )
+        parts = encoded_parts(keys, payloads, encoding, self._pool)
+        result = PutResult(0, 0)
+        while part := await asyncio.to_thread(next, parts, None):  # waits off the event loop
+            result += await self._put_encoded(*part)
+        return result
+
+    async def _put_encoded(
+        self, headers: list[pb.BlockHeader], views: list[memoryview]
+    ) -> PutResult:
         if self._tcp_ok:
             try:
                 reply = await self._call("OpenPut", pb.OpenPutRequest(blocks=headers))

@@ -13,9 +13,10 @@ from kvstore.client._wire import (
     CHANNEL_OPTIONS,
     GetAssembler,
     Payload,
+    batches,
     bind,
     decode_blocks,
-    encode_blocks,
+    encoded_parts,
     error_from_rpc,
     get_request,
     put_frames,
@@ -67,21 +68,21 @@ class Client(ClientBase):
         """Store one payload per key (bytes-like or numpy arrays, 1 B and up) in one transfer,
         encoded with `codec` (default: the client's) and recording `layout`."""
         encoding = self._encoding(codec, layout, payloads)
-        return self.put_encoded(*encode_blocks(keys, payloads, encoding, self._pool))
+        parts = encoded_parts(keys, payloads, encoding, self._pool)
+        return sum((self.put_encoded(*part) for part in parts), PutResult(0, 0))
 
     def put_encoded(
         self, headers: Sequence[pb.BlockHeader], views: Sequence[memoryview]
     ) -> PutResult:
         """Put blocks whose headers are already built (e.g. a node forwarding its own)."""
         if segment := self._shared_segment():
-            stored = existed = 0
+            result = PutResult(0, 0)
             sizes = [len(view) for view in views]
-            for part in shm.batches(sizes, len(segment.memory) // 4):  # slots are held at once
+            for part in batches(sizes, len(segment.memory) // 4):  # slots are held at once
                 request = pb.OpenPutRequest(blocks=headers[part], shared_memory=True)
                 ticket = pb.Ticket.FromString(self._call("OpenPut", request))
-                result = shm.put(segment, ticket, views[part], self._finish, self._pool)
-                stored, existed = stored + result.stored, existed + result.existed
-            return PutResult(stored, existed)
+                result += shm.put(segment, ticket, views[part], self._finish, self._pool)
+            return result
         if self._tcp_ok:
             try:
                 request = pb.OpenPutRequest(blocks=headers)
@@ -128,7 +129,7 @@ class Client(ClientBase):
         sizes = [meta.size] * len(keys)
         pending: list[tuple[bytes, Callable[[], None] | None]] = []
         replies = []
-        for part in shm.batches(sizes, min(len(segment.memory) // 4, IN_PLACE_PART)):
+        for part in batches(sizes, min(len(segment.memory) // 4, IN_PLACE_PART)):
             request = pb.OpenPutRequest(
                 blocks=[pb.BlockHeader(key=k, meta=meta) for k in keys[part]], shared_memory=True
             )

@@ -13,7 +13,7 @@ from __future__ import annotations
 import mmap
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 
 import numpy as np
@@ -50,17 +50,6 @@ class SharedSegment:
 
     def block(self, offset: int, size: int) -> np.ndarray:
         return self.memory[offset : offset + size]
-
-
-def batches(sizes: Sequence[int], limit: int) -> Iterator[slice]:
-    """Consecutive runs of blocks of at most `limit` bytes (or one block), in order."""
-    start = total = 0
-    for i, size in enumerate(sizes):
-        if i > start and total + size > limit:
-            yield slice(start, i)
-            start, total = i, 0
-        total += size
-    yield slice(start, len(sizes))
 
 
 def put(

@@ -29,6 +29,9 @@ class PutResult:
     stored: int
     existed: int
 
+    def __add__(self, other: PutResult) -> PutResult:
+        return PutResult(self.stored + other.stored, self.existed + other.existed)
+
 
 @dataclass(slots=True)
 class _Current:

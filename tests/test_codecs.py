@@ -7,6 +7,8 @@ from hypothesis import strategies as st
 
 from conftest import DATA
 from kvstore import codecs
+from kvstore.client import AsyncClient
+from kvstore.client._wire import ENCODED_PART
 from kvstore.codecs import BFLOAT16, CODECS, LOSSY_BOUNDS
 from kvstore.errors import InvalidArgument
 from kvstore.keys import block_keys
@@ -92,7 +94,7 @@ def test_split_zstd_round_trips_odd_shapes(tokens: int, width: int, dtype: str) 
 def test_codecs_refuse_what_they_cannot_encode() -> None:
     with pytest.raises(InvalidArgument, match="split-zstd needs float16 or bfloat16"):
         CODECS["split-zstd"].encode(np.zeros(4, np.float32), "")
-    with pytest.raises(InvalidArgument, match="lossy codecs need float"):
+    with pytest.raises(InvalidArgument, match="int8 needs float16, bfloat16, float32 or float64"):
         CODECS["int8"].encode(np.zeros(4, np.int32), "")
     with pytest.raises(InvalidArgument, match="unknown codec 'snappy'"):
         codecs.get("snappy")
@@ -148,3 +150,35 @@ def test_a_client_on_auto_encodes_as_its_link_wants(small_daemon, blocks, link_g
     )
     raw = sum(b.nbytes for b in kv)
     assert stored == raw if link_gbps is None else stored < raw / 1.3
+
+
+@pytest.mark.parametrize("transport", ["shm", "tcp", "grpc"])
+def test_encoded_puts_go_in_parts_and_refuse_bad_input_first(daemon, blocks, transport) -> None:
+    """A batch over `ENCODED_PART` goes in parts as they are encoded; a payload the codec
+    cannot take, even the last, fails the put before any part is sent."""
+    batch = blocks["bfloat16"] * 7
+    assert sum(b.nbytes for b in batch) > 2 * ENCODED_PART
+    keys = block_keys(np.arange(len(batch) * 256), 256, f"parts-{transport}".encode())
+    with daemon.client(transport=transport, codec="split-zstd", layout=LAYOUT) as client:
+        with pytest.raises(InvalidArgument, match="split-zstd needs float16 or bfloat16"):
+            client.put(keys, [*batch[:-1], np.zeros(4, np.float32)])
+        assert client.lookup(keys) == 0
+        assert client.put(keys, batch).stored == len(batch)
+        got = client.get(keys)
+        assert len(got) == len(batch)
+        assert all(
+            np.array_equal(a.view(np.uint16), b.view(np.uint16))
+            for a, b in zip(got, batch, strict=True)
+        )
+
+
+async def test_async_encoded_puts_go_in_parts(daemon, blocks) -> None:
+    batch = blocks["bfloat16"] * 7
+    keys = block_keys(np.arange(len(batch) * 256), 256, b"parts-async")
+    async with AsyncClient(daemon.address, codec="split-zstd", layout=LAYOUT) as client:
+        assert (await client.put(keys, batch)).stored == len(batch)
+        got = await client.get(keys)
+        assert all(
+            np.array_equal(a.view(np.uint16), b.view(np.uint16))
+            for a, b in zip(got, batch, strict=True)
+        )
