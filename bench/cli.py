@@ -523,7 +523,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 rows = codec_bench.codec_rows(blocks, args.codecs, args.repeat)
                 advance("codecs on the real sample")
                 rows += codec_bench.link_rows(
-                    address, blocks["bfloat16"], args.link_codecs, args.links, args.copies
+                    address,
+                    blocks["bfloat16"],
+                    args.link_codecs,
+                    args.links,
+                    args.copies,
+                    args.repeat,
                 )
                 advance("codecs over links")
             elif args.command == "tiers":

@@ -32,6 +32,8 @@ def relative_error(a: np.ndarray, b: np.ndarray) -> float:
 @pytest.mark.parametrize("name", sorted(CODECS))
 def test_every_codec_round_trips_real_kv(blocks, name: str, dtype: str) -> None:
     codec = CODECS[name]
+    if codec.dtypes and np.dtype(BFLOAT16 if dtype == "bfloat16" else dtype) not in codec.dtypes:
+        pytest.skip(f"{name} does not take {dtype}")
     for block in blocks[dtype]:
         payload = codec.encode(block, LAYOUT)
         back = codec.decode(memoryview(payload), block.dtype, block.shape, LAYOUT)
