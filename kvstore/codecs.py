@@ -7,15 +7,19 @@ float KV: the exponents are entropy-coded and the mantissa bits (noise) go raw. 
 bfloat16, each exponent becomes a nibble relative to its channel's mean, two to a
 byte through zstd; for float16, the high bytes (sign, exponent, top mantissa bits)
 go channel-major through zstd in 32 KiB frames whose tables follow the channels.
+`split` (bfloat16) sends the nibbles without zstd: a lower ratio at half the cost, for
+links almost as fast as the cores.
 
 `auto` (client side only) picks, per link speed, the lossless codec that delivers
 raw KV fastest, timed on the first block of each kind the client puts (`choose`).
 
-Lossy, opt-in, for float KV: `int8` (symmetric; keys get one scale per channel
-across the block's tokens, values one per token and head: the layouts where
-each has its outliers), `int4` (the same with 7 levels, two codes a byte) and
-`fp8` (e4m3 with a scale per token and head). Each can be stacked with zstd:
-`int8+zstd`, `int4+zstd`, `fp8+zstd`. Error bounds: see `LOSSY_BOUNDS`.
+Lossy, opt-in, for float KV: `int8` (one rounding step per layer and half, keys and
+values, sized for a set error; a zero point per channel; entropy-coded when stacked
+with zstd), `int4` (symmetric, 7 levels, two codes a byte: keys get one scale per
+channel across the block's tokens, values one per token and head, the layouts where
+each has its outliers) and `fp8` (e4m3 with a scale per token and head). Each can be
+stacked with zstd: `int8+zstd`, `int4+zstd`, `fp8+zstd`. Error bounds: see
+`LOSSY_BOUNDS`.
 """
 
 from __future__ import annotations
@@ -352,6 +356,105 @@ def _quantizer(levels: int, bits: int, fp8: bool = False):
     return encode, decode
 
 
+INT8_ERROR = 0.0095
+"""int8's rounding error, RMS over the block relative to the block's RMS. Uniform
+rounding with step s errs by s/sqrt(12), whatever the data, so the steps are set to it."""
+VALUES_ERROR = 1.5
+"""How much more relative error values take than keys: an error in a key moves the
+attention logits, which softmax exponentiates; an error in a value is averaged."""
+
+
+def _groups(shape: tuple[int, ...], layout: str) -> tuple[list[int], bool]:
+    """The axes that get one rounding step per index (the layout's `layers` and `kv`, in
+    that order, those it has), and whether the last of them is `kv`."""
+    axes = layout.split(",") if layout else []
+    if len(axes) != len(shape):
+        return [], False
+    named = [axes.index(a) for a in ("layers", "kv") if a in axes[1:]]
+    is_kv = "kv" in axes[1:] and shape[axes.index("kv")] == 2
+    return named, is_kv
+
+
+def _grouped(array: np.ndarray, axes: list[int]) -> np.ndarray:
+    """(tokens, groups, channels) float32, the step-sharing axes moved next to tokens."""
+    moved = np.moveaxis(array, axes, range(1, 1 + len(axes))) if axes else array
+    tokens = moved.shape[0] if moved.ndim else 1
+    groups = int(np.prod(moved.shape[1 : 1 + len(axes)]))
+    return moved.astype(np.float32).reshape(tokens, groups, -1)
+
+
+def _int8_encode(array: np.ndarray, layout: str) -> bytes:
+    """One rounding step per layer and half (keys, values), not per token or channel:
+    with the codes entropy-coded after, the bits go where the error is. A key channel's
+    offset (keys carry large per-channel means) goes once, as that channel's zero point,
+    and a channel that drifts slowly over tokens (many key channels) goes as differences.
+    Codes beyond int8 go aside as exceptions. Channels go channel-major, ordered by
+    spread, so the zstd stacked on top meets codes of one spread at a time."""
+    if array.size == 0:
+        return struct.pack("<II", 0, 0)
+    axes, is_kv = _groups(array.shape, layout)
+    x = _grouped(array, axes)
+    if not np.isfinite(x).all():
+        raise InvalidArgument("payloads", "int8 needs finite values")
+    tokens, groups, width = x.shape
+    energy = np.square(x).sum(axis=(0, 2), dtype=np.float64)
+    weight = np.ones(groups)
+    if is_kv:
+        weight[1::2] = VALUES_ERROR  # the groups alternate keys, values
+    spent = (np.square(weight) * energy).sum()
+    error = INT8_ERROR * np.sqrt(energy.sum() / spent) * weight if spent else weight
+    rms = np.sqrt(energy / (tokens * width))
+    step = np.where(rms > 0, np.sqrt(12) * error * rms, 1).astype(np.float32)
+    x /= step[:, None]
+    x = x.reshape(tokens, -1)
+    zero = np.clip(np.rint(x.mean(axis=0)), -32767, 32767).astype("<i2")  # the rest: exceptions
+    np.rint(x, out=x)
+    x -= zero
+    every = max(1, tokens // 64)  # a sample of tokens judges a channel
+    smooth = np.zeros(x.shape[1], bool)
+    if tokens > 2:  # channels whose last token predicts the next go as differences
+        steps = x[1::every] - x[:-1:every]  # from one token to the next, sampled
+        smooth = steps.var(axis=0) < x[::every].var(axis=0)
+        x[1:, smooth] = np.diff(x[:, smooth], axis=0)
+    outside = np.flatnonzero(np.abs(x) > 127).astype("<u4")
+    exceptions = x.reshape(-1)[outside].astype("<i4")
+    spread = np.rint(4 * np.log2(1 + np.abs(x[::every]).mean(axis=0)))
+    rank = (np.minimum(spread, 127) + 128 * smooth).astype(np.uint8)
+    np.clip(x, -127, 127, out=x)
+    codes = x.astype(np.int8).T[np.argsort(rank, kind="stable")]
+    head = struct.pack("<II", len(step), len(outside))
+    return b"".join([head, step, zero, rank, outside, exceptions, codes])
+
+
+def _int8_decode(payload: memoryview, dtype: np.dtype, shape: tuple[int, ...], layout: str):
+    if int(np.prod(shape)) == 0:
+        return np.zeros(shape, dtype)
+    axes, _ = _groups(shape, layout)
+    order = [0, *axes, *(i for i in range(1, len(shape)) if i not in axes)]
+    moved = tuple(shape[i] for i in order) if shape else (1,)
+    tokens, channels = moved[0], int(np.prod(moved[1:]))
+    n_steps, n_out = struct.unpack_from("<II", payload)
+    pos, fields = 8, []
+    for kind, count in (("<f4", n_steps), ("<i2", channels), ("u1", channels), ("<u4", n_out)):
+        fields.append(np.frombuffer(payload, kind, count, pos))
+        pos += fields[-1].nbytes
+    step, zero, rank, outside = fields
+    exceptions = np.frombuffer(payload, "<i4", n_out, pos)
+    codes = np.empty((channels, tokens), np.int8)
+    codes[np.argsort(rank, kind="stable")] = np.frombuffer(
+        payload, np.int8, channels * tokens, pos + 4 * n_out
+    ).reshape(channels, tokens)
+    x = codes.T.astype(np.float32, order="C")
+    x.reshape(-1)[outside] = exceptions
+    smooth = rank >= 128
+    x[:, smooth] = np.cumsum(x[:, smooth], axis=0)
+    x += zero.astype(np.float32)
+    x = x.reshape(tokens, n_steps, -1)
+    x *= step[:, None]
+    x = x.reshape(moved)
+    return np.moveaxis(x, range(1, 1 + len(axes)), axes).reshape(shape).astype(dtype)
+
+
 def _stacked(codec: Codec) -> Codec:
     """`codec` then zstd over its output (quantized codes compress further)."""
     return Codec(
@@ -374,8 +477,9 @@ def _registry() -> dict[str, Codec]:
         Codec("split-zstd", False, _split_encoder(True), _split_decode, (FLOAT16, BFLOAT16)),
         Codec("split", False, _split_encoder(False), _split_decode, (BFLOAT16,)),
     ]
+    int8 = Codec("int8", True, _int8_encode, _int8_decode, FLOATS)
+    codecs += [int8, _stacked(int8)]
     for name, (levels, bits, fp8) in {
-        "int8": (72, 8, False),
         "int4": (7, 4, False),
         "fp8": (448, 8, True),
     }.items():
