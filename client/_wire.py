@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterator, Sequence
-from concurrent.futures import Executor
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass
 
 import grpc
@@ -145,13 +145,25 @@ def batches(sizes: Sequence[int], limit: int) -> Iterator[slice]:
     yield slice(start, len(sizes))
 
 
-def decode_blocks(
-    blocks: Sequence[tuple[np.ndarray, pb.BlockMeta]], pool: Executor
-) -> list[np.ndarray]:
-    """The arrays as they were put: decoded (in parallel) where a codec was used."""
-    if not any(meta.codec not in ("", "none") for _, meta in blocks):
-        return [shaped(block, meta) for block, meta in blocks]
-    return list(pool.map(lambda pair: shaped(*pair), blocks))
+class Decoder:
+    """Turns received blocks into the arrays they were put as, decoding in the pool as
+    blocks arrive (`arrived`), so decoding overlaps the rest of the transfer."""
+
+    def __init__(self, pool: Executor) -> None:
+        self._pool = pool
+        self._done: list[Future | np.ndarray] = []
+
+    def arrived(self, blocks: Sequence[tuple[np.ndarray, pb.BlockMeta]]) -> None:
+        for block, meta in blocks:
+            encoded = meta.codec not in ("", "none")
+            self._done.append(
+                self._pool.submit(shaped, block, meta) if encoded else shaped(block, meta)
+            )
+
+    def result(self, blocks: Sequence[tuple[np.ndarray, pb.BlockMeta]]) -> list[np.ndarray]:
+        """The arrays of all `blocks` of the reply, those not seen yet decoded now."""
+        self.arrived(blocks[len(self._done) :])
+        return [d.result() if isinstance(d, Future) else d for d in self._done]
 
 
 def put_frames(

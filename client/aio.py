@@ -15,10 +15,10 @@ import numpy as np
 
 from kvstore.client._wire import (
     CHANNEL_OPTIONS,
+    Decoder,
     GetAssembler,
     Payload,
     bind,
-    decode_blocks,
     encoded_parts,
     error_from_rpc,
     get_request,
@@ -26,7 +26,7 @@ from kvstore.client._wire import (
     stats_from_proto,
 )
 from kvstore.client.base import ClientBase
-from kvstore.client.dataplane import Unreachable, receive_get, send_put
+from kvstore.client.dataplane import Arrived, Unreachable, receive_get, send_put
 from kvstore.errors import Unsupported
 from kvstore.ingest import PutResult
 from kvstore.keys import BlockKey, check_keys
@@ -79,17 +79,20 @@ class AsyncClient(ClientBase):
     async def get(
         self, keys: Sequence[BlockKey], *, out: memoryview | np.ndarray | None = None
     ) -> list[np.ndarray]:
-        blocks = await self._receive(keys, out)
-        return await asyncio.to_thread(decode_blocks, blocks, self._pool)
+        decoder = Decoder(self._pool)
+        blocks = await self._receive(keys, out, decoder.arrived)
+        return await asyncio.to_thread(decoder.result, blocks)
 
     async def _receive(
-        self, keys: Sequence[BlockKey], out: memoryview | np.ndarray | None
+        self, keys: Sequence[BlockKey], out: memoryview | np.ndarray | None, arrived: Arrived
     ) -> list[tuple[np.ndarray, pb.BlockMeta]]:
         if self._tcp_ok:
             try:
                 request = pb.OpenGetRequest(keys=check_keys(keys))
                 ticket = pb.Ticket.FromString(await self._call("OpenGet", request))
-                return await asyncio.to_thread(receive_get, self._data, ticket, out, self.checksum)
+                return await asyncio.to_thread(
+                    receive_get, self._data, ticket, out, self.checksum, arrived
+                )
             except (Unreachable, Unsupported) as exc:
                 self._fall_back(exc)
         assembler = GetAssembler(out, self.checksum)

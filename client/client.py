@@ -11,11 +11,11 @@ from kvstore import codecs
 from kvstore.client import shm
 from kvstore.client._wire import (
     CHANNEL_OPTIONS,
+    Decoder,
     GetAssembler,
     Payload,
     batches,
     bind,
-    decode_blocks,
     encoded_parts,
     error_from_rpc,
     get_request,
@@ -23,7 +23,7 @@ from kvstore.client._wire import (
     stats_from_proto,
 )
 from kvstore.client.base import ClientBase
-from kvstore.client.dataplane import Unreachable, receive_get, send_put
+from kvstore.client.dataplane import Arrived, Unreachable, receive_get, send_put
 from kvstore.errors import Unsupported
 from kvstore.ingest import PutResult
 from kvstore.keys import BlockKey, check_keys
@@ -160,19 +160,21 @@ class Client(ClientBase):
         with `out`, blocks are written back to back into that writable buffer. Encoded
         blocks are decoded into new arrays (`out` then holds their encoded bytes).
         """
-        return decode_blocks(self._receive(keys, out), self._pool)
+        decoder = Decoder(self._pool)
+        return decoder.result(self._receive(keys, out, decoder.arrived))
 
     def _receive(
-        self, keys: Sequence[BlockKey], out: memoryview | np.ndarray | None
+        self, keys: Sequence[BlockKey], out: memoryview | np.ndarray | None, arrived: Arrived
     ) -> list[tuple[np.ndarray, pb.BlockMeta]]:
-        """The stored bytes of the present prefix and their metadata, by the fastest path."""
+        """The stored bytes of the present prefix and their metadata, by the fastest path;
+        over TCP, parts go to `arrived` as they land."""
         if segment := self._shared_segment():
             ticket = self._open_get(keys, shared_memory=True)
             return shm.get(segment, ticket, out, self.checksum, self._finish, self._pool)
         if self._tcp_ok:
             try:
                 ticket = self._open_get(keys, shared_memory=False)
-                return receive_get(self._data, ticket, out, self.checksum)
+                return receive_get(self._data, ticket, out, self.checksum, arrived)
             except (Unreachable, Unsupported) as exc:
                 self._fall_back(exc)
         assembler = GetAssembler(out, self.checksum)

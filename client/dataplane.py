@@ -7,19 +7,21 @@ from __future__ import annotations
 import select
 import socket
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 import grpc
 import numpy as np
 
-from kvstore.client._wire import block_slices, error_from_status, received
+from kvstore.client._wire import batches, block_slices, error_from_status, received
 from kvstore.errors import Unavailable
 from kvstore.ingest import PutResult
 from kvstore.proto import kvstore_pb2 as pb
 from kvstore.proto.dataplane import MAGIC, PREAMBLE, Trailer, read_trailer, recv_exact, send_views
 
 _STATUS = {code.value[0]: code for code in grpc.StatusCode}
+RECEIVE_PART = 16 << 20  # bytes received before the blocks so far go to be decoded
+Arrived = Callable[[list[tuple[np.ndarray, pb.BlockMeta]]], None]
 
 
 class Unreachable(Unavailable):
@@ -95,17 +97,30 @@ def send_put(conns: DataConnections, ticket: pb.Ticket, views: Sequence[memoryvi
 
 
 def receive_get(
-    conns: DataConnections, ticket: pb.Ticket, out: memoryview | np.ndarray | None, verify: bool
+    conns: DataConnections,
+    ticket: pb.Ticket,
+    out: memoryview | np.ndarray | None,
+    verify: bool,
+    arrived: Arrived | None = None,
 ) -> list[tuple[np.ndarray, pb.BlockMeta]]:
-    """Receive a Get ticket's blocks into one buffer (or `out`), each straight into place."""
+    """Receive a Get ticket's blocks into one buffer (or `out`), each straight into place.
+    With `arrived`, blocks go to it in parts of `RECEIVE_PART` bytes as they land."""
     if not ticket.blocks:
         return []
     span, blocks = block_slices(ticket.blocks, out)
+    sizes = [h.meta.size for h in ticket.blocks]
+    parts = batches(sizes, RECEIVE_PART) if arrived else [slice(0, len(sizes))]
     with conns.connection(ticket.data_address) as sock:
         sock.sendall(PREAMBLE.pack(MAGIC, ticket.id))
-        recv_exact(sock, memoryview(span))  # one copy: kernel -> destination
+        start = 0
+        for part in parts:
+            end = start + sum(sizes[part])
+            recv_exact(sock, memoryview(span)[start:end])  # one copy: kernel -> destination
+            start = end
+            if arrived:
+                arrived(received(blocks[part], ticket.blocks[part], verify))
         _checked(read_trailer(sock))
-    return received(blocks, ticket.blocks, verify)
+    return received(blocks, ticket.blocks, verify and not arrived)
 
 
 def _checked(trailer: Trailer) -> Trailer:

@@ -170,12 +170,15 @@ def test_a_client_on_auto_encodes_as_its_link_wants(small_daemon, blocks, link_g
 
 @pytest.mark.parametrize("transport", ["shm", "tcp", "grpc"])
 def test_encoded_puts_go_in_parts_and_refuse_bad_input_first(daemon, blocks, transport) -> None:
-    """A batch over `ENCODED_PART` goes in parts as they are encoded; a payload the codec
-    cannot take, even the last, fails the put before any part is sent."""
+    """A batch over `ENCODED_PART` goes in parts as they are encoded and, over TCP, comes
+    back decoded in parts as they land; a payload the codec cannot take, even the last,
+    fails the put before any part is sent."""
     batch = blocks["bfloat16"] * 7
     assert sum(b.nbytes for b in batch) > 2 * ENCODED_PART
     keys = block_keys(np.arange(len(batch) * 256), 256, f"parts-{transport}".encode())
-    with daemon.client(transport=transport, codec="split-zstd", layout=LAYOUT) as client:
+    with daemon.client(
+        transport=transport, codec="split-zstd", layout=LAYOUT, checksum=True
+    ) as client:
         with pytest.raises(InvalidArgument, match="split-zstd needs float16 or bfloat16"):
             client.put(keys, [*batch[:-1], np.zeros(4, np.float32)])
         assert client.lookup(keys) == 0
