@@ -53,7 +53,7 @@ def test_what_real_kv_compresses_to(blocks) -> None:
     assert ratio("lz4", bf16) < 1.02  # lz4 alone finds nothing in real KV
     assert ratio("zstd", bf16) < ratio("shuffle-zstd", bf16) < ratio("split-zstd", bf16)
     assert min(ratio("split-zstd", b) for b in blocks["bfloat16"]) >= 1.5
-    assert ratio("split-zstd", fp16) >= 1.12
+    assert min(ratio("split-zstd", b) for b in blocks["float16"]) >= 1.19
     for dtype in ("float16", "bfloat16"):
         assert min(ratio("int8+zstd", b) for b in blocks[dtype]) >= 2.5
     assert ratio("int4+zstd", fp16) >= 4
