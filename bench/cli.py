@@ -154,7 +154,7 @@ def parser() -> argparse.ArgumentParser:
     cd.add_argument(
         "--link-codecs",
         type=_choices(["auto", *sorted(codecs.CODECS)]),
-        default=["auto", "shuffle-zstd", "split-zstd", "int8+zstd", "int4+zstd"],
+        default=["auto", "shuffle-zstd", "split", "split-zstd", "int8+zstd", "int4+zstd"],
         help="codecs for the end-to-end rows; auto picks per link (lossless)",
     )
     cd.add_argument("--copies", type=int, default=8, help="copies of the sample per transfer")
