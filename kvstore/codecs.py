@@ -374,6 +374,9 @@ VALUES_ERROR = 1.5
 attention logits, which softmax exponentiates; an error in a value is averaged."""
 
 
+INT8_HEAD, INT8_MODE = "<BII", 1  # mode, steps, exceptions
+
+
 def _groups(shape: tuple[int, ...], layout: str) -> tuple[list[int], bool]:
     """The axes that get one rounding step per index (the layout's `layers` and `kv`, in
     that order, those it has), and whether the last of them is `kv`."""
@@ -401,7 +404,7 @@ def _int8_encode(array: np.ndarray, layout: str) -> bytes:
     Codes beyond int8 go aside as exceptions. Channels go channel-major, ordered by
     spread, so the zstd stacked on top meets codes of one spread at a time."""
     if array.size == 0:
-        return struct.pack("<II", 0, 0)
+        return struct.pack(INT8_HEAD, INT8_MODE, 0, 0)
     axes, is_kv = _groups(array.shape, layout)
     x = _grouped(array, axes)
     if not np.isfinite(x).all():
@@ -432,7 +435,7 @@ def _int8_encode(array: np.ndarray, layout: str) -> bytes:
     rank = (np.minimum(spread, 127) + 128 * smooth).astype(np.uint8)
     np.clip(x, -127, 127, out=x)
     codes = x.astype(np.int8).T[np.argsort(rank, kind="stable")]
-    head = struct.pack("<II", len(step), len(outside))
+    head = struct.pack(INT8_HEAD, INT8_MODE, len(step), len(outside))
     return b"".join([head, step, zero, rank, outside, exceptions, codes])
 
 
@@ -443,8 +446,10 @@ def _int8_decode(payload: memoryview, dtype: np.dtype, shape: tuple[int, ...], l
     order = [0, *axes, *(i for i in range(1, len(shape)) if i not in axes)]
     moved = tuple(shape[i] for i in order) if shape else (1,)
     tokens, channels = moved[0], int(np.prod(moved[1:]))
-    n_steps, n_out = struct.unpack_from("<II", payload)
-    pos, fields = 8, []
+    mode, n_steps, n_out = struct.unpack_from(INT8_HEAD, payload)
+    if mode != INT8_MODE:
+        raise InvalidArgument("payload", f"int8 payload of unknown mode {mode}")
+    pos, fields = struct.calcsize(INT8_HEAD), []
     for kind, count in (("<f4", n_steps), ("<i2", channels), ("u1", channels), ("<u4", n_out)):
         fields.append(np.frombuffer(payload, kind, count, pos))
         pos += fields[-1].nbytes
