@@ -129,7 +129,7 @@ def table(rows: list[Row], title: str) -> Any:
         path = r.path
         if r.scenario == "ttft":
             same = "identical" if e["identical_tokens"] else f"{e['token_agreement']:.0%} agree"
-            path = f"{e['codec']} {e['device']}, {same}"
+            path = f"{e['codec']} {e['device']}, {same}, next token {e['next_token_top1']:.1%}"
         if r.scenario.startswith("codec"):
             link = f" @{e['link_gbit']:g}Gb" if e.get("link_gbit") else ""
             path = f"{e['codec']} {e['dtype'].replace('float', 'f')}{link}"

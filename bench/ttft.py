@@ -66,6 +66,24 @@ def generate(model: Any, ids: Any, new_tokens: int, cache: Any = None) -> Any:
         )
 
 
+def teacher_forced(
+    model: Any, tokens: Any, cache: Any, cached: int, new_tokens: int
+) -> tuple[float, float]:
+    """How often the next token predicted after the stored prefix matches the model's own
+    prediction, and the KL divergence between the two, over the last `new_tokens` tokens
+    of `tokens` fed one by one (`cache` holds the first `cached`). Unlike greedy
+    agreement, one early difference does not decide every later position."""
+    import torch
+
+    with torch.no_grad():
+        truth = model(tokens).logits[0, -new_tokens - 1 : -1].log_softmax(-1)
+        got = model(tokens[:, cached:], past_key_values=cache).logits[0, -new_tokens - 1 : -1]
+    got = got.log_softmax(-1)
+    top1 = (got.argmax(-1) == truth.argmax(-1)).float().mean()
+    kl = torch.nn.functional.kl_div(got, truth, log_target=True, reduction="batchmean")
+    return float(top1), float(kl)
+
+
 def _prefill_worker(
     address: str, n_tokens: int, block_size: int, codec: str, device: str, results: Any
 ) -> None:
@@ -125,6 +143,8 @@ def run(
         reference = generate(model, ids, new_tokens)
         cache, _ = adapter.load_cache(ids[0, :-1].cpu().numpy(), model.config, device)
         disaggregated = generate(model, ids, new_tokens, cache)
+        cache, _ = adapter.load_cache(ids[0, :-1].cpu().numpy(), model.config, device)
+        top1, kl = teacher_forced(model, reference, cache, cached, new_tokens)
     new_ref, new_dis = reference[0, n_tokens:], disaggregated[0, n_tokens:]
     return {
         "scenario": "ttft",
@@ -135,6 +155,8 @@ def run(
         "device": device,
         "identical_tokens": bool(new_ref.tolist() == new_dis.tolist()),
         "token_agreement": float((new_ref == new_dis).float().mean()),
+        "next_token_top1": round(top1, 4),
+        "next_token_kl": round(kl, 6),
         "first_token_matches": bool(direct[0, -1] == first[0, -1]),
         "ttft_recompute_s": round(recompute_s, 4),
         "ttft_cached_s": round(cached_s, 4),

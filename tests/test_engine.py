@@ -76,10 +76,15 @@ def test_lossy_codecs_decode_and_report_agreement(model, daemon, request) -> Non
         adapter = KVAdapter(client, KVSpec.of(model[1], request.node.nodeid, BLOCK), "int8+zstd")
         ttft.prefill(model[1], adapter, ids)
         out, cached = decode(model, adapter, ids)
-    reference = ttft.generate(model[1], ids, NEW)
+        reference = ttft.generate(model[1], ids, NEW)
+        cache, _ = adapter.load_cache(ids[0, :-1].numpy(), model[1].config)
+        top1, kl = ttft.teacher_forced(model[1], reference, cache, cached, NEW)
     agreement = float((out[0, 50:] == reference[0, 50:]).float().mean())
-    print(f"int8+zstd token agreement over {NEW} tokens: {agreement:.0%}")
+    print(
+        f"int8+zstd over {NEW} tokens: greedy {agreement:.0%}, next token {top1:.0%}, KL {kl:.2g}"
+    )
     assert cached == 48 and out.shape == reference.shape
+    assert top1 >= 0.9 and kl < 0.01  # 1% error in the KV barely moves the predictions
 
 
 def test_kv_of_another_model_or_layout_is_never_loaded(model, adapter, daemon) -> None:
@@ -119,4 +124,5 @@ def test_paged_cache_round_trip(model, adapter) -> None:
 def test_the_ttft_example_end_to_end(daemon) -> None:
     result = ttft.run(daemon.address, 80, block_size=BLOCK, new_tokens=8)
     assert result["identical_tokens"] and result["cached_tokens"] == 64
+    assert result["next_token_top1"] == 1.0 and result["next_token_kl"] < 1e-6
     assert result["ttft_cached_s"] > 0 and result["ttft_recompute_s"] > 0
