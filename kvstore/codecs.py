@@ -152,13 +152,20 @@ def _token_rows(words: np.ndarray) -> np.ndarray:
     return words.reshape(words.shape[0] if words.ndim else 1, -1)
 
 
+SCRATCH_BYTES = 48 << 20
+"""What each codec thread keeps for reuse at most (about 5x a block): beyond it,
+temporaries are allocated afresh."""
+
+
 def _scratch(slot: str, count: int, dtype: type) -> np.ndarray:
     """A buffer of this thread's, reused from call to call: faulting in fresh pages for
     every temporary costs more than the codec's own passes over them."""
     buffers = _local.__dict__.setdefault("scratch", {})
     buffer = buffers.get(slot)
     if buffer is None or len(buffer) < count:
-        buffer = buffers[slot] = np.empty(count, dtype)
+        buffer = np.empty(count, dtype)
+        if sum(b.nbytes for s, b in buffers.items() if s != slot) + buffer.nbytes <= SCRATCH_BYTES:
+            buffers[slot] = buffer
     return buffer[:count]
 
 

@@ -201,3 +201,16 @@ async def test_async_encoded_puts_go_in_parts(daemon, blocks) -> None:
             np.array_equal(a.view(np.uint16), b.view(np.uint16))
             for a, b in zip(got, batch, strict=True)
         )
+
+
+def test_a_block_beyond_the_scratch_budget_round_trips_and_keeps_the_budget(blocks) -> None:
+    """Temporaries for a block too large to keep are allocated afresh and let go."""
+    block = np.concatenate(blocks["bfloat16"] * 3)  # 1536 tokens, 35 MB
+    for name in ("split-zstd", "split"):
+        codec = CODECS[name]
+        back = codec.decode(
+            memoryview(codec.encode(block, LAYOUT)), block.dtype, block.shape, LAYOUT
+        )
+        assert np.array_equal(back.view(np.uint16), block.view(np.uint16))
+    kept = codecs._local.__dict__.get("scratch", {})
+    assert sum(b.nbytes for b in kept.values()) <= codecs.SCRATCH_BYTES
