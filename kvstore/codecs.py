@@ -169,6 +169,38 @@ def _scratch(slot: str, count: int, dtype: type) -> np.ndarray:
     return buffer[:count]
 
 
+SPLIT_HEAD = struct.Struct("<BII")  # mode, channels, exceptions
+
+
+def _split_payload(
+    mode: int, channels: int, outside: np.ndarray, exceptions: np.ndarray, coded, words
+) -> np.ndarray:
+    """A split payload, each part copied once into place: the head, the exceptions
+    (indexes, then values), the coded exponents, and last the low bytes of `words`."""
+    head = SPLIT_HEAD.pack(mode, channels, len(outside))
+    parts = [head, outside.astype("<u4"), exceptions, coded]
+    sizes = [memoryview(part).nbytes for part in parts]
+    payload = np.empty(sum(sizes) + words.size, np.uint8)
+    pos = 0
+    for part, size in zip(parts, sizes, strict=True):
+        payload[pos : pos + size] = np.frombuffer(part, np.uint8)
+        pos += size
+    np.copyto(payload[pos:].reshape(words.shape), words, casting="unsafe")  # low bytes
+    return payload
+
+
+def _split_fields(payload: memoryview, count: int):
+    """A split payload's mode, channels, exceptions (indexes, values), coded exponents
+    (still as sent) and low bytes."""
+    mode, channels, n_out = SPLIT_HEAD.unpack_from(payload)
+    pos = SPLIT_HEAD.size
+    outside = np.frombuffer(payload, "<u4", n_out, pos)
+    exceptions = np.frombuffer(payload, np.uint8, n_out, pos + 4 * n_out)
+    coded = payload[pos + 5 * n_out : len(payload) - count]
+    low = np.frombuffer(payload, np.uint8, count, len(payload) - count)
+    return mode, channels, outside, exceptions, coded, low
+
+
 def _bf16_encode(words: np.ndarray, entropy_coded: bool) -> np.ndarray:
     """Rotated left by one bit, a bf16 word has its exponent in the high byte and its
     mantissa and sign (noise) in the low byte, which goes raw. Exponents go as nibbles
@@ -203,22 +235,11 @@ def _bf16_encode(words: np.ndarray, entropy_coded: bool) -> np.ndarray:
     np.copyto(packed[channels:], pairs, casting="unsafe")
     coded = _zstd(packed) if entropy_coded else packed
     mode = BF16_NIBBLES if entropy_coded else BF16_RAW_NIBBLES
-    head = struct.pack("<BII", mode, channels, len(outside))
-    payload = np.empty(len(head) + 5 * len(outside) + len(coded) + n, np.uint8)
-    pos = 0
-    for part in (head, outside.astype("<u4"), exceptions, coded):
-        chunk = np.frombuffer(part, np.uint8)
-        payload[pos : pos + len(chunk)] = chunk
-        pos += len(chunk)
-    np.copyto(payload[pos:].reshape(rows.shape), rotated, casting="unsafe")  # low bytes
-    return payload
+    return _split_payload(mode, channels, outside, exceptions, coded, rotated)
 
 
 def _bf16_decode(payload: memoryview, count: int) -> np.ndarray:
-    mode, channels, n_out = struct.unpack_from("<BII", payload)
-    outside = np.frombuffer(payload, "<u4", n_out, 9)
-    exceptions = np.frombuffer(payload, np.uint8, n_out, 9 + 4 * n_out)
-    coded = payload[9 + 5 * n_out : len(payload) - count]
+    mode, channels, outside, exceptions, coded, low = _split_fields(payload, count)
     coded = np.frombuffer(_unzstd(coded) if mode == BF16_NIBBLES else coded, np.uint8)
     pairs = _scratch("pairs", len(coded) - channels, np.uint16)
     np.copyto(pairs, coded[channels:])
@@ -233,7 +254,7 @@ def _bf16_decode(payload: memoryview, count: int) -> np.ndarray:
     words = np.empty(count, np.uint16)
     np.copyto(words, exponent)
     words <<= 8
-    words |= np.frombuffer(payload, np.uint8, count, len(payload) - count)
+    words |= low
     low_bit = _scratch("spare", count, np.uint16)
     np.left_shift(words, 15, out=low_bit)
     words >>= 1
@@ -255,22 +276,18 @@ def _fp16_encode(words: np.ndarray) -> bytes:
     negative = (high >> 7).mean(axis=0, dtype=np.float32)
     flip = np.where(negative > 0.5, 0x80, 0).astype(np.uint8)
     body = (high & 0x7F) - offset  # the nibble and the 2 mantissa bits, when it fits 6 bits
-    outside = np.flatnonzero(body > 63).astype("<u4")
+    outside = np.flatnonzero(body > 63)
     exceptions = high.reshape(-1)[outside]
     symbols = ((high ^ flip) >> 7 << 6) | (body & 63)
     settled = np.rint(np.abs(negative - 0.5) * 64).astype(np.uint8)
     columns = symbols.T[np.argsort(settled, kind="stable")]
     coded = _zstd(np.concatenate([offset, settled | flip, columns.reshape(-1)]))
-    head = struct.pack("<BII", FP16_NIBBLES, channels, len(outside))
-    low = rows.astype(np.uint8)  # the low bytes
-    return b"".join([head, outside, exceptions, coded, low])
+    return _split_payload(FP16_NIBBLES, channels, outside, exceptions, coded, rows)
 
 
 def _fp16_decode(payload: memoryview, count: int) -> np.ndarray:
-    _, channels, n_out = struct.unpack_from("<BII", payload)
-    outside = np.frombuffer(payload, "<u4", n_out, 9)
-    exceptions = np.frombuffer(payload, np.uint8, n_out, 9 + 4 * n_out)
-    coded = np.frombuffer(_unzstd(payload[9 + 5 * n_out : len(payload) - count]), np.uint8)
+    _, channels, outside, exceptions, coded, low = _split_fields(payload, count)
+    coded = np.frombuffer(_unzstd(coded), np.uint8)
     offset, tag = coded[:channels], coded[channels : 2 * channels]
     columns = np.empty((channels, count // channels), np.uint8)
     columns[np.argsort(tag & 0x7F, kind="stable")] = coded[2 * channels :].reshape(channels, -1)
@@ -283,7 +300,7 @@ def _fp16_decode(payload: memoryview, count: int) -> np.ndarray:
     high.reshape(-1)[outside] = exceptions
     words = high.astype(np.uint16).reshape(-1)
     words <<= 8
-    words |= np.frombuffer(payload, np.uint8, count, len(payload) - count)
+    words |= low
     return words
 
 
