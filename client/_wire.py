@@ -101,11 +101,10 @@ def encoded_parts(
     codec = codecs.get(encoding.codec)
     kinds = [
         (p.dtype, p.nbytes) if isinstance(p, np.ndarray) else (BYTES, memoryview(p).nbytes)
-        for p in payloads
+        for p in (payloads if codec else ())
     ]
-    if codec is not None:
-        for dtype, _ in kinds:
-            codec.check(dtype)
+    for dtype, _ in kinds:
+        codec.check(dtype)  # every payload, before any part goes out
 
     def encode(payload: Payload) -> tuple[memoryview, pb.BlockMeta]:
         view, dtype, shape = as_bytes(payload)
@@ -113,7 +112,7 @@ def encoded_parts(
         if codec is not None:
             array = payload if isinstance(payload, np.ndarray) else np.frombuffer(view, np.uint8)
             meta.raw_size, meta.codec = len(view), codec.name
-            view = memoryview(codec.encode(np.ascontiguousarray(array), encoding.layout))
+            view = memoryview(codec.pack(np.ascontiguousarray(array), encoding.layout))
         meta.size = len(view)
         meta.checksum = xxhash.xxh3_64_intdigest(view) if encoding.checksum else 0
         return view, meta
