@@ -34,6 +34,7 @@ from kvstore.tiers.host import HostTier
 log = logging.getLogger("kvstore.store")
 
 DEMOTE_BATCH = 64 << 20  # bytes written per demotion batch (and per fsync under `batch`)
+MAINTAIN_EVERY = 1.0  # seconds without demotion before the disk tier compacts
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,7 +96,9 @@ class Store:
         self._pressure = self._stopping = False
         if disk is not None:
             host.on_pressure = self._on_pressure
-            self._demoter = threading.Thread(target=self._demote_loop, name="kvstore-demoter")
+            self._demoter = threading.Thread(
+                target=self._demote_loop, name="kvstore-demoter", daemon=True
+            )
             self._demoter.start()
 
     def contains(self, key: BlockKey) -> bool:
@@ -154,6 +157,8 @@ class Store:
     def pin(self, keys: Sequence[BlockKey]) -> ReadBatch:
         """Pin the present prefix of `keys`; the caller must close the batch."""
         blocks = self.host.pin_prefix(keys)
+        if self.disk is not None and blocks:
+            self.disk.touch([b.key for b in blocks])  # hot: outlives its disk segment
         releases: list[Callable[[], None]] = [self._unpinner(b) for b in blocks]
         while len(blocks) < len(keys) and len(self.tiers) > 1:
             key = keys[len(blocks)]
@@ -222,11 +227,16 @@ class Store:
     def _demote_loop(self) -> None:
         while True:
             with self._wake:
-                self._wake.wait_for(lambda: self._stopping or self._must_demote())
+                due = self._wake.wait_for(
+                    lambda: self._stopping or self._must_demote(), timeout=MAINTAIN_EVERY
+                )
                 if self._stopping:
                     return
                 self._pressure = False
-            self._demote_batch()
+            if due:
+                self._demote_batch()
+            else:  # idle: give back the disk space of deleted blocks
+                self.disk.maintain()
 
     def _must_demote(self) -> bool:
         dirty = self.host.dirty_bytes

@@ -35,31 +35,18 @@ class Daemon:
     """A running node: its store, its gRPC server and the address it bound."""
 
     def __init__(self, config: ServerConfig) -> None:
+        """Claim the disk directory, build the tiers, bind every port; anything that fails
+        undoes what came before it and raises, so a start-up failure never lingers."""
         self.config = config
-        disk = None
-        if config.disk_dir:
-            capacity = config.disk_capacity or _free_space(config.disk_dir) * 4 // 5
-            disk = DiskTier(
-                config.disk_dir, capacity, segment_size=config.segment_size, fsync=config.fsync
-            )
-        host = HostTier(config.host_capacity, prefault=config.prefault, write_back=bool(disk))
-        device = None
-        if config.device_capacity and device_available(config.device):
-            device = DeviceTier(config.device_capacity, config.device)
-            device.register_host(host.arena.memory)
-        elif config.device_capacity:
-            log.warning(
-                "no %s device here (or no torch): running without a device tier", config.device
-            )
-        self.store = Store(
-            host,
-            disk=disk,
-            device=device,
-            max_block_size=config.max_block_size,
-            reserve_timeout=config.reserve_timeout,
-            dirty_ratio=config.dirty_ratio,
-            promote=config.promote,
-        )
+        self.store = _store(config)  # the disk tier locks its directory first
+        self.data_plane: DataPlane | None = None
+        try:
+            self._serve(config)
+        except BaseException:
+            self.store.close()
+            raise
+
+    def _serve(self, config: ServerConfig) -> None:
         self.server = grpc.server(
             futures.ThreadPoolExecutor(config.workers, thread_name_prefix="kvstore-rpc"),
             options=[
@@ -79,15 +66,19 @@ class Daemon:
         except RuntimeError as exc:  # grpc's way of saying the bind failed
             raise OSError(f"cannot listen on {config.address}: {exc}") from None
         self.address = f"{host_name}:{port}"
-        self.tickets, self.data_plane = TicketBook(config.ticket_ttl), None
+        self.tickets = TicketBook(config.ticket_ttl)
         servicer = KVStoreServicer(self.store, config.chunk_size, self.tickets)
         if config.data_address != "off":
             data_address = config.data_address
             if data_address == "auto":
                 data_address = f"{host_name}:0"
-            self.data_plane = DataPlane(
-                data_address, self.tickets, config.data_timeout, servicer.transfers
-            )
+            try:
+                self.data_plane = DataPlane(
+                    data_address, self.tickets, config.data_timeout, servicer.transfers
+                )
+            except OSError as exc:
+                self.tickets.close()
+                raise OSError(f"cannot listen on {data_address}: {exc.strerror or exc}") from None
             servicer.data_address = self.data_plane.address
         self.server.add_generic_rpc_handlers([servicer.handler()])
 
@@ -107,6 +98,38 @@ class Daemon:
             self.data_plane.stop()
         self.tickets.close()
         self.store.close(persist=self.config.persist_on_shutdown)
+
+
+def _store(config: ServerConfig) -> Store:
+    disk = None
+    if config.disk_dir:
+        capacity = config.disk_capacity or _free_space(config.disk_dir) * 4 // 5
+        disk = DiskTier(
+            config.disk_dir, capacity, segment_size=config.segment_size, fsync=config.fsync
+        )
+    try:
+        host = HostTier(config.host_capacity, prefault=config.prefault, write_back=bool(disk))
+        device = None
+        if config.device_capacity and device_available(config.device):
+            device = DeviceTier(config.device_capacity, config.device)
+            device.register_host(host.arena.memory)
+        elif config.device_capacity:
+            log.warning(
+                "no %s device here (or no torch): running without a device tier", config.device
+            )
+    except BaseException:
+        if disk is not None:
+            disk.close()
+        raise
+    return Store(
+        host,
+        disk=disk,
+        device=device,
+        max_block_size=config.max_block_size,
+        reserve_timeout=config.reserve_timeout,
+        dirty_ratio=config.dirty_ratio,
+        promote=config.promote,
+    )
 
 
 def _free_space(directory: str) -> int:
@@ -153,7 +176,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         daemon = Daemon(config).start()
-    except OSError as exc:
+    except (OSError, ValueError) as exc:  # a port or directory in use, a bad device, ...
         print(f"kvstore-server: {exc}", file=sys.stderr)
         return 1
     stopping = threading.Event()

@@ -10,7 +10,7 @@ import pytest
 from kvstore.keys import block_keys
 from kvstore.meta import BlockMeta
 from kvstore.store import Store
-from kvstore.tiers.disk import DiskTier
+from kvstore.tiers.disk import DirectoryInUse, DiskTier
 from kvstore.tiers.host import HostTier
 
 MiB = 1 << 20
@@ -105,18 +105,20 @@ def test_deleted_blocks_stay_deleted_after_restart(tmp_path: Path, payloads) -> 
     assert [again.contains(k) for k in ks] == [True, False, True, True]
 
 
-def test_a_full_tier_drops_its_least_recently_used_segment(tmp_path: Path, payloads) -> None:
+def test_a_full_tier_evicts_its_oldest_segment_but_keeps_blocks_read(tmp_path: Path, payloads):
     ks = keys(16)
     size = len(payloads[0])
     record = size + 8192  # at most: a payload plus its header page and padding
     tier = DiskTier(tmp_path, 8 * record, segment_size=2 * record)
     tier.append([(k, meta_of(p), p) for k, p in zip(ks[:6], payloads, strict=False)])
-    assert read(tier, ks[0], size) == bytes(payloads[0])  # the first segment is now warm
+    assert read(tier, ks[0], size) == bytes(payloads[0])  # read: a second chance
+    tier.touch([ks[2]])  # read from the tier above: the same
     tier.append([(k, meta_of(p), p) for k, p in zip(ks[6:12], payloads[6:], strict=False)])
     stats = tier.stats()
     assert stats.evictions >= 2
-    assert tier.contains(ks[0]) and tier.contains(ks[1])  # kept: read most recently
-    assert not tier.contains(ks[2])  # the coldest segment went
+    assert tier.contains(ks[0]) and tier.contains(ks[2])
+    assert not tier.contains(ks[1])  # the oldest segments went, with their cold blocks
+    assert read(tier, ks[0], size) == bytes(payloads[0])
     assert sum(p.stat().st_size for p in segments(tmp_path)) <= tier.capacity
 
 
@@ -165,3 +167,83 @@ def test_persist_writes_every_host_block_down(tmp_path: Path, payloads) -> None:
     assert [read(again, k, len(p)) for k, p in zip(ks, payloads, strict=False)] == [
         bytes(p) for p in payloads[:4]
     ]
+
+
+def test_a_flipped_bit_in_a_header_costs_that_record_only(tmp_path: Path, payloads) -> None:
+    ks = keys(len(payloads))
+    tier = DiskTier(tmp_path, 64 * MiB, segment_size=64 * MiB)
+    tier.append([(k, meta_of(p), p) for k, p in zip(ks, payloads, strict=True)])
+    tier.close()
+    (segment,) = segments(tmp_path)
+    data = bytearray(segment.read_bytes())
+    at = data.find(ks[5])  # the key sits in the record's header; flip a bit of its size field
+    data[at - 8] ^= 0x01
+    segment.write_bytes(data)
+
+    again = DiskTier(tmp_path, 64 * MiB, segment_size=64 * MiB)
+    assert [again.contains(k) for k in ks] == [i != 5 for i in range(len(ks))]
+    for i, (k, p) in enumerate(zip(ks, payloads, strict=True)):
+        assert i == 5 or read(again, k, len(p)) == bytes(p)
+    assert again.stats().errors == 1 and "damaged record" in again.stats().last_error
+    assert segment.stat().st_size == len(data)  # nothing was cut
+
+
+def test_a_payload_cannot_forge_a_record_for_a_scan_to_find(tmp_path: Path, payloads) -> None:
+    """A payload holding a copy of a real header page is data, never a record."""
+    ks = keys(3)
+    tier = DiskTier(tmp_path, 64 * MiB)
+    tier.append([(ks[0], meta_of(payloads[0]), payloads[0])])
+    tier.close()
+    (segment,) = segments(tmp_path)
+    header_page = segment.read_bytes()[4096:8192]  # record 0's header page, from another file
+    forged = memoryview(bytearray(header_page * 4)).cast("B")
+    fresh = tmp_path / "other"
+    tier = DiskTier(fresh, 64 * MiB)
+    tier.append([(ks[1], meta_of(forged), forged), (ks[2], meta_of(payloads[2]), payloads[2])])
+    tier.close()
+    (other,) = segments(fresh)
+    data = bytearray(other.read_bytes())
+    data[data.find(ks[1]) - 8] ^= 0x01  # damage the record that holds the forged pages
+    other.write_bytes(data)
+    again = DiskTier(fresh, 64 * MiB)
+    assert not again.contains(ks[0]) and not again.contains(ks[1])
+    assert read(again, ks[2], len(payloads[2])) == bytes(payloads[2])
+
+
+def test_deleted_space_comes_back_and_no_live_block_is_evicted(tmp_path: Path, payloads) -> None:
+    """Rounds of puts and deletes write twice the tier's capacity; the live blocks fit it."""
+    record = len(payloads[0]) + 4096
+    tier = DiskTier(tmp_path, 24 * record, segment_size=4 * record)
+    live: list[tuple[bytes, memoryview]] = []
+    for round_ in range(8):
+        ks = keys(6, f"round{round_}".encode())
+        batch = [(k, payloads[(round_ + i) % len(payloads)]) for i, k in enumerate(ks)]
+        tier.append([(k, meta_of(p), p) for k, p in batch])
+        tier.delete([k for k, _ in batch[2:]])
+        live += batch[:2]
+    assert tier.stats().evictions == 0
+    assert all(read(tier, k, len(p)) == bytes(p) for k, p in live)
+    assert sum(p.stat().st_size for p in segments(tmp_path)) <= tier.capacity
+    tier.maintain()  # idle: the dead records left go too
+    assert tier.file_bytes() <= 2 * len(live) * record
+
+
+def test_a_block_read_since_it_was_written_outlives_its_segment(tmp_path: Path, payloads) -> None:
+    record = len(payloads[0]) + 4096
+    tier = DiskTier(tmp_path, 8 * record, segment_size=2 * record)
+    first = keys(4, b"first")
+    tier.append([(k, meta_of(p), p) for k, p in zip(first, payloads, strict=False)])
+    assert read(tier, first[1], len(payloads[1])) == bytes(payloads[1])  # a hit
+    later = keys(6, b"later")
+    for k, p in zip(later, payloads[4:], strict=False):  # more than the tier holds
+        tier.append([(k, meta_of(p), p)])
+    assert tier.stats().evictions > 0 and not tier.contains(first[0])
+    assert read(tier, first[1], len(payloads[1])) == bytes(payloads[1])
+
+
+def test_two_tiers_cannot_share_a_directory(tmp_path: Path) -> None:
+    tier = DiskTier(tmp_path, 64 * MiB)
+    with pytest.raises(DirectoryInUse, match="in use by another kvstore-server"):
+        DiskTier(tmp_path, 64 * MiB)
+    tier.close()
+    DiskTier(tmp_path, 64 * MiB).close()  # free again once the first has closed

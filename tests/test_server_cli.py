@@ -9,6 +9,7 @@ from conftest import running_daemon
 from kvstore.client import Client
 from kvstore.config import ServerConfig
 from kvstore.errors import Unavailable
+from kvstore.tiers.disk import DiskTier
 
 
 def run(*args: str, **kw) -> subprocess.CompletedProcess:
@@ -67,3 +68,24 @@ def test_sigterm_stops_gracefully() -> None:
             raise AssertionError("a stopped daemon answered")
         except Unavailable:
             pass
+
+
+def test_a_second_daemon_on_the_same_disk_dir_exits_at_once(tmp_path) -> None:
+    flags = ("--host-capacity", "4MiB", "--disk-dir", str(tmp_path), "--disk-capacity", "64MiB")
+    with running_daemon(*flags) as first, Client(first.address, transport="tcp") as client:
+        second = run("--address", "127.0.0.1:0", *flags)
+        assert second.returncode == 1
+        assert f"disk dir {tmp_path} is in use by another kvstore-server" in second.stderr
+        assert list(tmp_path.glob("seg-*.kvs")) == [tmp_path / "seg-00000001.kvs"]
+        keys = [bytes([i]) * 16 for i in range(3)]
+        client.put(keys, [b"x" * 100] * 3)
+        assert client.lookup(keys) == 3  # the first daemon never noticed
+
+
+def test_a_daemon_with_a_disk_tier_that_cannot_bind_exits_at_once(tmp_path) -> None:
+    with running_daemon("--host-capacity", "4MiB") as other:
+        result = run(
+            "--address", other.address, "--host-capacity", "4MiB", "--disk-dir", str(tmp_path)
+        )  # `run` fails the test after 60 s: a hang would show
+        assert result.returncode == 1 and "cannot listen on" in result.stderr
+    DiskTier(tmp_path, 1 << 20).close()  # the failed start left the directory free

@@ -1,18 +1,22 @@
 """The disk tier: blocks appended to segment files in one directory.
 
-A record is a 64-byte header and the block's metadata, padded to a page, then
-the payload, padded to a page. Page-aligned records let payloads go from the
+Records are page-aligned (kvstore/tiers/segments.py), so payloads go from the
 host arena (page-aligned slots) to disk by direct I/O: no copy into the page
-cache, the CPU left to the network. The header holds a hash of itself and a
-hash of metadata + payload:
-- at start-up, segments are scanned header by header to rebuild the index; a
-  torn or garbled header ends its segment, which is cut there;
-- every read checks the payload hash, so a torn or corrupted block is dropped,
+cache, the CPU left to the network.
+- At start-up the directory is locked (one daemon per directory) and segments
+  are scanned header by header to rebuild the index. A damaged header costs its
+  own record, never the rest of the segment; an incomplete tail is cut.
+- Every read checks the payload hash, so a torn or corrupted block is dropped,
   counted and logged, never served.
-A delete rewrites the record's header in place as dead, so a restart cannot
-bring the block back. Space is reclaimed a segment at a time: when the tier is
-full the least recently used segment is dropped, and a segment whose blocks are
-all gone is dropped at once.
+- A delete rewrites the record's header as dead, so a restart cannot bring the
+  block back.
+- Space comes back without losing live blocks: a segment that is mostly dead is
+  compacted (its live records copied forward, then the file dropped). Only when
+  the tier is full of live blocks is the oldest segment evicted, and then the
+  blocks read since they were written (here or, `touch`, in the tier above) get
+  a second chance: they are copied forward, so a hot block outlives its segment.
+  On a production trace this keeps as many hits as one LRU cache of the tier's
+  capacity, where evicting whole segments by LRU keeps 0.90 of them.
 
 What a crash of the machine can lose, by `fsync` policy (a crash of the daemon
 alone loses nothing written, the kernel holds it):
@@ -24,62 +28,44 @@ alone loses nothing written, the kernel holds it):
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import mmap
 import os
-import struct
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import xxhash
 
 from kvstore.errors import KVStoreError, ResourceExhausted
-from kvstore.keys import KEY_BYTES, BlockKey
+from kvstore.keys import BlockKey
 from kvstore.meta import BlockMeta
 from kvstore.tiers import TierStats, present_count
+from kvstore.tiers.segments import (
+    DEAD,
+    HEADER,
+    LIVE,
+    PAGE,
+    SegmentFormat,
+    align,
+    body_hash,
+    layout,
+)
 
 log = logging.getLogger("kvstore.disk")
 
-MAGIC = b"KVS1"
-VERSION = 1
-LIVE, DEAD = 0, 1
-HEAD = struct.Struct(f"<4sHHIQ{KEY_BYTES}sQ12x")  # magic version kind meta_len size key body_hash
-HEADER = HEAD.size + 8  # then an xxh3-64 of the bytes before it
-PAGE = 4096  # record alignment: a header never straddles a sector; direct I/O works
 FSYNC_POLICIES = ("batch", "interval", "never")
+COMPACT_BELOW = 0.5  # a segment whose live records fill less than this is compacted
+COMPACT_WHEN_FULL = 0.875  # a full tier compacts before it evicts, up to 8 bytes copied per byte
+DEAD_SHARE = 0.25  # compact in the background once this share of the files is dead
+LOCK_FILE = "LOCK"
 
 
-def _align(n: int) -> int:
-    return (n + PAGE - 1) & ~(PAGE - 1)
-
-
-def _record(meta_len: int, size: int) -> tuple[int, int]:
-    """(payload offset within the record, record length)."""
-    head = _align(HEADER + meta_len)
-    return head, head + _align(size)
-
-
-def _page_aligned(view: memoryview) -> bool:
-    return np.frombuffer(view, np.uint8).ctypes.data % PAGE == 0
-
-
-def encode_header(kind: int, key: BlockKey, meta: bytes, size: int, body_hash: int) -> bytes:
-    head = HEAD.pack(MAGIC, VERSION, kind, len(meta), size, key, body_hash)
-    return head + xxhash.xxh3_64_digest(head)
-
-
-def decode_header(raw: bytes) -> tuple[int, BlockKey, int, int, int] | None:
-    """(kind, key, meta_len, size, body_hash), or None for a torn or foreign header."""
-    if len(raw) < HEADER or xxhash.xxh3_64_digest(raw[: HEAD.size]) != raw[HEAD.size : HEADER]:
-        return None
-    magic, version, kind, meta_len, size, key, body_hash = HEAD.unpack(raw[: HEAD.size])
-    if magic != MAGIC or version != VERSION or kind not in (LIVE, DEAD):
-        return None
-    return kind, key, meta_len, size, body_hash
+class DirectoryInUse(OSError):
+    """Another daemon holds the disk tier's directory."""
 
 
 def encode_meta(meta: BlockMeta) -> bytes:
@@ -88,8 +74,8 @@ def encode_meta(meta: BlockMeta) -> bytes:
 
 
 def decode_meta(raw: bytes, size: int) -> BlockMeta:
-    dtype, shape, layout, codec, raw_size, checksum = json.loads(raw)
-    return BlockMeta(size, dtype, tuple(shape), layout, codec, raw_size, checksum)
+    dtype, shape, layout_, codec, raw_size, checksum = json.loads(raw)
+    return BlockMeta(size, dtype, tuple(shape), layout_, codec, raw_size, checksum)
 
 
 def _pwrite_all(fd: int, buffers: list[bytes | memoryview], offset: int) -> None:
@@ -107,14 +93,19 @@ def _pwrite_all(fd: int, buffers: list[bytes | memoryview], offset: int) -> None
             views[0] = views[0][n:]
 
 
+def _page_aligned(view: memoryview) -> bool:
+    return np.frombuffer(view, np.uint8).ctypes.data % PAGE == 0
+
+
 @dataclass(slots=True, eq=False)
 class _Segment:
     id: int
     path: Path
     fd: int
+    format: SegmentFormat
     direct: int = -1  # the same file opened for direct I/O, where the file system allows
-    size: int = 0
-    used: int = 0  # monotonic stamp of the last write or read: LRU by segment
+    size: int = PAGE  # bytes of the file in use: its first page, then records
+    live: int = 0  # bytes of live records
     keys: set[BlockKey] = field(default_factory=set)
     readers: int = 0
     dropped: bool = False
@@ -125,7 +116,7 @@ class _Segment:
                 os.close(fd)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, eq=False)
 class _Entry:
     key: BlockKey
     segment: _Segment
@@ -133,6 +124,23 @@ class _Entry:
     meta: BlockMeta
     meta_raw: bytes
     body_hash: int
+    hit: bool = False  # read since written: carried forward when its segment is evicted
+
+    @property
+    def length(self) -> int:
+        return layout(len(self.meta_raw), self.meta.size)[1]
+
+
+class _Scratch:
+    """Page-aligned memory reused across writes (direct I/O needs aligned buffers)."""
+
+    def __init__(self, size: int) -> None:
+        self.view = memoryview(mmap.mmap(-1, size))
+
+    def at_least(self, size: int) -> memoryview:
+        if len(self.view) < size:
+            self.view = memoryview(mmap.mmap(-1, align(size)))
+        return self.view[:size]
 
 
 class DiskTier:
@@ -150,19 +158,21 @@ class DiskTier:
             raise ValueError(f"fsync: expected one of {', '.join(FSYNC_POLICIES)}, got {fsync!r}")
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
+        self._lock_fd = _lock_directory(self.directory)
         self.capacity = capacity
         self.segment_size = segment_size
         self.fsync = fsync
         self._lock = threading.Lock()  # index, segments, stats; never held during I/O
-        self._write = threading.Lock()  # one appender at a time
+        self._write = threading.Lock()  # one writer (append, delete, compaction) at a time
         self._index: dict[BlockKey, _Entry] = {}
         self._segments: dict[int, _Segment] = {}
-        self._clock = 0
+        self._last_id = 0  # of the segment files in the directory, ours or not
         self._total = 0  # bytes of segment files
         self._stats = TierStats(self.name, capacity=capacity)
         self._unsynced: set[_Segment] = set()
-        self._head = memoryview(mmap.mmap(-1, 1 << 16))  # page-aligned scratch for direct I/O
-        self._tail = memoryview(mmap.mmap(-1, PAGE))
+        self._head = _Scratch(1 << 16)  # header and metadata pages
+        self._tail = _Scratch(PAGE)  # a payload's last, partial page
+        self._carry = _Scratch(PAGE)  # records copied forward
         self._load()
         self._active = self._new_segment()
         self._stop = threading.Event()
@@ -194,14 +204,31 @@ class DiskTier:
             entry = self._index.get(key)
             if entry is None or len(out) < entry.meta.size:
                 return None
-            segment = entry.segment
+            entry.hit = True
+        if self._read_payload(entry, out[: entry.meta.size]):
+            with self._lock:
+                self._stats.hits += 1
+            return entry.meta
+        return None
+
+    def touch(self, keys: Sequence[BlockKey]) -> None:
+        """Blocks read from a copy above: they count as read here too (second chance)."""
+        with self._lock:
+            for key in keys:
+                if (entry := self._index.get(key)) is not None:
+                    entry.hit = True
+
+    def _read_payload(self, entry: _Entry, out: memoryview) -> bool:
+        """Read and check one record's payload; a bad one is dropped, counted and logged."""
+        segment = entry.segment
+        with self._lock:
+            if segment.dropped:
+                return False
             segment.readers += 1
-            segment.used = self._tick()
-        size = entry.meta.size
-        start = entry.offset + _record(len(entry.meta_raw), size)[0]
+        start = entry.offset + layout(len(entry.meta_raw), entry.meta.size)[0]
         try:
-            n = os.preadv(segment.fd, [out[:size]], start)
-            error = f"block {key.hex()} in {segment.path.name} fails its checksum"
+            n = os.preadv(segment.fd, [out], start)
+            error = f"block {entry.key.hex()} in {segment.path.name} fails its checksum"
         except OSError as exc:
             n, error = -1, f"reading {segment.path.name}: {exc}"
         finally:
@@ -209,12 +236,10 @@ class DiskTier:
                 segment.readers -= 1
                 if segment.dropped and not segment.readers:
                     segment.close()
-        if n == size and self._body_hash(entry.meta_raw, out[:size]) == entry.body_hash:
-            with self._lock:
-                self._stats.hits += 1
-            return entry.meta
+        if n == len(out) and body_hash(entry.meta_raw, out) == entry.body_hash:
+            return True
         self._fail(error, drop=entry)
-        return None
+        return False
 
     # -- writes ------------------------------------------------------------
 
@@ -233,34 +258,66 @@ class DiskTier:
                     written += self._append(key, meta, payload)
                 except (OSError, KVStoreError) as exc:
                     self._fail(f"writing block {key.hex()}: {exc}")
+            self._compact_dead()
             if self.fsync == "batch":
                 self.sync()
         return written
 
-    def _append(self, key: BlockKey, meta: BlockMeta, payload: memoryview) -> bool:
-        meta_raw = encode_meta(meta)
-        body_hash = self._body_hash(meta_raw, payload)
-        head, length = _record(len(meta_raw), meta.size)
-        if length > self.capacity or head > len(self._head):
+    def maintain(self) -> None:
+        """Give back space held by dead records (called when the daemon is idle)."""
+        with self._write:
+            if self._compact_dead() and self.fsync == "batch":
+                self.sync()
+
+    def _append(
+        self,
+        key: BlockKey,
+        meta: BlockMeta,
+        payload: memoryview,
+        *,
+        meta_raw: bytes | None = None,
+        make_room: bool = True,
+    ) -> bool:
+        meta_raw = encode_meta(meta) if meta_raw is None else meta_raw
+        body = body_hash(meta_raw, payload)
+        head, length = layout(len(meta_raw), meta.size)
+        if length > self.capacity or HEADER + len(meta_raw) > 1 << 16:
             raise ResourceExhausted(f"block of {meta.size} bytes does not fit the disk tier")
-        self._make_room(length)
+        if make_room:
+            self._make_room(length)
+        elif self._active.size > PAGE and self._active.size + length > self.segment_size:
+            self._roll()
         segment = self._active
-        record = encode_header(LIVE, key, meta_raw, meta.size, body_hash) + meta_raw
-        self._head[:head] = record + bytes(head - len(record))
-        whole = meta.size - meta.size % PAGE  # the payload's full pages go straight from memory
-        tail = meta.size - whole
-        self._tail[:] = bytes(payload[whole:]) + bytes(PAGE - tail)
-        buffers = [self._head[:head], payload[:whole], self._tail[: PAGE if tail else 0]]
-        direct = segment.direct >= 0 and _page_aligned(payload)
+        record = segment.format.encode(LIVE, key, len(meta_raw), meta.size, body) + meta_raw
+        if length == PAGE:  # small: header, metadata and payload share one page
+            page = self._head.at_least(PAGE)
+            page[: len(record)] = record
+            page[len(record) : len(record) + meta.size] = payload
+            page[len(record) + meta.size :] = bytes(PAGE - len(record) - meta.size)
+            buffers: list[memoryview] = [page]
+        else:
+            first = self._head.at_least(head)
+            first[: len(record)] = record
+            first[len(record) :] = bytes(head - len(record))
+            whole = meta.size - meta.size % PAGE  # full pages go straight from memory
+            tail = self._tail.at_least(PAGE)
+            rest = meta.size - whole
+            tail[:rest] = payload[whole:]
+            tail[rest:] = bytes(PAGE - rest)
+            buffers = [first, payload[:whole], tail[: PAGE if rest else 0]]
+        direct = segment.direct >= 0 and all(_page_aligned(b) for b in buffers if len(b))
         try:
             _pwrite_all(segment.direct if direct else segment.fd, buffers, segment.size)
         except OSError:
             os.ftruncate(segment.fd, segment.size)  # leave no partial record behind
             raise
-        entry = _Entry(key, segment, segment.size, meta, meta_raw, body_hash)
+        entry = _Entry(key, segment, segment.size, meta, meta_raw, body)
         with self._lock:
+            old = self._index.get(key)
+            if old is not None:  # a record carried forward replaces its older copy
+                self._forget(key, old)
             segment.size += length
-            segment.used = self._tick()
+            segment.live += length
             segment.keys.add(key)
             self._total += length
             self._index[key] = entry
@@ -270,18 +327,65 @@ class DiskTier:
         return True
 
     def _make_room(self, length: int) -> None:
-        """Roll to a new segment when the active one is full; drop cold segments for space."""
-        if self._active.size and self._active.size + length > self.segment_size:
-            self._sync_segment(self._active)
-            self._active = self._new_segment()
+        """Roll to a new segment when the active one is full; reclaim segments for space:
+        dead records first (compaction), live blocks only from a tier full of them."""
+        if self._active.size > PAGE and self._active.size + length > self.segment_size:
+            self._roll()
         while self._total + length > self.capacity:
             with self._lock:
                 cold = [s for s in self._segments.values() if s is not self._active]
-                if not cold:
-                    raise ResourceExhausted(f"no room for {length} bytes in the disk tier")
-                victim = min(cold, key=lambda s: s.used)
-                self._stats.evictions += len(victim.keys)
-                self._drop_segment(victim)
+            if not cold:
+                raise ResourceExhausted(f"no room for {length} bytes in the disk tier")
+            sparse = min(cold, key=lambda s: s.live / s.size)
+            if sparse.live < COMPACT_WHEN_FULL * sparse.size:
+                self._reclaim(sparse, evict=False)
+            else:  # the oldest: its blocks read since have their second chance
+                self._reclaim(min(cold, key=lambda s: s.id), evict=True)
+
+    def _compact_dead(self) -> bool:
+        """Compact the sparsest segment once dead records fill `DEAD_SHARE` of the files."""
+        with self._lock:
+            cold = [s for s in self._segments.values() if s is not self._active]
+        if not cold or self._dead_bytes() <= DEAD_SHARE * self._total:
+            return False
+        sparse = min(cold, key=lambda s: s.live / s.size)
+        if sparse.live >= COMPACT_BELOW * sparse.size:
+            return False
+        self._reclaim(sparse, evict=False)
+        return True
+
+    def _dead_bytes(self) -> int:
+        """Bytes of the files held by dead or damaged records."""
+        with self._lock:
+            live = sum(s.live + PAGE for s in self._segments.values())
+            return self._total - live
+
+    def _reclaim(self, segment: _Segment, *, evict: bool) -> None:
+        """Drop a segment, first copying forward its live records (compaction) or, when
+        evicting, only those read since they were written (their second chance)."""
+        with self._lock:
+            entries = [self._index[k] for k in segment.keys]
+        carried = [e for e in entries if e.hit or not evict]
+        for entry in carried:
+            entry.hit = False
+            buffer = self._carry.at_least(entry.meta.size)
+            if not self._read_payload(entry, buffer):
+                continue  # corrupt: dropped, not carried
+            try:
+                self._append(
+                    entry.key, entry.meta, buffer, meta_raw=entry.meta_raw, make_room=False
+                )
+            except (OSError, KVStoreError) as exc:
+                self._fail(f"copying block {entry.key.hex()} forward: {exc}")
+        with self._lock:
+            if evict:
+                self._stats.evictions += len(segment.keys)
+            if not segment.dropped:
+                self._drop_segment(segment)
+
+    def _roll(self) -> None:
+        self._sync_segment(self._active)
+        self._active = self._new_segment()
 
     def delete(self, keys: Sequence[BlockKey]) -> int:
         """Forget `keys` and mark their records dead on disk, so they stay gone after restart."""
@@ -295,18 +399,19 @@ class DiskTier:
                     self._forget(key, entry)
                     entry.segment.readers += 1  # keep the fd open while we write
                 deleted += 1
+                segment = entry.segment
                 try:
-                    dead = encode_header(
-                        DEAD, key, entry.meta_raw, entry.meta.size, entry.body_hash
+                    dead = segment.format.encode(
+                        DEAD, key, len(entry.meta_raw), entry.meta.size, entry.body_hash
                     )
-                    os.pwrite(entry.segment.fd, dead, entry.offset)
-                    self._unsynced.add(entry.segment)
+                    os.pwrite(segment.fd, dead, entry.offset)
+                    self._unsynced.add(segment)
                 except OSError as exc:
                     self._fail(f"marking block {key.hex()} deleted: {exc}")
                 finally:
                     with self._lock:
-                        entry.segment.readers -= 1
-                        self._drop_if_empty(entry.segment)
+                        segment.readers -= 1
+                        self._drop_if_empty(segment)
             if self.fsync == "batch" and deleted:
                 self.sync()
         return deleted
@@ -322,6 +427,11 @@ class DiskTier:
         with self._lock:
             return self._stats.snapshot()
 
+    def file_bytes(self) -> int:
+        """Bytes of segment files on disk, dead records included."""
+        with self._lock:
+            return self._total
+
     def close(self) -> None:
         self._stop.set()
         if self._syncer:
@@ -335,19 +445,33 @@ class DiskTier:
                         segment.close()
                     segment.dropped = True
                 self._segments.clear()
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)  # releases the directory lock
+            self._lock_fd = -1
 
     # -- internals ---------------------------------------------------------
 
     def _load(self) -> None:
-        """Rebuild the index from the segment files, cutting torn tails."""
+        """Rebuild the index from the segment files, skipping damaged records."""
         for path in sorted(self.directory.glob("seg-*.kvs")):
             try:
                 segment_id = int(path.stem.removeprefix("seg-"))
             except ValueError:
                 continue
-            segment = _Segment(segment_id, path, os.open(path, os.O_RDWR))
+            self._last_id = max(self._last_id, segment_id)
+            fd = os.open(path, os.O_RDWR)
+            first_page = os.pread(fd, PAGE, 0)
+            form = SegmentFormat.read(first_page)
+            if form is None:
+                os.close(fd)
+                if len(first_page) < PAGE:  # created, then a crash before its first page
+                    path.unlink()
+                else:
+                    log.warning("disk tier: %s is not a segment of this format: left alone", path)
+                continue
+            segment = _Segment(segment_id, path, fd, form)
             self._segments[segment_id] = segment
-            self._scan(segment, os.fstat(segment.fd).st_size)
+            self._scan(segment, os.fstat(fd).st_size)
             self._total += segment.size
             if not segment.keys:
                 self._drop_segment(segment)
@@ -355,56 +479,59 @@ class DiskTier:
             log.info("disk tier: %d blocks in %d segments", len(self._index), len(self._segments))
 
     def _scan(self, segment: _Segment, end: int) -> None:
-        offset = 0
-        while offset + HEADER <= end:
-            parsed = decode_header(os.pread(segment.fd, HEADER, offset))
-            if parsed is None:
-                break
-            kind, key, meta_len, size, body_hash = parsed
-            length = _record(meta_len, size)[1]
-            if offset + length > end:
-                break
-            if kind == LIVE:
-                meta_raw = os.pread(segment.fd, meta_len, offset + HEADER)
-                try:
-                    meta = decode_meta(meta_raw, size)
-                except (ValueError, TypeError) as exc:
-                    self._fail(f"{segment.path.name}@{offset}: bad metadata: {exc}")
-                else:
-                    old = self._index.get(key)
-                    if old is not None:
-                        self._forget(key, old)
-                    self._index[key] = _Entry(key, segment, offset, meta, meta_raw, body_hash)
-                    segment.keys.add(key)
-                    self._stats.blocks += 1
-                    self._stats.bytes += size
-            offset += length
-        if offset < end:
+        scan = segment.format.scan(segment.fd, end)
+        for start, stop in scan.damaged:
+            self._fail(f"{segment.path.name}@{start}: damaged record, {stop - start} bytes skipped")
+        for offset, header in scan.records:
+            if header.kind != LIVE:
+                continue
+            meta_raw = os.pread(segment.fd, header.meta_len, offset + HEADER)
+            try:
+                meta = decode_meta(meta_raw, header.size)
+            except (ValueError, TypeError) as exc:
+                self._fail(f"{segment.path.name}@{offset}: bad metadata: {exc}")
+                continue
+            old = self._index.get(header.key)
+            if old is not None:  # a later copy (carried forward) wins
+                self._forget(header.key, old)
+            entry = _Entry(header.key, segment, offset, meta, meta_raw, header.body_hash)
+            self._index[header.key] = entry
+            segment.keys.add(header.key)
+            segment.live += header.length
+            self._stats.blocks += 1
+            self._stats.bytes += header.size
+        if scan.end < end:
             log.warning(
-                "disk tier: %s: cut %d torn bytes at %d", segment.path.name, end - offset, offset
+                "disk tier: %s: cut %d torn bytes at %d",
+                segment.path.name,
+                end - scan.end,
+                scan.end,
             )
-            os.ftruncate(segment.fd, offset)
-        segment.size = offset
-        segment.used = self._tick()
+            os.ftruncate(segment.fd, scan.end)
+        segment.size = scan.end
 
     def _new_segment(self) -> _Segment:
-        segment_id = max(self._segments, default=0) + 1
+        self._last_id += 1
+        segment_id = self._last_id
         path = self.directory / f"seg-{segment_id:08d}.kvs"
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+        form, first_page = SegmentFormat.create()
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        os.pwrite(fd, first_page, 0)
         try:
             direct = os.open(path, os.O_WRONLY | os.O_DIRECT) if hasattr(os, "O_DIRECT") else -1
         except OSError:  # a file system without direct I/O: write through the page cache
             direct = -1
-        segment = _Segment(segment_id, path, fd, direct)
-        segment.used = self._tick()
+        segment = _Segment(segment_id, path, fd, form, direct)
         with self._lock:
             self._segments[segment_id] = segment
+            self._total += PAGE
         return segment
 
     def _forget(self, key: BlockKey, entry: _Entry) -> None:
         """Drop `key` from the index (lock held)."""
         del self._index[key]
         entry.segment.keys.discard(key)
+        entry.segment.live -= entry.length
         self._stats.blocks -= 1
         self._stats.bytes -= entry.meta.size
 
@@ -454,12 +581,20 @@ class DiskTier:
                 self._forget(drop.key, drop)
                 self._drop_if_empty(drop.segment)
 
-    def _tick(self) -> int:
-        self._clock += 1
-        return self._clock
 
-    @staticmethod
-    def _body_hash(meta_raw: bytes, payload: memoryview) -> int:
-        h = xxhash.xxh3_64(meta_raw)
-        h.update(payload)
-        return h.intdigest()
+
+def _lock_directory(directory: Path) -> int:
+    """Hold an exclusive lock on the directory for the tier's lifetime: two daemons
+    appending to the same segments would lose each other's blocks."""
+    fd = os.open(directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        raise DirectoryInUse(
+            f"disk dir {directory} is in use by another kvstore-server (pid {holder})"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
