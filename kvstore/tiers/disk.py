@@ -582,7 +582,6 @@ class DiskTier:
                 self._drop_if_empty(drop.segment)
 
 
-
 def _lock_directory(directory: Path) -> int:
     """Hold an exclusive lock on the directory for the tier's lifetime: two daemons
     appending to the same segments would lose each other's blocks."""
