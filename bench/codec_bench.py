@@ -120,10 +120,10 @@ def _put_get(
     with Client(address, transport="tcp", codec=name, layout=LAYOUT, link_gbps=gbit or None) as c:
         keys = block_keys(np.arange(len(batch) * 16), 16, f"link/{tag}/{name}".encode())
         chosen = c._encoding(None, None, batch[:1]).codec  # `auto` chooses once, untimed
-        before = c.stats().tiers[0].bytes
+        before = c.stats().tiers[0].payload_bytes
         t = time.perf_counter()
         c.put(keys, batch)
-        wire = c.stats().tiers[0].bytes - before  # the bytes that crossed the link
+        wire = c.stats().tiers[0].payload_bytes - before  # the bytes that crossed the link
         _hold(t, wire, gbit)
         put_s = time.perf_counter() - t
         t = time.perf_counter()

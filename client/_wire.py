@@ -26,6 +26,7 @@ from kvstore.errors import (
     Unsupported,
 )
 from kvstore.keys import BlockKey, check_keys
+from kvstore.limits import MAX_BLOCKS
 from kvstore.proto import kvstore_pb2 as pb
 from kvstore.proto.frames import data_frames, decode_frame
 from kvstore.store import StoreStats
@@ -73,6 +74,14 @@ class Encoding:
         )
 
 
+def check_dtype(dtype: np.dtype, field: str) -> None:
+    """Payload arrays hold plain numbers (numpy's own or an extension type such as
+    bfloat16): an object, structured or void dtype would come back as bytes, not as itself."""
+    plain = dtype.kind in "biufc" or (dtype.kind == "V" and dtype.isbuiltin == 2)
+    if not plain or dtype.fields is not None or dtype.subdtype is not None:
+        raise InvalidArgument(field, f"dtype {dtype} is not a plain numeric dtype")
+
+
 def as_bytes(payload: Payload) -> tuple[memoryview, str, tuple[int, ...]]:
     """A flat byte view of a payload (no copy when contiguous) and its dtype and shape."""
     if isinstance(payload, np.ndarray):
@@ -85,6 +94,23 @@ def as_bytes(payload: Payload) -> tuple[memoryview, str, tuple[int, ...]]:
     return view.cast("B") if view.format != "B" or view.ndim != 1 else view, "", ()
 
 
+def check_batch(keys: Sequence[BlockKey], payloads: Sequence[Payload]) -> list[BlockKey]:
+    """The keys of a put, checked with its payloads; InvalidArgument names what is wrong."""
+    if len(payloads) != len(keys):
+        raise InvalidArgument("payloads", f"got {len(payloads)} for {len(keys)} keys")
+    keys = check_keys(keys, unique=True, limit=len(keys))  # parts split at MAX_BLOCKS
+    for i, payload in enumerate(payloads):
+        if isinstance(payload, np.ndarray):
+            check_dtype(payload.dtype, f"payloads[{i}]")
+        elif not isinstance(payload, (bytes, bytearray, memoryview)):
+            raise InvalidArgument(f"payloads[{i}]", f"not bytes-like: {type(payload).__name__}")
+    return keys
+
+
+def payload_size(payload: Payload) -> int:
+    return payload.nbytes if isinstance(payload, np.ndarray) else memoryview(payload).nbytes
+
+
 def encoded_parts(
     keys: Sequence[BlockKey],
     payloads: Sequence[Payload],
@@ -95,9 +121,7 @@ def encoded_parts(
     With a codec, the pool encodes every block in order and each part is yielded once
     its blocks are done, so a part goes out while the next is encoded. Bad input raises
     before the first part."""
-    keys = check_keys(keys, unique=True)
-    if len(payloads) != len(keys):
-        raise InvalidArgument("payloads", f"got {len(payloads)} for {len(keys)} keys")
+    keys = check_batch(keys, payloads)
     codec = codecs.get(encoding.codec)
     kinds = [
         (p.dtype, p.nbytes) if isinstance(p, np.ndarray) else (BYTES, memoryview(p).nbytes)
@@ -122,22 +146,23 @@ def encoded_parts(
         return headers, [view for view, _ in encoded]
 
     if codec is None:
-        yield part(0, [encode(p) for p in payloads])
+        for start in range(0, len(payloads), MAX_BLOCKS):
+            yield part(start, [encode(p) for p in payloads[start : start + MAX_BLOCKS]])
         return
     futures = [pool.submit(encode, p) for p in payloads]
     try:
-        for run in batches([size for _, size in kinds], ENCODED_PART):
+        for run in batches([size for _, size in kinds], ENCODED_PART, MAX_BLOCKS):
             yield part(run.start, [f.result() for f in futures[run]])
     finally:
         for future in futures:
             future.cancel()
 
 
-def batches(sizes: Sequence[int], limit: int) -> Iterator[slice]:
-    """Consecutive runs of blocks of at most `limit` bytes (or one block), in order."""
+def batches(sizes: Sequence[int], limit: int, count: int = MAX_BLOCKS) -> Iterator[slice]:
+    """Consecutive runs of at most `count` blocks and `limit` bytes (or one block), in order."""
     start = total = 0
     for i, size in enumerate(sizes):
-        if i > start and total + size > limit:
+        if i > start and (total + size > limit or i - start >= count):
             yield slice(start, i)
             start, total = i, 0
         total += size

@@ -19,9 +19,11 @@ from kvstore.client._wire import (
     GetAssembler,
     Payload,
     bind,
+    check_batch,
     encoded_parts,
     error_from_rpc,
     get_request,
+    payload_size,
     put_frames,
     stats_from_proto,
 )
@@ -29,7 +31,8 @@ from kvstore.client.base import ClientBase
 from kvstore.client.dataplane import Arrived, Unreachable, receive_get, send_put
 from kvstore.errors import Unsupported
 from kvstore.ingest import PutResult
-from kvstore.keys import BlockKey, check_keys
+from kvstore.keys import BlockKey, check_keys, check_tokens
+from kvstore.limits import MAX_TOKENS
 from kvstore.proto import kvstore_pb2 as pb
 from kvstore.store import StoreStats
 
@@ -56,6 +59,11 @@ class AsyncClient(ClientBase):
         layout: str | None = None,
     ) -> PutResult:
         encoding = self._encoding(codec, layout, payloads)
+        if self._capacity is None:  # fixed for the node's life: asked once
+            self._capacity = sum(tier.capacity for tier in (await self.stats()).tiers)
+        capacity = self._capacity
+        check_batch(keys, payloads)
+        self._check_fits(capacity, [payload_size(p) for p in payloads])  # raw: an upper bound
         parts = encoded_parts(keys, payloads, encoding, self._pool)
         result = PutResult(0, 0)
         while part := await asyncio.to_thread(next, parts, None):  # waits off the event loop
@@ -120,7 +128,9 @@ class AsyncClient(ClientBase):
         self, token_ids: Sequence[int] | np.ndarray, block_size: int, salt: bytes
     ) -> int:
         tokens = pb.TokenPrefix(
-            token_ids=np.asarray(token_ids, np.uint32).tolist(), block_size=block_size, salt=salt
+            token_ids=check_tokens(token_ids, limit=MAX_TOKENS).astype(np.uint32),
+            block_size=block_size,
+            salt=salt,
         )
         reply = await self._call("Lookup", pb.LookupRequest(tokens=tokens))
         return pb.LookupReply.FromString(reply).found

@@ -13,7 +13,8 @@ import numpy as np
 from kvstore import codecs
 from kvstore.client._wire import Encoding
 from kvstore.client.dataplane import DataConnections
-from kvstore.errors import InvalidArgument, Unavailable, Unsupported
+from kvstore.errors import InvalidArgument, ResourceExhausted, Unavailable, Unsupported
+from kvstore.tiers.host import HostTier
 
 DEFAULT_CHUNK = 1 << 20
 TRANSPORTS = ("auto", "shm", "tcp", "grpc")
@@ -26,13 +27,15 @@ class ClientBase:
         *,
         chunk_size: int = DEFAULT_CHUNK,
         timeout: float | None = None,
-        checksum: bool = False,
+        checksum: bool = True,
         transport: str = "auto",
         codec: str = "none",
         layout: str = "",
         link_gbps: float | None = None,
     ) -> None:
-        """`checksum`: send an xxh3 of every payload (the node verifies it) and verify on get.
+        """`checksum` (on by default): send an xxh3 of every payload (the node verifies it)
+        and verify every block got, so a tampered, torn or misdirected block is a
+        `CorruptBlock`, never bytes served as another's.
         `codec="auto"` picks the lossless codec that pays off on a `link_gbps` link (none
         when unlimited), once per kind (dtype, shape, layout) of payload."""
         if transport not in TRANSPORTS:
@@ -44,6 +47,7 @@ class ClientBase:
         self.encoding = Encoding(codec, layout, checksum)
         self.link_gbps = link_gbps
         self._auto: dict[tuple, str] = {}
+        self._capacity: int | None = None  # bytes the node holds in all its tiers
         self.transport = transport
         self._tcp_ok = transport in ("auto", "tcp")
         self._pool = ThreadPoolExecutor(os.cpu_count() or 2, thread_name_prefix="kvstore-codec")
@@ -66,6 +70,15 @@ class ClientBase:
     def _open(self) -> None:
         """Open the gRPC channel: sync or asyncio, each client its own."""
         raise NotImplementedError
+
+    def _check_fits(self, capacity: int, sizes: Sequence[int]) -> None:
+        """A put must fit the node whole, or its last blocks would evict its first."""
+        need = sum(HostTier.slot_cost(size) for size in sizes)
+        if need > capacity:
+            raise ResourceExhausted(
+                f"blocks: {len(sizes)} blocks take {need} bytes of the node's slots (a slot is "
+                f"at least 4 KiB), more than its capacity of {capacity}: put smaller batches"
+            )
 
     def _fall_back(self, exc: Unavailable | Unsupported) -> None:
         """The data plane is off or unreachable: use gRPC from now on, unless forced."""

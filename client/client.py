@@ -16,9 +16,11 @@ from kvstore.client._wire import (
     Payload,
     batches,
     bind,
+    check_batch,
     encoded_parts,
     error_from_rpc,
     get_request,
+    payload_size,
     put_frames,
     stats_from_proto,
 )
@@ -26,7 +28,8 @@ from kvstore.client.base import ClientBase
 from kvstore.client.dataplane import Arrived, Unreachable, receive_get, send_put
 from kvstore.errors import Unsupported
 from kvstore.ingest import PutResult
-from kvstore.keys import BlockKey, check_keys
+from kvstore.keys import BlockKey, check_keys, check_tokens
+from kvstore.limits import MAX_TOKENS
 from kvstore.proto import kvstore_pb2 as pb
 from kvstore.store import StoreStats
 
@@ -68,6 +71,11 @@ class Client(ClientBase):
         """Store one payload per key (bytes-like or numpy arrays, 1 B and up) in one transfer,
         encoded with `codec` (default: the client's) and recording `layout`."""
         encoding = self._encoding(codec, layout, payloads)
+        if self._capacity is None:  # fixed for the node's life: asked once
+            self._capacity = sum(tier.capacity for tier in self.stats().tiers)
+        capacity = self._capacity
+        check_batch(keys, payloads)
+        self._check_fits(capacity, [payload_size(p) for p in payloads])  # raw: an upper bound
         parts = encoded_parts(keys, payloads, encoding, self._pool)
         return sum((self.put_encoded(*part) for part in parts), PutResult(0, 0))
 
@@ -213,7 +221,9 @@ class Client(ClientBase):
     ) -> int:
         """How many leading full blocks of a prompt are present, hashed by the node."""
         tokens = pb.TokenPrefix(
-            token_ids=np.asarray(token_ids, np.uint32).tolist(), block_size=block_size, salt=salt
+            token_ids=check_tokens(token_ids, limit=MAX_TOKENS).astype(np.uint32),
+            block_size=block_size,
+            salt=salt,
         )
         return pb.LookupReply.FromString(
             self._call("Lookup", pb.LookupRequest(tokens=tokens))

@@ -17,6 +17,7 @@ import xxhash
 
 from kvstore.errors import InvalidArgument, ResourceExhausted
 from kvstore.keys import BlockKey, check_key
+from kvstore.limits import MAX_BLOCKS
 from kvstore.meta import BlockMeta
 from kvstore.store import Store
 from kvstore.tiers import Reservation
@@ -60,9 +61,12 @@ class BlockIngest:
         self.pending_bytes = 0
         self._stored = 0
         self._existed = 0
+        self._need = 0  # host-tier bytes the declared new blocks take
 
     def declare(self, blocks: list[tuple[bytes, BlockMeta]]) -> list[int]:
         """Validate and queue block headers; return the indices omitted as present."""
+        if len(self._seen) + len(blocks) > MAX_BLOCKS:
+            raise InvalidArgument("blocks", f"more than {MAX_BLOCKS} blocks in one request")
         omitted = []
         for key, meta in blocks:
             index = len(self._seen)
@@ -73,6 +77,8 @@ class BlockIngest:
                 continue
             self._declared.append((index, key, meta))
             self.pending_bytes += meta.size
+            self._need += self._store.host.slot_cost(meta.size)
+        check_fits(self._store, self._need, len(self._seen))
         return omitted
 
     def target(self) -> memoryview:
@@ -162,6 +168,8 @@ class SlotPut:
         self._store = store
         self.present: list[int] = []
         self.slots: list[tuple[int, BlockKey, BlockMeta, Reservation]] = []
+        if len(blocks) > MAX_BLOCKS:
+            raise InvalidArgument("blocks", f"more than {MAX_BLOCKS} blocks in one request")
         seen: set[BlockKey] = set()
         wanted = []
         for index, (key, meta) in enumerate(blocks):
@@ -170,7 +178,9 @@ class SlotPut:
                 self.present.append(index)
             else:
                 wanted.append((index, key, meta))
-        reservations = store.reserve_many([meta.size for *_, meta in wanted])
+        sizes = [meta.size for *_, meta in wanted]
+        check_fits(store, sum(store.host.slot_cost(size) for size in sizes), len(blocks))
+        reservations = store.reserve_many(sizes)
         self.slots = [(*block, slot) for block, slot in zip(wanted, reservations, strict=True)]
 
     def commit(self) -> PutResult:
@@ -207,6 +217,15 @@ def validate_block(
         )
     seen.add(key)
     return key
+
+
+def check_fits(store: Store, need: int, blocks: int) -> None:
+    """A batch must fit the node whole: otherwise its last blocks would evict its first."""
+    if need > store.capacity:
+        raise ResourceExhausted(
+            f"blocks: {blocks} blocks take {need} bytes of slots (a slot is at least 4 KiB), "
+            f"more than its capacity of {store.capacity}: put them in smaller batches"
+        )
 
 
 def check_payload(index: int, key: BlockKey, meta: BlockMeta, payload: memoryview) -> None:

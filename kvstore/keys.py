@@ -17,6 +17,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from kvstore.errors import InvalidArgument
+from kvstore.limits import MAX_BLOCKS
 
 KEY_BYTES = 16
 ROOT = bytes(KEY_BYTES)
@@ -38,11 +39,7 @@ def block_keys(
     if block_size < 1:
         raise InvalidArgument("block_size", f"must be >= 1, got {block_size}")
     check_key(parent, "parent")
-    tokens = np.asarray(token_ids)
-    if tokens.ndim != 1:
-        raise InvalidArgument("token_ids", f"must be one-dimensional, got shape {tokens.shape}")
-    if tokens.size and (tokens.min() < 0 or tokens.max() > 0xFFFFFFFF):
-        raise InvalidArgument("token_ids", "must fit in uint32")
+    tokens = check_tokens(token_ids)
     raw = memoryview(tokens.astype("<u4", copy=False).tobytes())
     step = block_size * 4
     keys: list[BlockKey] = []
@@ -66,6 +63,26 @@ def namespace_salt(**parts: object) -> bytes:
     return hashlib.blake2b(text.encode(), digest_size=KEY_BYTES).digest()
 
 
+def check_tokens(
+    token_ids: Sequence[int] | np.ndarray, field: str = "token_ids", limit: int | None = None
+) -> np.ndarray:
+    """Token ids as a one-dimensional integer array of uint32 values (at most `limit` of
+    them), or InvalidArgument naming `field`."""
+    try:
+        tokens = np.asarray(token_ids)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise InvalidArgument(field, f"not a sequence of integers: {exc}") from None
+    if tokens.ndim != 1:
+        raise InvalidArgument(field, f"must be one-dimensional, got shape {tokens.shape}")
+    if tokens.size and tokens.dtype.kind not in "iu":
+        raise InvalidArgument(field, f"must be integers, got {tokens.dtype}")
+    if limit is not None and len(tokens) > limit:
+        raise InvalidArgument(field, f"{len(tokens)} tokens: at most {limit} per request")
+    if tokens.size and (tokens.min() < 0 or tokens.max() > 0xFFFFFFFF):
+        raise InvalidArgument(field, "must fit in uint32 (0 .. 4294967295)")
+    return tokens
+
+
 def check_key(key: object, field: str = "key") -> BlockKey:
     """Return `key` as bytes if it is a 16-byte key, else raise naming `field`."""
     if not isinstance(key, (bytes, bytearray, memoryview)):
@@ -76,11 +93,13 @@ def check_key(key: object, field: str = "key") -> BlockKey:
 
 
 def check_keys(
-    keys: Sequence[object], field: str = "keys", *, unique: bool = False
+    keys: Sequence[object], field: str = "keys", *, unique: bool = False, limit: int = MAX_BLOCKS
 ) -> list[BlockKey]:
-    """Validate a non-empty batch of keys; `unique` also rejects repeats."""
+    """Validate a non-empty batch of at most `limit` keys; `unique` rejects repeats."""
     if not keys:
         raise InvalidArgument(field, "must not be empty")
+    if len(keys) > limit:
+        raise InvalidArgument(field, f"{len(keys)} keys: at most {limit} per request")
     checked = [check_key(k, f"{field}[{i}]") for i, k in enumerate(keys)]
     if unique and len(set(checked)) != len(checked):
         seen: dict[bytes, int] = {}

@@ -6,8 +6,7 @@ from dataclasses import dataclass
 
 from kvstore.codecs import NAMES as CODECS
 from kvstore.errors import InvalidArgument
-
-MAX_NAME = 64
+from kvstore.limits import MAX_NAME, MAX_RANK
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,3 +34,7 @@ class BlockMeta:
         for name in ("dtype", "layout"):
             if len(getattr(self, name)) > MAX_NAME:
                 raise InvalidArgument(f"{field}.{name}", f"longer than {MAX_NAME} characters")
+        if len(self.shape) > MAX_RANK:
+            raise InvalidArgument(
+                f"{field}.shape", f"{len(self.shape)} dimensions: at most {MAX_RANK}"
+            )

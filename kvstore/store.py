@@ -101,6 +101,11 @@ class Store:
             )
             self._demoter.start()
 
+    @property
+    def capacity(self) -> int:
+        """Bytes the node holds in all its tiers."""
+        return sum(tier.capacity for tier in self.tiers)
+
     def contains(self, key: BlockKey) -> bool:
         return any(tier.contains(key) for tier in self.tiers)
 

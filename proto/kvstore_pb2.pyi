@@ -111,7 +111,7 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class TierStats(_message.Message):
-    __slots__ = ("name", "blocks", "bytes", "capacity", "hits", "misses", "evictions", "demotions", "promotions", "errors", "last_error")
+    __slots__ = ("name", "blocks", "bytes", "capacity", "hits", "misses", "evictions", "demotions", "promotions", "errors", "last_error", "payload_bytes")
     NAME_FIELD_NUMBER: _ClassVar[int]
     BLOCKS_FIELD_NUMBER: _ClassVar[int]
     BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -123,6 +123,7 @@ class TierStats(_message.Message):
     PROMOTIONS_FIELD_NUMBER: _ClassVar[int]
     ERRORS_FIELD_NUMBER: _ClassVar[int]
     LAST_ERROR_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_BYTES_FIELD_NUMBER: _ClassVar[int]
     name: str
     blocks: int
     bytes: int
@@ -134,7 +135,8 @@ class TierStats(_message.Message):
     promotions: int
     errors: int
     last_error: str
-    def __init__(self, name: _Optional[str] = ..., blocks: _Optional[int] = ..., bytes: _Optional[int] = ..., capacity: _Optional[int] = ..., hits: _Optional[int] = ..., misses: _Optional[int] = ..., evictions: _Optional[int] = ..., demotions: _Optional[int] = ..., promotions: _Optional[int] = ..., errors: _Optional[int] = ..., last_error: _Optional[str] = ...) -> None: ...
+    payload_bytes: int
+    def __init__(self, name: _Optional[str] = ..., blocks: _Optional[int] = ..., bytes: _Optional[int] = ..., capacity: _Optional[int] = ..., hits: _Optional[int] = ..., misses: _Optional[int] = ..., evictions: _Optional[int] = ..., demotions: _Optional[int] = ..., promotions: _Optional[int] = ..., errors: _Optional[int] = ..., last_error: _Optional[str] = ..., payload_bytes: _Optional[int] = ...) -> None: ...
 
 class StatsReply(_message.Message):
     __slots__ = ("tiers", "puts", "gets", "lookups", "uptime_s", "transfers")

@@ -16,6 +16,7 @@ import numpy as np
 from kvstore.errors import InvalidArgument, KVStoreError, Unavailable, Unsupported
 from kvstore.ingest import BlockIngest, SlotPut
 from kvstore.keys import block_keys, check_keys
+from kvstore.limits import MAX_BLOCKS, MAX_HEADER_FRAME, MAX_TOKENS
 from kvstore.meta import BlockMeta
 from kvstore.proto import kvstore_pb2 as pb
 from kvstore.proto.frames import FrameError, M, data_frames, decode_frame, reject_unknown
@@ -25,6 +26,7 @@ from kvstore.store import Store
 from kvstore.tiers import PinnedBlock
 
 SERVICE = "kvstore.v1.KVStore"
+HEADERS_TAG = b"\x0a"  # field 1 (headers), length-delimited: a frame of block headers
 
 
 def meta_from_proto(meta: pb.BlockMeta) -> BlockMeta:
@@ -95,6 +97,10 @@ class KVStoreServicer:
         ingest = BlockIngest(self.store)
         try:
             for raw in frames:
+                if raw[:1] == HEADERS_TAG and len(raw) > MAX_HEADER_FRAME:
+                    raise InvalidArgument(
+                        "headers", f"a frame of {len(raw)} bytes: at most {MAX_HEADER_FRAME}"
+                    )
                 frame = decode_frame(raw, pb.PutRequest)
                 if isinstance(frame, memoryview):
                     ingest.feed(frame)
@@ -113,7 +119,7 @@ class KVStoreServicer:
 
     @streaming
     def Get(self, raw: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
-        keys = check_keys(parse(raw, pb.GetRequest).keys)
+        keys = check_keys(parse(raw, pb.GetRequest).keys, unique=True)
         with self.store.read(keys) as batch:
             headers = [pb.BlockHeader(key=b.key, meta=meta_to_proto(b.meta)) for b in batch.blocks]
             yield pb.GetReply(headers=pb.BlockHeaders(blocks=headers)).SerializeToString()
@@ -131,6 +137,15 @@ class KVStoreServicer:
             tokens = request.tokens
             if tokens.block_size < 1:
                 raise InvalidArgument("tokens.block_size", "must be >= 1")
+            if len(tokens.token_ids) > MAX_TOKENS:
+                raise InvalidArgument(
+                    "tokens.token_ids", f"{len(tokens.token_ids)} tokens: at most {MAX_TOKENS}"
+                )
+            if len(tokens.token_ids) // tokens.block_size > MAX_BLOCKS:
+                raise InvalidArgument(
+                    "tokens.block_size",
+                    f"{tokens.block_size} makes more than {MAX_BLOCKS} blocks of the tokens",
+                )
             keys = block_keys(
                 np.asarray(tokens.token_ids, dtype=np.uint32), tokens.block_size, tokens.salt
             )
@@ -180,7 +195,7 @@ class KVStoreServicer:
     @unary
     def OpenGet(self, raw: bytes, context: grpc.ServicerContext) -> bytes:
         request = parse(raw, pb.OpenGetRequest)
-        keys = check_keys(request.keys)
+        keys = check_keys(request.keys, unique=True)
         if not request.shared_memory:
             self._data_plane()
         batch = self.store.pin(keys)

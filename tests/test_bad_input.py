@@ -143,6 +143,6 @@ def test_bad_unary_and_get_requests(
 def test_block_larger_than_the_whole_tier(small_daemon) -> None:
     with small_daemon.client() as client:
         keys = block_keys(np.arange(16), 16, b"big")
-        with pytest.raises(ResourceExhausted, match="exceeds the host tier"):
+        with pytest.raises(ResourceExhausted, match="more than its capacity"):
             client.put(keys, [np.zeros(17 << 20, np.uint8)])
         assert client.put(keys, [b"small"]).stored == 1

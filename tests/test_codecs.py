@@ -133,7 +133,10 @@ def test_encoded_blocks_travel_through_the_daemon(daemon, blocks, transport: str
         host = client.stats().tiers[0]
         lossy_keys = block_keys(np.arange(512), 256, f"codec-lossy-{transport}".encode())
         client.put(lossy_keys, bf16, codec="int8+zstd")
-        assert client.stats().tiers[0].bytes - host.bytes < sum(b.nbytes for b in bf16) / 2
+        assert (
+            client.stats().tiers[0].payload_bytes - host.payload_bytes
+            < sum(b.nbytes for b in bf16) / 2
+        )
         for a, b in zip(client.get(lossy_keys), bf16, strict=True):
             assert relative_error(b, a) <= LOSSY_BOUNDS["int8"]
 
@@ -157,9 +160,9 @@ def test_a_client_on_auto_encodes_as_its_link_wants(small_daemon, blocks, link_g
     kv = blocks["bfloat16"]
     keys = block_keys(np.arange(512), 256, f"auto/{link_gbps}".encode())
     with small_daemon.client(codec="auto", layout=LAYOUT, link_gbps=link_gbps) as client:
-        before = client.stats().tiers[0].bytes
+        before = client.stats().tiers[0].payload_bytes
         client.put(keys, kv)
-        stored = client.stats().tiers[0].bytes - before
+        stored = client.stats().tiers[0].payload_bytes - before
         got = client.get(keys)
     assert all(
         np.array_equal(g.view(np.uint16), b.view(np.uint16)) for g, b in zip(got, kv, strict=False)

@@ -6,10 +6,12 @@ import pytest
 
 from kvstore.arena import ALIGN, Arena
 from kvstore.errors import ResourceExhausted
+from kvstore.limits import BLOCK_OVERHEAD
 from kvstore.meta import BlockMeta
 from kvstore.tiers.host import HostTier
 
 MiB = 1 << 20
+BLOCK = MiB - ALIGN  # a slot plus the block's index overhead fits one MiB of capacity
 
 
 def put(tier: HostTier, key: bytes, payload: bytes) -> bool:
@@ -48,7 +50,9 @@ def test_committed_bytes_read_back_and_duplicates_are_refused() -> None:
     [block] = tier.pin_prefix([key(1)])
     assert bytes(block.view) == b"abc"
     tier.unpin(block)
-    assert tier.stats().blocks == 1 and tier.stats().bytes == 3
+    stats = tier.stats()
+    assert stats.blocks == 1 and stats.payload_bytes == 3
+    assert stats.bytes == ALIGN + BLOCK_OVERHEAD  # the slot it takes, and its index entry
     assert tier.arena.used == ALIGN
 
 
@@ -63,9 +67,9 @@ def test_reserved_block_is_invisible_until_committed() -> None:
 def test_lru_evicts_the_coldest_unpinned_block() -> None:
     tier = HostTier(4 * MiB, prefault=False)
     for i in range(4):
-        put(tier, key(i), bytes([i]) * MiB)
+        put(tier, key(i), bytes([i]) * BLOCK)
     tier.unpin(*tier.pin_prefix([key(0)]))  # a read makes key 0 the warmest
-    put(tier, key(4), b"\x04" * MiB)
+    put(tier, key(4), b"\x04" * BLOCK)
     assert not tier.contains(key(1))
     assert all(tier.contains(key(i)) for i in (0, 2, 3, 4))
     assert tier.stats().evictions == 1
@@ -73,25 +77,25 @@ def test_lru_evicts_the_coldest_unpinned_block() -> None:
 
 def test_pinned_block_survives_eviction_pressure_and_delete() -> None:
     tier = HostTier(2 * MiB, prefault=False)
-    put(tier, key(0), b"\x00" * MiB)
+    put(tier, key(0), b"\x00" * BLOCK)
     [pinned] = tier.pin_prefix([key(0)])
     assert tier.delete([key(0)]) == 1
     assert not tier.contains(key(0))  # hidden at once
     for i in range(1, 4):  # churn the only free megabyte
-        put(tier, key(i), bytes([i]) * MiB)
-    assert bytes(pinned.view) == b"\x00" * MiB  # never reused under the reader
+        put(tier, key(i), bytes([i]) * BLOCK)
+    assert bytes(pinned.view) == b"\x00" * BLOCK  # never reused under the reader
     tier.unpin(pinned)
-    put(tier, key(9), b"\x09" * MiB)  # freed now: two blocks fit again
+    put(tier, key(9), b"\x09" * BLOCK)  # freed now: two blocks fit again
     assert tier.contains(key(3)) and tier.contains(key(9))
 
 
 def test_full_of_pinned_blocks_a_writer_waits_then_fails() -> None:
     tier = HostTier(MiB, prefault=False)
-    put(tier, key(0), b"\x00" * MiB)
+    put(tier, key(0), b"\x00" * BLOCK)
     [pinned] = tier.pin_prefix([key(0)])
     with pytest.raises(ResourceExhausted, match="pinned"):
-        tier.reserve(MiB, timeout=0.05)
-    waiting = threading.Thread(target=lambda: tier.reserve(MiB, timeout=30))
+        tier.reserve(BLOCK, timeout=0.05)
+    waiting = threading.Thread(target=lambda: tier.reserve(BLOCK, timeout=30))
     waiting.start()
     tier.unpin(pinned)  # wakes the writer, which now evicts key 0
     waiting.join(timeout=30)
@@ -101,7 +105,7 @@ def test_full_of_pinned_blocks_a_writer_waits_then_fails() -> None:
 
 def test_block_larger_than_the_tier_is_refused() -> None:
     tier = HostTier(MiB, prefault=False)
-    with pytest.raises(ResourceExhausted, match="exceeds"):
+    with pytest.raises(ResourceExhausted, match="it holds 1048576"):
         tier.reserve(MiB + 1, timeout=0)
 
 

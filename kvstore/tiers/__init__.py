@@ -33,7 +33,7 @@ class PinnedBlock:
 class TierStats:
     name: str
     blocks: int = 0
-    bytes: int = 0
+    bytes: int = 0  # of capacity the blocks take: slots or records, with their metadata
     capacity: int = 0
     hits: int = 0
     misses: int = 0
@@ -42,6 +42,7 @@ class TierStats:
     promotions: int = 0
     errors: int = 0  # failed writes, corrupt or unreadable blocks
     last_error: str = ""
+    payload_bytes: int = 0  # of the payloads themselves, as stored (encoded)
 
     def snapshot(self) -> TierStats:
         """A copy that later counting leaves alone (the tier holds its lock)."""

@@ -113,7 +113,8 @@ class DeviceTier:
                 self._lru.remove(key)
                 self._extents.release(slot.offset, slot.meta.size)
                 self._stats.blocks -= 1
-                self._stats.bytes -= slot.meta.size
+                self._stats.bytes -= aligned(slot.meta.size)
+                self._stats.payload_bytes -= slot.meta.size
             self._stats.demotions += len(present) if demoted else 0
             return len(present)
 
@@ -139,7 +140,8 @@ class DeviceTier:
             for key, _, _ in new:
                 self._lru.on_put(key)
             self._stats.blocks += len(new)
-            self._stats.bytes += sum(sizes)
+            self._stats.bytes += sum(aligned(size) for size in sizes)
+            self._stats.payload_bytes += sum(sizes)
         return len(new)
 
     def read_batch(

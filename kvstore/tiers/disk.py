@@ -322,7 +322,8 @@ class DiskTier:
             self._total += length
             self._index[key] = entry
             self._stats.blocks += 1
-            self._stats.bytes += meta.size
+            self._stats.bytes += length
+            self._stats.payload_bytes += meta.size
             self._unsynced.add(segment)
         return True
 
@@ -499,7 +500,8 @@ class DiskTier:
             segment.keys.add(header.key)
             segment.live += header.length
             self._stats.blocks += 1
-            self._stats.bytes += header.size
+            self._stats.bytes += header.length
+            self._stats.payload_bytes += header.size
         if scan.end < end:
             log.warning(
                 "disk tier: %s: cut %d torn bytes at %d",
@@ -533,7 +535,8 @@ class DiskTier:
         entry.segment.keys.discard(key)
         entry.segment.live -= entry.length
         self._stats.blocks -= 1
-        self._stats.bytes -= entry.meta.size
+        self._stats.bytes -= entry.length
+        self._stats.payload_bytes -= entry.meta.size
 
     def _drop_if_empty(self, segment: _Segment) -> None:
         if not segment.keys and segment is not self._active and not segment.dropped:

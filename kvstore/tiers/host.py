@@ -8,7 +8,11 @@ Guarantees:
   for space up to its timeout (back-pressure) instead of failing a reader;
 - with `write_back`, a block is evictable only once it is clean (a copy is in
   the tier below): dirty blocks wait, oldest first, for `take_dirty`, and a
-  writer that finds no room calls `on_pressure` so they are demoted sooner.
+  writer that finds no room calls `on_pressure` so they are demoted sooner;
+- capacity is accounted in what blocks really take (`slot_cost`): a page-aligned
+  slot (so that slots go to disk by direct I/O and to a GPU by DMA, never through
+  a bounce buffer: the smallest slot is one page) plus `BLOCK_OVERHEAD` for the
+  block's index entry and metadata, so many tiny blocks cannot outgrow the tier.
 One lock guards the index, LRU and arena; it is never held while bytes move.
 """
 
@@ -20,9 +24,10 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from kvstore.arena import HEADER, Arena
+from kvstore.arena import HEADER, Arena, aligned
 from kvstore.errors import ResourceExhausted
 from kvstore.keys import BlockKey
+from kvstore.limits import BLOCK_OVERHEAD
 from kvstore.lru import LRU
 from kvstore.meta import BlockMeta
 from kvstore.tiers import PinnedBlock, Reservation, TierStats, present_count
@@ -60,6 +65,11 @@ class HostTier:
         return self.arena.segment_path
 
     @staticmethod
+    def slot_cost(size: int) -> int:
+        """Bytes of capacity a block of `size` payload bytes takes here."""
+        return aligned(size) + BLOCK_OVERHEAD
+
+    @staticmethod
     def segment_offset(offset: int) -> int:
         """Where an arena offset lies in the shared segment a client maps."""
         return HEADER + offset
@@ -70,11 +80,13 @@ class HostTier:
 
     def reserve_many(self, sizes: Sequence[int], timeout: float) -> list[Reservation]:
         """Write targets for a batch, under one lock; all or none (ResourceExhausted)."""
-        for size in sizes:
-            if size > self.capacity:
-                raise ResourceExhausted(
-                    f"block of {size} bytes exceeds the {self.name} tier ({self.capacity} bytes)"
-                )
+        need = sum(self.slot_cost(size) for size in sizes)
+        if need > self.capacity:
+            raise ResourceExhausted(
+                f"{len(sizes)} blocks need {need} bytes of the {self.name} tier (slots of at "
+                f"least 4 KiB each, and {BLOCK_OVERHEAD} bytes of index per block); it holds "
+                f"{self.capacity}"
+            )
         deadline = time.monotonic() + timeout
         offsets: list[int] = []
         with self._space:
@@ -88,7 +100,7 @@ class HostTier:
                         self._release(offset, size)
                     raise ResourceExhausted(
                         f"no room for {sizes[len(offsets)]} bytes in the {self.name} tier within "
-                        f"{timeout:g}s: all blocks are pinned, being written or not yet demoted"
+                        f"{timeout:g}s: {self._held()}"
                     )
                 if self._dirty:
                     self.on_pressure()
@@ -97,6 +109,17 @@ class HostTier:
             Reservation(o, size, self.arena.view(o, size))
             for o, size in zip(offsets, sizes, strict=True)
         ]
+
+    def _held(self) -> str:
+        """What keeps the tier full, for an error message (lock held)."""
+        hidden = sum(aligned(s.meta.size) for slots in self._hidden.values() for s in slots)
+        visible = sum(aligned(s.meta.size) for s in self._slots.values())
+        pinned = hidden + sum(aligned(s.meta.size) for s in self._slots.values() if s.pins)
+        reserved = self.arena.used - visible - hidden
+        return (
+            f"{pinned} bytes pinned by readers, {self.dirty_bytes} not yet written to the tier "
+            f"below, {reserved} reserved by puts in flight, of {self.capacity}"
+        )
 
     def commit(
         self, key: BlockKey, meta: BlockMeta, reservation: Reservation, *, clean: bool = False
@@ -126,7 +149,8 @@ class HostTier:
                     self._dirty[key] = meta.size
                     self.dirty_bytes += meta.size
                 self._stats.blocks += 1
-                self._stats.bytes += meta.size
+                self._stats.bytes += self.slot_cost(meta.size)
+                self._stats.payload_bytes += meta.size
                 stored.append(True)
             self._space.notify_all()  # new evictable blocks
         return stored
@@ -225,12 +249,31 @@ class HostTier:
             return self._stats.snapshot()
 
     def _alloc(self, size: int) -> int | None:
+        """An extent for `size` bytes, evicting cold blocks for it; None if nothing more
+        can be evicted (lock held)."""
+        while not self._fits(size):  # the index counts against capacity too
+            if self._evict() is None:
+                return None
         offset = self.arena.alloc(size)
-        while offset is None and (victim := self._lru.victim()) is not None:
-            hole = self._drop(victim)
-            self._stats.evictions += 1
-            offset = self.arena.alloc_in(hole, size) if hole else None  # victims are unpinned
+        while offset is None:
+            hole = self._evict()
+            if hole is None:
+                return None
+            offset = self.arena.alloc_in(hole, size)  # the hole the victim left, merged
         return offset
+
+    def _fits(self, size: int) -> bool:
+        return self.arena.used + self.slot_cost(size) + len(self._slots) * BLOCK_OVERHEAD <= (
+            self.capacity
+        )
+
+    def _evict(self) -> tuple[int, int] | None:
+        """Drop the coldest evictable block; the hole it leaves, or None if there is none."""
+        victim = self._lru.victim()
+        if victim is None:
+            return None
+        self._stats.evictions += 1
+        return self._drop(victim)  # victims are unpinned: never None here
 
     def _drop(self, key: BlockKey) -> tuple[int, int] | None:
         """Remove `key` from the index; return the freed hole, or None if pinned or absent."""
@@ -241,7 +284,8 @@ class HostTier:
         if (size := self._dirty.pop(key, None)) is not None:
             self.dirty_bytes -= size
         self._stats.blocks -= 1
-        self._stats.bytes -= slot.meta.size
+        self._stats.bytes -= self.slot_cost(slot.meta.size)
+        self._stats.payload_bytes -= slot.meta.size
         if slot.pins:
             slot.hidden = True
             self._hidden.setdefault(key, []).append(slot)
