@@ -228,8 +228,10 @@ def push(
     for batch in work.batches():  # untimed: the prefill node holds the blocks already
         client.put([keys[i] for i in batch], [source[i * size : (i + 1) * size] for i in batch])
 
+    transport = "grpc" if path == "grpc" else "tcp"  # node to node: never shared memory
+
     def request(batch: range) -> None:
-        reply = client.push([keys[i] for i in batch], target, _transport(path))
+        reply = client.push([keys[i] for i in batch], target, transport)
         if reply.stored != len(batch):
             raise AssertionError(f"push stored {reply.stored} of {len(batch)} blocks")
 

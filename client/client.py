@@ -1,64 +1,145 @@
-"""The synchronous client that serving engines embed."""
+"""The client that serving engines embed: it chooses a transfer path and runs the codec
+pipeline; the paths themselves move blocks (kvstore/client/transport.py)."""
 
 from __future__ import annotations
 
+import logging
+import os
+import threading
+import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from operator import methodcaller
+from typing import TypeVar
 
 import grpc
 import numpy as np
 
 from kvstore import codecs
-from kvstore.client import shm
-from kvstore.client._wire import (
-    CHANNEL_OPTIONS,
+from kvstore.client.channel import Channels, NodeChanged
+from kvstore.client.grpc import CHANNEL_OPTIONS, SERVICE, GrpcTransport
+from kvstore.client.pipeline import (
+    Block,
     Decoder,
-    GetAssembler,
+    Encoding,
     Payload,
+    Received,
     batches,
-    bind,
     check_batch,
     encoded_parts,
-    error_from_rpc,
-    get_request,
     payload_size,
-    put_frames,
-    stats_from_proto,
 )
-from kvstore.client.base import ClientBase
-from kvstore.client.dataplane import Arrived, Unreachable, receive_get, send_put
-from kvstore.errors import Unsupported
+from kvstore.client.shm import Fill, Lease, ShmTransport
+from kvstore.client.status import error_from_rpc
+from kvstore.client.tcp import TcpTransport
+from kvstore.client.transport import Out, Transport
+from kvstore.errors import (
+    InvalidArgument,
+    ResourceExhausted,
+    Unavailable,
+    Unsupported,
+)
 from kvstore.ingest import PutResult
 from kvstore.keys import BlockKey, check_keys, check_tokens
-from kvstore.limits import MAX_TOKENS
+from kvstore.limits import MAX_BLOCKS, MAX_TOKENS
+from kvstore.meta import BlockMeta
 from kvstore.proto import kvstore_pb2 as pb
+from kvstore.proto.channel import ChannelError
 from kvstore.store import StoreStats
+from kvstore.tiers import TierStats
+from kvstore.tiers.host import HostTier
 
+log = logging.getLogger("kvstore.client")
+T = TypeVar("T")
+DEFAULT_CHUNK = 1 << 20
+TRANSPORTS = ("auto", "shm", "tcp", "grpc")
+REPROBE_AFTER = 30.0  # seconds before a path that failed is tried again
 IN_PLACE_PART = 256 << 20  # bytes per part of an in-place put
 IN_PLACE_AHEAD = 2  # parts whose copies may still run while the next part opens
 
 
-class Client(ClientBase):
+@dataclass(frozen=True, slots=True)
+class NodeInfo:
+    """What a node says of itself (gRPC `Hello`)."""
+
+    node_id: str  # this run of the daemon: a restart is another
+    data_address: str
+    unix_address: str
+    capacity: int  # bytes of all its tiers
+    host_capacity: int
+    max_block_size: int
+    max_blocks: int  # keys or blocks in one request
+
+
+@dataclass(frozen=True, slots=True)
+class PushResult:
+    found: int  # leading keys the pushing node held and sent
+    stored: int  # newly stored at the target
+    existed: int  # already at the target
+
+
+class Client:
     """Batch calls to one node; thread-safe, so one client can serve many threads.
 
-    Prefix semantics: `lookup` counts the leading keys present, `get` returns the
-    leading blocks present (fewer than asked at the first missing key, never an
-    error). Errors raise `kvstore.KVStoreError` subclasses.
+    Prefix semantics: `lookup` counts the leading keys present, `get` returns the leading
+    blocks present (fewer than asked at the first missing key, never an error). Errors
+    raise `kvstore.KVStoreError` subclasses.
 
-    `transport`: `auto` takes the fastest path the node and this host allow:
-    shared memory when client and node share the host (proven, never assumed),
-    else the node's raw TCP data plane, else the gRPC stream. `shm`, `tcp` or
-    `grpc` force one path.
+    `transport`: `auto` takes the fastest path the node and this host allow: shared
+    memory when client and node share the host (proven, never assumed; `shm=False` leaves
+    it out), else the node's TCP data plane, else gRPC. A path that fails is logged once,
+    counted (`stats().fallbacks`) and tried again after a while. `shm`, `tcp` or `grpc`
+    force one path, and its failures raise.
 
-    `codec` and `layout` are the defaults for puts (one client per namespace, or
-    pass them per `put`); gets decode whatever codec each block names. Encoding
-    and decoding run in a thread pool over all cores.
+    `checksum` (on by default): send an xxh3 of every payload (the node verifies it) and
+    verify every block got, so a tampered, torn or misdirected block is a `CorruptBlock`.
+    `codec` and `layout` are the defaults for puts; gets decode whatever codec each block
+    names, in a thread pool over all cores. `codec="auto"` picks the lossless codec that
+    pays off on a `link_gbps` link (none when unlimited), once per kind of payload.
     """
 
-    def _open(self) -> None:
-        self._channel = grpc.insecure_channel(self.address, options=CHANNEL_OPTIONS)
-        self._put, self._get, self._unary = bind(self._channel)
-        self._shm_ok = self.transport in ("auto", "shm")
-        self._segment: shm.SharedSegment | None = None
+    def __init__(
+        self,
+        address: str,
+        *,
+        chunk_size: int = DEFAULT_CHUNK,
+        timeout: float | None = None,
+        checksum: bool = True,
+        transport: str = "auto",
+        shm: bool = True,
+        codec: str = "none",
+        layout: str = "",
+        link_gbps: float | None = None,
+    ) -> None:
+        if transport not in TRANSPORTS:
+            raise InvalidArgument("transport", f"must be one of {', '.join(TRANSPORTS)}")
+        self.address = address
+        self.chunk_size = chunk_size
+        self.timeout = timeout
+        self.checksum = checksum
+        self.encoding = Encoding(codec, layout, checksum)
+        self.link_gbps = link_gbps
+        self.transport = transport
+        self._candidates = (
+            tuple(p for p in ("shm", "tcp", "grpc") if shm or p != "shm")
+            if transport == "auto"
+            else (transport,)
+        )
+        self._channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self._unary = {
+            name: self._channel.unary_unary(SERVICE + name)
+            for name in ("Lookup", "Delete", "Stats", "Hello", "Push")
+        }
+        self._pool = ThreadPoolExecutor(os.cpu_count() or 2, thread_name_prefix="kvstore-codec")
+        self._auto: dict[tuple, str] = {}
+        self._paths: dict[str, Transport] = {}
+        self._down: dict[str, float] = {}  # path -> when to try it again
+        self._fallbacks: dict[str, int] = {}
+        self._info: pb.NodeInfo | None = None
+        self._lock = threading.Lock()
+
+    # -- blocks in ----------------------------------------------------------------
 
     def put(
         self,
@@ -68,153 +149,120 @@ class Client(ClientBase):
         codec: str | None = None,
         layout: str | None = None,
     ) -> PutResult:
-        """Store one payload per key (bytes-like or numpy arrays, 1 B and up) in one transfer,
-        encoded with `codec` (default: the client's) and recording `layout`."""
+        """Store one payload per key (bytes-like or numpy arrays, 1 B and up), encoded with
+        `codec` (default: the client's) and recording `layout`. The batch must fit the
+        node whole; it goes in parts of one request each, encoded while parts go out."""
+        keys = check_batch(keys, payloads)
+        self._check_fits([payload_size(p) for p in payloads])  # raw: an upper bound
         encoding = self._encoding(codec, layout, payloads)
-        if self._capacity is None:  # fixed for the node's life: asked once
-            self._capacity = sum(tier.capacity for tier in self.stats().tiers)
-        capacity = self._capacity
-        check_batch(keys, payloads)
-        self._check_fits(capacity, [payload_size(p) for p in payloads])  # raw: an upper bound
         parts = encoded_parts(keys, payloads, encoding, self._pool)
-        return sum((self.put_encoded(*part) for part in parts), PutResult(0, 0))
+        return sum((self._put(*part) for part in parts), PutResult(0, 0))
 
-    def put_encoded(
-        self, headers: Sequence[pb.BlockHeader], views: Sequence[memoryview]
-    ) -> PutResult:
-        """Put blocks whose headers are already built (e.g. a node forwarding its own)."""
-        if segment := self._shared_segment():
-            result = PutResult(0, 0)
-            sizes = [len(view) for view in views]
-            for part in batches(sizes, len(segment.memory) // 4):  # slots are held at once
-                request = pb.OpenPutRequest(blocks=headers[part], shared_memory=True)
-                ticket = pb.Ticket.FromString(self._call("OpenPut", request))
-                result += shm.put(segment, ticket, views[part], self._finish, self._pool)
-            return result
-        if self._tcp_ok:
-            try:
-                request = pb.OpenPutRequest(blocks=headers)
-                ticket = pb.Ticket.FromString(self._call("OpenPut", request))
-                return send_put(self._data, ticket, views)
-            except (Unreachable, Unsupported) as exc:
-                self._fall_back(exc)
-        reply = pb.PutReply.FromString(
-            self._call_with(self._put, put_frames(headers, views, self.chunk_size))
-        )
-        return PutResult(reply.stored, reply.existed)
+    def put_blocks(self, blocks: Sequence[Block], views: Sequence[memoryview]) -> PutResult:
+        """Put blocks whose metadata is already built (a node forwarding its own)."""
+        result = PutResult(0, 0)
+        for part in batches([len(v) for v in views], 1 << 62):
+            result += self._put(list(blocks[part]), list(views[part]))
+        return result
 
     def put_in_place(
         self,
         keys: Sequence[BlockKey],
         dtype: np.dtype,
         shape: tuple[int, ...],
-        fill: shm.Fill,
+        fill: Fill,
         *,
         layout: str | None = None,
     ) -> PutResult:
         """Store one block per key, each a `dtype` array of `shape`, that `fill(indexes,
         slots)` writes straight into the node's shared arena: `slots[j]` is the writable
         bytes of block `indexes[j]` (blocks already stored are left out). One copy fewer
-        than `put`, for data not yet in host memory (a GPU's). Same host only; no codec,
-        no checksum.
+        than `put`, for data not yet in host memory (a GPU's). Same host only; no codec.
 
         Blocks go in parts of `IN_PLACE_PART` bytes. `fill` may start its copies and
-        return a wait function instead of finishing them: the part is published after
-        the wait, once the next part's slots are handed out, so copies overlap the
-        node's bookkeeping. If `fill` raises, the node frees unpublished slots when
-        their ticket expires."""
-        segment = self._shared_segment()
-        if segment is None:
-            raise Unsupported("in-place puts need a node on this host with a shared arena")
-        keys = check_keys(keys, unique=True)
+        return a wait function instead of finishing them: the part is published after the
+        wait, once the next part's slots are handed out, so copies overlap the node's
+        bookkeeping. Checksums (if on) are computed from the slots once written. If
+        `fill` raises, the node frees the part's slots."""
+        shm = self._shm()
+        keys = check_keys(keys, unique=True, limit=len(keys))
         dtype = np.dtype(dtype)
-        meta = pb.BlockMeta(
-            size=int(np.prod(shape)) * dtype.itemsize,
-            dtype=codecs.dtype_name(dtype),
-            shape=shape,
-            layout=self.encoding.layout if layout is None else layout,
-        )
-        sizes = [meta.size] * len(keys)
-        pending: list[tuple[bytes, Callable[[], None] | None]] = []
-        replies = []
-        for part in batches(sizes, min(len(segment.memory) // 4, IN_PLACE_PART)):
-            request = pb.OpenPutRequest(
-                blocks=[pb.BlockHeader(key=k, meta=meta) for k in keys[part]], shared_memory=True
-            )
-            ticket = pb.Ticket.FromString(self._call("OpenPut", request))
-            wanted, slots = shm.slots(segment, ticket, range(len(keys))[part], sizes)
-            pending.append((ticket.id, fill(wanted, slots) if wanted else None))
+        size = int(np.prod(shape)) * dtype.itemsize
+        self._check_fits([size] * len(keys))
+        layout = self.encoding.layout if layout is None else layout
+        meta = BlockMeta(size, codecs.dtype_name(dtype), tuple(shape), layout)
+        pending: list[Callable[[], PutResult]] = []
+        result = PutResult(0, 0)
+        for part in batches([size] * len(keys), min(len(shm.arena) // 4, IN_PLACE_PART)):
+            blocks = [(key, meta) for key in keys[part]]
+            pending.append(shm.put_in_place(blocks, part.start, fill, self.checksum))
             if len(pending) > IN_PLACE_AHEAD:
-                replies.append(self._publish(*pending.pop(0)))
-        replies += [self._publish(*p) for p in pending]
-        return PutResult(sum(r.stored for r in replies), sum(r.existed for r in replies))
+                result += pending.pop(0)()
+        for commit in pending:
+            result += commit()
+        return result
 
-    def _publish(self, ticket_id: bytes, wait: Callable[[], None] | None) -> pb.PutReply:
-        if wait is not None:
-            wait()
-        return self._finish(ticket_id)
+    # -- blocks out ---------------------------------------------------------------
+
+    def get(self, keys: Sequence[BlockKey], *, out: Out = None) -> list[np.ndarray]:
+        """The payloads of the present prefix of `keys`, in order, with their dtype and shape.
+
+        Without `out`, arrays are fresh memory; with `out`, blocks are written back to back
+        into that writable buffer (an engine's staging memory, reused: no allocation). Encoded
+        blocks are decoded into new arrays (`out` then holds their encoded bytes). A node
+        that stops short of a stored block (DRAM full of pinned blocks) is asked again for
+        the rest; if it can bring none of them, that is a `ResourceExhausted`, not a miss.
+        """
+        keys = check_keys(keys, unique=True, limit=len(keys))
+        decoder = Decoder(self._pool)
+        got: list[tuple[np.ndarray, BlockMeta]] = []
+        used = 0  # bytes of `out` filled so far
+        while len(got) < len(keys):
+            chunk = keys[len(got) : len(got) + MAX_BLOCKS]
+            rest = None if out is None else _flat(out)[used:]
+            received: Received = self._run(methodcaller("get", chunk, rest, decoder.arrived))
+            got += received.blocks
+            used += sum(meta.size for _, meta in received.blocks)
+            if received.truncated and not received.blocks:
+                raise ResourceExhausted(
+                    f"the node holds block {len(got)} but has no room in DRAM to serve it "
+                    "now (its host tier is full of pinned blocks): retry"
+                )
+            if len(received.blocks) < len(chunk) and not received.truncated:
+                break  # a missing key ends the prefix
+        return decoder.result(got)
+
+    def lease(self, keys: Sequence[BlockKey]) -> Lease:
+        """Zero-copy, read-only views of the present prefix of `keys` in the node's shared
+        arena, pinned until released (use `with`); renewed while this process lives. Same
+        host only. `lease.truncated`: the node stopped short of a stored block."""
+        keys = check_keys(keys, unique=True)
+        return self._shm().lease(keys)
 
     def shared_arena(self) -> np.ndarray | None:
         """The node's arena as mapped here, or None when the node is not on this host."""
-        segment = self._shared_segment()
-        return segment.memory if segment is not None else None
-
-    def get(
-        self, keys: Sequence[BlockKey], *, out: memoryview | np.ndarray | None = None
-    ) -> list[np.ndarray]:
-        """The payloads of the present prefix of `keys`, in order, with their dtype and shape.
-
-        Without `out`, arrays are read-only views of received memory (no copy);
-        with `out`, blocks are written back to back into that writable buffer. Encoded
-        blocks are decoded into new arrays (`out` then holds their encoded bytes).
-        """
-        decoder = Decoder(self._pool)
-        return decoder.result(self._receive(keys, out, decoder.arrived))
-
-    def _receive(
-        self, keys: Sequence[BlockKey], out: memoryview | np.ndarray | None, arrived: Arrived
-    ) -> list[tuple[np.ndarray, pb.BlockMeta]]:
-        """The stored bytes of the present prefix and their metadata, by the fastest path;
-        over TCP, parts go to `arrived` as they land."""
-        if segment := self._shared_segment():
-            ticket = self._open_get(keys, shared_memory=True)
-            return shm.get(segment, ticket, out, self.checksum, self._finish, self._pool)
-        if self._tcp_ok:
-            try:
-                ticket = self._open_get(keys, shared_memory=False)
-                return receive_get(self._data, ticket, out, self.checksum, arrived)
-            except (Unreachable, Unsupported) as exc:
-                self._fall_back(exc)
-        assembler = GetAssembler(out, self.checksum)
         try:
-            for raw in self._get(get_request(keys), timeout=self.timeout):
-                assembler.feed(raw)
-        except grpc.RpcError as exc:
-            raise error_from_rpc(exc) from None
-        return assembler.result()
+            return self._shm().arena
+        except (Unsupported, Unavailable):
+            return None
 
-    def lease(self, keys: Sequence[BlockKey]) -> shm.Lease:
-        """Zero-copy views of the present prefix of `keys` in the node's shared arena,
-        valid until released (use `with`) or expired. Same host only."""
-        segment = self._shared_segment()
-        if segment is None:
-            raise Unsupported("leases need a node on this host with a shared arena")
-        return shm.Lease(segment, self._open_get(keys, shared_memory=True), self._finish)
-
-    def push(self, keys: Sequence[BlockKey], target: str, transport: str = "auto") -> pb.PushReply:
-        """Ask this node to send the present prefix of `keys` to node `target` (HOST:PORT),
-        node to node over the target's data plane; `found`, `stored`, `existed` count blocks."""
-        request = pb.PushRequest(keys=check_keys(keys), target=target, transport=transport)
-        return pb.PushReply.FromString(self._call("Push", request))
+    # -- queries and control ----------------------------------------------------
 
     def lookup(self, keys: Sequence[BlockKey]) -> int:
         """How many leading keys are present."""
         return len(self.lookup_tiers(keys))
 
     def lookup_tiers(self, keys: Sequence[BlockKey]) -> list[str]:
-        """The tier holding each block of the present prefix."""
-        request = pb.LookupRequest(keys=pb.GetRequest(keys=check_keys(keys)))
-        return list(pb.LookupReply.FromString(self._call("Lookup", request)).tiers)
+        """The tier holding each block of the present prefix, e.g. ["host", "disk"]."""
+        keys = check_keys(keys, limit=len(keys))
+        tiers: list[str] = []
+        for start in range(0, len(keys), MAX_BLOCKS):
+            chunk = keys[start : start + MAX_BLOCKS]
+            found = self._run(methodcaller("lookup", chunk))
+            tiers += found
+            if len(found) < len(chunk):
+                break
+        return tiers
 
     def lookup_tokens(
         self, token_ids: Sequence[int] | np.ndarray, block_size: int, salt: bytes
@@ -231,14 +279,60 @@ class Client(ClientBase):
 
     def delete(self, keys: Sequence[BlockKey]) -> int:
         """Remove blocks; returns how many were present."""
-        request = pb.DeleteRequest(keys=check_keys(keys))
-        return pb.DeleteReply.FromString(self._call("Delete", request)).deleted
+        keys = check_keys(keys, limit=len(keys))
+        deleted = 0
+        for start in range(0, len(keys), MAX_BLOCKS):
+            request = pb.DeleteRequest(keys=keys[start : start + MAX_BLOCKS])
+            deleted += pb.DeleteReply.FromString(self._call("Delete", request)).deleted
+        return deleted
+
+    def push(self, keys: Sequence[BlockKey], target: str, transport: str = "auto") -> PushResult:
+        """Ask this node to send the present prefix of `keys` to node `target` (HOST:PORT),
+        node to node over the target's data plane (`tcp`; `auto` falls back to `grpc`)."""
+        request = pb.PushRequest(keys=check_keys(keys), target=target, transport=transport)
+        reply = pb.PushReply.FromString(self._call("Push", request))
+        return PushResult(reply.found, reply.stored, reply.existed)
 
     def stats(self) -> StoreStats:
-        return stats_from_proto(pb.StatsReply.FromString(self._call("Stats", pb.StatsRequest())))
+        """The node's counters, and (`fallbacks`) how often this client left a path."""
+        reply = pb.StatsReply.FromString(self._call("Stats", pb.StatsRequest()))
+        fields = TierStats.__slots__
+        tiers = tuple(TierStats(**{f: getattr(t, f) for f in fields}) for t in reply.tiers)
+        with self._lock:
+            fallbacks = dict(self._fallbacks)
+        return StoreStats(
+            tiers=tiers,
+            puts=reply.puts,
+            gets=reply.gets,
+            lookups=reply.lookups,
+            uptime_s=reply.uptime_s,
+            transfers=dict(reply.transfers),
+            fallbacks=fallbacks,
+        )
+
+    def node_info(self) -> NodeInfo:
+        info = self._node()
+        return NodeInfo(
+            info.node_id,
+            info.data_address,
+            info.unix_address,
+            info.capacity,
+            info.host_capacity,
+            info.max_block_size,
+            info.max_blocks,
+        )
+
+    @property
+    def path(self) -> str:
+        """The transfer path block operations take now."""
+        return self._transport().name
 
     def close(self) -> None:
-        self._close_local()
+        with self._lock:
+            paths, self._paths = list(self._paths.values()), {}
+        for path in paths:
+            path.close()
+        self._pool.shutdown(wait=False)
         self._channel.close()
 
     def __enter__(self) -> Client:
@@ -247,32 +341,148 @@ class Client(ClientBase):
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _shared_segment(self) -> shm.SharedSegment | None:
-        """The node's arena mapped here, once this host is proven to be the node's."""
-        if self._segment is None and self._shm_ok:
+    # -- paths ------------------------------------------------------------------
+
+    def _run(self, operation: Callable[[Transport], T]) -> T:
+        """Run a block operation on the current path. If the path itself fails (refused,
+        unreachable, a connection lost), log it once, count it, and run the operation
+        again on the next path: every block operation is safe to repeat."""
+        restarted = retried = False
+        while True:
+            transport = self._transport()
             try:
-                info = pb.SegmentInfo.FromString(self._call("Segment", pb.StatsRequest()))
-                self._segment = shm.SharedSegment(info)
-            except Unsupported:
-                if self.transport == "shm":
+                return operation(transport)
+            except NodeChanged:
+                if restarted:
                     raise
-                self._shm_ok = False
-        return self._segment
+                restarted = True
+                self._forget_node()  # meet the node anew, on every path
+            except ChannelError as exc:  # a pooled connection the node dropped, most often
+                if not retried:
+                    retried = True
+                    continue
+                if self.transport != "auto":
+                    raise
+                self._leave(transport.name, exc)
+            except Unavailable as exc:
+                if self.transport != "auto" or transport.name == "grpc":
+                    raise
+                self._leave(transport.name, exc)
 
-    def _open_get(self, keys: Sequence[BlockKey], shared_memory: bool) -> pb.Ticket:
-        request = pb.OpenGetRequest(keys=check_keys(keys), shared_memory=shared_memory)
-        return pb.Ticket.FromString(self._call("OpenGet", request))
+    def _transport(self) -> Transport:
+        for name in self._candidates:
+            with self._lock:
+                if name in self._paths:
+                    return self._paths[name]
+                if self._down.get(name, 0) > time.monotonic():
+                    continue
+            try:
+                opened = self._open(name)
+            except (Unsupported, Unavailable) as exc:
+                if self.transport != "auto":
+                    raise
+                self._leave(name, exc)
+                continue
+            with self._lock:
+                existing = self._paths.setdefault(name, opened)
+            if existing is not opened:
+                opened.close()
+            return existing
+        raise Unavailable(f"no transfer path to {self.address}")  # grpc is always tried
 
-    def _finish(self, ticket_id: bytes) -> pb.PutReply:
-        return pb.PutReply.FromString(self._call("Finish", pb.FinishRequest(ticket=ticket_id)))
+    def _open(self, name: str) -> Transport:
+        if name == "grpc":
+            return GrpcTransport(self._channel, self.chunk_size, self.timeout, self.checksum)
+        info = self._node()
+        host = self.address.rpartition(":")[0].strip("[]")
+        kind = "unix" if name == "shm" else "tcp"
+        channels = Channels(kind, self._hello, info, host, self.timeout)
+        if name == "shm":
+            return ShmTransport(channels, self.checksum, self._pool)
+        return TcpTransport(channels, self.checksum)
+
+    def _leave(self, name: str, exc: Exception) -> None:
+        with self._lock:
+            path = self._paths.pop(name, None)
+            self._down[name] = time.monotonic() + REPROBE_AFTER
+            self._fallbacks[name] = self._fallbacks.get(name, 0) + 1
+            first = self._fallbacks[name] == 1
+        if path is not None:
+            path.close()
+        (log.warning if first else log.info)(
+            "kvstore %s: leaving the %s path for %gs: %s", self.address, name, REPROBE_AFTER, exc
+        )
+
+    def _shm(self) -> ShmTransport:
+        """The shared-memory path, which leases and in-place puts need."""
+        if "shm" not in self._candidates:
+            raise Unsupported("shared memory needs transport auto or shm, with shm=True")
+        with self._lock:
+            if "shm" in self._paths:
+                return self._paths["shm"]  # type: ignore[return-value]
+        try:
+            opened = self._open("shm")
+        except (Unsupported, Unavailable) as exc:
+            raise Unsupported(f"shared memory needs a node on this host: {exc}") from None
+        with self._lock:
+            existing = self._paths.setdefault("shm", opened)
+        if existing is not opened:
+            opened.close()
+        return existing  # type: ignore[return-value]
+
+    def _forget_node(self) -> None:
+        with self._lock:
+            paths, self._paths, self._info = list(self._paths.values()), {}, None
+        for path in paths:
+            path.close()
+
+    def _node(self) -> pb.NodeInfo:
+        if self._info is None:
+            self._info = self._hello()
+        return self._info
+
+    def _hello(self) -> pb.NodeInfo:
+        return pb.NodeInfo.FromString(self._call("Hello", pb.HelloRequest()))
+
+    # -- helpers ----------------------------------------------------------------
+
+    def _put(self, blocks: list[Block], views: list[memoryview]) -> PutResult:
+        return self._run(methodcaller("put", blocks, views))
+
+    def _check_fits(self, sizes: Sequence[int]) -> None:
+        """A put must fit the node whole, or its last blocks would evict its first."""
+        need = sum(HostTier.slot_cost(size) for size in sizes)
+        capacity = self._node().capacity
+        if need > capacity:
+            raise ResourceExhausted(
+                f"blocks: {len(sizes)} blocks take {need} bytes of the node's slots (a slot is "
+                f"at least 4 KiB), more than its capacity of {capacity}: put smaller batches"
+            )
+
+    def _encoding(self, codec: str | None, layout: str | None, payloads: Sequence) -> Encoding:
+        """The encoding of a put, with `auto` resolved for its first payload's kind."""
+        encoding = self.encoding.with_overrides(codec, layout)
+        if encoding.codec != "auto":
+            return encoding
+        sample = payloads[0] if payloads else b""
+        array = sample if isinstance(sample, np.ndarray) else np.frombuffer(sample, np.uint8)
+        kind = (array.dtype.str, array.shape, encoding.layout)
+        if kind not in self._auto:
+            cores = os.cpu_count() or 2
+            self._auto[kind] = codecs.choose(array, encoding.layout, self.link_gbps, cores)
+        return replace(encoding, codec=self._auto[kind])
 
     def _call(self, name: str, request: object) -> bytes:
-        return self._call_with(self._unary[name], request)
-
-    def _call_with(self, method, request) -> bytes:
         if hasattr(request, "SerializeToString"):
             request = request.SerializeToString()
         try:
-            return method(request, timeout=self.timeout)
+            return self._unary[name](request, timeout=self.timeout)
         except grpc.RpcError as exc:
             raise error_from_rpc(exc) from None
+
+
+def _flat(out: memoryview | np.ndarray) -> np.ndarray:
+    array = out if isinstance(out, np.ndarray) else np.frombuffer(out, np.uint8)
+    if not (array.flags.c_contiguous and array.flags.writeable):
+        raise InvalidArgument("out", "must be a writable, contiguous buffer")
+    return array.reshape(-1).view(np.uint8)

@@ -226,9 +226,8 @@ class KVAdapter:
 
     def _arena(self) -> np.ndarray | None:
         """The node's arena as mapped here, page-locked once if CUDA allows (copies then
-        run as DMA), or None (another host, no CUDA, checksums wanted: those take the
-        staging path)."""
-        if self.client.checksum or not torch.cuda.is_available():
+        run as DMA), or None (another host, no CUDA: those take the staging path)."""
+        if not torch.cuda.is_available():
             return None
         arena = self.client.shared_arena()
         if arena is not None:

@@ -1,108 +1,218 @@
-"""Same-host transfers through the node's shared host arena.
+"""The shared-memory path, for a client on the node's host: requests go over the node's
+Unix socket, bytes through its arena, which the node hands over as a memory descriptor
+(never a path) and the client maps once.
 
-The client maps the arena once, after proving it shares the host (the segment
-holds a random token that only the node's reply names). A Get copies blocks out
-of the mapping while the node keeps them pinned, or hands out a `Lease` of
-zero-copy views; a Put writes into slots the node reserved, then commits them.
-Whatever a client does not finish (it died, or failed half way) expires with
-its ticket and is released by the node.
+A get answers where the blocks lie; the client copies them out (or holds a `Lease` of
+zero-copy views) and owes a release, which rides with its next request. A put reserves
+slots, the client writes them, then commits; small puts go inline over the socket, one
+round trip. What a client leaves unfinished ends when its connection closes or, if it
+hangs, when the lease expires unrenewed.
 """
 
 from __future__ import annotations
 
-import mmap
-import os
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 
 import numpy as np
+import xxhash
 
-from kvstore.client._wire import block_slices, received, shaped
-from kvstore.errors import Unsupported
+from kvstore.client import tcp
+from kvstore.client.channel import Channels, Link
+from kvstore.client.pipeline import Block, Received, batches, block_slices, shaped, verified
+from kvstore.client.transport import Arrived, Out
+from kvstore.errors import LeaseExpired
 from kvstore.ingest import PutResult
+from kvstore.keys import BlockKey
 from kvstore.proto import kvstore_pb2 as pb
+from kvstore.proto.channel import COMMIT, GET, PUT, SHM, TRUNCATED
+from kvstore.proto.convert import headers_from_proto, headers_to_proto
 
-Finish = Callable[[bytes], pb.PutReply]
 # fill(block indexes, their slots) writes the slots, or starts to and returns a wait
 Fill = Callable[[list[int], list[np.ndarray]], Callable[[], None] | None]
 _PARALLEL_BYTES = 8 << 20  # below this, threads cost more than they save
 _PIECE = 4 << 20
 
 
-class SharedSegment:
-    """The node's host arena, mapped into this process."""
+class ShmTransport:
+    name = "shm"
 
-    def __init__(self, info: pb.SegmentInfo) -> None:
+    def __init__(self, channels: Channels, verify: bool, pool: Executor) -> None:
+        assert channels.arena is not None
+        self.channels = channels
+        self.arena = channels.arena
+        self.verify = verify
+        self._pool = pool
+
+    def put(self, blocks: Sequence[Block], views: Sequence[memoryview]) -> PutResult:
+        sizes = [len(view) for view in views]
+        result = PutResult(0, 0)
+        for part in batches(sizes, len(self.arena) // 4):  # slots are held at once
+            if sum(sizes[part]) <= tcp.INLINE_PUT:  # small: through the socket, one round trip
+                result += tcp.put(self.channels, blocks[part], views[part])
+                continue
+            with self.channels.link() as link:
+                answer, slots = self._reserve(link, blocks[part])
+                wanted = [v for i, v in enumerate(views[part]) if i not in set(answer.present)]
+                _copy(list(zip(slots, (np.frombuffer(v, np.uint8) for v in wanted), strict=True)),
+                      self._pool)  # fmt: skip
+                result += self._commit(link, answer.put)
+        return result
+
+    def put_in_place(
+        self, blocks: Sequence[Block], first: int, fill: Fill, checksum: bool
+    ) -> Callable[[], PutResult]:
+        """Reserve slots for `blocks` (block indexes from `first`) and have `fill` write
+        them (or start to); returns the commit to call once fill's copies may be done."""
+        link = self.channels.checkout()  # the reservation is this connection's
         try:
-            fd = os.open(info.path, os.O_RDWR)
-        except OSError as exc:
-            raise Unsupported(f"cannot open the node's shared arena: {exc}") from None
-        try:
-            flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)  # no faults while copying
-            self._mmap = mmap.mmap(fd, 0, flags=flags)
-        finally:
-            os.close(fd)
-        if self._mmap[:16] != info.token:
-            self._mmap.close()
-            raise Unsupported("the shared arena holds another token: not the node's host")
-        self.memory = np.frombuffer(self._mmap, np.uint8)
+            answer, slots = self._reserve(link, blocks)
+            present = set(answer.present)
+            wanted = [first + i for i in range(len(blocks)) if i not in present]
+            wait = fill(wanted, slots) if wanted else None
+        except BaseException:
+            self.channels.checkin(link, ok=False)  # the node frees the slots
+            raise
 
-    def block(self, offset: int, size: int) -> np.ndarray:
-        return self.memory[offset : offset + size]
+        def commit() -> PutResult:
+            try:
+                if wait is not None:
+                    wait()
+                sums = [xxhash.xxh3_64_intdigest(slot) for slot in slots] if checksum else []
+                result = self._commit(link, answer.put, sums)
+            except BaseException:
+                self.channels.checkin(link, ok=False)
+                raise
+            self.channels.checkin(link)
+            return result
+
+        return commit
+
+    def get(self, keys: Sequence[BlockKey], out: Out, arrived: Arrived | None) -> Received:
+        with self.channels.link() as link:
+            answer, truncated = self._pin(link, keys)
+            blocks = headers_from_proto(answer.blocks)
+            _, arrays = block_slices([meta for _, meta in blocks], out)
+            pairs = [
+                (dest, self.arena[offset : offset + dest.nbytes])
+                for dest, offset in zip(arrays, answer.offsets, strict=True)
+            ]
+            try:
+                _copy(pairs, self._pool)  # one copy: arena -> destination
+            finally:
+                if answer.lease:
+                    self.channels.owe_release(link, answer.lease)  # rides with the next one
+        return Received(verified(arrays, blocks, self.verify), truncated)
+
+    def lease(self, keys: Sequence[BlockKey]) -> Lease:
+        with self.channels.link() as link:
+            answer, truncated = self._pin(link, keys)
+        lease = Lease(self, link, answer, truncated)
+        if answer.lease:
+            self.channels._keeper.track(lease)
+        return lease
+
+    def lookup(self, keys: Sequence[BlockKey]) -> list[str]:
+        return tcp.lookup(self.channels, keys)
+
+    def close(self) -> None:
+        self.channels.close()
+
+    def _pin(self, link: Link, keys: Sequence[BlockKey]) -> tuple[pb.GetAnswer, bool]:
+        request = pb.GetRequest(keys=keys).SerializeToString()
+        frame = self.channels.request(link, GET, request, flags=SHM)
+        return pb.GetAnswer.FromString(frame.meta), bool(frame.flags & TRUNCATED)
+
+    def _reserve(self, link: Link, blocks: Sequence[Block]) -> tuple[pb.PutAnswer, list]:
+        meta = pb.BlockHeaders(blocks=headers_to_proto(blocks)).SerializeToString()
+        answer = pb.PutAnswer.FromString(self.channels.request(link, PUT, meta, flags=SHM).meta)
+        present = set(answer.present)
+        sizes = [m.size for i, (_, m) in enumerate(blocks) if i not in present]
+        slots = [
+            self.arena[offset : offset + size]
+            for offset, size in zip(answer.offsets, sizes, strict=True)
+        ]
+        return answer, slots
+
+    def _commit(self, link: Link, put: int, checksums: Sequence[int] = ()) -> PutResult:
+        if not put:
+            return PutResult(0, 0)
+        meta = pb.Commit(put=put, checksums=checksums).SerializeToString()
+        reply = pb.PutReply.FromString(self.channels.request(link, COMMIT, meta).meta)
+        return PutResult(reply.stored, reply.existed)
 
 
-def put(
-    segment: SharedSegment,
-    ticket: pb.Ticket,
-    views: Sequence[memoryview],
-    finish: Finish,
-    pool: Executor,
-) -> PutResult:
-    """Write the payloads into the reserved slots, then have the node publish them."""
-    present = set(ticket.present)
-    wanted = [v for i, v in enumerate(views) if i not in present]
-    pairs = [
-        (segment.block(offset, len(view)), np.frombuffer(view, np.uint8))
-        for view, offset in zip(wanted, ticket.offsets, strict=True)
-    ]
-    _copy(pairs, pool)  # one copy: caller -> arena
-    reply = finish(ticket.id)
-    return PutResult(reply.stored, reply.existed)
+class Lease:
+    """Zero-copy, read-only views of blocks in the node's arena, pinned there (not evicted,
+    not reused) until `release()`. While this process lives, the lease is renewed for it;
+    if it ends otherwise (the node restarted, the process was stopped past its expiry),
+    reading `blocks` raises `LeaseExpired` instead of showing bytes that may be another
+    block's by now. Arrays taken out of `blocks` must not be used after the lease ends.
+    Use it as a context manager (`with` or `async with`)."""
 
+    def __init__(
+        self, transport: ShmTransport, link: Link, answer: pb.GetAnswer, truncated: bool
+    ) -> None:
+        self._transport = transport
+        self.link = link
+        self.id = answer.lease
+        self.truncated = truncated  # see Received.truncated
+        self._ttl = answer.expires_in_s
+        self.renewed(time.monotonic())
+        self._released = not self.id
+        arena = transport.arena
+        self._blocks: list[np.ndarray] = []
+        blocks = headers_from_proto(answer.blocks)
+        for (key, meta), offset in zip(blocks, answer.offsets, strict=True):
+            view = arena[offset : offset + meta.size]
+            view.flags.writeable = False
+            verified([view], [(key, meta)], transport.verify)
+            self._blocks.append(shaped(view, meta))
 
-def slots(
-    segment: SharedSegment, ticket: pb.Ticket, indexes: Sequence[int], sizes: Sequence[int]
-) -> tuple[list[int], list[np.ndarray]]:
-    """The blocks of an in-place put that the node still wants, and their reserved slots."""
-    present = set(ticket.present)
-    wanted = [i for n, i in enumerate(indexes) if n not in present]
-    return wanted, [
-        segment.block(offset, sizes[i]) for i, offset in zip(wanted, ticket.offsets, strict=True)
-    ]
+    @property
+    def blocks(self) -> list[np.ndarray]:
+        if self._released and self.id:
+            raise LeaseExpired("the lease was released: its blocks may be another's now")
+        if self.link.broken or time.monotonic() >= self.expires_at:
+            raise LeaseExpired("the lease expired: its blocks may be another's now")
+        return self._blocks
 
+    @property
+    def active(self) -> bool:
+        return not self._released and not self.link.broken
 
-def get(
-    segment: SharedSegment,
-    ticket: pb.Ticket,
-    out: memoryview | np.ndarray | None,
-    verify: bool,
-    finish: Finish,
-    pool: Executor,
-) -> list[tuple[np.ndarray, pb.BlockMeta]]:
-    """Copy the pinned blocks out of the mapping, then release them."""
-    if not ticket.blocks:
-        return []
-    _, blocks = block_slices(ticket.blocks, out)
-    pairs = [
-        (block, segment.block(offset, len(block)))
-        for block, offset in zip(blocks, ticket.offsets, strict=True)
-    ]
-    try:
-        _copy(pairs, pool)  # one copy: arena -> destination
-    finally:
-        finish(ticket.id)
-    return received(blocks, ticket.blocks, verify)
+    def renewed(self, now: float) -> int:
+        """The keeper renews it now (conservatively: expiry counts from the request)."""
+        self.expires_at = now + self._ttl
+        self.renew_at = now + self._ttl / 3
+        return self.id
+
+    def release(self) -> None:
+        """Let the node evict the blocks again; the views are invalid from now on."""
+        if not self._released:
+            self._released = True
+            if not self.link.broken:
+                self._transport.channels.owe_release(self.link, self.id)
+
+    def __len__(self) -> int:
+        return len(self._blocks)
+
+    def __enter__(self) -> Lease:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    async def __aenter__(self) -> Lease:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.release()
+
+    def __del__(self) -> None:
+        if not getattr(self, "_released", True):
+            self.release()
 
 
 def _copy(pairs: list[tuple[np.ndarray, np.ndarray]], pool: Executor) -> None:
@@ -116,34 +226,3 @@ def _copy(pairs: list[tuple[np.ndarray, np.ndarray]], pool: Executor) -> None:
         (d[i : i + _PIECE], s[i : i + _PIECE]) for d, s in pairs for i in range(0, len(s), _PIECE)
     ]
     list(pool.map(lambda pair: np.copyto(*pair), pieces))
-
-
-class Lease:
-    """Zero-copy, read-only views of blocks in the node's arena.
-
-    The node keeps the blocks pinned (not evicted, not reused) until `release()`
-    or until `expires_at` (`time.monotonic()`), whichever comes first; after
-    that the views must not be read. Use it as a context manager.
-    """
-
-    def __init__(self, segment: SharedSegment, ticket: pb.Ticket, finish: Finish) -> None:
-        self._ticket_id = ticket.id
-        self._finish: Finish | None = finish if ticket.id else None
-        self.expires_at = time.monotonic() + ticket.expires_in_s
-        self.blocks: list[np.ndarray] = []
-        for header, offset in zip(ticket.blocks, ticket.offsets, strict=True):
-            view = segment.block(offset, header.meta.size)
-            view.flags.writeable = False
-            self.blocks.append(shaped(view, header.meta))
-
-    def release(self) -> None:
-        """Let the node evict the blocks again; the views are invalid from now on."""
-        finish, self._finish = self._finish, None
-        if finish is not None:
-            finish(self._ticket_id)
-
-    def __enter__(self) -> Lease:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()

@@ -75,9 +75,27 @@ class ServerConfig:
         "auto",
         "HOST:PORT of the raw TCP data plane; auto: the gRPC host, a free port; off: none",
     )
-    ticket_ttl: float = _opt(30.0, "seconds a data plane ticket stays valid", float)
+    ticket_ttl: float = _opt(
+        30.0,
+        "seconds a data-plane ticket stays valid, and a shared-memory lease or reservation "
+        "lasts without being renewed (clients renew theirs while they live)",
+        float,
+    )
     data_timeout: float = _opt(
         30.0, "seconds a data connection may stall before its transfer is dropped", float
+    )
+    min_rate: int = _opt(
+        32 << 20,
+        "bytes per second a transfer must average: a slower one is dropped once it is "
+        "--data-timeout behind, and what it reserved is freed",
+        parse_size,
+    )
+    data_workers: int = _opt(16, "threads serving data-plane requests", int)
+    max_connections: int = _opt(1024, "data-plane connections served at once", int)
+    max_host_connections: int = _opt(256, "data-plane connections from one host", int)
+    push_allow: str = _opt(
+        "127.0.0.0/8,::1",
+        "hosts and networks (CIDR) this node may push blocks to, comma-separated",
     )
     chunk_size: int = _opt(1 << 20, "bytes per data frame when streaming blocks out", parse_size)
     max_block_size: int = _opt(256 << 20, "largest block a client may put", parse_size)
@@ -139,6 +157,9 @@ class ServerConfig:
             raise ValueError(f"reserve_timeout: must be >= 0, got {self.reserve_timeout}")
         if self.workers < 2:
             raise ValueError(f"workers: must be at least 2, got {self.workers}")
+        for name in ("min_rate", "data_workers", "max_connections", "max_host_connections"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be at least 1, got {getattr(self, name)}")
         if self.fsync not in FSYNC_POLICIES:
             raise ValueError(
                 f"fsync: expected one of {', '.join(FSYNC_POLICIES)}, got {self.fsync!r}"

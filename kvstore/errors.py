@@ -37,7 +37,15 @@ class CorruptBlock(KVStoreError):
 
 
 class Unauthenticated(KVStoreError):
-    """A transfer ticket that is unknown, used, expired, or presented by another host."""
+    """A ticket or token that is unknown, used, expired, or presented by another host."""
+
+
+class PermissionDenied(KVStoreError):
+    """The caller is known but may not do this (another user's memory, a read-only token)."""
+
+
+class LeaseExpired(KVStoreError):
+    """A lease was released or expired: its views may show another block's bytes by now."""
 
 
 class Unsupported(KVStoreError):

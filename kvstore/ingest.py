@@ -11,7 +11,8 @@ a stream that breaks leaves nothing partial behind.
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 
 import xxhash
 
@@ -183,9 +184,21 @@ class SlotPut:
         reservations = store.reserve_many(sizes)
         self.slots = [(*block, slot) for block, slot in zip(wanted, reservations, strict=True)]
 
-    def commit(self) -> PutResult:
-        """Publish every slot, or none: a checksum mismatch frees them all, then raises."""
+    def commit(self, checksums: Sequence[int] = ()) -> PutResult:
+        """Publish every slot, or none: a checksum mismatch frees them all, then raises.
+        `checksums`: those of the slots, in order, if learnt only once they were written."""
         slots, self.slots = self.slots, []
+        if checksums:
+            if len(checksums) != len(slots):
+                for *_, slot in slots:
+                    self._store.abort(slot)
+                raise InvalidArgument(
+                    "checksums", f"{len(checksums)} for {len(slots)} reserved blocks"
+                )
+            slots = [
+                (index, key, replace(meta, checksum=checksum), slot)
+                for (index, key, meta, slot), checksum in zip(slots, checksums, strict=True)
+            ]
         for index, key, meta, slot in slots:
             try:
                 check_payload(index, key, meta, slot.view)

@@ -8,3 +8,4 @@ MAX_RANK = 16  # dimensions of a block's shape
 MAX_NAME = 64  # characters of a block's dtype or layout name
 MAX_HEADER_FRAME = 4 << 20  # bytes of one frame of block headers, refused before parsing
 BLOCK_OVERHEAD = 512  # bytes of index and metadata a host-tier block costs beside its slot
+MAX_WAITING = 8  # puts that may wait for room in the host tier at once; more are refused

@@ -45,13 +45,22 @@ class StoreStats:
     lookups: int
     uptime_s: float
     transfers: dict[str, int] = field(default_factory=dict)  # by "put/PATH"; filled by the server
+    fallbacks: dict[str, int] = field(default_factory=dict)  # paths a client left; by the client
 
 
 class ReadBatch:
-    """The present prefix of a Get, pinned until each block is released."""
+    """The present prefix of a Get, pinned until each block is released. `truncated`: it
+    stopped before a key that is stored (no room in DRAM to bring it up, or a part limit),
+    so the reader should ask again for the rest rather than take it for a miss."""
 
-    def __init__(self, blocks: list[PinnedBlock], releases: list[Callable[[], None]]) -> None:
+    def __init__(
+        self,
+        blocks: list[PinnedBlock],
+        releases: list[Callable[[], None]],
+        truncated: bool = False,
+    ) -> None:
         self.blocks = blocks
+        self.truncated = truncated
         self._held = {id(b): release for b, release in zip(blocks, releases, strict=True)}
 
     def release(self, block: PinnedBlock) -> None:
@@ -176,7 +185,8 @@ class Store:
             blocks += [block for block, _ in found]
             releases += [release for _, release in found]
         self._count("gets", len(blocks))
-        return ReadBatch(blocks, releases)
+        truncated = len(blocks) < len(keys) and self.contains(keys[len(blocks)])
+        return ReadBatch(blocks, releases, truncated)
 
     @contextmanager
     def read(self, keys: Sequence[BlockKey]) -> Iterator[ReadBatch]:

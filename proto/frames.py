@@ -90,6 +90,16 @@ def decode_frame(raw: bytes, message_type: type[M]) -> M | memoryview:
     return message
 
 
+def parse(raw: bytes, message_type: type[M]) -> M:
+    """A message parsed strictly: malformed bytes or unknown fields are a FrameError."""
+    try:
+        message = message_type.FromString(raw)
+    except Exception as exc:  # DecodeError, or a RuntimeError from a malformed nested field
+        raise FrameError(f"malformed {message_type.__name__}: {exc}") from None
+    reject_unknown(message)
+    return message
+
+
 def reject_unknown(message: Message, path: str = "") -> None:
     """Raise FrameError naming the first field this contract does not define."""
     name = path or type(message).__name__

@@ -33,10 +33,12 @@ class BlockHeader(_message.Message):
     def __init__(self, key: _Optional[bytes] = ..., meta: _Optional[_Union[BlockMeta, _Mapping]] = ...) -> None: ...
 
 class BlockHeaders(_message.Message):
-    __slots__ = ("blocks",)
+    __slots__ = ("blocks", "truncated")
     BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    TRUNCATED_FIELD_NUMBER: _ClassVar[int]
     blocks: _containers.RepeatedCompositeFieldContainer[BlockHeader]
-    def __init__(self, blocks: _Optional[_Iterable[_Union[BlockHeader, _Mapping]]] = ...) -> None: ...
+    truncated: bool
+    def __init__(self, blocks: _Optional[_Iterable[_Union[BlockHeader, _Mapping]]] = ..., truncated: _Optional[bool] = ...) -> None: ...
 
 class PutRequest(_message.Message):
     __slots__ = ("headers", "data")
@@ -161,53 +163,71 @@ class StatsReply(_message.Message):
     transfers: _containers.ScalarMap[str, int]
     def __init__(self, tiers: _Optional[_Iterable[_Union[TierStats, _Mapping]]] = ..., puts: _Optional[int] = ..., gets: _Optional[int] = ..., lookups: _Optional[int] = ..., uptime_s: _Optional[float] = ..., transfers: _Optional[_Mapping[str, int]] = ...) -> None: ...
 
-class Ticket(_message.Message):
-    __slots__ = ("id", "data_address", "expires_in_s", "blocks", "present", "offsets")
-    ID_FIELD_NUMBER: _ClassVar[int]
+class HelloRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class NodeInfo(_message.Message):
+    __slots__ = ("node_id", "data_address", "unix_address", "ticket", "ticket_ttl_s", "capacity", "host_capacity", "max_block_size", "max_blocks")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
     DATA_ADDRESS_FIELD_NUMBER: _ClassVar[int]
-    EXPIRES_IN_S_FIELD_NUMBER: _ClassVar[int]
-    BLOCKS_FIELD_NUMBER: _ClassVar[int]
-    PRESENT_FIELD_NUMBER: _ClassVar[int]
-    OFFSETS_FIELD_NUMBER: _ClassVar[int]
-    id: bytes
-    data_address: str
-    expires_in_s: float
-    blocks: _containers.RepeatedCompositeFieldContainer[BlockHeader]
-    present: _containers.RepeatedScalarFieldContainer[int]
-    offsets: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, id: _Optional[bytes] = ..., data_address: _Optional[str] = ..., expires_in_s: _Optional[float] = ..., blocks: _Optional[_Iterable[_Union[BlockHeader, _Mapping]]] = ..., present: _Optional[_Iterable[int]] = ..., offsets: _Optional[_Iterable[int]] = ...) -> None: ...
-
-class OpenPutRequest(_message.Message):
-    __slots__ = ("blocks", "shared_memory")
-    BLOCKS_FIELD_NUMBER: _ClassVar[int]
-    SHARED_MEMORY_FIELD_NUMBER: _ClassVar[int]
-    blocks: _containers.RepeatedCompositeFieldContainer[BlockHeader]
-    shared_memory: bool
-    def __init__(self, blocks: _Optional[_Iterable[_Union[BlockHeader, _Mapping]]] = ..., shared_memory: _Optional[bool] = ...) -> None: ...
-
-class OpenGetRequest(_message.Message):
-    __slots__ = ("keys", "shared_memory")
-    KEYS_FIELD_NUMBER: _ClassVar[int]
-    SHARED_MEMORY_FIELD_NUMBER: _ClassVar[int]
-    keys: _containers.RepeatedScalarFieldContainer[bytes]
-    shared_memory: bool
-    def __init__(self, keys: _Optional[_Iterable[bytes]] = ..., shared_memory: _Optional[bool] = ...) -> None: ...
-
-class FinishRequest(_message.Message):
-    __slots__ = ("ticket",)
+    UNIX_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     TICKET_FIELD_NUMBER: _ClassVar[int]
+    TICKET_TTL_S_FIELD_NUMBER: _ClassVar[int]
+    CAPACITY_FIELD_NUMBER: _ClassVar[int]
+    HOST_CAPACITY_FIELD_NUMBER: _ClassVar[int]
+    MAX_BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    MAX_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    data_address: str
+    unix_address: str
     ticket: bytes
-    def __init__(self, ticket: _Optional[bytes] = ...) -> None: ...
+    ticket_ttl_s: float
+    capacity: int
+    host_capacity: int
+    max_block_size: int
+    max_blocks: int
+    def __init__(self, node_id: _Optional[str] = ..., data_address: _Optional[str] = ..., unix_address: _Optional[str] = ..., ticket: _Optional[bytes] = ..., ticket_ttl_s: _Optional[float] = ..., capacity: _Optional[int] = ..., host_capacity: _Optional[int] = ..., max_block_size: _Optional[int] = ..., max_blocks: _Optional[int] = ...) -> None: ...
 
-class SegmentInfo(_message.Message):
-    __slots__ = ("path", "token", "size")
-    PATH_FIELD_NUMBER: _ClassVar[int]
-    TOKEN_FIELD_NUMBER: _ClassVar[int]
-    SIZE_FIELD_NUMBER: _ClassVar[int]
-    path: str
-    token: bytes
-    size: int
-    def __init__(self, path: _Optional[str] = ..., token: _Optional[bytes] = ..., size: _Optional[int] = ...) -> None: ...
+class GetAnswer(_message.Message):
+    __slots__ = ("blocks", "truncated", "lease", "offsets", "expires_in_s")
+    BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    TRUNCATED_FIELD_NUMBER: _ClassVar[int]
+    LEASE_FIELD_NUMBER: _ClassVar[int]
+    OFFSETS_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_IN_S_FIELD_NUMBER: _ClassVar[int]
+    blocks: _containers.RepeatedCompositeFieldContainer[BlockHeader]
+    truncated: bool
+    lease: int
+    offsets: _containers.RepeatedScalarFieldContainer[int]
+    expires_in_s: float
+    def __init__(self, blocks: _Optional[_Iterable[_Union[BlockHeader, _Mapping]]] = ..., truncated: _Optional[bool] = ..., lease: _Optional[int] = ..., offsets: _Optional[_Iterable[int]] = ..., expires_in_s: _Optional[float] = ...) -> None: ...
+
+class PutAnswer(_message.Message):
+    __slots__ = ("present", "put", "offsets", "expires_in_s")
+    PRESENT_FIELD_NUMBER: _ClassVar[int]
+    PUT_FIELD_NUMBER: _ClassVar[int]
+    OFFSETS_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_IN_S_FIELD_NUMBER: _ClassVar[int]
+    present: _containers.RepeatedScalarFieldContainer[int]
+    put: int
+    offsets: _containers.RepeatedScalarFieldContainer[int]
+    expires_in_s: float
+    def __init__(self, present: _Optional[_Iterable[int]] = ..., put: _Optional[int] = ..., offsets: _Optional[_Iterable[int]] = ..., expires_in_s: _Optional[float] = ...) -> None: ...
+
+class Leases(_message.Message):
+    __slots__ = ("ids",)
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, ids: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class Commit(_message.Message):
+    __slots__ = ("put", "checksums")
+    PUT_FIELD_NUMBER: _ClassVar[int]
+    CHECKSUMS_FIELD_NUMBER: _ClassVar[int]
+    put: int
+    checksums: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, put: _Optional[int] = ..., checksums: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class PushRequest(_message.Message):
     __slots__ = ("keys", "target", "transport")

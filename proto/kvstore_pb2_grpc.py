@@ -59,25 +59,10 @@ class KVStoreStub:
                 request_serializer=kvstore_dot_proto_dot_kvstore__pb2.StatsRequest.SerializeToString,
                 response_deserializer=kvstore_dot_proto_dot_kvstore__pb2.StatsReply.FromString,
                 _registered_method=True)
-        self.OpenPut = channel.unary_unary(
-                '/kvstore.v1.KVStore/OpenPut',
-                request_serializer=kvstore_dot_proto_dot_kvstore__pb2.OpenPutRequest.SerializeToString,
-                response_deserializer=kvstore_dot_proto_dot_kvstore__pb2.Ticket.FromString,
-                _registered_method=True)
-        self.OpenGet = channel.unary_unary(
-                '/kvstore.v1.KVStore/OpenGet',
-                request_serializer=kvstore_dot_proto_dot_kvstore__pb2.OpenGetRequest.SerializeToString,
-                response_deserializer=kvstore_dot_proto_dot_kvstore__pb2.Ticket.FromString,
-                _registered_method=True)
-        self.Finish = channel.unary_unary(
-                '/kvstore.v1.KVStore/Finish',
-                request_serializer=kvstore_dot_proto_dot_kvstore__pb2.FinishRequest.SerializeToString,
-                response_deserializer=kvstore_dot_proto_dot_kvstore__pb2.PutReply.FromString,
-                _registered_method=True)
-        self.Segment = channel.unary_unary(
-                '/kvstore.v1.KVStore/Segment',
-                request_serializer=kvstore_dot_proto_dot_kvstore__pb2.StatsRequest.SerializeToString,
-                response_deserializer=kvstore_dot_proto_dot_kvstore__pb2.SegmentInfo.FromString,
+        self.Hello = channel.unary_unary(
+                '/kvstore.v1.KVStore/Hello',
+                request_serializer=kvstore_dot_proto_dot_kvstore__pb2.HelloRequest.SerializeToString,
+                response_deserializer=kvstore_dot_proto_dot_kvstore__pb2.NodeInfo.FromString,
                 _registered_method=True)
         self.Push = channel.unary_unary(
                 '/kvstore.v1.KVStore/Push',
@@ -125,39 +110,18 @@ class KVStoreServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def OpenPut(self, request, context):
-        """Data plane (proto/DATAPLANE.md): a Put or Get negotiated here, its bytes
-        moved over a raw TCP connection to `Ticket.data_address`, or, for a client
-        on the same host, through the shared host arena at `Ticket.offsets`.
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def OpenGet(self, request, context):
-        """Missing associated documentation comment in .proto file."""
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def Finish(self, request, context):
-        """Ends a shared-memory ticket: commits a Put's written slots, or releases a
-        Get's pinned blocks (the lease). Unfinished tickets expire and are released.
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def Segment(self, request, context):
-        """Where the shared host arena is, for a client to map and prove it shares the host.
+    def Hello(self, request, context):
+        """Opens the request channel (proto/DATAPLANE.md): what this node is, where its data
+        plane listens (TCP, and a Unix socket for clients on its host), and a single-use
+        ticket for one channel connection. Block operations then go over the channel.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Push(self, request, context):
-        """Asks this node to push the present prefix of `keys` to another node over
-        that node's data plane; the target acknowledges only whole blocks.
+        """Asks this node to push the present prefix of `keys` to another node over that
+        node's data plane; the target acknowledges only whole blocks.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -191,25 +155,10 @@ def add_KVStoreServicer_to_server(servicer, server):
                     request_deserializer=kvstore_dot_proto_dot_kvstore__pb2.StatsRequest.FromString,
                     response_serializer=kvstore_dot_proto_dot_kvstore__pb2.StatsReply.SerializeToString,
             ),
-            'OpenPut': grpc.unary_unary_rpc_method_handler(
-                    servicer.OpenPut,
-                    request_deserializer=kvstore_dot_proto_dot_kvstore__pb2.OpenPutRequest.FromString,
-                    response_serializer=kvstore_dot_proto_dot_kvstore__pb2.Ticket.SerializeToString,
-            ),
-            'OpenGet': grpc.unary_unary_rpc_method_handler(
-                    servicer.OpenGet,
-                    request_deserializer=kvstore_dot_proto_dot_kvstore__pb2.OpenGetRequest.FromString,
-                    response_serializer=kvstore_dot_proto_dot_kvstore__pb2.Ticket.SerializeToString,
-            ),
-            'Finish': grpc.unary_unary_rpc_method_handler(
-                    servicer.Finish,
-                    request_deserializer=kvstore_dot_proto_dot_kvstore__pb2.FinishRequest.FromString,
-                    response_serializer=kvstore_dot_proto_dot_kvstore__pb2.PutReply.SerializeToString,
-            ),
-            'Segment': grpc.unary_unary_rpc_method_handler(
-                    servicer.Segment,
-                    request_deserializer=kvstore_dot_proto_dot_kvstore__pb2.StatsRequest.FromString,
-                    response_serializer=kvstore_dot_proto_dot_kvstore__pb2.SegmentInfo.SerializeToString,
+            'Hello': grpc.unary_unary_rpc_method_handler(
+                    servicer.Hello,
+                    request_deserializer=kvstore_dot_proto_dot_kvstore__pb2.HelloRequest.FromString,
+                    response_serializer=kvstore_dot_proto_dot_kvstore__pb2.NodeInfo.SerializeToString,
             ),
             'Push': grpc.unary_unary_rpc_method_handler(
                     servicer.Push,
@@ -363,7 +312,7 @@ class KVStore:
             _registered_method=True)
 
     @staticmethod
-    def OpenPut(request,
+    def Hello(request,
             target,
             options=(),
             channel_credentials=None,
@@ -376,90 +325,9 @@ class KVStore:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/kvstore.v1.KVStore/OpenPut',
-            kvstore_dot_proto_dot_kvstore__pb2.OpenPutRequest.SerializeToString,
-            kvstore_dot_proto_dot_kvstore__pb2.Ticket.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def OpenGet(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/kvstore.v1.KVStore/OpenGet',
-            kvstore_dot_proto_dot_kvstore__pb2.OpenGetRequest.SerializeToString,
-            kvstore_dot_proto_dot_kvstore__pb2.Ticket.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def Finish(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/kvstore.v1.KVStore/Finish',
-            kvstore_dot_proto_dot_kvstore__pb2.FinishRequest.SerializeToString,
-            kvstore_dot_proto_dot_kvstore__pb2.PutReply.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def Segment(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/kvstore.v1.KVStore/Segment',
-            kvstore_dot_proto_dot_kvstore__pb2.StatsRequest.SerializeToString,
-            kvstore_dot_proto_dot_kvstore__pb2.SegmentInfo.FromString,
+            '/kvstore.v1.KVStore/Hello',
+            kvstore_dot_proto_dot_kvstore__pb2.HelloRequest.SerializeToString,
+            kvstore_dot_proto_dot_kvstore__pb2.NodeInfo.FromString,
             options,
             channel_credentials,
             insecure,

@@ -18,7 +18,7 @@ from grpc_reflection.v1alpha import reflection
 
 from kvstore import __version__
 from kvstore.config import ServerConfig, format_size, parse_bool, parse_size
-from kvstore.server.dataplane import DataPlane
+from kvstore.server.channel import ChannelServer
 from kvstore.server.servicer import SERVICE, KVStoreServicer
 from kvstore.server.tickets import TicketBook
 from kvstore.store import Store
@@ -39,7 +39,7 @@ class Daemon:
         undoes what came before it and raises, so a start-up failure never lingers."""
         self.config = config
         self.store = _store(config)  # the disk tier locks its directory first
-        self.data_plane: DataPlane | None = None
+        self.channel: ChannelServer | None = None
         try:
             self._serve(config)
         except BaseException:
@@ -67,24 +67,46 @@ class Daemon:
             raise OSError(f"cannot listen on {config.address}: {exc}") from None
         self.address = f"{host_name}:{port}"
         self.tickets = TicketBook(config.ticket_ttl)
-        servicer = KVStoreServicer(self.store, config.chunk_size, self.tickets)
+        self.node_id = os.urandom(16)
+        servicer = KVStoreServicer(
+            self.store,
+            config.chunk_size,
+            self.tickets,
+            node_id=self.node_id.hex(),
+            workers=config.workers,
+            push_allow=config.push_allow,
+            info=lambda: (
+                self.channel.address if self.channel else "",
+                self.channel.unix_address if self.channel else "",
+            ),
+        )
+        self.transfers = servicer.transfers
         if config.data_address != "off":
             data_address = config.data_address
             if data_address == "auto":
                 data_address = f"{host_name}:0"
             try:
-                self.data_plane = DataPlane(
-                    data_address, self.tickets, config.data_timeout, servicer.transfers
+                self.channel = ChannelServer(
+                    self.store,
+                    self.tickets,
+                    servicer.transfers,
+                    node_id=self.node_id,
+                    tcp_address=data_address,
+                    unix=True,
+                    timeout=config.data_timeout,
+                    min_rate=config.min_rate,
+                    lease_ttl=config.ticket_ttl,
+                    workers=config.data_workers,
+                    max_connections=config.max_connections,
+                    max_per_host=config.max_host_connections,
                 )
             except OSError as exc:
-                self.tickets.close()
                 raise OSError(f"cannot listen on {data_address}: {exc.strerror or exc}") from None
-            servicer.data_address = self.data_plane.address
         self.server.add_generic_rpc_handlers([servicer.handler()])
 
     def start(self) -> Daemon:
-        if self.data_plane:
-            self.data_plane.start()
+        if self.channel:
+            self.channel.start()
         self.server.start()
         for name in ("", SERVICE):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -94,9 +116,8 @@ class Daemon:
         """Refuse new RPCs, let running ones finish for up to `grace` seconds."""
         self.health.enter_graceful_shutdown()
         self.server.stop(grace).wait()
-        if self.data_plane:
-            self.data_plane.stop()
-        self.tickets.close()
+        if self.channel:
+            self.channel.stop()
         self.store.close(persist=self.config.persist_on_shutdown)
 
 
@@ -185,7 +206,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     tiers = ", ".join(f"{t.name} tier {format_size(t.capacity)}" for t in daemon.store.tiers)
     print(
         f"kvstore-server {__version__} listening on {daemon.address} (data plane "
-        f"{daemon.data_plane.address if daemon.data_plane else 'off'}, {tiers})",
+        f"{daemon.channel.address if daemon.channel else 'off'}, {tiers})",
         flush=True,
     )
     stopping.wait()

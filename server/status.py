@@ -15,6 +15,7 @@ from kvstore.errors import (
     InvalidArgument,
     KVStoreError,
     NotFound,
+    PermissionDenied,
     ResourceExhausted,
     Unauthenticated,
     Unavailable,
@@ -32,6 +33,7 @@ STATUS: dict[type[Exception], grpc.StatusCode] = {
     CorruptBlock: grpc.StatusCode.DATA_LOSS,
     Unavailable: grpc.StatusCode.UNAVAILABLE,
     Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
     Unsupported: grpc.StatusCode.FAILED_PRECONDITION,
 }
 

@@ -2,22 +2,42 @@
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
+from concurrent import futures
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
 
 from kvstore.client import Client
+from kvstore.proto import kvstore_pb2 as pb
+from kvstore.proto.channel import (
+    HELLO,
+    HELLO_MAGIC,
+    HELLO_REPLY,
+    REPLY_MAGIC,
+    REQUEST_MAGIC,
+    VERSION,
+    Frame,
+    encode,
+    read_frame,
+    recv_exact,
+)
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+SERVICE = "kvstore.v1.KVStore"
 
 
 @dataclass
@@ -60,10 +80,88 @@ def running_daemon(
 
 def raw_call(address: str, method: str, request: object) -> bytes:
     """One unary RPC with a hand-built request, past every client-side check."""
-    import grpc
-
     with grpc.insecure_channel(address) as channel:
         return channel.unary_unary(f"/kvstore.v1.KVStore/{method}")(request.SerializeToString())
+
+
+def hello(address: str) -> pb.NodeInfo:
+    return pb.NodeInfo.FromString(raw_call(address, "Hello", pb.HelloRequest()))
+
+
+@contextmanager
+def raw_channel(address: str, source: str = "127.0.0.1") -> Iterator[socket.socket]:
+    """A request-channel connection to a node's TCP data plane, opened by hand (HELLO)."""
+    info = hello(address)
+    host, _, port = info.data_address.rpartition(":")
+    with socket.create_connection((host, int(port)), 30, source_address=(source, 0)) as sock:
+        sock.sendall(HELLO.pack(HELLO_MAGIC, VERSION, info.ticket))
+        status, message = hello_reply(sock)
+        assert status == 0, message
+        yield sock
+
+
+def hello_reply(sock: socket.socket) -> tuple[int, str]:
+    head = memoryview(bytearray(HELLO_REPLY.size))
+    recv_exact(sock, head)
+    _, status, length, _, _ = HELLO_REPLY.unpack(head)
+    text = memoryview(bytearray(length))
+    recv_exact(sock, text)
+    return status, bytes(text).decode()
+
+
+def send_request(
+    sock: socket.socket, op: int, message, *, flags: int = 0, data: bytes = b""
+) -> None:
+    meta = message.SerializeToString()
+    sock.sendall(encode(REQUEST_MAGIC, op, flags, meta, len(data)) + data)
+
+
+def read_answer(sock: socket.socket) -> Frame:
+    return read_frame(sock, REPLY_MAGIC)
+
+
+@contextmanager
+def fake_node(info: pb.NodeInfo, unix_fd: int | None = None) -> Iterator[str]:
+    """Something at a gRPC address that answers `Hello` as a node would, with `info`, and
+    (with `unix_fd`) hands that descriptor to whoever opens its Unix socket: what a
+    hostile or broken peer could do. Yields its address."""
+    unix = None
+    if unix_fd is not None:
+        unix = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        name = f"kvstore-fake-{os.urandom(8).hex()}"
+        unix.bind("\0" + name)
+        unix.listen(8)
+        info.unix_address = name
+
+        def serve_unix() -> None:
+            with contextlib.suppress(OSError):
+                while True:
+                    conn, _ = unix.accept()
+                    conn.recv(HELLO.size)
+                    reply = HELLO_REPLY.pack(
+                        HELLO_MAGIC, 0, 0, bytes.fromhex(info.node_id), 1 << 20
+                    )
+                    socket.send_fds(conn, [reply], [unix_fd])
+                    conn.close()
+
+        threading.Thread(target=serve_unix, daemon=True).start()
+    handlers = {
+        "Hello": grpc.unary_unary_rpc_method_handler(
+            lambda request, context: info.SerializeToString()
+        )
+    }
+    server = grpc.server(futures.ThreadPoolExecutor(4))
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(SERVICE, handlers)])
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        server.stop(None)
+        if unix is not None:
+            with contextlib.suppress(OSError):
+                unix.shutdown(socket.SHUT_RDWR)  # wakes its accept, which holds the name
+            unix.close()
 
 
 @pytest.fixture(scope="session")
@@ -96,7 +194,9 @@ def salt(request: pytest.FixtureRequest) -> bytes:
 
 @pytest.fixture
 def rng(request: pytest.FixtureRequest) -> np.random.Generator:
-    return np.random.default_rng(abs(hash(request.node.nodeid)) % (1 << 32))
+    """Seeded per test from its name (a stable digest: `hash()` of a string is not)."""
+    seed = int.from_bytes(hashlib.blake2b(request.node.nodeid.encode(), digest_size=8).digest())
+    return np.random.default_rng(seed)
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from kvstore.client import AsyncClient
-from kvstore.errors import InvalidArgument, Unavailable, Unsupported
+from kvstore.errors import InvalidArgument, LeaseExpired, Unavailable, Unsupported
 from kvstore.keys import block_keys
 
 
@@ -36,7 +36,7 @@ async def test_unreachable_daemon_is_unavailable() -> None:
             await client.lookup([bytes(16)])
 
 
-@pytest.mark.parametrize("transport", ["tcp", "grpc"])
+@pytest.mark.parametrize("transport", ["shm", "tcp", "grpc"])
 async def test_async_transfers_take_the_chosen_path(daemon, salt: bytes, transport: str) -> None:
     keys = block_keys(np.arange(32), 16, salt)
     async with AsyncClient(daemon.address, transport=transport) as client:
@@ -48,6 +48,21 @@ async def test_async_transfers_take_the_chosen_path(daemon, salt: bytes, transpo
         assert after.get(name, 0) == before.get(name, 0) + 1
 
 
-def test_async_client_refuses_shared_memory(daemon) -> None:
-    with pytest.raises(Unsupported, match="use Client for shm"):
-        AsyncClient(daemon.address, transport="shm")
+async def test_async_leases_and_in_place_puts(daemon, salt: bytes) -> None:
+    keys = block_keys(np.arange(48), 16, salt)
+    blocks = [np.full(1000, i, np.float32) for i in range(3)]
+
+    def fill(indexes: list[int], slots: list[np.ndarray]) -> None:
+        for i, slot in zip(indexes, slots, strict=True):
+            slot[:] = blocks[i].view(np.uint8)
+
+    async with AsyncClient(daemon.address) as client:
+        result = await client.put_in_place(keys, np.float32, (1000,), fill)
+        assert result.stored == 3
+        async with await client.lease(keys) as lease:
+            assert [int(b[0]) for b in lease.blocks] == [0, 1, 2]
+        with pytest.raises(LeaseExpired):
+            lease.blocks  # noqa: B018
+    async with AsyncClient(daemon.address, transport="tcp") as client:
+        with pytest.raises(Unsupported, match="shared memory"):
+            await client.lease(keys)

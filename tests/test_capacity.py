@@ -1,9 +1,14 @@
 """A full host tier: LRU eviction, and readers that are never robbed."""
 
+import threading
+
 import grpc
 import numpy as np
+import pytest
 
+from kvstore.errors import ResourceExhausted
 from kvstore.keys import block_keys
+from kvstore.limits import MAX_WAITING
 from kvstore.proto import kvstore_pb2 as pb
 from kvstore.proto.frames import decode_frame
 
@@ -45,3 +50,33 @@ def test_a_slow_reader_gets_intact_bytes_while_writers_churn_the_tier(small_daem
         received = np.concatenate([decode_frame(f, pb.GetReply) for f in stream])
         assert np.array_equal(received, np.concatenate(payloads))
         assert writer.stats().tiers[0].evictions >= 20
+
+
+@pytest.mark.parametrize("transport", ["grpc", "tcp"])
+def test_puts_waiting_for_room_never_take_every_thread(small_daemon, transport) -> None:
+    """The tier is full of pinned blocks; 40 puts that need room: a few wait, the rest are
+    refused at once, and the node answers Stats and Lookup all the while."""
+    keys = block_keys(np.arange(48 * 16), 16, f"waiting/{transport}".encode())
+    outcomes: list[str] = []
+    with small_daemon.client(transport="shm") as holder:
+        holder.put(keys[:1], [np.ones(15 * MiB, np.uint8)])
+        with holder.lease(keys[:1]):
+
+            def put(i: int) -> None:
+                with small_daemon.client(transport=transport) as client:
+                    try:
+                        client.put(keys[i : i + 1], [np.zeros(4 * MiB, np.uint8)])
+                        outcomes.append("stored")
+                    except ResourceExhausted as exc:
+                        outcomes.append("waited" if "within" in str(exc) else "refused")
+
+            puts = [threading.Thread(target=put, args=(i,)) for i in range(1, 41)]
+            for thread in puts:
+                thread.start()
+            with small_daemon.client(timeout=10) as watcher:
+                assert watcher.stats().tiers[0].blocks >= 1
+                assert watcher.lookup(keys[:1]) == 1
+            for thread in puts:
+                thread.join(timeout=60)
+    assert len(outcomes) == 40 and "stored" not in outcomes
+    assert outcomes.count("waited") <= MAX_WAITING < outcomes.count("refused")

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from conftest import DATA
 from kvstore import codecs
 from kvstore.client import AsyncClient
-from kvstore.client._wire import ENCODED_PART
+from kvstore.client.pipeline import ENCODED_PART
 from kvstore.codecs import BFLOAT16, CODECS, INT8_ERROR, LOSSY_BOUNDS, VALUES_ERROR
 from kvstore.errors import InvalidArgument
 from kvstore.keys import block_keys

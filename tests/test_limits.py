@@ -46,13 +46,12 @@ def test_a_get_naming_a_key_twice_is_refused(channel, client, salt) -> None:
         client.get(key * 2)
 
 
-@pytest.mark.parametrize("method", ["Get", "Lookup", "Delete", "OpenGet"])
+@pytest.mark.parametrize("method", ["Get", "Lookup", "Delete"])
 def test_too_many_keys_in_one_request(channel, method: str) -> None:
     request = {
         "Get": pb.GetRequest(keys=KEYS),
         "Lookup": pb.LookupRequest(keys=pb.GetRequest(keys=KEYS)),
         "Delete": pb.DeleteRequest(keys=KEYS),
-        "OpenGet": pb.OpenGetRequest(keys=KEYS),
     }[method].SerializeToString()
     kind = channel.unary_stream if method == "Get" else channel.unary_unary
     error = status(kind(SERVICE + method), request)

@@ -1,14 +1,19 @@
-"""Same-host shared memory: proof of sharing the host, leases, and what dead clients leave."""
+"""Same-host shared memory: how the arena reaches a client, leases, tampering, and what
+dead or stopped clients leave."""
 
+import os
+import signal
+import subprocess
+import sys
+import textwrap
 from collections.abc import Iterator
 
-import grpc
 import numpy as np
 import pytest
 
-from conftest import raw_call, running_daemon
-from kvstore.client.shm import SharedSegment
-from kvstore.errors import Unsupported
+from conftest import fake_node, running_daemon
+from kvstore.client import Client
+from kvstore.errors import CorruptBlock, LeaseExpired, Unsupported
 from kvstore.keys import block_keys
 from kvstore.proto import kvstore_pb2 as pb
 
@@ -17,9 +22,9 @@ MiB = 1 << 20
 
 @pytest.fixture
 def short_ttl() -> Iterator:
-    """Tickets expire fast; writers wait long enough for the sweeper to free space."""
+    """Leases and reservations expire fast unless renewed; writers wait for room long."""
     with running_daemon(
-        "--host-capacity", "16MiB", "--ticket-ttl", "0.3", "--reserve-timeout", "30"
+        "--host-capacity", "16MiB", "--ticket-ttl", "0.5", "--reserve-timeout", "30"
     ) as d:
         yield d
 
@@ -31,67 +36,160 @@ def test_a_lease_is_zero_copy_and_pins_its_blocks(small_daemon) -> None:
         with client.lease(keys[:10]) as lease:
             assert [int(b[0]) for b in lease.blocks] == list(range(10))
             assert not lease.blocks[0].flags.writeable
+            assert np.shares_memory(lease.blocks[0], client.shared_arena())
             for i in range(10, 20, 2):  # 10 MiB more through a 16 MiB tier with 10 pinned
                 client.put(keys[i : i + 2], [np.full(MiB, i, np.uint8)] * 2)
             assert all((b == i).all() for i, b in enumerate(lease.blocks))
             assert client.lookup(keys[:10]) == 10
+        with pytest.raises(LeaseExpired, match="released"):
+            lease.blocks  # noqa: B018
         client.put(keys[10:12], [np.zeros(MiB, np.uint8)] * 2)  # released: evictable again
         assert client.stats().tiers[0].evictions > 0
 
 
-def test_the_client_proves_it_shares_the_host(small_daemon) -> None:
-    info = pb.SegmentInfo.FromString(raw_call(small_daemon.address, "Segment", pb.StatsRequest()))
-    assert SharedSegment(info).memory.size == info.size + 4096
-    with pytest.raises(Unsupported, match="another token"):
-        SharedSegment(pb.SegmentInfo(path=info.path, token=b"x" * 16, size=info.size))
-    with pytest.raises(Unsupported, match="cannot open"):
-        SharedSegment(pb.SegmentInfo(path="/proc/1/fd/999999", token=info.token))
+def test_a_held_lease_is_renewed_while_its_holder_lives(short_ttl) -> None:
+    """Held for many times its ttl while writers churn the tier: still its own bytes."""
+    keys = block_keys(np.arange(64 * 16), 16, b"renewed")
+    with short_ttl.client(transport="shm") as client:
+        client.put(keys[:4], [np.full(MiB, i, np.uint8) for i in range(4)])
+        with client.lease(keys[:4]) as lease:
+            stop = lease.expires_at + 4 * 0.5  # the original expiry, and four ttls more
+            for n in range(100_000):  # each put churns the free 12 MiB, until time has passed
+                if lease.expires_at >= stop:
+                    break
+                client.put(keys[4 + n % 60 : 5 + n % 60], [np.full(4 * MiB, 99, np.uint8)])
+            assert lease.expires_at >= stop  # renewed, more than once
+            assert [int(b[0]) for b in lease.blocks] == [0, 1, 2, 3]
+            assert all((b == n).all() for n, b in enumerate(lease.blocks))
 
 
-def test_a_client_that_dies_holding_reservations_leaks_nothing(short_ttl) -> None:
-    keys = block_keys(np.arange(32), 16, b"dead-writer")
-    request = pb.OpenPutRequest(
-        shared_memory=True, blocks=[pb.BlockHeader(key=keys[0], meta=pb.BlockMeta(size=12 * MiB))]
-    )
-    ticket = pb.Ticket.FromString(raw_call(short_ttl.address, "OpenPut", request))
-    assert len(ticket.offsets) == 1  # 12 MiB reserved; the writer never finishes
-    with short_ttl.client() as client:  # waits for the expiry to free the slot
-        assert client.put(keys[1:], [np.zeros(12 * MiB, np.uint8)]).stored == 1
-        assert client.lookup(keys[:1]) == 0
+def test_a_lease_whose_client_went_away_cannot_be_read(small_daemon) -> None:
+    keys = block_keys(np.arange(16), 16, b"gone")
+    client = small_daemon.client(transport="shm")
+    client.put(keys, [b"x" * 100])
+    lease = client.lease(keys)
+    assert bytes(lease.blocks[0]) == b"x" * 100
+    client.close()  # its connections close: the node releases the pins
+    with pytest.raises(LeaseExpired):
+        lease.blocks  # noqa: B018
 
 
-def test_a_client_that_dies_holding_a_lease_leaks_nothing(short_ttl) -> None:
-    keys = block_keys(np.arange(32), 16, b"dead-reader")
+def test_a_client_killed_holding_pins_leaves_them_to_the_node(short_ttl) -> None:
+    keys = block_keys(np.arange(32), 16, b"killed-reader")
     with short_ttl.client() as client:
         client.put(keys[:1], [np.ones(12 * MiB, np.uint8)])
-        request = pb.OpenGetRequest(keys=keys[:1], shared_memory=True)
-        ticket = pb.Ticket.FromString(raw_call(short_ttl.address, "OpenGet", request))
-        assert ticket.offsets  # pinned; the reader never releases
+        holder = subprocess.Popen(
+            [sys.executable, "-c", textwrap.dedent(f"""
+                import sys
+                from kvstore.client import Client
+                client = Client({short_ttl.address!r}, transport="shm")
+                lease = client.lease([{keys[0]!r}])
+                print(len(lease.blocks), flush=True)
+                sys.stdin.read()  # holds the lease until killed
+            """)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        try:
+            assert holder.stdout.readline().strip() == "1"  # pinned, in another process
+            holder.send_signal(signal.SIGKILL)
+            holder.wait()
+        finally:
+            holder.kill()
+        # 12 MiB more fit only once the dead client's pins are gone
         assert client.put(keys[1:], [np.zeros(12 * MiB, np.uint8)]).stored == 1
-        with pytest.raises(grpc.RpcError) as info:  # the lease is gone
-            raw_call(short_ttl.address, "Finish", pb.FinishRequest(ticket=ticket.id))
-        assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
-
-
-def test_a_shared_memory_put_is_checked_and_finished_once(small_daemon) -> None:
-    keys = block_keys(np.arange(32), 16, b"shm-check")
-    with small_daemon.client(transport="shm") as client:
-        request = pb.OpenPutRequest(
-            shared_memory=True,
-            blocks=[pb.BlockHeader(key=keys[0], meta=pb.BlockMeta(size=4, checksum=1))],
-        )
-        ticket = pb.Ticket.FromString(raw_call(small_daemon.address, "OpenPut", request))
-        finish = pb.FinishRequest(ticket=ticket.id)
-        with pytest.raises(grpc.RpcError) as info:
-            raw_call(small_daemon.address, "Finish", finish)
-        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-        assert "blocks[0].checksum" in info.value.details()
-        with pytest.raises(grpc.RpcError) as info:
-            raw_call(small_daemon.address, "Finish", finish)
-        assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
-        assert "already used" in info.value.details()
         assert client.lookup(keys[:1]) == 0
-        assert client.put(keys[1:], [b"fine"]).stored == 1
+
+
+def test_a_stopped_client_loses_its_pins_at_expiry(short_ttl) -> None:
+    """A holder that stops renewing (SIGSTOP) keeps its pins only until they expire."""
+    keys = block_keys(np.arange(32), 16, b"stopped-reader")
+    with short_ttl.client() as client:
+        client.put(keys[:1], [np.ones(12 * MiB, np.uint8)])
+        holder = subprocess.Popen(
+            [sys.executable, "-c", textwrap.dedent(f"""
+                import sys
+                from kvstore.client import Client
+                client = Client({short_ttl.address!r}, transport="shm")
+                lease = client.lease([{keys[0]!r}])
+                print(len(lease.blocks), flush=True)
+                sys.stdin.read()
+            """)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        try:
+            assert holder.stdout.readline().strip() == "1"
+            holder.send_signal(signal.SIGSTOP)  # alive, connected, renewing nothing
+            assert client.put(keys[1:], [np.zeros(12 * MiB, np.uint8)]).stored == 1
+        finally:
+            holder.kill()
+            holder.wait()
+
+
+def test_tampering_with_the_arena_is_caught_on_every_path(small_daemon) -> None:
+    """A process of the same user can write the mapped arena: the block's checksum (on by
+    default) catches it wherever the block is read."""
+    keys = block_keys(np.arange(16), 16, b"tamper")
+    payload = np.arange(64 << 10, dtype=np.uint8)
+    with small_daemon.client(transport="shm") as writer:
+        writer.put(keys, [payload])
+        with writer.lease(keys) as lease:
+            at = lease.blocks[0].ctypes.data - writer.shared_arena().ctypes.data
+        arena = writer.shared_arena()
+        arena[at + 1000] ^= 0xFF  # a same-user process rewrites one byte of the block
+        for transport in ("shm", "tcp", "grpc"):
+            with (
+                small_daemon.client(transport=transport) as reader,
+                pytest.raises(CorruptBlock, match=f"block {keys[0].hex()}"),
+            ):
+                reader.get(keys)
+        with pytest.raises(CorruptBlock):
+            writer.lease(keys)
+        with small_daemon.client(transport="tcp", checksum=False) as unchecked:
+            assert unchecked.get(keys)[0][1000] != payload[1000]  # what checking prevents
+
+
+def test_a_node_can_hand_over_only_its_own_memory(tmp_path) -> None:
+    """A fake node hands a client a descriptor of an ordinary file as its "arena": the
+    client refuses to map it and the file is never written."""
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious" * 1024)
+    fd = os.open(victim, os.O_RDWR)
+    info = pb.NodeInfo(node_id=os.urandom(16).hex(), ticket=os.urandom(16), capacity=1 << 30)
+    try:
+        with (
+            fake_node(info, unix_fd=fd) as address,
+            Client(address, transport="shm") as client,
+            pytest.raises(Unsupported, match="not its arena"),
+        ):
+            client.put(block_keys(np.arange(16), 16, b"x"), [b"overwrite"])
+    finally:
+        os.close(fd)
+    assert victim.read_bytes() == b"precious" * 1024
+
+
+def test_a_dead_writer_leaves_no_reservation(short_ttl) -> None:
+    keys = block_keys(np.arange(32), 16, b"dead-writer")
+    writer = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(f"""
+            import numpy as np
+            from kvstore.client import Client
+            client = Client({short_ttl.address!r}, transport="shm")
+            def fill(indexes, slots):
+                print(len(slots), flush=True)
+                input()  # dies with 12 MiB of slots reserved and unwritten
+            client.put_in_place([{keys[0]!r}], np.uint8, ({12 * MiB},), fill)
+        """)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert writer.stdout.readline().strip() == "1"
+        writer.send_signal(signal.SIGKILL)
+        writer.wait()
+    finally:
+        writer.kill()
+    with short_ttl.client() as client:
+        assert client.put(keys[1:], [np.zeros(12 * MiB, np.uint8)]).stored == 1
+        assert client.lookup(keys[:1]) == 0
 
 
 def test_put_in_place_lets_the_caller_write_the_slots(daemon, kv_sample) -> None:
@@ -135,3 +233,13 @@ def test_an_in_place_fill_may_finish_its_copies_later(daemon, kv_sample, monkeyp
         result = c.put_in_place(keys, blocks[0].dtype, blocks[0].shape, fill)
         assert result.stored == 4 and waited == [0, 1, 2, 3]
         assert all(np.array_equal(g, b) for g, b in zip(c.get(keys), blocks, strict=True))
+
+
+def test_released_pins_ride_with_the_next_request(small_daemon) -> None:
+    """A get's pins end without a round trip of their own: the next request carries the
+    release, so a put that needs the room finds it."""
+    keys = block_keys(np.arange(32), 16, b"ride")
+    with small_daemon.client(transport="shm") as client:
+        client.put(keys[:1], [np.ones(12 * MiB, np.uint8)])
+        assert client.get(keys[:1])[0].nbytes == 12 * MiB
+        assert client.put(keys[1:], [np.zeros(12 * MiB, np.uint8)]).stored == 1

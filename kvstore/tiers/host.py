@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from kvstore.arena import HEADER, Arena, aligned
 from kvstore.errors import ResourceExhausted
 from kvstore.keys import BlockKey
-from kvstore.limits import BLOCK_OVERHEAD
+from kvstore.limits import BLOCK_OVERHEAD, MAX_WAITING
 from kvstore.lru import LRU
 from kvstore.meta import BlockMeta
 from kvstore.tiers import PinnedBlock, Reservation, TierStats, present_count
@@ -56,6 +56,7 @@ class HostTier:
         self._dirty: dict[BlockKey, int] = {}  # key -> size, oldest first
         self.dirty_bytes = 0
         self._space = threading.Condition(threading.Lock())
+        self._waiters = 0  # writers waiting for room
         self._stats = TierStats(self.name, capacity=self.capacity)
         self.segment_token = os.urandom(16)
         self.arena.header[:16] = self.segment_token  # proof of sharing the host, for clients
@@ -89,26 +90,39 @@ class HostTier:
             )
         deadline = time.monotonic() + timeout
         offsets: list[int] = []
+        waiting = False
         with self._space:
-            while len(offsets) < len(sizes):
-                if (offset := self._alloc(sizes[len(offsets)])) is not None:
-                    offsets.append(offset)
-                    continue
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    for offset, size in zip(offsets, sizes, strict=False):
-                        self._release(offset, size)
-                    raise ResourceExhausted(
-                        f"no room for {sizes[len(offsets)]} bytes in the {self.name} tier within "
-                        f"{timeout:g}s: {self._held()}"
-                    )
-                if self._dirty:
-                    self.on_pressure()
-                self._space.wait(left)
+            try:
+                while len(offsets) < len(sizes):
+                    if (offset := self._alloc(sizes[len(offsets)])) is not None:
+                        offsets.append(offset)
+                        continue
+                    left = deadline - time.monotonic()
+                    if left <= 0 or (not waiting and self._waiters >= MAX_WAITING):
+                        for offset, size in zip(offsets, sizes, strict=False):
+                            self._release(offset, size)
+                        raise ResourceExhausted(self._no_room(sizes[len(offsets)], timeout, left))
+                    if not waiting:
+                        waiting, self._waiters = True, self._waiters + 1
+                    if self._dirty:
+                        self.on_pressure()
+                    self._space.wait(left)
+            finally:
+                self._waiters -= waiting
         return [
             Reservation(o, size, self.arena.view(o, size))
             for o, size in zip(offsets, sizes, strict=True)
         ]
+
+    def _no_room(self, size: int, timeout: float, left: float) -> str:
+        if left > 0:
+            return (
+                f"no room for {size} bytes in the {self.name} tier, and {MAX_WAITING} puts "
+                "already wait for it: retry shortly"
+            )
+        return f"no room for {size} bytes in the {self.name} tier within {timeout:g}s: " + (
+            self._held()
+        )
 
     def _held(self) -> str:
         """What keeps the tier full, for an error message (lock held)."""

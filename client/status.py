@@ -1,0 +1,51 @@
+"""gRPC statuses (on gRPC, and as numbers on the data plane) back into kvstore exceptions:
+the mirror of kvstore/server/status.py, so a caller catches the same class in process
+and remotely."""
+
+from __future__ import annotations
+
+import grpc
+
+from kvstore.errors import (
+    CorruptBlock,
+    InvalidArgument,
+    KVStoreError,
+    NotFound,
+    PermissionDenied,
+    ResourceExhausted,
+    Unauthenticated,
+    Unavailable,
+    Unsupported,
+)
+
+ERRORS: dict[grpc.StatusCode, type[KVStoreError]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,
+    grpc.StatusCode.NOT_FOUND: NotFound,
+    grpc.StatusCode.DATA_LOSS: CorruptBlock,
+    grpc.StatusCode.UNAVAILABLE: Unavailable,
+    grpc.StatusCode.DEADLINE_EXCEEDED: Unavailable,
+    grpc.StatusCode.CANCELLED: Unavailable,
+    grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
+    grpc.StatusCode.FAILED_PRECONDITION: Unsupported,
+}
+_CODES = {code.value[0]: code for code in grpc.StatusCode}
+
+
+def error_from_rpc(exc: grpc.RpcError) -> KVStoreError:
+    """The kvstore exception for a failed call, with the server's message."""
+    return error_from_status(exc.code(), exc.details() or "")
+
+
+def error_from_number(status: int, details: str) -> KVStoreError:
+    """The same for a status number, as the data plane sends it."""
+    return error_from_status(_CODES.get(status, grpc.StatusCode.UNKNOWN), details)
+
+
+def error_from_status(code: grpc.StatusCode, details: str) -> KVStoreError:
+    cls = ERRORS.get(code, KVStoreError)
+    if cls is InvalidArgument:
+        field, _, reason = details.partition(": ")
+        return InvalidArgument(field, reason) if reason else InvalidArgument("", details)
+    return cls(f"{code.name}: {details}")

@@ -1,0 +1,108 @@
+"""The request channel's framing (DATAPLANE.md), shared by the client and the node.
+
+A frame is a fixed header, then `meta_len` bytes of one protobuf message of this
+contract (which one depends on the operation), then `data_len` bytes of raw
+payloads back to back. Payloads never pass through protobuf: they go from memory
+into the socket with scatter-gather writes and from the socket into their place
+with `recv_into`.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from kvstore.errors import Unavailable
+
+HELLO = struct.Struct("!4sH2x16s")  # magic, version, channel ticket
+HELLO_MAGIC = b"KVC1"
+HELLO_REPLY = struct.Struct("!4sBxH16sQ")  # magic, status, message length, node id, arena size
+VERSION = 1
+HEADER = struct.Struct("!2sBBIQ")  # magic, op or status, flags, meta length, data length
+REQUEST_MAGIC, REPLY_MAGIC = b"KQ", b"KA"
+
+# operations
+GET, PUT, COMMIT, LOOKUP, RELEASE, RENEW = 1, 2, 3, 4, 5, 6
+OPS = {GET: "get", PUT: "put", COMMIT: "commit", LOOKUP: "lookup", RELEASE: "release"}
+OPS[RENEW] = "renew"
+NO_REPLY = (RELEASE, RENEW)  # sent ahead of the next request; answered by nothing
+
+# request flags
+SHM = 0x01  # GET: answer with arena offsets under a lease; PUT: reserve slots to write
+INLINE = 0x02  # PUT: the payloads follow the metadata at once, unasked
+# reply flags
+TRUNCATED = 0x01  # GET: stopped before a missing key (room, limits): ask again for the rest
+READY = 0x02  # PUT: the node names what to send (or where to write), then waits
+
+IOV_BATCH = 64  # views per sendmsg call; well under IOV_MAX
+MAX_META = 16 << 20  # bytes of metadata in one frame
+
+
+class ChannelError(Unavailable):
+    """The connection broke, or carried something that is not this protocol."""
+
+
+@dataclass(frozen=True, slots=True)
+class Frame:
+    kind: int  # op of a request, status of a reply
+    flags: int
+    meta: bytes
+    data_len: int
+
+
+def encode(magic: bytes, kind: int, flags: int, meta: bytes, data_len: int = 0) -> bytes:
+    return HEADER.pack(magic, kind, flags, len(meta), data_len) + meta
+
+
+def read_frame(sock: socket.socket, magic: bytes, head: memoryview | None = None) -> Frame:
+    """The next frame's header and metadata (its data is left for the caller to read)."""
+    head = head if head is not None else memoryview(bytearray(HEADER.size))
+    recv_exact(sock, head)
+    got, kind, flags, meta_len, data_len = HEADER.unpack(head)
+    if got != magic:
+        raise ChannelError(f"not a kvstore frame (starts with {bytes(head[:2])!r})")
+    if meta_len > MAX_META:
+        raise ChannelError(f"frame metadata of {meta_len} bytes: at most {MAX_META}")
+    meta = bytearray(meta_len)
+    recv_exact(sock, memoryview(meta))
+    return Frame(kind, flags, bytes(meta), data_len)
+
+
+def recv_exact(sock: socket.socket, into: memoryview, deadline: float | None = None) -> None:
+    """Fill `into` from the socket, or raise ChannelError if it closes first. With a
+    `deadline` (time.monotonic()), raise TimeoutError once it passes, however the
+    bytes trickle in."""
+    got = 0
+    while got < len(into):
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"transfer deadline passed after {got} of {len(into)} bytes")
+            sock.settimeout(left)
+        n = sock.recv_into(into[got:])
+        if n == 0:
+            raise ChannelError(f"connection closed after {got} of {len(into)} bytes")
+        got += n
+
+
+def send_views(
+    sock: socket.socket,
+    views: Sequence[memoryview | bytes],
+    before_each: Callable[[], None] | None = None,
+) -> None:
+    """Send `views` back to back with scatter-gather writes: no copy, no join.
+    `before_each` runs before every write (the node sets its deadline there)."""
+    for start in range(0, len(views), IOV_BATCH):
+        pending = [memoryview(v) for v in views[start : start + IOV_BATCH] if len(v)]
+        while pending:
+            if before_each is not None:
+                before_each()
+            sent = sock.sendmsg(pending)
+            while pending and sent >= len(pending[0]):
+                sent -= len(pending[0])
+                pending.pop(0)
+            if pending and sent:
+                pending[0] = pending[0][sent:]

@@ -1,0 +1,94 @@
+"""The gRPC path's node half: a Put stream of header frames then data frames copied once
+into reserved slots, a Get stream answered from pinned slots, a Lookup. The path that
+always works, wherever the client is."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import grpc
+import numpy as np
+
+from kvstore.errors import InvalidArgument
+from kvstore.ingest import BlockIngest
+from kvstore.keys import block_keys, check_keys
+from kvstore.limits import MAX_BLOCKS, MAX_HEADER_FRAME, MAX_TOKENS
+from kvstore.proto import kvstore_pb2 as pb
+from kvstore.proto.convert import headers_from_proto, headers_to_proto
+from kvstore.proto.frames import data_frames, decode_frame, parse
+from kvstore.server.status import TransferCounts
+from kvstore.store import Store
+from kvstore.tiers import PinnedBlock
+
+HEADERS_TAG = b"\x0a"  # field 1 (headers), length-delimited: a frame of block headers
+
+
+class GrpcPath:
+    def __init__(self, store: Store, chunk_size: int, transfers: TransferCounts) -> None:
+        self.store = store
+        self.chunk_size = chunk_size
+        self.transfers = transfers
+
+    def put(self, frames: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
+        ingest = BlockIngest(self.store)
+        try:
+            for raw in frames:
+                if raw[:1] == HEADERS_TAG and len(raw) > MAX_HEADER_FRAME:
+                    raise InvalidArgument(
+                        "headers", f"a frame of {len(raw)} bytes: at most {MAX_HEADER_FRAME}"
+                    )
+                frame = decode_frame(raw, pb.PutRequest)
+                if isinstance(frame, memoryview):
+                    ingest.feed(frame)
+                elif frame.HasField("headers"):
+                    ingest.declare(headers_from_proto(frame.headers.blocks))
+                elif frame.HasField("data"):
+                    ingest.feed(memoryview(frame.data))
+                else:
+                    raise InvalidArgument("frame", "PutRequest sets neither headers nor data")
+            result = ingest.finish()
+        except BaseException:
+            ingest.abort()
+            raise
+        self.transfers.add("put/grpc")
+        return pb.PutReply(stored=result.stored, existed=result.existed).SerializeToString()
+
+    def get(self, raw: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
+        keys = check_keys(parse(raw, pb.GetRequest).keys, unique=True)
+        with self.store.read(keys) as batch:
+            headers = headers_to_proto((b.key, b.meta) for b in batch.blocks)
+            reply = pb.GetReply(headers=pb.BlockHeaders(blocks=headers, truncated=batch.truncated))
+            yield reply.SerializeToString()
+            pending: Iterator[PinnedBlock] = iter(batch.blocks)
+            for frame, ended in data_frames([b.view for b in batch.blocks], self.chunk_size):
+                for _ in range(ended):  # copied into `frame`: the tier may evict them again
+                    batch.release(next(pending))
+                yield frame
+        self.transfers.add("get/grpc")
+
+    def lookup(self, raw: bytes, context: grpc.ServicerContext) -> bytes:
+        request = parse(raw, pb.LookupRequest)
+        if request.HasField("tokens"):
+            keys = token_keys(request.tokens)
+        elif request.HasField("keys"):
+            keys = check_keys(request.keys.keys, "keys.keys")
+        else:
+            raise InvalidArgument("query", "LookupRequest sets neither keys nor tokens")
+        tiers = self.store.lookup(keys)
+        return pb.LookupReply(found=len(tiers), tiers=tiers).SerializeToString()
+
+
+def token_keys(tokens: pb.TokenPrefix) -> list[bytes]:
+    """The keys of a prompt the node hashes itself, within the limits of one request."""
+    if tokens.block_size < 1:
+        raise InvalidArgument("tokens.block_size", "must be >= 1")
+    if len(tokens.token_ids) > MAX_TOKENS:
+        raise InvalidArgument(
+            "tokens.token_ids", f"{len(tokens.token_ids)} tokens: at most {MAX_TOKENS}"
+        )
+    if len(tokens.token_ids) // tokens.block_size > MAX_BLOCKS:
+        raise InvalidArgument(
+            "tokens.block_size",
+            f"{tokens.block_size} makes more than {MAX_BLOCKS} blocks of the tokens",
+        )
+    return block_keys(np.asarray(tokens.token_ids, dtype=np.uint32), tokens.block_size, tokens.salt)

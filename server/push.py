@@ -1,0 +1,83 @@
+"""Node to node: this node sends blocks to another, as a client of that node's data plane.
+
+A push names its target, so the target is checked before any byte leaves: it must be a
+host the operator allowed (`--push-allow`: hosts or networks; loopback by default), it
+must answer as a kvstore node that is not this one, and the data plane it names must be
+allowed too. The inner calls share the caller's deadline, and errors say what failed
+without echoing what the target answered.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from collections.abc import Sequence
+
+from kvstore.errors import InvalidArgument, KVStoreError, PermissionDenied, Unavailable
+from kvstore.ingest import PutResult
+from kvstore.keys import BlockKey
+from kvstore.meta import BlockMeta
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+DEFAULT_ALLOW = "127.0.0.0/8,::1"
+
+
+class PushPolicy:
+    """Which hosts this node may push to."""
+
+    def __init__(self, allow: str) -> None:
+        self.networks: list[Network] = []
+        self.names: set[str] = set()
+        for entry in filter(None, (e.strip() for e in allow.split(","))):
+            try:
+                self.networks.append(ipaddress.ip_network(entry, strict=False))
+            except ValueError:
+                self.names.add(entry.lower())
+
+    def check(self, address: str, field: str = "target") -> None:
+        """PermissionDenied unless every address `address`'s host resolves to is allowed."""
+        host, sep, port = address.rpartition(":")
+        host = host.strip("[]")
+        if not sep or not host or not port.isdigit():
+            raise InvalidArgument(field, f"expected HOST:PORT, got {address!r}")
+        if host.lower() in self.names:
+            return
+        try:
+            resolved = {info[4][0] for info in socket.getaddrinfo(host, int(port))}
+        except OSError:
+            raise Unavailable(f"push target {host} does not resolve") from None
+        for ip in resolved:
+            parsed = ipaddress.ip_address(ip.split("%")[0])
+            if not any(parsed in net for net in self.networks if net.version == parsed.version):
+                raise PermissionDenied(f"{field}: {host} is not in this node's --push-allow")
+
+
+def push(
+    policy: PushPolicy,
+    own_id: str,
+    target: str,
+    transport: str,
+    blocks: Sequence[tuple[BlockKey, BlockMeta]],
+    views: Sequence[memoryview],
+    timeout: float | None,
+    chunk_size: int,
+) -> PutResult:
+    from kvstore.client import Client  # a node pushing is a client of the other node
+
+    policy.check(target)
+    with Client(
+        target, transport=transport, timeout=timeout, chunk_size=chunk_size, shm=False
+    ) as peer:
+        try:
+            info = peer.node_info()
+        except KVStoreError:
+            raise Unavailable(f"push to {target} failed: no kvstore node answers there") from None
+        if info.node_id == own_id:
+            raise InvalidArgument("target", f"{target} is this node")
+        data_host = info.data_address.rpartition(":")[0].strip("[]")
+        if transport != "grpc" and data_host not in ("", "0.0.0.0", "::"):  # else: target's
+            policy.check(info.data_address, "target's data plane")
+        try:
+            return peer.put_blocks(blocks, views)
+        except KVStoreError as exc:
+            raise Unavailable(f"push to {target} failed: {type(exc).__name__}") from None

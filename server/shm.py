@@ -1,0 +1,60 @@
+"""The shared-memory path's node half, over the Unix socket of clients on this host: a Get
+answers where the blocks lie in the arena (the client maps it) and keeps them pinned under
+a lease; a Put reserves slots for the client to write, then publishes them on Commit.
+Leases and reserved slots end when released or committed, when their connection closes,
+or when they expire without being renewed."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from kvstore.errors import Unauthenticated
+from kvstore.ingest import SlotPut
+from kvstore.keys import check_keys
+from kvstore.proto import kvstore_pb2 as pb
+from kvstore.proto.channel import READY, TRUNCATED, Frame
+from kvstore.proto.convert import headers_from_proto, headers_to_proto
+from kvstore.proto.frames import parse
+
+if TYPE_CHECKING:
+    from kvstore.server.channel import ChannelServer, Connection
+
+
+def get(server: ChannelServer, conn: Connection, frame: Frame) -> None:
+    keys = check_keys(parse(frame.meta, pb.GetRequest).keys, unique=True)
+    batch = server.store.pin(keys)
+    answer = pb.GetAnswer(
+        blocks=headers_to_proto((b.key, b.meta) for b in batch.blocks),
+        truncated=batch.truncated,
+        offsets=[server.store.host.segment_offset(b.offset) for b in batch.blocks],
+        expires_in_s=server.lease_ttl,
+    )
+    if batch.blocks:
+        answer.lease = conn.hold(batch, server.lease_ttl)
+    else:
+        batch.close()
+    server.reply(conn, answer.SerializeToString(), flags=TRUNCATED if batch.truncated else 0)
+    server.transfers.add("get/shm")
+
+
+def put(server: ChannelServer, conn: Connection, frame: Frame) -> None:
+    blocks = headers_from_proto(parse(frame.meta, pb.BlockHeaders).blocks)
+    slots = SlotPut(server.store, blocks)  # may wait for room, up to --reserve-timeout
+    answer = pb.PutAnswer(
+        present=slots.present,
+        offsets=[server.store.host.segment_offset(s.offset) for *_, s in slots.slots],
+        expires_in_s=server.lease_ttl,
+    )
+    answer.put = conn.hold(slots, server.lease_ttl)
+    server.reply(conn, answer.SerializeToString(), flags=READY)
+
+
+def commit(server: ChannelServer, conn: Connection, frame: Frame) -> None:
+    request = parse(frame.meta, pb.Commit)
+    held = conn.take(request.put)
+    if held is None or not isinstance(held.what, SlotPut):
+        raise Unauthenticated("put unknown, already committed, or expired")
+    result = held.what.commit(list(request.checksums))  # all or none, as checked
+    reply = pb.PutReply(stored=result.stored, existed=result.existed).SerializeToString()
+    server.reply(conn, reply)
+    server.transfers.add("put/shm")

@@ -1,0 +1,96 @@
+"""The TCP path's node half (also what carries small puts over the Unix socket): a Get's
+payloads go from pinned arena slots into the socket, a Put's from the socket straight into
+reserved slots, one copy each way, in the kernel."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from kvstore.errors import InvalidArgument
+from kvstore.ingest import BlockIngest
+from kvstore.keys import check_keys
+from kvstore.proto import kvstore_pb2 as pb
+from kvstore.proto.channel import INLINE, READY, REPLY_MAGIC, TRUNCATED, Frame, encode, send_views
+from kvstore.proto.convert import headers_from_proto, headers_to_proto
+from kvstore.proto.frames import parse
+
+if TYPE_CHECKING:
+    from kvstore.server.channel import ChannelServer, Connection
+
+_DRAIN = 1 << 20
+
+
+def get(server: ChannelServer, conn: Connection, frame: Frame) -> None:
+    keys = check_keys(parse(frame.meta, pb.GetRequest).keys, unique=True)
+    with server.store.read(keys) as batch:
+        answer = pb.GetAnswer(
+            blocks=headers_to_proto((b.key, b.meta) for b in batch.blocks),
+            truncated=batch.truncated,
+        ).SerializeToString()
+        size = sum(b.meta.size for b in batch.blocks)
+        flags = TRUNCATED if batch.truncated else 0
+        head = encode(REPLY_MAGIC, 0, flags, answer, size)
+        deadline = server.deadline(size)
+        send_views(  # straight from the pinned slots
+            conn.sock,
+            [head, *(b.view for b in batch.blocks)],
+            lambda: server.set_deadline(conn.sock, deadline),
+        )
+    server.transfers.add(f"get/{_path(conn)}")
+
+
+def put(server: ChannelServer, conn: Connection, frame: Frame) -> None:
+    """An inline put's bytes follow its metadata; otherwise the node first answers which
+    blocks it already has, and only the others' bytes come."""
+    inline = bool(frame.flags & INLINE)
+    ingest = BlockIngest(server.store, omit_present=not inline)
+    try:
+        blocks = headers_from_proto(parse(frame.meta, pb.BlockHeaders).blocks)
+        present = ingest.declare(blocks)
+        if inline and ingest.pending_bytes != frame.data_len:
+            raise InvalidArgument(
+                "data", f"{frame.data_len} bytes follow, the blocks declare {ingest.pending_bytes}"
+            )
+    except Exception:
+        drain(server, conn, frame.data_len if inline else 0)
+        raise
+    if not inline:
+        answer = pb.PutAnswer(present=present).SerializeToString()
+        conn.sock.sendall(encode(REPLY_MAGIC, 0, READY, answer))
+    deadline = server.deadline(ingest.pending_bytes)
+    try:
+        while ingest.pending_bytes:
+            server.set_deadline(conn.sock, deadline)
+            n = conn.sock.recv_into(ingest.target())  # one copy: socket -> arena slot
+            if n == 0:
+                raise ConnectionError(f"closed with {ingest.pending_bytes} bytes still due")
+            ingest.advance(n)
+        result = ingest.finish()
+    except InvalidArgument:  # a bad block (checksum): the rest still comes, and is dropped
+        ingest.abort()
+        drain(server, conn, ingest.pending_bytes, deadline)
+        raise
+    except BaseException:
+        ingest.abort()
+        raise
+    reply = pb.PutReply(stored=result.stored, existed=result.existed).SerializeToString()
+    server.reply(conn, reply)
+    server.transfers.add(f"put/{_path(conn)}")
+
+
+def drain(
+    server: ChannelServer, conn: Connection, nbytes: int, deadline: float | None = None
+) -> None:
+    """Read and drop the rest of a refused request, so the connection stays in step."""
+    deadline = deadline if deadline is not None else server.deadline(nbytes)
+    scratch = memoryview(bytearray(min(nbytes, _DRAIN)))
+    while nbytes:
+        server.set_deadline(conn.sock, deadline)
+        n = conn.sock.recv_into(scratch[: min(nbytes, _DRAIN)])
+        if n == 0:
+            raise ConnectionError("closed while the rest of a refused request was due")
+        nbytes -= n
+
+
+def _path(conn: Connection) -> str:
+    return "shm" if conn.kind == "unix" else "tcp"
