@@ -161,6 +161,7 @@ def _serve_grpc() -> None:
                 {
                     "Put": grpc.stream_unary_rpc_method_handler(put, **_RAW),
                     "Get": grpc.unary_stream_rpc_method_handler(get, **_RAW),
+                    "Ping": grpc.unary_unary_rpc_method_handler(lambda r, c: b"", **_RAW),
                 },
             )
         ]

@@ -3,6 +3,7 @@ measured in the same run on the same bytes.
 
     kvstore-bench [transfer] [--quick] [--json FILE] [--plot FILE.png] ...
     kvstore-bench lookup [--prompt-tokens 1024,131072] ...
+    kvstore-bench ops [--paths shm,tcp,grpc] [--calls 2000] ...
     kvstore-bench tiers [--dir DIR] [--host-capacity 1GiB] ...
 """
 
@@ -19,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from kvstore import codecs
-from kvstore.bench import ceilings, codec_bench, tier_bench, ttft, workloads
+from kvstore.bench import ceilings, codec_bench, ops_bench, tier_bench, ttft, workloads
 from kvstore.bench.measure import Run, Workload, median, source_bytes
 from kvstore.bench.procs import Processes
 from kvstore.bench.report import CEILINGS, Row, add_ratios, plot, table, write_json
@@ -184,6 +185,12 @@ def parser() -> argparse.ArgumentParser:
         help="host tier of the demotion daemon; 2.5 times this is put",
     )
     tr.add_argument("--transports", type=_choices(("shm", "tcp", "grpc")), default=["shm", "tcp"])
+    op = sub.add_parser("ops", parents=[common], help="single-block put, get, lookup latency")
+    op.add_argument(
+        "--paths", type=_choices(("shm", "tcp", "grpc")), default=["shm", "tcp", "grpc"]
+    )
+    op.add_argument("--calls", type=int, default=2000, help="calls per operation and size")
+    op.add_argument("--redis-url", help="a running Redis (default: start one)")
     lk = sub.add_parser("lookup", parents=[common], help="prefix lookups per second")
     lk.add_argument("--prompt-tokens", type=_ints, default=[1024, 4096, 16384, 65536, 131072])
     lk.add_argument("--block-size", type=int, default=16, help="tokens per block")
@@ -194,7 +201,8 @@ def parser() -> argparse.ArgumentParser:
 def parse(argv: Sequence[str]) -> argparse.Namespace:
     ap = parser()
     argv = list(argv)
-    if not argv or argv[0] not in ("transfer", "lookup", "codecs", "ttft", "tiers", "-h", "--help"):
+    commands = ("transfer", "lookup", "ops", "codecs", "ttft", "tiers", "-h", "--help")
+    if not argv or argv[0] not in commands:
         argv.insert(0, "transfer")
     args = ap.parse_args(argv)
     if args.repeat < 1:
@@ -220,6 +228,9 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
     elif args.command == "tiers":
         if args.total < args.block_size or args.host_capacity < 4 * args.block_size:
             ap.error("--total must hold a block and --host-capacity at least four")
+    elif args.command == "ops":
+        if args.calls < 40:
+            ap.error("--calls must be at least 40")
     elif min(args.prompt_tokens) < args.block_size or args.block_size < 1:
         ap.error("--prompt-tokens must each hold at least one --block-size block")
     return args
@@ -489,7 +500,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 capacity = (args.total * 2 if args.command == "transfer" else 1 << 30) + (256 << 20)
                 address = procs.daemon("--host-capacity", str(capacity))
             redis_url, redis_version = None, None
-            if args.command == "transfer" and not args.no_redis:
+            if args.command == "transfer" and not args.no_redis or args.command == "ops":
                 redis_url = args.redis_url or procs.redis()
                 redis_version = _redis_version() if redis_url else None
             task = progress.add_task("starting", total=None)
@@ -544,6 +555,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                         )  # fmt: skip
                     advance("demotion")
                 add_ratios(rows)
+            elif args.command == "ops":
+                progress.update(task, total=len(args.paths) + 2)
+                rows = []
+                for path in args.paths:
+                    rows += ops_bench.kvstore_rows(address, path, args.calls, args.seed)
+                    advance(f"ops over {path}")
+                if redis_url:
+                    rows += ops_bench.redis_rows(redis_url, args.calls, args.seed)
+                advance("redis")
+                port = ceilings.start_server(procs, "grpc")
+                rows.append(ops_bench.grpc_unary_row(port, args.calls))
+                advance("bare grpc")
+                ops_bench.add_latency_ratios(rows)
             elif args.command == "transfer":
                 transfer = Transfer(args, procs, address, redis_url, advance)
                 procs.callback(transfer.close)

@@ -15,7 +15,7 @@ from kvstore.bench.measure import Run
 from kvstore.config import format_size
 
 CEILINGS = ("raw_tcp", "memcpy", "grpc_bare", "file_io")
-PEERS = ("redis", "redis_pipelined")
+PEERS = ("redis", "redis_pipelined", "grpc_unary")
 
 
 @dataclass
@@ -109,7 +109,7 @@ def write_json(
 def table(rows: list[Row], title: str) -> Any:
     from rich.table import Table
 
-    names = (*CEILINGS, "redis", "none", "empty_host")
+    names = (*CEILINGS, "redis", "grpc_unary", "none", "empty_host")
     ratio_names = [n for n in names if any(n in r.ratios for r in rows)]
     codec_rows = any(r.scenario.startswith("codec") for r in rows)
     t = Table(title=title)
@@ -122,7 +122,7 @@ def table(rows: list[Row], title: str) -> Any:
         t.add_column(f"/{name}", justify="right")
     for r in rows:
         e = r.extra
-        if r.scenario in ("lookup", "ttft"):
+        if r.scenario in ("lookup", "ttft") and e.get("prompt_tokens"):
             label = f"{e.get('prompt_tokens')} tok"
         else:
             label = format_size(r.block_size)
@@ -137,8 +137,10 @@ def table(rows: list[Row], title: str) -> Any:
             speed = f"{r.gbps:.2f}"
         elif "speedup" in e:
             speed = f"x{e['speedup']:g} ttft"
+        elif "ops_per_s" in e:
+            speed = f"{e['ops_per_s']:.0f}/s"
         else:
-            speed = f"{e.get('ops_per_s', 0):.0f}/s"
+            speed = ""
         cells = [r.scenario, path, label, speed, f"{r.p50_ms:.2f}", f"{r.p99_ms:.2f}"]
         if codec_rows:
             cells += [

@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import mmap
 import os
-import select
 import socket
 import threading
 import time
@@ -40,6 +39,7 @@ from kvstore.proto.channel import (
     read_frame,
     recv_exact,
     send_views,
+    stall_timeout,
 )
 
 log = logging.getLogger("kvstore.client")
@@ -183,12 +183,8 @@ class Channels:
 
     def _idle_take(self) -> Link:
         with self._lock:
-            while self._idle:
-                link = self._idle.pop()
-                if not _closed_by_peer(link.sock):
-                    return link
-                link.broken = True
-                link.sock.close()
+            if self._idle:
+                return self._idle.pop()  # if the node closed it, the client retries afresh
         return self._open()
 
     def _idle_put(self, link: Link) -> None:
@@ -234,7 +230,7 @@ class Channels:
         try:
             if self.kind == "unix":
                 sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                sock.settimeout(self.timeout or 30)
+                sock.settimeout(self.timeout or 30)  # connecting only
                 sock.connect("\0" + self.address)
             else:
                 host, _, port = self.address.rpartition(":")
@@ -247,7 +243,7 @@ class Channels:
             if self.kind == "unix":
                 raise Unsupported("the node's shared memory is not on this host") from None
             raise Unreachable(f"data plane {self.address} unreachable: {exc}") from None
-        sock.settimeout(self.timeout)
+        stall_timeout(sock, self.timeout)
         return sock
 
     def _opened(self, sock: socket.socket) -> None:
@@ -344,13 +340,3 @@ class Keeper:
             for lease in list(self._leases)
             if lease.active and lease.link is link and lease.renew_at <= now
         ]
-
-
-def _closed_by_peer(sock: socket.socket) -> bool:
-    """An idle pooled connection that is readable has been closed (or broken) by the node."""
-    poller = select.poll()  # not select(): an engine's descriptors may pass FD_SETSIZE
-    try:
-        poller.register(sock.fileno(), select.POLLIN)
-    except (OSError, ValueError):
-        return True
-    return bool(poller.poll(0))

@@ -214,19 +214,20 @@ class Client:
         the rest; if it can bring none of them, that is a `ResourceExhausted`, not a miss.
         """
         keys = check_keys(keys, unique=True, limit=len(keys))
-        decoder = Decoder(self._pool)
-        got: list[tuple[np.ndarray, BlockMeta]] = []
+        decoder = Decoder(self._pool, self.checksum)
+        got = Received()
         used = 0  # bytes of `out` filled so far
-        while len(got) < len(keys):
-            chunk = keys[len(got) : len(got) + MAX_BLOCKS]
+        while len(got.blocks) < len(keys):
+            chunk = keys[len(got.blocks) : len(got.blocks) + MAX_BLOCKS]
             rest = None if out is None else _flat(out)[used:]
             received: Received = self._run(methodcaller("get", chunk, rest, decoder.arrived))
-            got += received.blocks
+            got.arrays += received.arrays
+            got.blocks += received.blocks
             used += sum(meta.size for _, meta in received.blocks)
             if received.truncated and not received.blocks:
                 raise ResourceExhausted(
-                    f"the node holds block {len(got)} but has no room in DRAM to serve it "
-                    "now (its host tier is full of pinned blocks): retry"
+                    f"the node holds block {len(got.blocks)} but has no room in DRAM to serve "
+                    "it now (its host tier is full of pinned blocks): retry"
                 )
             if len(received.blocks) < len(chunk) and not received.truncated:
                 break  # a missing key ends the prefix
@@ -392,14 +393,14 @@ class Client:
 
     def _open(self, name: str) -> Transport:
         if name == "grpc":
-            return GrpcTransport(self._channel, self.chunk_size, self.timeout, self.checksum)
+            return GrpcTransport(self._channel, self.chunk_size, self.timeout)
         info = self._node()
         host = self.address.rpartition(":")[0].strip("[]")
         kind = "unix" if name == "shm" else "tcp"
         channels = Channels(kind, self._hello, info, host, self.timeout)
         if name == "shm":
             return ShmTransport(channels, self.checksum, self._pool)
-        return TcpTransport(channels, self.checksum)
+        return TcpTransport(channels)
 
     def _leave(self, name: str, exc: Exception) -> None:
         with self._lock:

@@ -10,7 +10,7 @@ from collections.abc import Iterator, Sequence
 import grpc
 import numpy as np
 
-from kvstore.client.pipeline import Block, Received, block_slices, verified
+from kvstore.client.pipeline import Block, Received, block_slices
 from kvstore.client.status import error_from_rpc
 from kvstore.client.transport import Arrived, Out
 from kvstore.errors import KVStoreError, Unavailable
@@ -32,15 +32,12 @@ CHANNEL_OPTIONS = [
 class GrpcTransport:
     name = "grpc"
 
-    def __init__(
-        self, channel: grpc.Channel, chunk_size: int, timeout: float | None, verify: bool
-    ) -> None:
+    def __init__(self, channel: grpc.Channel, chunk_size: int, timeout: float | None) -> None:
         self._put = channel.stream_unary(SERVICE + "Put")
         self._get = channel.unary_stream(SERVICE + "Get")
         self._lookup = channel.unary_unary(SERVICE + "Lookup")
         self.chunk_size = chunk_size
         self.timeout = timeout
-        self.verify = verify
 
     def put(self, blocks: Sequence[Block], views: Sequence[memoryview]) -> PutResult:
         frames = put_frames(blocks, views, self.chunk_size)
@@ -58,8 +55,7 @@ class GrpcTransport:
                 assembler.feed(raw)
         except grpc.RpcError as exc:
             raise error_from_rpc(exc) from None
-        arrays, blocks, truncated = assembler.result()
-        return Received(verified(arrays, blocks, self.verify), truncated)
+        return Received(*assembler.result())
 
     def lookup(self, keys: Sequence[BlockKey]) -> list[str]:
         request = pb.LookupRequest(keys=pb.GetRequest(keys=keys)).SerializeToString()

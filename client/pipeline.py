@@ -19,6 +19,7 @@ from kvstore.keys import BlockKey, check_keys
 from kvstore.limits import MAX_BLOCKS
 from kvstore.meta import BlockMeta
 
+_POOLED_CHECK = 1 << 20  # blocks this large are checked in the pool, off the receiving thread
 ENCODED_PART = 32 << 20
 """Raw bytes per part of an encoded put: one part is sent while the pool encodes the next."""
 
@@ -52,10 +53,12 @@ class Encoding:
 
 @dataclass
 class Received:
-    """What one get brought back: stored bytes and metadata, in key order. `truncated`:
-    the node stopped before a key it holds (ask again for the rest), not at a miss."""
+    """What one get brought back, in key order: stored bytes and each block's key and
+    metadata, not yet checked or decoded. `truncated`: the node stopped before a key it
+    holds (ask again for the rest), not at a miss."""
 
-    blocks: list[tuple[np.ndarray, BlockMeta]] = field(default_factory=list)
+    arrays: list[np.ndarray] = field(default_factory=list)
+    blocks: list[Block] = field(default_factory=list)
     truncated: bool = False
 
 
@@ -152,24 +155,42 @@ def batches(sizes: Sequence[int], limit: int, count: int = MAX_BLOCKS) -> Iterat
 
 
 class Decoder:
-    """Turns received blocks into the arrays they were put as, decoding in the pool as
-    blocks arrive (`arrived`), so decoding overlaps the rest of the transfer."""
+    """Turns received blocks into the arrays they were put as: checks each against its
+    checksum and decodes it. Large or encoded blocks go to the pool as they arrive
+    (`arrived`), so checking and decoding overlap the rest of the transfer."""
 
-    def __init__(self, pool: Executor) -> None:
+    def __init__(self, pool: Executor, verify: bool) -> None:
         self._pool = pool
+        self._verify = verify
         self._done: list[Future | np.ndarray] = []
 
-    def arrived(self, blocks: Sequence[tuple[np.ndarray, BlockMeta]]) -> None:
-        for block, meta in blocks:
-            encoded = meta.codec not in ("", "none")
-            self._done.append(
-                self._pool.submit(shaped, block, meta) if encoded else shaped(block, meta)
+    def arrived(self, arrays: Sequence[np.ndarray], blocks: Sequence[Block]) -> None:
+        for array, (key, meta) in zip(arrays, blocks, strict=True):
+            heavy = meta.codec not in ("", "none") or (
+                self._verify and array.nbytes >= _POOLED_CHECK
             )
+            args = (array, key, meta, self._verify)
+            self._done.append(self._pool.submit(finished, *args) if heavy else finished(*args))
 
-    def result(self, blocks: Sequence[tuple[np.ndarray, BlockMeta]]) -> list[np.ndarray]:
-        """The arrays of all `blocks`, those not seen yet decoded now."""
-        self.arrived(blocks[len(self._done) :])
+    def result(self, received: Received) -> list[np.ndarray]:
+        """The arrays of everything received, those not seen yet checked and decoded now;
+        a block that fails its checksum raises CorruptBlock."""
+        seen = len(self._done)
+        self.arrived(received.arrays[seen:], received.blocks[seen:])
         return [d.result() if isinstance(d, Future) else d for d in self._done]
+
+
+def finished(array: np.ndarray, key: BlockKey, meta: BlockMeta, verify: bool) -> np.ndarray:
+    if verify:
+        check(array, key, meta)
+    return shaped(array, meta)
+
+
+def check(array: np.ndarray, key: BlockKey, meta: BlockMeta) -> None:
+    """CorruptBlock unless `array` matches its checksum (a block put with checksums off
+    has none, and is taken as it is)."""
+    if meta.checksum and xxhash.xxh3_64_intdigest(array) != meta.checksum:
+        raise CorruptBlock(f"block {key.hex()} failed its checksum")
 
 
 def shaped(block: np.ndarray, meta: BlockMeta) -> np.ndarray:
@@ -209,14 +230,3 @@ def block_slices(
     span = (np.empty(total, np.uint8) if out is None else writable_bytes(out, total))[:total]
     ends = np.cumsum([0, *(meta.size for meta in metas)])
     return span, [span[a:b] for a, b in itertools.pairwise(ends)]
-
-
-def verified(
-    arrays: Sequence[np.ndarray], blocks: Sequence[Block], verify: bool
-) -> list[tuple[np.ndarray, BlockMeta]]:
-    """Received arrays with their metadata; with `verify`, each checked against its
-    checksum (a block without one, put with checksums off, is taken as it is)."""
-    for array, (key, meta) in zip(arrays, blocks, strict=True):
-        if verify and meta.checksum and xxhash.xxh3_64_intdigest(array) != meta.checksum:
-            raise CorruptBlock(f"block {key.hex()} failed its checksum")
-    return [(array, meta) for array, (_, meta) in zip(arrays, blocks, strict=True)]

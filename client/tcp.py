@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from kvstore.client.channel import Channels
-from kvstore.client.pipeline import Block, Received, batches, block_slices, verified
+from kvstore.client.pipeline import Block, Received, batches, block_slices
 from kvstore.client.transport import Arrived, Out
 from kvstore.ingest import PutResult
 from kvstore.keys import BlockKey
@@ -26,15 +26,14 @@ RECEIVE_PART = 16 << 20  # bytes received before the blocks so far go to be deco
 class TcpTransport:
     name = "tcp"
 
-    def __init__(self, channels: Channels, verify: bool) -> None:
+    def __init__(self, channels: Channels) -> None:
         self.channels = channels
-        self.verify = verify
 
     def put(self, blocks: Sequence[Block], views: Sequence[memoryview]) -> PutResult:
         return put(self.channels, blocks, views)
 
     def get(self, keys: Sequence[BlockKey], out: Out, arrived: Arrived | None) -> Received:
-        return get(self.channels, keys, out, arrived, self.verify)
+        return get(self.channels, keys, out, arrived)
 
     def lookup(self, keys: Sequence[BlockKey]) -> list[str]:
         return lookup(self.channels, keys)
@@ -63,25 +62,26 @@ def get(
     keys: Sequence[BlockKey],
     out: Out,
     arrived: Arrived | None,
-    verify: bool,
 ) -> Received:
     """Receive the present prefix into one buffer (or `out`), each block straight into
-    place; with `arrived`, blocks go to it in parts as they land (decoding overlaps)."""
+    place; with `arrived`, large answers go to it in parts as they land (checking and
+    decoding overlap the rest)."""
     request = pb.GetRequest(keys=keys).SerializeToString()
     with channels.link() as link:
         frame = channels.request(link, GET, request)
         blocks = headers_from_proto(pb.GetAnswer.FromString(frame.meta).blocks)
         span, arrays = block_slices([meta for _, meta in blocks], out)
-        sizes = [meta.size for _, meta in blocks]
-        start = 0
-        for part in batches(sizes, RECEIVE_PART) if arrived else [slice(0, len(blocks))]:
-            end = start + sum(sizes[part])
-            recv_exact(link.sock, memoryview(span)[start:end])  # one copy: kernel -> place
-            start = end
-            if arrived and blocks:
-                arrived(verified(arrays[part], blocks[part], verify))
-    checked = verified(arrays, blocks, verify and not arrived)
-    return Received(checked, bool(frame.flags & TRUNCATED))
+        if arrived is None or len(span) <= RECEIVE_PART:
+            recv_exact(link.sock, memoryview(span))  # one copy: kernel -> destination
+        else:
+            sizes = [meta.size for _, meta in blocks]
+            start = 0
+            for part in batches(sizes, RECEIVE_PART):
+                end = start + sum(sizes[part])
+                recv_exact(link.sock, memoryview(span)[start:end])
+                start = end
+                arrived(arrays[part], blocks[part])
+    return Received(arrays, blocks, bool(frame.flags & TRUNCATED))
 
 
 def lookup(channels: Channels, keys: Sequence[BlockKey]) -> list[str]:

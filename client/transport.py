@@ -12,10 +12,9 @@ import numpy as np
 from kvstore.client.pipeline import Block, Received
 from kvstore.ingest import PutResult
 from kvstore.keys import BlockKey
-from kvstore.meta import BlockMeta
 
 Out = memoryview | np.ndarray | None
-Arrived = Callable[[list[tuple[np.ndarray, BlockMeta]]], None]  # blocks landed so far
+Arrived = Callable[[Sequence[np.ndarray], Sequence[Block]], None]  # blocks landed so far
 
 
 class Transport(Protocol):

@@ -3,9 +3,9 @@ Unix socket for clients on this host, that carry block operations themselves, on
 trip each, with no gRPC call on the way.
 
 A bounded pool of threads serves every connection through one epoll set, so an idle
-connection costs a file descriptor, not a thread: each thread waits for one ready
-connection (one-shot, so no two threads serve one connection at once), serves its
-requests, and hands it back. Connections are bounded in total and per host. A transfer
+connection costs a file descriptor, not a thread: each thread waits in epoll for one
+ready connection (one-shot, so no two threads serve one connection at once), serves its
+request and re-arms the connection. Connections are bounded in total and per host. A transfer
 has a deadline (`timeout` plus its bytes at `min_rate`) however its bytes trickle in;
 past it the connection is dropped and whatever it reserved or pinned is freed.
 """
@@ -48,6 +48,7 @@ from kvstore.proto.channel import (
     encode,
     read_frame,
     recv_exact,
+    stall_timeout,
 )
 from kvstore.proto.frames import FrameError, parse
 from kvstore.server import shm, tcp
@@ -57,6 +58,7 @@ from kvstore.store import ReadBatch, Store
 
 log = logging.getLogger("kvstore.dataplane")
 IDLE_TIMEOUT = 600.0  # a pooled connection may wait this long for its next request
+CONTINUE = object()  # a request answered by nothing: the one behind it may be waiting
 _PEERCRED = struct.Struct("3i")  # pid, uid, gid
 
 
@@ -183,13 +185,6 @@ class ChannelServer:
         """When a transfer of `nbytes` must be done: a stall allowance plus a floor rate."""
         return time.monotonic() + self.timeout + nbytes / self.min_rate
 
-    def set_deadline(self, sock: socket.socket, deadline: float) -> None:
-        """Let the next socket call wait until `deadline`, and never past a stall."""
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise TimeoutError("transfer deadline passed: too slow for --min-rate")
-        sock.settimeout(min(left, self.timeout))
-
     # -- the loop ---------------------------------------------------------------
 
     def _listen(self, listener: socket.socket, kind: str) -> None:
@@ -218,7 +213,7 @@ class ChannelServer:
             except OSError:  # closed at stop, or out of file descriptors: try again later
                 break
             host = "local" if kind == "unix" else _same_host(peer[0])
-            sock.setblocking(True)
+            stall_timeout(sock, self.timeout)
             if kind == "tcp":
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             refusal = self._admit(host)
@@ -245,10 +240,9 @@ class ChannelServer:
         """Serve what a ready connection sent (requests sent together, in turn), then wait
         for it again; close it on a protocol error, a broken socket or a missed deadline."""
         try:
-            conn.sock.settimeout(self.timeout)
             keep = self._hello(conn) if not conn.open else self._request(conn)
-            while keep and _buffered(conn.sock):
-                keep = self._request(conn)
+            while keep is CONTINUE:  # a release or renewal: the request behind it is here
+                keep = self._request(conn) if _buffered(conn.sock) else True
         except (ChannelError, ConnectionError, TimeoutError, OSError) as exc:
             log.info("data connection from %s ended: %s", conn.host, exc)
             keep = False
@@ -306,8 +300,8 @@ class ChannelServer:
 
     # -- requests ---------------------------------------------------------------
 
-    def _request(self, conn: Connection) -> bool:
-        """One request; False when the connection must close."""
+    def _request(self, conn: Connection) -> bool | object:
+        """One request; CONTINUE when it has no answer (a request follows at once)."""
         frame = read_frame(conn.sock, REQUEST_MAGIC)
         op = frame.kind
         handler = self._handler(op, frame.flags, conn)
@@ -316,11 +310,11 @@ class ChannelServer:
                 raise InvalidArgument("op", f"unknown operation {op}")
             handler(self, conn, frame)
         except (KVStoreError, FrameError) as exc:
-            if op in NO_REPLY:
+            if op not in NO_REPLY:
+                self.reply_error(conn, exc)
+            else:
                 log.info("data connection from %s: %s", conn.host, exc)
-                return True
-            self.reply_error(conn, exc)
-        return True
+        return CONTINUE if op in NO_REPLY else True
 
     @staticmethod
     def _handler(

@@ -4,13 +4,23 @@ reserved slots, one copy each way, in the kernel."""
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING
 
 from kvstore.errors import InvalidArgument
 from kvstore.ingest import BlockIngest
 from kvstore.keys import check_keys
 from kvstore.proto import kvstore_pb2 as pb
-from kvstore.proto.channel import INLINE, READY, REPLY_MAGIC, TRUNCATED, Frame, encode, send_views
+from kvstore.proto.channel import (
+    INLINE,
+    READY,
+    REPLY_MAGIC,
+    TRUNCATED,
+    Frame,
+    encode,
+    recv_exact,
+    send_views,
+)
 from kvstore.proto.convert import headers_from_proto, headers_to_proto
 from kvstore.proto.frames import parse
 
@@ -30,12 +40,8 @@ def get(server: ChannelServer, conn: Connection, frame: Frame) -> None:
         size = sum(b.meta.size for b in batch.blocks)
         flags = TRUNCATED if batch.truncated else 0
         head = encode(REPLY_MAGIC, 0, flags, answer, size)
-        deadline = server.deadline(size)
-        send_views(  # straight from the pinned slots
-            conn.sock,
-            [head, *(b.view for b in batch.blocks)],
-            lambda: server.set_deadline(conn.sock, deadline),
-        )
+        views = [head, *(b.view for b in batch.blocks)]
+        send_views(conn.sock, views, server.deadline(size))  # straight from the pinned slots
     server.transfers.add(f"get/{_path(conn)}")
 
 
@@ -60,11 +66,15 @@ def put(server: ChannelServer, conn: Connection, frame: Frame) -> None:
     deadline = server.deadline(ingest.pending_bytes)
     try:
         while ingest.pending_bytes:
-            server.set_deadline(conn.sock, deadline)
-            n = conn.sock.recv_into(ingest.target())  # one copy: socket -> arena slot
+            try:
+                n = conn.sock.recv_into(ingest.target())  # one copy: socket -> arena slot
+            except BlockingIOError:  # stalled past --data-timeout
+                raise TimeoutError(f"stalled with {ingest.pending_bytes} bytes due") from None
             if n == 0:
                 raise ConnectionError(f"closed with {ingest.pending_bytes} bytes still due")
             ingest.advance(n)
+            if ingest.pending_bytes and time.monotonic() > deadline:
+                raise TimeoutError("transfer deadline passed: too slow for --min-rate")
         result = ingest.finish()
     except InvalidArgument:  # a bad block (checksum): the rest still comes, and is dropped
         ingest.abort()
@@ -85,10 +95,8 @@ def drain(
     deadline = deadline if deadline is not None else server.deadline(nbytes)
     scratch = memoryview(bytearray(min(nbytes, _DRAIN)))
     while nbytes:
-        server.set_deadline(conn.sock, deadline)
-        n = conn.sock.recv_into(scratch[: min(nbytes, _DRAIN)])
-        if n == 0:
-            raise ConnectionError("closed while the rest of a refused request was due")
+        n = min(nbytes, _DRAIN)
+        recv_exact(conn.sock, scratch[:n], deadline)
         nbytes -= n
 
 
