@@ -500,7 +500,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 capacity = (args.total * 2 if args.command == "transfer" else 1 << 30) + (256 << 20)
                 address = procs.daemon("--host-capacity", str(capacity))
             redis_url, redis_version = None, None
-            if args.command == "transfer" and not args.no_redis or args.command == "ops":
+            if (args.command == "transfer" and not args.no_redis) or args.command == "ops":
                 redis_url = args.redis_url or procs.redis()
                 redis_version = _redis_version() if redis_url else None
             task = progress.add_task("starting", total=None)
