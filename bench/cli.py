@@ -30,6 +30,9 @@ from kvstore.config import format_size, parse_size
 from kvstore.keys import block_keys
 
 SCENARIOS = ("put", "get", "handoff", "push")
+# Subcommands in modules of their own: HELP, add_arguments(parser, choices, ints, sizes),
+# check(args) -> problem or "", run(args, procs, address, progress, task) -> rows.
+PLUGINS = {"ops": ops_bench}
 DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
 PATHS = ("shm", "lease", "tcp", "grpc")
 QUICK = {
@@ -201,7 +204,7 @@ def parser() -> argparse.ArgumentParser:
 def parse(argv: Sequence[str]) -> argparse.Namespace:
     ap = parser()
     argv = list(argv)
-    commands = ("transfer", "lookup", "ops", "codecs", "ttft", "tiers", "-h", "--help")
+    commands = ("transfer", "lookup", "codecs", "ttft", "tiers", *PLUGINS, "-h", "--help")
     if not argv or argv[0] not in commands:
         argv.insert(0, "transfer")
     args = ap.parse_args(argv)
@@ -228,9 +231,9 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
     elif args.command == "tiers":
         if args.total < args.block_size or args.host_capacity < 4 * args.block_size:
             ap.error("--total must hold a block and --host-capacity at least four")
-    elif args.command == "ops":
-        if args.calls < 40:
-            ap.error("--calls must be at least 40")
+    elif args.command in PLUGINS:
+        if problem := PLUGINS[args.command].check(args):
+            ap.error(problem)
     elif min(args.prompt_tokens) < args.block_size or args.block_size < 1:
         ap.error("--prompt-tokens must each hold at least one --block-size block")
     return args
@@ -500,7 +503,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 capacity = (args.total * 2 if args.command == "transfer" else 1 << 30) + (256 << 20)
                 address = procs.daemon("--host-capacity", str(capacity))
             redis_url, redis_version = None, None
-            if (args.command == "transfer" and not args.no_redis) or args.command == "ops":
+            if args.command == "transfer" and not args.no_redis:
                 redis_url = args.redis_url or procs.redis()
                 redis_version = _redis_version() if redis_url else None
             task = progress.add_task("starting", total=None)
@@ -555,19 +558,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         )  # fmt: skip
                     advance("demotion")
                 add_ratios(rows)
-            elif args.command == "ops":
-                progress.update(task, total=len(args.paths) + 2)
-                rows = []
-                for path in args.paths:
-                    rows += ops_bench.kvstore_rows(address, path, args.calls, args.seed)
-                    advance(f"ops over {path}")
-                if redis_url:
-                    rows += ops_bench.redis_rows(redis_url, args.calls, args.seed)
-                advance("redis")
-                port = ceilings.start_server(procs, "grpc")
-                rows.append(ops_bench.grpc_unary_row(port, args.calls))
-                advance("bare grpc")
-                ops_bench.add_latency_ratios(rows)
+            elif args.command in PLUGINS:
+                rows = PLUGINS[args.command].run(args, procs, address, progress, task)
             elif args.command == "transfer":
                 transfer = Transfer(args, procs, address, redis_url, advance)
                 procs.callback(transfer.close)
