@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
@@ -19,6 +19,8 @@ from kvstore.client.client import Client, NodeInfo, PushResult
 from kvstore.client.pipeline import Payload
 from kvstore.client.shm import Fill, Lease
 from kvstore.client.transport import Out
+from kvstore.cluster import Location
+from kvstore.events import Batch
 from kvstore.ingest import PutResult
 from kvstore.keys import BlockKey
 from kvstore.store import StoreStats
@@ -80,6 +82,19 @@ class AsyncClient:
         self, keys: Sequence[BlockKey], target: str, transport: str = "auto"
     ) -> PushResult:
         return await self._run(self.client.push, keys, target, transport)
+
+    async def locate(self, keys: Sequence[BlockKey]) -> list[Location]:
+        return await self._run(self.client.locate, keys)
+
+    async def locate_tokens(
+        self, token_ids: Sequence[int] | np.ndarray, block_size: int, salt: bytes
+    ) -> list[Location]:
+        return await self._run(self.client.locate_tokens, token_ids, block_size, salt)
+
+    async def watch(self, from_sequence: int | None = None) -> AsyncIterator[Batch]:
+        batches = self.client.watch(from_sequence)
+        while (batch := await self._run(next, batches, None)) is not None:
+            yield batch
 
     async def stats(self) -> StoreStats:
         return await self._run(self.client.stats)

@@ -61,17 +61,19 @@ class Link:
 
     sock: socket.socket
     released: list[int] = field(default_factory=list)
-    renewed: list[int] = field(default_factory=list)
+    leases: weakref.WeakSet = field(default_factory=weakref.WeakSet)  # held through it
     broken: bool = False
 
     def owed(self) -> list[bytes]:
+        """Frames to send ahead of the next request: releases, and renewals now due."""
         frames = []
         if self.released:
             ids, self.released = self.released, []
             frames.append(encode(REQUEST_MAGIC, RELEASE, 0, pb.Leases(ids=ids).SerializeToString()))
-        if self.renewed:
-            ids, self.renewed = self.renewed, []
-            frames.append(encode(REQUEST_MAGIC, RENEW, 0, pb.Leases(ids=ids).SerializeToString()))
+        now = time.monotonic()
+        due = [lease.renewed(now) for lease in list(self.leases) if lease.due(now)]
+        if due:
+            frames.append(encode(REQUEST_MAGIC, RENEW, 0, pb.Leases(ids=due).SerializeToString()))
         return frames
 
 
@@ -88,7 +90,7 @@ class Channels:
     ) -> None:
         self.kind = kind
         self._hello = hello
-        self.node_id = info.node_id
+        self.instance = info.instance  # the daemon's run: a restart is another
         self.timeout = timeout
         self.address = info.unix_address if kind == "unix" else info.data_address
         if kind == "unix" and not self.address.startswith("kvstore-"):
@@ -191,12 +193,12 @@ class Channels:
         with self._lock:
             self._idle.append(link)
 
-    def _flush_idle(self, renew: Callable[[Link], list[int]]) -> None:
+    def _flush_idle(self) -> None:
         """Send what is owed on idle connections (the keeper's turn): small frames, so
-        the pool stays locked meanwhile."""
+        the pool stays locked meanwhile. A connection in use sends its own with its next
+        request."""
         with self._lock:
             for link in list(self._idle):
-                link.renewed += renew(link)
                 frames = link.owed()
                 try:
                     if frames:
@@ -210,7 +212,7 @@ class Channels:
 
     def _open(self) -> Link:
         info = self._hello()  # a fresh ticket for this connection
-        if info.node_id != self.node_id:
+        if info.instance != self.instance:
             raise NodeChanged("the node restarted since this client met it")
         sock = self._connect()
         try:
@@ -260,14 +262,14 @@ class Channels:
         else:
             recv_exact(sock, head)
         try:
-            magic, status, length, node_id, size = HELLO_REPLY.unpack(head)
+            magic, status, length, instance, size = HELLO_REPLY.unpack(head)
             if magic != HELLO_MAGIC:
                 raise ChannelError("the data plane answered something that is not kvstore")
             if status:
                 text = memoryview(bytearray(length))
                 recv_exact(sock, text)
                 raise error_from_number(status, bytes(text).decode(errors="replace"))
-            if node_id.hex() != self.node_id:
+            if instance.hex() != self.instance:
                 raise Unreachable("another node answered on that data plane")
             if self.kind == "unix" and self._mmap is None:
                 self._map(fds, size)
@@ -303,6 +305,7 @@ class Keeper:
 
     def track(self, lease: object) -> None:
         self._leases.add(lease)
+        lease.link.leases.add(lease)  # type: ignore[attr-defined]
         self.wake()
 
     def wake(self) -> None:
@@ -325,18 +328,9 @@ class Keeper:
             if self._stopped:
                 return
             time.sleep(FLUSH_AFTER)  # let a request carry them first, if one is coming
-            self._channels._flush_idle(self._due)
+            self._channels._flush_idle()
 
     def _next_due(self) -> float:
         now = time.monotonic()
         dues = [lease.renew_at - now for lease in list(self._leases) if lease.active]
-        return max(min(dues, default=60.0), 0.0)
-
-    def _due(self, link: Link) -> list[int]:
-        """Leases on `link` due for renewal, renewed from now."""
-        now = time.monotonic()
-        return [
-            lease.renewed(now)
-            for lease in list(self._leases)
-            if lease.active and lease.link is link and lease.renew_at <= now
-        ]
+        return max(min(dues, default=60.0), FLUSH_AFTER)

@@ -7,7 +7,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from operator import methodcaller
@@ -34,12 +34,14 @@ from kvstore.client.shm import Fill, Lease, ShmTransport
 from kvstore.client.status import error_from_rpc
 from kvstore.client.tcp import TcpTransport
 from kvstore.client.transport import Out, Transport
+from kvstore.cluster import Load, Location
 from kvstore.errors import (
     InvalidArgument,
     ResourceExhausted,
     Unavailable,
     Unsupported,
 )
+from kvstore.events import Batch, decode_batch
 from kvstore.ingest import PutResult
 from kvstore.keys import BlockKey, check_keys, check_tokens
 from kvstore.limits import MAX_BLOCKS, MAX_TOKENS
@@ -63,7 +65,8 @@ IN_PLACE_AHEAD = 2  # parts whose copies may still run while the next part opens
 class NodeInfo:
     """What a node says of itself (gRPC `Hello`)."""
 
-    node_id: str  # this run of the daemon: a restart is another
+    node_id: str  # its id in the cluster: the same over restarts
+    instance: str  # this run of the daemon: a restart is another
     data_address: str
     unix_address: str
     capacity: int  # bytes of all its tiers
@@ -129,8 +132,10 @@ class Client:
         self._channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
         self._unary = {
             name: self._channel.unary_unary(SERVICE + name)
-            for name in ("Lookup", "Delete", "Stats", "Hello", "Push")
+            for name in ("Lookup", "Delete", "Stats", "Hello", "Push", "Locate")
         }
+        self._watch = self._channel.unary_stream(SERVICE + "Watch")
+        self.local_only = ""  # why the last `locate` answer was one node's alone, or ""
         self._pool = ThreadPoolExecutor(os.cpu_count() or 2, thread_name_prefix="kvstore-codec")
         self._auto: dict[tuple, str] = {}
         self._paths: dict[str, Transport] = {}
@@ -294,6 +299,39 @@ class Client:
         reply = pb.PushReply.FromString(self._call("Push", request))
         return PushResult(reply.found, reply.stored, reply.existed)
 
+    def locate(self, keys: Sequence[BlockKey]) -> list[Location]:
+        """Which nodes hold how much of these chained keys' prefix, by tier, with their
+        load and a score, best first (the cluster's answer from its location index; this
+        node's alone when it runs without one or cannot reach it: see `local_only`)."""
+        request = pb.LookupRequest(keys=pb.GetRequest(keys=check_keys(keys)))
+        return self._located(request)
+
+    def locate_tokens(
+        self, token_ids: Sequence[int] | np.ndarray, block_size: int, salt: bytes
+    ) -> list[Location]:
+        """`locate` of a prompt's full blocks, hashed by the node."""
+        tokens = pb.TokenPrefix(
+            token_ids=check_tokens(token_ids, limit=MAX_TOKENS).astype(np.uint32),
+            block_size=block_size,
+            salt=salt,
+        )
+        return self._located(pb.LookupRequest(tokens=tokens))
+
+    def watch(self, from_sequence: int | None = None) -> Iterator[Batch]:
+        """This node's KV event batches (vLLM's stream), in order with no gaps, from
+        `from_sequence` on (None: from now); ends when the call is cancelled or the node
+        goes. `SequenceTooOld` (an `OutOfRange`) when the node no longer holds it."""
+        request = pb.WatchRequest()
+        if from_sequence is not None:
+            request.from_sequence = from_sequence
+        try:
+            for raw in self._watch(request.SerializeToString(), timeout=self.timeout):
+                reply = pb.EventBatch.FromString(raw)
+                batch = decode_batch(reply.payload)
+                yield Batch(reply.sequence, batch.ts, tuple(batch.events), batch.data_parallel_rank)
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc) from None
+
     def stats(self) -> StoreStats:
         """The node's counters, and (`fallbacks`) how often this client left a path."""
         reply = pb.StatsReply.FromString(self._call("Stats", pb.StatsRequest()))
@@ -311,10 +349,27 @@ class Client:
             fallbacks=fallbacks,
         )
 
+    def _located(self, request: pb.LookupRequest) -> list[Location]:
+        reply = pb.LocateReply.FromString(self._call("Locate", request))
+        self.local_only = reply.local_only  # why the last answer was one node's, or ""
+        return [
+            Location(
+                n.node_id,
+                n.address,
+                n.data_address,
+                n.matched,
+                dict(n.tiers),
+                Load(n.load.inflight, n.load.bytes_per_s),
+                n.score,
+            )
+            for n in reply.nodes
+        ]
+
     def node_info(self) -> NodeInfo:
         info = self._node()
         return NodeInfo(
             info.node_id,
+            info.instance,
             info.data_address,
             info.unix_address,
             info.capacity,

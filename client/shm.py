@@ -185,6 +185,9 @@ class Lease:
     def active(self) -> bool:
         return not self._released and not self.link.broken
 
+    def due(self, now: float) -> bool:
+        return self.active and self.renew_at <= now
+
     def renewed(self, now: float) -> int:
         """The keeper renews it now (conservatively: expiry counts from the request)."""
         self.expires_at = now + self._ttl

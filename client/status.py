@@ -11,6 +11,7 @@ from kvstore.errors import (
     InvalidArgument,
     KVStoreError,
     NotFound,
+    OutOfRange,
     PermissionDenied,
     ResourceExhausted,
     Unauthenticated,
@@ -28,6 +29,7 @@ ERRORS: dict[grpc.StatusCode, type[KVStoreError]] = {
     grpc.StatusCode.CANCELLED: Unavailable,
     grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
     grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
+    grpc.StatusCode.OUT_OF_RANGE: OutOfRange,
     grpc.StatusCode.FAILED_PRECONDITION: Unsupported,
 }
 _CODES = {code.value[0]: code for code in grpc.StatusCode}

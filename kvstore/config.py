@@ -133,6 +133,27 @@ class ServerConfig:
     persist_on_shutdown: bool = _opt(
         False, "on SIGTERM/SIGINT, write every host block to disk before exiting", parse_bool
     )
+    cluster: str = _opt(
+        "",
+        "Redis URL of the cluster's location index (redis://HOST:PORT/DB, rediss://, "
+        "redis+cluster://); empty: this node alone. A Redis that does not answer at start "
+        "is waited for in the background while the node serves local-only",
+    )
+    node_id: str = _opt("", "the node's id in the cluster; empty: kept in --disk-dir, or new")
+    advertise: str = _opt(
+        "",
+        "host other nodes and routers reach this node at; empty: the bound host, or this "
+        "machine's name when bound to every interface",
+    )
+    heartbeat: float = _opt(1.0, "seconds between the node's heartbeats to the index", float)
+    node_ttl: float = _opt(
+        5.0, "seconds after its last heartbeat that a node drops out of every answer", float
+    )
+    events_address: str = _opt(
+        "", "ZMQ endpoint to publish KV events on (vLLM's format), e.g. tcp://*:5557; empty: none"
+    )
+    events_replay: str = _opt("", "ZMQ endpoint serving replays of missed events; empty: none")
+    events_topic: str = _opt("", "topic of every published KV event batch")
     log_level: str = _opt("info", "debug, info, warning or error")
 
     def __post_init__(self) -> None:
@@ -168,6 +189,11 @@ class ServerConfig:
             raise ValueError(f"dirty_ratio: must be in 0..1, got {self.dirty_ratio}")
         if self.segment_size < 1 << 20:
             raise ValueError(f"segment_size: must be at least 1MiB, got {self.segment_size}")
+        if not 0 < self.heartbeat < self.node_ttl:
+            raise ValueError(
+                f"heartbeat, node_ttl: need 0 < heartbeat < node_ttl, got {self.heartbeat} "
+                f"and {self.node_ttl}"
+            )
         if self.log_level.lower() not in {"debug", "info", "warning", "error"}:
             raise ValueError(f"log_level: unknown level {self.log_level!r}")
 

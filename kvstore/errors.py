@@ -44,6 +44,10 @@ class PermissionDenied(KVStoreError):
     """The caller is known but may not do this (another user's memory, a read-only token)."""
 
 
+class OutOfRange(KVStoreError):
+    """A position past what is kept (an event sequence no longer retained)."""
+
+
 class LeaseExpired(KVStoreError):
     """A lease was released or expired: its views may show another block's bytes by now."""
 

@@ -60,6 +60,7 @@ class BlockIngest:
         self._current: _Current | None = None
         self._scratch: memoryview | None = None
         self.pending_bytes = 0
+        self.received = 0  # payload bytes taken in
         self._stored = 0
         self._existed = 0
         self._need = 0  # host-tier bytes the declared new blocks take
@@ -97,6 +98,7 @@ class BlockIngest:
         current = self._current
         current.filled += n
         self.pending_bytes -= n
+        self.received += n
         if current.filled == current.meta.size:
             self._complete(current)
 

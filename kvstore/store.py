@@ -26,7 +26,7 @@ from kvstore.arena import aligned
 from kvstore.errors import ResourceExhausted
 from kvstore.keys import BlockKey
 from kvstore.meta import BlockMeta
-from kvstore.tiers import PinnedBlock, Reservation, Tier, TierStats
+from kvstore.tiers import Listener, PinnedBlock, Reservation, Tier, TierStats
 from kvstore.tiers.device import DeviceTier
 from kvstore.tiers.disk import DiskTier
 from kvstore.tiers.host import HostTier
@@ -117,6 +117,25 @@ class Store:
 
     def contains(self, key: BlockKey) -> bool:
         return any(tier.contains(key) for tier in self.tiers)
+
+    def watch(self, listener: Listener) -> None:
+        """Have `listener(tier, stored keys, removed keys)` told of every change of every
+        tier, after the fact, outside the tiers' locks (it may ask the store anything)."""
+        for tier in self.tiers:
+            tier.changes.listener = listener
+
+    def fastest(self, keys: Sequence[BlockKey]) -> list[str | None]:
+        """The fastest tier holding each key now, or None."""
+        return [next((t.name for t in self.tiers if t.contains(k)), None) for k in keys]
+
+    def listing(self) -> Iterator[tuple[BlockKey, str]]:
+        """Every block held, with the fastest tier holding it (a snapshot per tier)."""
+        seen: set[BlockKey] = set()
+        for tier in self.tiers:
+            for key in tier.listing():
+                if key not in seen:
+                    seen.add(key)
+                    yield key, tier.name
 
     def reserve(self, size: int) -> Reservation:
         """A private slot for a block's bytes; waits for space up to `reserve_timeout`."""

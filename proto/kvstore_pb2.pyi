@@ -168,7 +168,7 @@ class HelloRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class NodeInfo(_message.Message):
-    __slots__ = ("node_id", "data_address", "unix_address", "ticket", "ticket_ttl_s", "capacity", "host_capacity", "max_block_size", "max_blocks")
+    __slots__ = ("node_id", "data_address", "unix_address", "ticket", "ticket_ttl_s", "capacity", "host_capacity", "max_block_size", "max_blocks", "instance")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     DATA_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     UNIX_ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -178,6 +178,7 @@ class NodeInfo(_message.Message):
     HOST_CAPACITY_FIELD_NUMBER: _ClassVar[int]
     MAX_BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     data_address: str
     unix_address: str
@@ -187,7 +188,67 @@ class NodeInfo(_message.Message):
     host_capacity: int
     max_block_size: int
     max_blocks: int
-    def __init__(self, node_id: _Optional[str] = ..., data_address: _Optional[str] = ..., unix_address: _Optional[str] = ..., ticket: _Optional[bytes] = ..., ticket_ttl_s: _Optional[float] = ..., capacity: _Optional[int] = ..., host_capacity: _Optional[int] = ..., max_block_size: _Optional[int] = ..., max_blocks: _Optional[int] = ...) -> None: ...
+    instance: str
+    def __init__(self, node_id: _Optional[str] = ..., data_address: _Optional[str] = ..., unix_address: _Optional[str] = ..., ticket: _Optional[bytes] = ..., ticket_ttl_s: _Optional[float] = ..., capacity: _Optional[int] = ..., host_capacity: _Optional[int] = ..., max_block_size: _Optional[int] = ..., max_blocks: _Optional[int] = ..., instance: _Optional[str] = ...) -> None: ...
+
+class NodeLoad(_message.Message):
+    __slots__ = ("inflight", "bytes_per_s")
+    INFLIGHT_FIELD_NUMBER: _ClassVar[int]
+    BYTES_PER_S_FIELD_NUMBER: _ClassVar[int]
+    inflight: int
+    bytes_per_s: float
+    def __init__(self, inflight: _Optional[int] = ..., bytes_per_s: _Optional[float] = ...) -> None: ...
+
+class NodeLocation(_message.Message):
+    __slots__ = ("node_id", "address", "data_address", "matched", "tiers", "load", "score")
+    class TiersEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    DATA_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    MATCHED_FIELD_NUMBER: _ClassVar[int]
+    TIERS_FIELD_NUMBER: _ClassVar[int]
+    LOAD_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    address: str
+    data_address: str
+    matched: int
+    tiers: _containers.ScalarMap[str, int]
+    load: NodeLoad
+    score: float
+    def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., data_address: _Optional[str] = ..., matched: _Optional[int] = ..., tiers: _Optional[_Mapping[str, int]] = ..., load: _Optional[_Union[NodeLoad, _Mapping]] = ..., score: _Optional[float] = ...) -> None: ...
+
+class LocateReply(_message.Message):
+    __slots__ = ("nodes", "local_only")
+    NODES_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_ONLY_FIELD_NUMBER: _ClassVar[int]
+    nodes: _containers.RepeatedCompositeFieldContainer[NodeLocation]
+    local_only: str
+    def __init__(self, nodes: _Optional[_Iterable[_Union[NodeLocation, _Mapping]]] = ..., local_only: _Optional[str] = ...) -> None: ...
+
+class WatchRequest(_message.Message):
+    __slots__ = ("from_sequence",)
+    FROM_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    from_sequence: int
+    def __init__(self, from_sequence: _Optional[int] = ...) -> None: ...
+
+class EventBatch(_message.Message):
+    __slots__ = ("sequence", "payload", "node_id", "instance")
+    SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_FIELD_NUMBER: _ClassVar[int]
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_FIELD_NUMBER: _ClassVar[int]
+    sequence: int
+    payload: bytes
+    node_id: str
+    instance: str
+    def __init__(self, sequence: _Optional[int] = ..., payload: _Optional[bytes] = ..., node_id: _Optional[str] = ..., instance: _Optional[str] = ...) -> None: ...
 
 class GetAnswer(_message.Message):
     __slots__ = ("blocks", "truncated", "lease", "offsets", "expires_in_s")

@@ -69,6 +69,16 @@ class KVStoreStub:
                 request_serializer=kvstore_dot_proto_dot_kvstore__pb2.PushRequest.SerializeToString,
                 response_deserializer=kvstore_dot_proto_dot_kvstore__pb2.PushReply.FromString,
                 _registered_method=True)
+        self.Locate = channel.unary_unary(
+                '/kvstore.v1.KVStore/Locate',
+                request_serializer=kvstore_dot_proto_dot_kvstore__pb2.LookupRequest.SerializeToString,
+                response_deserializer=kvstore_dot_proto_dot_kvstore__pb2.LocateReply.FromString,
+                _registered_method=True)
+        self.Watch = channel.unary_stream(
+                '/kvstore.v1.KVStore/Watch',
+                request_serializer=kvstore_dot_proto_dot_kvstore__pb2.WatchRequest.SerializeToString,
+                response_deserializer=kvstore_dot_proto_dot_kvstore__pb2.EventBatch.FromString,
+                _registered_method=True)
 
 
 class KVStoreServicer:
@@ -127,6 +137,22 @@ class KVStoreServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Locate(self, request, context):
+        """Which nodes hold how much of a prompt, by tier, with their load and a score, best
+        first: the cluster's answer from its location index (this node's alone without one).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Watch(self, request, context):
+        """This node's KV events (the batches of vLLM's event stream, with their sequence
+        numbers), from `from_sequence` on, or from now when unset.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KVStoreServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -164,6 +190,16 @@ def add_KVStoreServicer_to_server(servicer, server):
                     servicer.Push,
                     request_deserializer=kvstore_dot_proto_dot_kvstore__pb2.PushRequest.FromString,
                     response_serializer=kvstore_dot_proto_dot_kvstore__pb2.PushReply.SerializeToString,
+            ),
+            'Locate': grpc.unary_unary_rpc_method_handler(
+                    servicer.Locate,
+                    request_deserializer=kvstore_dot_proto_dot_kvstore__pb2.LookupRequest.FromString,
+                    response_serializer=kvstore_dot_proto_dot_kvstore__pb2.LocateReply.SerializeToString,
+            ),
+            'Watch': grpc.unary_stream_rpc_method_handler(
+                    servicer.Watch,
+                    request_deserializer=kvstore_dot_proto_dot_kvstore__pb2.WatchRequest.FromString,
+                    response_serializer=kvstore_dot_proto_dot_kvstore__pb2.EventBatch.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -355,6 +391,60 @@ class KVStore:
             '/kvstore.v1.KVStore/Push',
             kvstore_dot_proto_dot_kvstore__pb2.PushRequest.SerializeToString,
             kvstore_dot_proto_dot_kvstore__pb2.PushReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Locate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvstore.v1.KVStore/Locate',
+            kvstore_dot_proto_dot_kvstore__pb2.LookupRequest.SerializeToString,
+            kvstore_dot_proto_dot_kvstore__pb2.LocateReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Watch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/kvstore.v1.KVStore/Watch',
+            kvstore_dot_proto_dot_kvstore__pb2.WatchRequest.SerializeToString,
+            kvstore_dot_proto_dot_kvstore__pb2.EventBatch.FromString,
             options,
             channel_credentials,
             insecure,

@@ -110,7 +110,7 @@ class ChannelServer:
         tickets: TicketBook,
         transfers: TransferCounts,
         *,
-        node_id: bytes,
+        instance: bytes,
         tcp_address: str | None,
         unix: bool,
         timeout: float,
@@ -123,7 +123,7 @@ class ChannelServer:
         self.store = store
         self.tickets = tickets
         self.transfers = transfers
-        self.node_id = node_id
+        self.instance = instance
         self.timeout = timeout
         self.min_rate = min_rate
         self.lease_ttl = lease_ttl
@@ -143,7 +143,7 @@ class ChannelServer:
             self.address = f"{host}:{listener.getsockname()[1]}"
             self._listen(listener, "tcp")
         if unix and store.host.arena.segment_fd >= 0:
-            name = f"\0kvstore-{node_id.hex()}"
+            name = f"\0kvstore-{instance.hex()}"
             listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             listener.bind(name)
             listener.listen(512)
@@ -290,7 +290,7 @@ class ChannelServer:
             return False
         arena = self.store.host.arena
         size = len(arena.header) + len(arena.memory) if conn.kind == "unix" else 0
-        reply = HELLO_REPLY.pack(HELLO_MAGIC, 0, 0, self.node_id, size)
+        reply = HELLO_REPLY.pack(HELLO_MAGIC, 0, 0, self.instance, size)
         if conn.kind == "unix":  # the arena's memfd itself: the client opens no path
             socket.send_fds(conn.sock, [reply], [arena.segment_fd])
         else:
@@ -308,7 +308,8 @@ class ChannelServer:
         try:
             if handler is None:
                 raise InvalidArgument("op", f"unknown operation {op}")
-            handler(self, conn, frame)
+            with self.transfers.running():
+                handler(self, conn, frame)
         except (KVStoreError, FrameError) as exc:
             if op not in NO_REPLY:
                 self.reply_error(conn, exc)

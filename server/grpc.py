@@ -30,6 +30,10 @@ class GrpcPath:
         self.transfers = transfers
 
     def put(self, frames: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
+        with self.transfers.running():
+            return self._put(frames)
+
+    def _put(self, frames: Iterator[bytes]) -> bytes:
         ingest = BlockIngest(self.store)
         try:
             for raw in frames:
@@ -50,12 +54,12 @@ class GrpcPath:
         except BaseException:
             ingest.abort()
             raise
-        self.transfers.add("put/grpc")
+        self.transfers.add("put/grpc", ingest.received)
         return pb.PutReply(stored=result.stored, existed=result.existed).SerializeToString()
 
     def get(self, raw: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
         keys = check_keys(parse(raw, pb.GetRequest).keys, unique=True)
-        with self.store.read(keys) as batch:
+        with self.transfers.running(), self.store.read(keys) as batch:
             headers = headers_to_proto((b.key, b.meta) for b in batch.blocks)
             reply = pb.GetReply(headers=pb.BlockHeaders(blocks=headers, truncated=batch.truncated))
             yield reply.SerializeToString()
@@ -64,18 +68,21 @@ class GrpcPath:
                 for _ in range(ended):  # copied into `frame`: the tier may evict them again
                     batch.release(next(pending))
                 yield frame
-        self.transfers.add("get/grpc")
+        self.transfers.add("get/grpc", sum(b.meta.size for b in batch.blocks))
 
     def lookup(self, raw: bytes, context: grpc.ServicerContext) -> bytes:
+        tiers = self.store.lookup(self.lookup_keys(raw))
+        return pb.LookupReply(found=len(tiers), tiers=tiers).SerializeToString()
+
+    @staticmethod
+    def lookup_keys(raw: bytes) -> list[bytes]:
+        """The keys a LookupRequest names, or that its tokens hash to."""
         request = parse(raw, pb.LookupRequest)
         if request.HasField("tokens"):
-            keys = token_keys(request.tokens)
-        elif request.HasField("keys"):
-            keys = check_keys(request.keys.keys, "keys.keys")
-        else:
-            raise InvalidArgument("query", "LookupRequest sets neither keys nor tokens")
-        tiers = self.store.lookup(keys)
-        return pb.LookupReply(found=len(tiers), tiers=tiers).SerializeToString()
+            return token_keys(request.tokens)
+        if request.HasField("keys"):
+            return check_keys(request.keys.keys, "keys.keys")
+        raise InvalidArgument("query", "LookupRequest sets neither keys nor tokens")
 
 
 def token_keys(tokens: pb.TokenPrefix) -> list[bytes]:

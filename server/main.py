@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 from collections.abc import Sequence
@@ -19,7 +20,9 @@ from grpc_reflection.v1alpha import reflection
 from kvstore import __version__
 from kvstore.config import ServerConfig, format_size, parse_bool, parse_size
 from kvstore.server.channel import ChannelServer
+from kvstore.server.cluster import Membership, check_cluster_url, node_id
 from kvstore.server.servicer import SERVICE, KVStoreServicer
+from kvstore.server.status import TransferCounts
 from kvstore.server.tickets import TicketBook
 from kvstore.store import Store
 from kvstore.tiers.device import DeviceTier, device_available
@@ -38,12 +41,14 @@ class Daemon:
         """Claim the disk directory, build the tiers, bind every port; anything that fails
         undoes what came before it and raises, so a start-up failure never lingers."""
         self.config = config
+        check_cluster_url(config.cluster)
         self.store = _store(config)  # the disk tier locks its directory first
         self.channel: ChannelServer | None = None
+        self.membership: Membership | None = None
         try:
             self._serve(config)
         except BaseException:
-            self.store.close()
+            self._close()
             raise
 
     def _serve(self, config: ServerConfig) -> None:
@@ -67,20 +72,8 @@ class Daemon:
             raise OSError(f"cannot listen on {config.address}: {exc}") from None
         self.address = f"{host_name}:{port}"
         self.tickets = TicketBook(config.ticket_ttl)
-        self.node_id = os.urandom(16)
-        servicer = KVStoreServicer(
-            self.store,
-            config.chunk_size,
-            self.tickets,
-            node_id=self.node_id.hex(),
-            workers=config.workers,
-            push_allow=config.push_allow,
-            info=lambda: (
-                self.channel.address if self.channel else "",
-                self.channel.unix_address if self.channel else "",
-            ),
-        )
-        self.transfers = servicer.transfers
+        self.instance = os.urandom(16)
+        self.transfers = TransferCounts()
         if config.data_address != "off":
             data_address = config.data_address
             if data_address == "auto":
@@ -89,8 +82,8 @@ class Daemon:
                 self.channel = ChannelServer(
                     self.store,
                     self.tickets,
-                    servicer.transfers,
-                    node_id=self.node_id,
+                    self.transfers,
+                    instance=self.instance,
                     tcp_address=data_address,
                     unix=True,
                     timeout=config.data_timeout,
@@ -102,6 +95,35 @@ class Daemon:
                 )
             except OSError as exc:
                 raise OSError(f"cannot listen on {data_address}: {exc.strerror or exc}") from None
+        advertised = _advertised(config.advertise, self.address)
+        data = _advertised(config.advertise, self.channel.address) if self.channel else ""
+        self.membership = Membership(
+            self.store,
+            node_id=node_id(config.node_id, config.disk_dir),
+            address=advertised,
+            data_address=data,
+            cluster=config.cluster,
+            heartbeat=config.heartbeat,
+            node_ttl=config.node_ttl,
+            events_address=config.events_address,
+            events_replay=config.events_replay,
+            events_topic=config.events_topic,
+            transfers=self.transfers,
+        )
+        servicer = KVStoreServicer(
+            self.store,
+            config.chunk_size,
+            self.tickets,
+            membership=self.membership,
+            instance=self.instance.hex(),
+            workers=config.workers,
+            push_allow=config.push_allow,
+            transfers=self.transfers,
+            info=lambda: (
+                self.channel.address if self.channel else "",
+                self.channel.unix_address if self.channel else "",
+            ),
+        )
         self.server.add_generic_rpc_handlers([servicer.handler()])
 
     def start(self) -> Daemon:
@@ -116,9 +138,14 @@ class Daemon:
         """Refuse new RPCs, let running ones finish for up to `grace` seconds."""
         self.health.enter_graceful_shutdown()
         self.server.stop(grace).wait()
+        self._close(persist=self.config.persist_on_shutdown)
+
+    def _close(self, persist: bool = False) -> None:
         if self.channel:
             self.channel.stop()
-        self.store.close(persist=self.config.persist_on_shutdown)
+        if self.membership:
+            self.membership.close()  # leaves the cluster's answers at once
+        self.store.close(persist=persist)
 
 
 def _store(config: ServerConfig) -> Store:
@@ -151,6 +178,17 @@ def _store(config: ServerConfig) -> Store:
         dirty_ratio=config.dirty_ratio,
         promote=config.promote,
     )
+
+
+def _advertised(advertise: str, bound: str) -> str:
+    """HOST:PORT others reach a listener at: the advertised host, else the bound one, else
+    (bound to every interface) this machine's name."""
+    host, _, port = bound.rpartition(":")
+    if advertise:
+        host = advertise
+    elif host.strip("[]") in ("0.0.0.0", "::", ""):
+        host = socket.gethostname()
+    return f"{host}:{port}"
 
 
 def _free_space(directory: str) -> int:

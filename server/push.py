@@ -1,9 +1,9 @@
 """Node to node: this node sends blocks to another, as a client of that node's data plane.
 
 A push names its target, so the target is checked before any byte leaves: it must be a
-host the operator allowed (`--push-allow`: hosts or networks; loopback by default), it
-must answer as a kvstore node that is not this one, and the data plane it names must be
-allowed too. The inner calls share the caller's deadline, and errors say what failed
+node registered in the cluster, or without one a host the operator allowed
+(`--push-allow`: hosts or networks; loopback by default); it must answer as a kvstore
+node that is not this one; and the data plane it names must be allowed too. The inner calls share the caller's deadline, and errors say what failed
 without echoing what the target answered.
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from kvstore.errors import InvalidArgument, KVStoreError, PermissionDenied, Unavailable
 from kvstore.ingest import PutResult
@@ -53,8 +53,8 @@ class PushPolicy:
 
 
 def push(
-    policy: PushPolicy,
-    own_id: str,
+    allowed: Callable[[str, str], None],
+    own_instance: str,
     target: str,
     transport: str,
     blocks: Sequence[tuple[BlockKey, BlockMeta]],
@@ -64,7 +64,7 @@ def push(
 ) -> PutResult:
     from kvstore.client import Client  # a node pushing is a client of the other node
 
-    policy.check(target)
+    allowed(target, "target")
     with Client(
         target, transport=transport, timeout=timeout, chunk_size=chunk_size, shm=False
     ) as peer:
@@ -72,11 +72,11 @@ def push(
             info = peer.node_info()
         except KVStoreError:
             raise Unavailable(f"push to {target} failed: no kvstore node answers there") from None
-        if info.node_id == own_id:
+        if info.instance == own_instance:
             raise InvalidArgument("target", f"{target} is this node")
         data_host = info.data_address.rpartition(":")[0].strip("[]")
         if transport != "grpc" and data_host not in ("", "0.0.0.0", "::"):  # else: target's
-            policy.check(info.data_address, "target's data plane")
+            allowed(info.data_address, "target's data plane")
         try:
             return peer.put_blocks(blocks, views)
         except KVStoreError as exc:

@@ -15,11 +15,12 @@ from contextlib import contextmanager
 
 import grpc
 
-from kvstore.errors import InvalidArgument, ResourceExhausted
+from kvstore.errors import InvalidArgument, PermissionDenied, ResourceExhausted
 from kvstore.keys import check_keys
 from kvstore.limits import MAX_BLOCKS
 from kvstore.proto import kvstore_pb2 as pb
 from kvstore.proto.frames import parse
+from kvstore.server.cluster import Membership
 from kvstore.server.grpc import GrpcPath
 from kvstore.server.push import PushPolicy, push
 from kvstore.server.status import TransferCounts, streaming, unary
@@ -29,6 +30,7 @@ from kvstore.store import Store
 SERVICE = "kvstore.v1.KVStore"
 FREE_THREADS = 4  # RPC threads never taken by transfers: health, Stats, Lookup always answer
 PUSH_TIMEOUT = 60.0  # seconds a push may take when its caller set no deadline
+MAX_WATCHERS = 8  # Watch streams at once (each holds an RPC thread for its life)
 
 
 def peer_host(context: grpc.ServicerContext) -> str:
@@ -43,15 +45,16 @@ def peer_host(context: grpc.ServicerContext) -> str:
 class Gate:
     """At most `limit` handlers that may wait run at once; the next is refused at once."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, what: str = "transfers") -> None:
         self.limit = limit
+        self.what = what
         self._free = threading.BoundedSemaphore(limit)
 
     @contextmanager
     def enter(self) -> Iterator[None]:
         if not self._free.acquire(blocking=False):
             raise ResourceExhausted(
-                f"{self.limit} transfers already run on this node's RPC threads: retry shortly"
+                f"{self.limit} {self.what} already run on this node's RPC threads: retry shortly"
             )
         try:
             yield
@@ -66,17 +69,21 @@ class KVStoreServicer:
         chunk_size: int,
         tickets: TicketBook,
         *,
-        node_id: str,
+        membership: Membership,
+        instance: str,
         workers: int,
         push_allow: str,
+        transfers: TransferCounts,
         info: Callable[[], tuple[str, str]] = lambda: ("", ""),
     ) -> None:
         self.store = store
         self.chunk_size = chunk_size
         self.tickets = tickets
-        self.node_id = node_id
+        self.membership = membership
+        self.instance = instance
         self.info = info  # (data address, unix address), known once the channel listens
-        self.transfers = TransferCounts()
+        self.transfers = transfers
+        self.watchers = Gate(MAX_WATCHERS, "watchers")
         self.grpc = GrpcPath(store, chunk_size, self.transfers)
         self.gate = Gate(max(workers - FREE_THREADS, 1))
         self.push_policy = PushPolicy(push_allow)
@@ -119,7 +126,8 @@ class KVStoreServicer:
         parse(raw, pb.HelloRequest)
         data_address, unix_address = self.info()
         return pb.NodeInfo(
-            node_id=self.node_id,
+            node_id=self.membership.node_id,
+            instance=self.instance,
             data_address=data_address,
             unix_address=unix_address,
             ticket=self.tickets.issue(peer_host(context)) if data_address or unix_address else b"",
@@ -141,13 +149,13 @@ class KVStoreServicer:
             raise InvalidArgument(
                 "transport", f"unknown transport {transport!r} (auto, tcp or grpc)"
             )
-        self.push_policy.check(request.target)
+        self._may_push_to(request.target)
         with self.gate.enter(), self.store.read(keys) as batch:
             if not batch.blocks:
                 return pb.PushReply().SerializeToString()
             result = push(
-                self.push_policy,
-                self.node_id,
+                self._may_push_to,
+                self.instance,
                 request.target,
                 transport,
                 [(b.key, b.meta) for b in batch.blocks],
@@ -159,14 +167,55 @@ class KVStoreServicer:
             found=len(batch.blocks), stored=result.stored, existed=result.existed
         ).SerializeToString()
 
+    def _may_push_to(self, address: str, field: str = "target") -> None:
+        """With a cluster, its registered nodes; else (or with Redis away) --push-allow."""
+        registered = self.membership.registered(address, data=field != "target")
+        if registered is False:
+            raise PermissionDenied(f"{field}: {address} is not a node registered in the cluster")
+        if registered is None:
+            self.push_policy.check(address, field)
+
+    @unary
+    def Locate(self, raw: bytes, context: grpc.ServicerContext) -> bytes:
+        keys = self.grpc.lookup_keys(raw)
+        found, local_only = self.membership.locate(keys)
+        nodes = [
+            pb.NodeLocation(
+                node_id=loc.node_id,
+                address=loc.address,
+                data_address=loc.data_address,
+                matched=loc.matched,
+                tiers=dict(loc.tiers),
+                load=pb.NodeLoad(inflight=loc.load.inflight, bytes_per_s=loc.load.bytes_per_s),
+                score=loc.score,
+            )
+            for loc in found
+        ]
+        return pb.LocateReply(nodes=nodes, local_only=local_only).SerializeToString()
+
+    @streaming
+    def Watch(self, raw: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
+        request = parse(raw, pb.WatchRequest)
+        start = request.from_sequence if request.HasField("from_sequence") else None
+        with self.watchers.enter():
+            watch = self.membership.events.watch(start)
+            context.add_callback(watch.cancel)  # the caller went away: stop waiting
+            node = self.membership.node_id
+            for batch in watch:
+                yield pb.EventBatch(
+                    sequence=batch.sequence, payload=batch.payload, node_id=node,
+                    instance=self.instance,
+                ).SerializeToString()  # fmt: skip
+
     def handler(self) -> grpc.GenericRpcHandler:
         """Every method takes and returns raw bytes: framing is done above."""
         raw = {"request_deserializer": None, "response_serializer": None}
-        unary_methods = ("Lookup", "Delete", "Stats", "Hello", "Push")
+        unary_methods = ("Lookup", "Delete", "Stats", "Hello", "Push", "Locate")
         methods = {
             name: grpc.unary_unary_rpc_method_handler(getattr(self, name), **raw)
             for name in unary_methods
         }
         methods["Put"] = grpc.stream_unary_rpc_method_handler(self.Put, **raw)
         methods["Get"] = grpc.unary_stream_rpc_method_handler(self.Get, **raw)
+        methods["Watch"] = grpc.unary_stream_rpc_method_handler(self.Watch, **raw)
         return grpc.method_handlers_generic_handler(SERVICE, methods)

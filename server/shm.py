@@ -34,7 +34,7 @@ def get(server: ChannelServer, conn: Connection, frame: Frame) -> None:
     else:
         batch.close()
     server.reply(conn, answer.SerializeToString(), flags=TRUNCATED if batch.truncated else 0)
-    server.transfers.add("get/shm")
+    server.transfers.add("get/shm", sum(b.meta.size for b in batch.blocks))
 
 
 def put(server: ChannelServer, conn: Connection, frame: Frame) -> None:
@@ -54,7 +54,8 @@ def commit(server: ChannelServer, conn: Connection, frame: Frame) -> None:
     held = conn.take(request.put)
     if held is None or not isinstance(held.what, SlotPut):
         raise Unauthenticated("put unknown, already committed, or expired")
+    nbytes = sum(meta.size for _, _, meta, _ in held.what.slots)
     result = held.what.commit(list(request.checksums))  # all or none, as checked
     reply = pb.PutReply(stored=result.stored, existed=result.existed).SerializeToString()
     server.reply(conn, reply)
-    server.transfers.add("put/shm")
+    server.transfers.add("put/shm", nbytes)

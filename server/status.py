@@ -5,7 +5,9 @@ from __future__ import annotations
 import functools
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import grpc
@@ -15,6 +17,7 @@ from kvstore.errors import (
     InvalidArgument,
     KVStoreError,
     NotFound,
+    OutOfRange,
     PermissionDenied,
     ResourceExhausted,
     Unauthenticated,
@@ -34,24 +37,49 @@ STATUS: dict[type[Exception], grpc.StatusCode] = {
     Unavailable: grpc.StatusCode.UNAVAILABLE,
     Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
     PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
+    OutOfRange: grpc.StatusCode.OUT_OF_RANGE,
     Unsupported: grpc.StatusCode.FAILED_PRECONDITION,
 }
 
 
 class TransferCounts:
-    """Completed transfers by direction and path ("put/tcp"): which path clients really use."""
+    """Completed transfers by direction and path ("put/tcp"): which path clients really
+    use; and transfers in flight and bytes moved, the load a node reports."""
 
     def __init__(self) -> None:
         self._counts: dict[str, int] = {}
         self._lock = threading.Lock()
+        self.inflight = 0
+        self._bytes = 0
+        self._last = (time.monotonic(), 0)
 
-    def add(self, name: str) -> None:
+    def add(self, name: str, nbytes: int = 0) -> None:
         with self._lock:
             self._counts[name] = self._counts.get(name, 0) + 1
+            self._bytes += nbytes
+
+    @contextmanager
+    def running(self) -> Iterator[None]:
+        with self._lock:
+            self.inflight += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self.inflight -= 1
 
     def snapshot(self) -> dict[str, int]:
         with self._lock:
             return dict(self._counts)
+
+    def load(self) -> tuple[int, float]:
+        """Transfers in flight now, and bytes per second since the last call."""
+        with self._lock:
+            now, moved = time.monotonic(), self._bytes
+            then, before = self._last
+            self._last = (now, moved)
+            inflight = self.inflight
+        return inflight, (moved - before) / (now - then) if now > then else 0.0
 
 
 def status_of(exc: Exception) -> grpc.StatusCode:

@@ -42,7 +42,7 @@ def get(server: ChannelServer, conn: Connection, frame: Frame) -> None:
         head = encode(REPLY_MAGIC, 0, flags, answer, size)
         views = [head, *(b.view for b in batch.blocks)]
         send_views(conn.sock, views, server.deadline(size))  # straight from the pinned slots
-    server.transfers.add(f"get/{_path(conn)}")
+    server.transfers.add(f"get/{_path(conn)}", size)
 
 
 def put(server: ChannelServer, conn: Connection, frame: Frame) -> None:
@@ -85,7 +85,7 @@ def put(server: ChannelServer, conn: Connection, frame: Frame) -> None:
         raise
     reply = pb.PutReply(stored=result.stored, existed=result.existed).SerializeToString()
     server.reply(conn, reply)
-    server.transfers.add(f"put/{_path(conn)}")
+    server.transfers.add(f"put/{_path(conn)}", sum(meta.size for _, meta in blocks))
 
 
 def drain(

@@ -126,6 +126,7 @@ def fake_node(info: pb.NodeInfo, unix_fd: int | None = None) -> Iterator[str]:
     (with `unix_fd`) hands that descriptor to whoever opens its Unix socket: what a
     hostile or broken peer could do. Yields its address."""
     unix = None
+    info.instance = info.instance or os.urandom(16).hex()
     if unix_fd is not None:
         unix = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         name = f"kvstore-fake-{os.urandom(8).hex()}"
@@ -139,7 +140,7 @@ def fake_node(info: pb.NodeInfo, unix_fd: int | None = None) -> Iterator[str]:
                     conn, _ = unix.accept()
                     conn.recv(HELLO.size)
                     reply = HELLO_REPLY.pack(
-                        HELLO_MAGIC, 0, 0, bytes.fromhex(info.node_id), 1 << 20
+                        HELLO_MAGIC, 0, 0, bytes.fromhex(info.instance), 1 << 20
                     )
                     socket.send_fds(conn, [reply], [unix_fd])
                     conn.close()

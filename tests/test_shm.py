@@ -24,7 +24,7 @@ MiB = 1 << 20
 def short_ttl() -> Iterator:
     """Leases and reservations expire fast unless renewed; writers wait for room long."""
     with running_daemon(
-        "--host-capacity", "16MiB", "--ticket-ttl", "0.5", "--reserve-timeout", "30"
+        "--host-capacity", "16MiB", "--ticket-ttl", "1", "--reserve-timeout", "30"
     ) as d:
         yield d
 
@@ -53,7 +53,7 @@ def test_a_held_lease_is_renewed_while_its_holder_lives(short_ttl) -> None:
     with short_ttl.client(transport="shm") as client:
         client.put(keys[:4], [np.full(MiB, i, np.uint8) for i in range(4)])
         with client.lease(keys[:4]) as lease:
-            stop = lease.expires_at + 4 * 0.5  # the original expiry, and four ttls more
+            stop = lease.expires_at + 3  # the original expiry, and three ttls more
             for n in range(100_000):  # each put churns the free 12 MiB, until time has passed
                 if lease.expires_at >= stop:
                     break

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Container, Sequence
+import threading
+from collections.abc import Callable, Container, Sequence
 from dataclasses import dataclass, replace
 from typing import Protocol
 
@@ -49,6 +50,40 @@ class TierStats:
         return replace(self)
 
 
+Listener = Callable[[str, list[BlockKey], list[BlockKey]], None]  # tier, stored, removed
+
+
+class Changes:
+    """Keys a tier stored and dropped, noted under the tier's lock and reported to the
+    listener after the tier let go of it (a listener may ask the store anything)."""
+
+    def __init__(self, tier: str) -> None:
+        self.tier = tier
+        self.listener: Listener | None = None
+        self._stored: list[BlockKey] = []
+        self._removed: list[BlockKey] = []
+        self._lock = threading.Lock()
+
+    def stored(self, key: BlockKey) -> None:
+        if self.listener is not None:
+            with self._lock:
+                self._stored.append(key)
+
+    def removed(self, key: BlockKey) -> None:
+        if self.listener is not None:
+            with self._lock:
+                self._removed.append(key)
+
+    def report(self) -> None:
+        """Call with no tier lock held."""
+        if self.listener is None:
+            return
+        with self._lock:
+            stored, removed, self._stored, self._removed = self._stored, self._removed, [], []
+        if stored or removed:
+            self.listener(self.tier, stored, removed)
+
+
 def present_count(keys: Sequence[BlockKey], index: Container[BlockKey]) -> int:
     """How many of `keys`, from the first, are in `index` (the tier holds its lock)."""
     n = 0
@@ -65,7 +100,10 @@ class Tier(Protocol):
     name: str
     capacity: int
 
+    changes: Changes
+
     def contains(self, key: BlockKey) -> bool: ...
     def present_prefix(self, keys: Sequence[BlockKey]) -> int: ...
+    def listing(self) -> list[BlockKey]: ...
     def delete(self, keys: Sequence[BlockKey]) -> int: ...
     def stats(self) -> TierStats: ...

@@ -30,7 +30,7 @@ from kvstore.errors import ResourceExhausted
 from kvstore.keys import BlockKey
 from kvstore.lru import LRU
 from kvstore.meta import BlockMeta
-from kvstore.tiers import TierStats, present_count
+from kvstore.tiers import Changes, TierStats, present_count
 
 
 @dataclass(slots=True)
@@ -68,6 +68,7 @@ class DeviceTier:
         self._lru = LRU()
         self._lock = threading.Lock()  # the index; moves are serialized by the caller
         self._stats = TierStats(self.name, capacity=self.capacity)
+        self.changes = Changes(self.name)
 
     # -- index ---------------------------------------------------------------
 
@@ -115,8 +116,10 @@ class DeviceTier:
                 self._stats.blocks -= 1
                 self._stats.bytes -= aligned(slot.meta.size)
                 self._stats.payload_bytes -= slot.meta.size
+                self.changes.removed(key)
             self._stats.demotions += len(present) if demoted else 0
-            return len(present)
+        self.changes.report()
+        return len(present)
 
     def stats(self) -> TierStats:
         with self._lock:
@@ -139,9 +142,11 @@ class DeviceTier:
             )
             for key, _, _ in new:
                 self._lru.on_put(key)
+                self.changes.stored(key)
             self._stats.blocks += len(new)
             self._stats.bytes += sum(aligned(size) for size in sizes)
             self._stats.payload_bytes += sum(sizes)
+        self.changes.report()
         return len(new)
 
     def read_batch(

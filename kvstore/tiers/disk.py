@@ -43,7 +43,7 @@ import numpy as np
 from kvstore.errors import KVStoreError, ResourceExhausted
 from kvstore.keys import BlockKey
 from kvstore.meta import BlockMeta
-from kvstore.tiers import TierStats, present_count
+from kvstore.tiers import Changes, TierStats, present_count
 from kvstore.tiers.segments import (
     DEAD,
     HEADER,
@@ -169,6 +169,7 @@ class DiskTier:
         self._last_id = 0  # of the segment files in the directory, ours or not
         self._total = 0  # bytes of segment files
         self._stats = TierStats(self.name, capacity=capacity)
+        self.changes = Changes(self.name)
         self._unsynced: set[_Segment] = set()
         self._head = _Scratch(1 << 16)  # header and metadata pages
         self._tail = _Scratch(PAGE)  # a payload's last, partial page
@@ -209,6 +210,7 @@ class DiskTier:
             with self._lock:
                 self._stats.hits += 1
             return entry.meta
+        self.changes.report()  # found corrupt: dropped
         return None
 
     def touch(self, keys: Sequence[BlockKey]) -> None:
@@ -261,6 +263,7 @@ class DiskTier:
             self._compact_dead()
             if self.fsync == "batch":
                 self.sync()
+        self.changes.report()
         return written
 
     def maintain(self) -> None:
@@ -268,6 +271,7 @@ class DiskTier:
         with self._write:
             if self._compact_dead() and self.fsync == "batch":
                 self.sync()
+        self.changes.report()
 
     def _append(
         self,
@@ -315,7 +319,9 @@ class DiskTier:
         with self._lock:
             old = self._index.get(key)
             if old is not None:  # a record carried forward replaces its older copy
-                self._forget(key, old)
+                self._forget(key, old, moved=True)
+            else:
+                self.changes.stored(key)
             segment.size += length
             segment.live += length
             segment.keys.add(key)
@@ -415,6 +421,7 @@ class DiskTier:
                         self._drop_if_empty(segment)
             if self.fsync == "batch" and deleted:
                 self.sync()
+        self.changes.report()
         return deleted
 
     def sync(self) -> None:
@@ -427,6 +434,10 @@ class DiskTier:
     def stats(self) -> TierStats:
         with self._lock:
             return self._stats.snapshot()
+
+    def listing(self) -> list[BlockKey]:
+        with self._lock:
+            return list(self._index)
 
     def file_bytes(self) -> int:
         """Bytes of segment files on disk, dead records included."""
@@ -494,7 +505,7 @@ class DiskTier:
                 continue
             old = self._index.get(header.key)
             if old is not None:  # a later copy (carried forward) wins
-                self._forget(header.key, old)
+                self._forget(header.key, old, moved=True)
             entry = _Entry(header.key, segment, offset, meta, meta_raw, header.body_hash)
             self._index[header.key] = entry
             segment.keys.add(header.key)
@@ -529,9 +540,11 @@ class DiskTier:
             self._total += PAGE
         return segment
 
-    def _forget(self, key: BlockKey, entry: _Entry) -> None:
-        """Drop `key` from the index (lock held)."""
+    def _forget(self, key: BlockKey, entry: _Entry, *, moved: bool = False) -> None:
+        """Drop `key` from the index (lock held); `moved`: a newer copy takes its place."""
         del self._index[key]
+        if not moved:
+            self.changes.removed(key)
         entry.segment.keys.discard(key)
         entry.segment.live -= entry.length
         self._stats.blocks -= 1

@@ -30,7 +30,7 @@ from kvstore.keys import BlockKey
 from kvstore.limits import BLOCK_OVERHEAD, MAX_WAITING
 from kvstore.lru import LRU
 from kvstore.meta import BlockMeta
-from kvstore.tiers import PinnedBlock, Reservation, TierStats, present_count
+from kvstore.tiers import Changes, PinnedBlock, Reservation, TierStats, present_count
 
 
 @dataclass(slots=True)
@@ -58,6 +58,7 @@ class HostTier:
         self._space = threading.Condition(threading.Lock())
         self._waiters = 0  # writers waiting for room
         self._stats = TierStats(self.name, capacity=self.capacity)
+        self.changes = Changes(self.name)
         self.segment_token = os.urandom(16)
         self.arena.header[:16] = self.segment_token  # proof of sharing the host, for clients
 
@@ -109,6 +110,7 @@ class HostTier:
                     self._space.wait(left)
             finally:
                 self._waiters -= waiting
+        self.changes.report()  # what it evicted for room
         return [
             Reservation(o, size, self.arena.view(o, size))
             for o, size in zip(offsets, sizes, strict=True)
@@ -165,8 +167,10 @@ class HostTier:
                 self._stats.blocks += 1
                 self._stats.bytes += self.slot_cost(meta.size)
                 self._stats.payload_bytes += meta.size
+                self.changes.stored(key)
                 stored.append(True)
             self._space.notify_all()  # new evictable blocks
+        self.changes.report()
         return stored
 
     def abort(self, reservation: Reservation) -> None:
@@ -256,7 +260,12 @@ class HostTier:
             present = [key for key in dict.fromkeys(keys) if key in self._slots]
             for key in present:
                 self._drop(key)
-            return len(present)
+        self.changes.report()
+        return len(present)
+
+    def listing(self) -> list[BlockKey]:
+        with self._space:
+            return list(self._slots)
 
     def stats(self) -> TierStats:
         with self._space:
@@ -300,6 +309,7 @@ class HostTier:
         self._stats.blocks -= 1
         self._stats.bytes -= self.slot_cost(slot.meta.size)
         self._stats.payload_bytes -= slot.meta.size
+        self.changes.removed(key)
         if slot.pins:
             slot.hidden = True
             self._hidden.setdefault(key, []).append(slot)
