@@ -58,17 +58,33 @@ class AsyncClient:
     ) -> PutResult:
         return await self._run(self.client.put_in_place, keys, dtype, shape, fill, layout=layout)
 
-    async def get(self, keys: Sequence[BlockKey], *, out: Out = None) -> list[np.ndarray]:
-        return await self._run(self.client.get, keys, out=out)
+    async def get(
+        self,
+        keys: Sequence[BlockKey],
+        *,
+        out: Out = None,
+        wait: float | None = None,
+        fetch: bool = False,
+    ) -> list[np.ndarray]:
+        return await self._run(self.client.get, keys, out=out, wait=wait, fetch=fetch)
 
-    async def lease(self, keys: Sequence[BlockKey]) -> Lease:
-        return await self._run(self.client.lease, keys)
+    async def lease(
+        self, keys: Sequence[BlockKey], *, wait: float | None = None, fetch: bool = False
+    ) -> Lease:
+        return await self._run(self.client.lease, keys, wait=wait, fetch=fetch)
 
-    async def lookup(self, keys: Sequence[BlockKey]) -> int:
-        return await self._run(self.client.lookup, keys)
+    async def prefetch(self, keys: Sequence[BlockKey]) -> int:
+        return await self._run(self.client.prefetch, keys)
 
-    async def lookup_tiers(self, keys: Sequence[BlockKey]) -> list[str]:
-        return await self._run(self.client.lookup_tiers, keys)
+    async def lookup(
+        self, keys: Sequence[BlockKey], *, wait: float | None = None, fetch: bool = False
+    ) -> int:
+        return await self._run(self.client.lookup, keys, wait=wait, fetch=fetch)
+
+    async def lookup_tiers(
+        self, keys: Sequence[BlockKey], *, wait: float | None = None, fetch: bool = False
+    ) -> list[str]:
+        return await self._run(self.client.lookup_tiers, keys, wait=wait, fetch=fetch)
 
     async def lookup_tokens(
         self, token_ids: Sequence[int] | np.ndarray, block_size: int, salt: bytes

@@ -17,6 +17,7 @@ import grpc
 import numpy as np
 
 from kvstore import codecs
+from kvstore.client import tcp
 from kvstore.client.channel import Channels, NodeChanged
 from kvstore.client.grpc import CHANNEL_OPTIONS, SERVICE, GrpcTransport
 from kvstore.client.pipeline import (
@@ -32,8 +33,8 @@ from kvstore.client.pipeline import (
 )
 from kvstore.client.shm import Fill, Lease, ShmTransport
 from kvstore.client.status import error_from_rpc
-from kvstore.client.tcp import TcpTransport
-from kvstore.client.transport import Out, Transport
+from kvstore.client.tcp import Place, TcpTransport
+from kvstore.client.transport import Ask, Out, Transport
 from kvstore.cluster import Load, Location
 from kvstore.errors import (
     InvalidArgument,
@@ -132,7 +133,7 @@ class Client:
         self._channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
         self._unary = {
             name: self._channel.unary_unary(SERVICE + name)
-            for name in ("Lookup", "Delete", "Stats", "Hello", "Push", "Locate")
+            for name in ("Lookup", "Delete", "Stats", "Hello", "Push", "Locate", "Prefetch")
         }
         self._watch = self._channel.unary_stream(SERVICE + "Watch")
         self.local_only = ""  # why the last `locate` answer was one node's alone, or ""
@@ -209,41 +210,78 @@ class Client:
 
     # -- blocks out ---------------------------------------------------------------
 
-    def get(self, keys: Sequence[BlockKey], *, out: Out = None) -> list[np.ndarray]:
+    def get(
+        self,
+        keys: Sequence[BlockKey],
+        *,
+        out: Out = None,
+        wait: float | None = None,
+        fetch: bool = False,
+    ) -> list[np.ndarray]:
         """The payloads of the present prefix of `keys`, in order, with their dtype and shape.
 
         Without `out`, arrays are fresh memory; with `out`, blocks are written back to back
         into that writable buffer (an engine's staging memory, reused: no allocation). Encoded
-        blocks are decoded into new arrays (`out` then holds their encoded bytes). A node
-        that stops short of a stored block (DRAM full of pinned blocks) is asked again for
-        the rest; if it can bring none of them, that is a `ResourceExhausted`, not a miss.
+        blocks are decoded into new arrays (`out` then holds their encoded bytes).
+
+        `wait`: up to this many seconds for keys still being put (a prefill still writing)
+        to arrive; blocks come back as they appear, and a put that fails ends the wait at
+        once. `fetch` (a node with `--cluster`): blocks this node lacks are pulled from the
+        node holding them. A node that stops short of a stored block (DRAM full of pinned
+        blocks) is asked again for the rest; if it brings none, that is `ResourceExhausted`.
         """
         keys = check_keys(keys, unique=True, limit=len(keys))
         decoder = Decoder(self._pool, self.checksum)
         got = Received()
         used = 0  # bytes of `out` filled so far
-        while len(got.blocks) < len(keys):
-            chunk = keys[len(got.blocks) : len(got.blocks) + MAX_BLOCKS]
+        for ask, last in self._asks(keys, wait, fetch, got.blocks.__len__):
             rest = None if out is None else _flat(out)[used:]
-            received: Received = self._run(methodcaller("get", chunk, rest, decoder.arrived))
-            got.arrays += received.arrays
-            got.blocks += received.blocks
+            received: Received = self._run(methodcaller("get", ask, rest, decoder.arrived))
+            got.arrays.extend(received.arrays)
+            got.blocks.extend(received.blocks)
             used += sum(meta.size for _, meta in received.blocks)
             if received.truncated and not received.blocks:
                 raise ResourceExhausted(
                     f"the node holds block {len(got.blocks)} but has no room in DRAM to serve "
                     "it now (its host tier is full of pinned blocks): retry"
                 )
-            if len(received.blocks) < len(chunk) and not received.truncated:
-                break  # a missing key ends the prefix
+            short = len(received.blocks) < len(ask.keys) and not received.truncated
+            if short and (last() or not received.blocks):
+                break  # a missing key ends the prefix (or nothing came in time)
         return decoder.result(got)
 
-    def lease(self, keys: Sequence[BlockKey]) -> Lease:
+    def get_into(
+        self,
+        keys: Sequence[BlockKey],
+        place: Place,
+        landed: Callable[[int], None],
+    ) -> int:
+        """The present prefix of `keys` received straight into memory `place(blocks)` hands
+        out (one writable buffer per block, given their keys and metadata), `landed(i)`
+        called as block i is whole, in order. Returns how many landed: a connection lost
+        half way leaves those before it landed, whole. Checksums are the caller's to check.
+        TCP or shared memory only (the paths that write straight into place)."""
+        keys = check_keys(keys, unique=True)
+        transport = self._transport()
+        if not isinstance(transport, TcpTransport | ShmTransport):
+            raise Unsupported("get_into needs the node's data plane (tcp or shm)")
+        return tcp.get_into(transport.channels, Ask(keys), place, landed)
+
+    def prefetch(self, keys: Sequence[BlockKey]) -> int:
+        """Have the node start pulling what it lacks of `keys` from the cluster, and return at
+        once: how many leading keys it held already."""
+        request = pb.GetRequest(keys=check_keys(keys), fetch=True)
+        return pb.PrefetchReply.FromString(self._call("Prefetch", request)).present
+
+    def lease(
+        self, keys: Sequence[BlockKey], *, wait: float | None = None, fetch: bool = False
+    ) -> Lease:
         """Zero-copy, read-only views of the present prefix of `keys` in the node's shared
         arena, pinned until released (use `with`); renewed while this process lives. Same
-        host only. `lease.truncated`: the node stopped short of a stored block."""
+        host only. `wait` and `fetch` as for `get` (for the first key: a lease is one
+        request). `lease.truncated`: the node stopped short of a stored block."""
         keys = check_keys(keys, unique=True)
-        return self._shm().lease(keys)
+        return self._shm().lease(Ask(keys, _millis(wait), fetch))
 
     def shared_arena(self) -> np.ndarray | None:
         """The node's arena as mapped here, or None when the node is not on this host."""
@@ -254,19 +292,22 @@ class Client:
 
     # -- queries and control ----------------------------------------------------
 
-    def lookup(self, keys: Sequence[BlockKey]) -> int:
-        """How many leading keys are present."""
-        return len(self.lookup_tiers(keys))
+    def lookup(
+        self, keys: Sequence[BlockKey], *, wait: float | None = None, fetch: bool = False
+    ) -> int:
+        """How many leading keys are present (`wait`, `fetch`: as for `get`)."""
+        return len(self.lookup_tiers(keys, wait=wait, fetch=fetch))
 
-    def lookup_tiers(self, keys: Sequence[BlockKey]) -> list[str]:
+    def lookup_tiers(
+        self, keys: Sequence[BlockKey], *, wait: float | None = None, fetch: bool = False
+    ) -> list[str]:
         """The tier holding each block of the present prefix, e.g. ["host", "disk"]."""
         keys = check_keys(keys, limit=len(keys))
         tiers: list[str] = []
-        for start in range(0, len(keys), MAX_BLOCKS):
-            chunk = keys[start : start + MAX_BLOCKS]
-            found = self._run(methodcaller("lookup", chunk))
-            tiers += found
-            if len(found) < len(chunk):
+        for ask, last in self._asks(keys, wait, fetch, tiers.__len__):
+            found = self._run(methodcaller("lookup", ask))
+            tiers.extend(found)
+            if len(found) < len(ask.keys) and (last() or not found):
                 break
         return tiers
 
@@ -340,6 +381,8 @@ class Client:
         with self._lock:
             fallbacks = dict(self._fallbacks)
         return StoreStats(
+            fetched_blocks=dict(reply.fetched_blocks),
+            fetched_bytes=dict(reply.fetched_bytes),
             tiers=tiers,
             puts=reply.puts,
             gets=reply.gets,
@@ -502,6 +545,20 @@ class Client:
 
     # -- helpers ----------------------------------------------------------------
 
+    def _asks(
+        self, keys: list[BlockKey], wait: float | None, fetch: bool, done: Callable[[], int]
+    ) -> Iterator[tuple[Ask, Callable[[], bool]]]:
+        """The requests of a get or lookup: the keys not had yet (`done()` of them), at
+        most a request's worth, each with the wait left; and whether time is up."""
+        deadline = time.monotonic() + wait if wait else 0.0
+
+        def last() -> bool:
+            return time.monotonic() >= deadline
+
+        while (n := done()) < len(keys):
+            left = deadline - time.monotonic()
+            yield Ask(keys[n : n + MAX_BLOCKS], _millis(left) if wait else 0, fetch), last
+
     def _put(self, blocks: list[Block], views: list[memoryview]) -> PutResult:
         return self._run(methodcaller("put", blocks, views))
 
@@ -535,6 +592,10 @@ class Client:
             return self._unary[name](request, timeout=self.timeout)
         except grpc.RpcError as exc:
             raise error_from_rpc(exc) from None
+
+
+def _millis(seconds: float | None) -> int:
+    return max(0, min(int((seconds or 0) * 1000), 1 << 31))
 
 
 def _flat(out: memoryview | np.ndarray) -> np.ndarray:

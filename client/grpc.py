@@ -12,10 +12,9 @@ import numpy as np
 
 from kvstore.client.pipeline import Block, Received, block_slices
 from kvstore.client.status import error_from_rpc
-from kvstore.client.transport import Arrived, Out
+from kvstore.client.transport import Arrived, Ask, Out
 from kvstore.errors import KVStoreError, Unavailable
 from kvstore.ingest import PutResult
-from kvstore.keys import BlockKey
 from kvstore.proto import kvstore_pb2 as pb
 from kvstore.proto.convert import headers_from_proto, headers_to_proto
 from kvstore.proto.frames import data_frames, decode_frame
@@ -47,18 +46,18 @@ class GrpcTransport:
             raise error_from_rpc(exc) from None
         return PutResult(reply.stored, reply.existed)
 
-    def get(self, keys: Sequence[BlockKey], out: Out, arrived: Arrived | None) -> Received:
+    def get(self, ask: Ask, out: Out, arrived: Arrived | None) -> Received:
         assembler = GetAssembler(out)
-        request = pb.GetRequest(keys=keys).SerializeToString()
         try:
-            for raw in self._get(request, timeout=self.timeout):
+            for raw in self._get(ask.message(), timeout=self.timeout):
                 assembler.feed(raw)
         except grpc.RpcError as exc:
             raise error_from_rpc(exc) from None
         return Received(*assembler.result())
 
-    def lookup(self, keys: Sequence[BlockKey]) -> list[str]:
-        request = pb.LookupRequest(keys=pb.GetRequest(keys=keys)).SerializeToString()
+    def lookup(self, ask: Ask) -> list[str]:
+        keys = pb.GetRequest(keys=ask.keys, wait_ms=ask.wait_ms, fetch=ask.fetch)
+        request = pb.LookupRequest(keys=keys).SerializeToString()
         try:
             reply = self._lookup(request, timeout=self.timeout)
         except grpc.RpcError as exc:

@@ -21,10 +21,9 @@ import xxhash
 from kvstore.client import tcp
 from kvstore.client.channel import Channels, Link
 from kvstore.client.pipeline import Block, Received, batches, block_slices, check, shaped
-from kvstore.client.transport import Arrived, Out
+from kvstore.client.transport import Arrived, Ask, Out
 from kvstore.errors import LeaseExpired
 from kvstore.ingest import PutResult
-from kvstore.keys import BlockKey
 from kvstore.proto import kvstore_pb2 as pb
 from kvstore.proto.channel import COMMIT, GET, PUT, SHM, TRUNCATED
 from kvstore.proto.convert import headers_from_proto, headers_to_proto
@@ -91,9 +90,9 @@ class ShmTransport:
 
         return commit
 
-    def get(self, keys: Sequence[BlockKey], out: Out, arrived: Arrived | None) -> Received:
+    def get(self, ask: Ask, out: Out, arrived: Arrived | None) -> Received:
         with self.channels.link() as link:
-            answer, truncated = self._pin(link, keys)
+            answer, truncated = self._pin(link, ask)
             blocks = headers_from_proto(answer.blocks)
             _, arrays = block_slices([meta for _, meta in blocks], out)
             pairs = [
@@ -107,23 +106,22 @@ class ShmTransport:
                     self.channels.owe_release(link, answer.lease)  # rides with the next one
         return Received(arrays, blocks, truncated)
 
-    def lease(self, keys: Sequence[BlockKey]) -> Lease:
+    def lease(self, ask: Ask) -> Lease:
         with self.channels.link() as link:
-            answer, truncated = self._pin(link, keys)
+            answer, truncated = self._pin(link, ask)
         lease = Lease(self, link, answer, truncated)
         if answer.lease:
             self.channels._keeper.track(lease)
         return lease
 
-    def lookup(self, keys: Sequence[BlockKey]) -> list[str]:
-        return tcp.lookup(self.channels, keys)
+    def lookup(self, ask: Ask) -> list[str]:
+        return tcp.lookup(self.channels, ask)
 
     def close(self) -> None:
         self.channels.close()
 
-    def _pin(self, link: Link, keys: Sequence[BlockKey]) -> tuple[pb.GetAnswer, bool]:
-        request = pb.GetRequest(keys=keys).SerializeToString()
-        frame = self.channels.request(link, GET, request, flags=SHM)
+    def _pin(self, link: Link, ask: Ask) -> tuple[pb.GetAnswer, bool]:
+        frame = self.channels.request(link, GET, ask.message(), flags=SHM)
         return pb.GetAnswer.FromString(frame.meta), bool(frame.flags & TRUNCATED)
 
     def _reserve(self, link: Link, blocks: Sequence[Block]) -> tuple[pb.PutAnswer, list]:

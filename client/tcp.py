@@ -8,17 +8,17 @@ the node already has, and sends only the others.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from kvstore.client.channel import Channels
 from kvstore.client.pipeline import Block, Received, batches, block_slices
-from kvstore.client.transport import Arrived, Out
+from kvstore.client.transport import Arrived, Ask, Out
 from kvstore.ingest import PutResult
-from kvstore.keys import BlockKey
 from kvstore.proto import kvstore_pb2 as pb
 from kvstore.proto.channel import GET, INLINE, LOOKUP, PUT, TRUNCATED, recv_exact
 from kvstore.proto.convert import headers_from_proto, headers_to_proto
 
+Place = Callable[[list[Block]], list[memoryview]]  # where each block of an answer goes
 INLINE_PUT = 4 << 20  # bytes a put sends with its request, before the node answers
 RECEIVE_PART = 16 << 20  # bytes received before the blocks so far go to be decoded
 
@@ -32,11 +32,11 @@ class TcpTransport:
     def put(self, blocks: Sequence[Block], views: Sequence[memoryview]) -> PutResult:
         return put(self.channels, blocks, views)
 
-    def get(self, keys: Sequence[BlockKey], out: Out, arrived: Arrived | None) -> Received:
-        return get(self.channels, keys, out, arrived)
+    def get(self, ask: Ask, out: Out, arrived: Arrived | None) -> Received:
+        return get(self.channels, ask, out, arrived)
 
-    def lookup(self, keys: Sequence[BlockKey]) -> list[str]:
-        return lookup(self.channels, keys)
+    def lookup(self, ask: Ask) -> list[str]:
+        return lookup(self.channels, ask)
 
     def close(self) -> None:
         self.channels.close()
@@ -59,16 +59,15 @@ def put(channels: Channels, blocks: Sequence[Block], views: Sequence[memoryview]
 
 def get(
     channels: Channels,
-    keys: Sequence[BlockKey],
+    ask: Ask,
     out: Out,
     arrived: Arrived | None,
 ) -> Received:
     """Receive the present prefix into one buffer (or `out`), each block straight into
     place; with `arrived`, large answers go to it in parts as they land (checking and
     decoding overlap the rest)."""
-    request = pb.GetRequest(keys=keys).SerializeToString()
     with channels.link() as link:
-        frame = channels.request(link, GET, request)
+        frame = channels.request(link, GET, ask.message())
         blocks = headers_from_proto(pb.GetAnswer.FromString(frame.meta).blocks)
         span, arrays = block_slices([meta for _, meta in blocks], out)
         if arrived is None or len(span) <= RECEIVE_PART:
@@ -84,8 +83,20 @@ def get(
     return Received(arrays, blocks, bool(frame.flags & TRUNCATED))
 
 
-def lookup(channels: Channels, keys: Sequence[BlockKey]) -> list[str]:
-    request = pb.GetRequest(keys=keys).SerializeToString()
+def lookup(channels: Channels, ask: Ask) -> list[str]:
     with channels.link() as link:
-        frame = channels.request(link, LOOKUP, request)
+        frame = channels.request(link, LOOKUP, ask.message())
     return list(pb.LookupReply.FromString(frame.meta).tiers)
+
+
+def get_into(channels: Channels, ask: Ask, place: Place, landed: Callable[[int], None]) -> int:
+    """The present prefix received straight into the memory `place` hands out, one buffer
+    per block; `landed(i)` as each is whole (see `Client.get_into`)."""
+    with channels.link() as link:
+        frame = channels.request(link, GET, ask.message())
+        blocks = headers_from_proto(pb.GetAnswer.FromString(frame.meta).blocks)
+        dests = place(blocks) if blocks else []
+        for i, dest in enumerate(dests):
+            recv_exact(link.sock, memoryview(dest))  # one copy: kernel -> the caller's memory
+            landed(i)
+    return len(blocks)

@@ -78,6 +78,7 @@ class BlockIngest:
                 omitted.append(index)
                 continue
             self._declared.append((index, key, meta))
+            self._store.coming([key])
             self.pending_bytes += meta.size
             self._need += self._store.host.slot_cost(meta.size)
         check_fits(self._store, self._need, len(self._seen))
@@ -130,10 +131,15 @@ class BlockIngest:
         return PutResult(self._stored, self._existed)
 
     def abort(self) -> None:
-        """Drop the block in flight; blocks already committed stay (they are whole)."""
-        if self._current is not None and self._current.slot is not None:
-            self._store.abort(self._current.slot)
+        """Drop the block in flight; blocks already committed stay (they are whole). Those
+        declared and not received will not come: waiters for them stop waiting."""
+        if self._current is not None:
+            if self._current.slot is not None:
+                self._store.abort(self._current.slot)
+            self._store.not_coming([self._current.key])
         self._current = None
+        self._store.not_coming([key for _, key, _ in self._declared])
+        self._declared.clear()
 
     def _next(self) -> _Current:
         if not self._declared:
@@ -145,6 +151,7 @@ class BlockIngest:
 
     def _complete(self, current: _Current) -> None:
         self._current = None
+        self._store.not_coming([current.key])  # stored now, or found already there
         if current.slot is None:
             self._existed += 1
             return
@@ -185,36 +192,40 @@ class SlotPut:
         check_fits(store, sum(store.host.slot_cost(size) for size in sizes), len(blocks))
         reservations = store.reserve_many(sizes)
         self.slots = [(*block, slot) for block, slot in zip(wanted, reservations, strict=True)]
+        store.coming([key for _, key, _ in wanted])
 
     def commit(self, checksums: Sequence[int] = ()) -> PutResult:
         """Publish every slot, or none: a checksum mismatch frees them all, then raises.
         `checksums`: those of the slots, in order, if learnt only once they were written."""
         slots, self.slots = self.slots, []
-        if checksums:
-            if len(checksums) != len(slots):
-                for *_, slot in slots:
-                    self._store.abort(slot)
-                raise InvalidArgument(
-                    "checksums", f"{len(checksums)} for {len(slots)} reserved blocks"
-                )
-            slots = [
-                (index, key, replace(meta, checksum=checksum), slot)
-                for (index, key, meta, slot), checksum in zip(slots, checksums, strict=True)
-            ]
-        for index, key, meta, slot in slots:
-            try:
+        try:
+            if checksums:
+                if len(checksums) != len(slots):
+                    raise InvalidArgument(
+                        "checksums", f"{len(checksums)} for {len(slots)} reserved blocks"
+                    )
+                slots = [
+                    (index, key, replace(meta, checksum=checksum), slot)
+                    for (index, key, meta, slot), checksum in zip(slots, checksums, strict=True)
+                ]
+            for index, key, meta, slot in slots:
                 check_payload(index, key, meta, slot.view)
-            except InvalidArgument:
-                for *_, rest in slots:
-                    self._store.abort(rest)
-                raise
+        except InvalidArgument:
+            self._end(slots)
+            raise
         stored = self._store.commit_many([(key, meta, slot) for _, key, meta, slot in slots])
+        self._store.not_coming([key for _, key, _, _ in slots])
         return PutResult(stored, len(self.present) + len(slots) - stored)
 
     def abort(self) -> None:
         slots, self.slots = self.slots, []
+        self._end(slots)
+
+    def _end(self, slots: list[tuple[int, BlockKey, BlockMeta, Reservation]]) -> None:
+        """Free the slots; their keys will not come."""
         for *_, slot in slots:
             self._store.abort(slot)
+        self._store.not_coming([key for _, key, _, _ in slots])
 
 
 def validate_block(

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -46,6 +47,8 @@ class StoreStats:
     uptime_s: float
     transfers: dict[str, int] = field(default_factory=dict)  # by "put/PATH"; filled by the server
     fallbacks: dict[str, int] = field(default_factory=dict)  # paths a client left; by the client
+    fetched_blocks: dict[str, int] = field(default_factory=dict)  # pulled from other nodes, by id
+    fetched_bytes: dict[str, int] = field(default_factory=dict)
 
 
 class ReadBatch:
@@ -98,6 +101,11 @@ class Store:
         self.promote = promote
         self.dirty_limit = int(dirty_ratio * host.capacity)
         self._started = time.monotonic()
+        self._listeners: list[Listener] = []
+        self._arrivals = threading.Condition()  # notified when blocks arrive, or will not
+        self._coming: Counter[BlockKey] = Counter()  # keys puts under way declared
+        for tier in self.tiers:
+            tier.changes.listener = self._changed
         self._counts = {"puts": 0, "gets": 0, "lookups": 0, "promotions": 0}
         self._counts_lock = threading.Lock()
         self._demoter: threading.Thread | None = None
@@ -121,8 +129,51 @@ class Store:
     def watch(self, listener: Listener) -> None:
         """Have `listener(tier, stored keys, removed keys)` told of every change of every
         tier, after the fact, outside the tiers' locks (it may ask the store anything)."""
-        for tier in self.tiers:
-            tier.changes.listener = listener
+        self._listeners.append(listener)
+
+    def present(self, keys: Sequence[BlockKey]) -> int:
+        """How many leading keys are held in any tier (counted in no statistic)."""
+        n = self.host.present_prefix(keys)
+        while n < len(keys) and len(self.tiers) > 1 and self.contains(keys[n]):
+            n += 1
+        return n
+
+    def coming(self, keys: Sequence[BlockKey]) -> None:
+        """A put declared these keys: they are on their way (`wait_present`)."""
+        with self._arrivals:
+            self._coming.update(keys)
+
+    def not_coming(self, keys: Sequence[BlockKey]) -> None:
+        """Those keys of a put that arrived, or will not any more (it failed, or went)."""
+        with self._arrivals:
+            for key in keys:
+                if self._coming[key] <= 1:
+                    self._coming.pop(key, None)
+                else:
+                    self._coming[key] -= 1
+            self._arrivals.notify_all()
+
+    def wait_present(self, key: BlockKey, timeout: float) -> bool:
+        """Wait up to `timeout` seconds for `key` to be stored. Returns early, False, when a
+        put that was bringing it ended without it: nothing else is known to be coming."""
+        deadline = time.monotonic() + timeout
+        was_coming = False
+        with self._arrivals:
+            while not self.contains(key):
+                coming = key in self._coming
+                left = deadline - time.monotonic()
+                if (was_coming and not coming) or left <= 0:
+                    return False
+                was_coming |= coming
+                self._arrivals.wait(left)
+        return True
+
+    def _changed(self, tier: str, stored: list[BlockKey], removed: list[BlockKey]) -> None:
+        if stored:
+            with self._arrivals:
+                self._arrivals.notify_all()
+        for listener in self._listeners:
+            listener(tier, stored, removed)
 
     def fastest(self, keys: Sequence[BlockKey]) -> list[str | None]:
         """The fastest tier holding each key now, or None."""

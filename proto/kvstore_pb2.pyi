@@ -57,10 +57,22 @@ class PutReply(_message.Message):
     def __init__(self, stored: _Optional[int] = ..., existed: _Optional[int] = ...) -> None: ...
 
 class GetRequest(_message.Message):
-    __slots__ = ("keys",)
+    __slots__ = ("keys", "wait_ms", "fetch")
     KEYS_FIELD_NUMBER: _ClassVar[int]
+    WAIT_MS_FIELD_NUMBER: _ClassVar[int]
+    FETCH_FIELD_NUMBER: _ClassVar[int]
     keys: _containers.RepeatedScalarFieldContainer[bytes]
-    def __init__(self, keys: _Optional[_Iterable[bytes]] = ...) -> None: ...
+    wait_ms: int
+    fetch: bool
+    def __init__(self, keys: _Optional[_Iterable[bytes]] = ..., wait_ms: _Optional[int] = ..., fetch: _Optional[bool] = ...) -> None: ...
+
+class PrefetchReply(_message.Message):
+    __slots__ = ("present", "started")
+    PRESENT_FIELD_NUMBER: _ClassVar[int]
+    STARTED_FIELD_NUMBER: _ClassVar[int]
+    present: int
+    started: bool
+    def __init__(self, present: _Optional[int] = ..., started: _Optional[bool] = ...) -> None: ...
 
 class GetReply(_message.Message):
     __slots__ = ("headers", "data")
@@ -141,8 +153,22 @@ class TierStats(_message.Message):
     def __init__(self, name: _Optional[str] = ..., blocks: _Optional[int] = ..., bytes: _Optional[int] = ..., capacity: _Optional[int] = ..., hits: _Optional[int] = ..., misses: _Optional[int] = ..., evictions: _Optional[int] = ..., demotions: _Optional[int] = ..., promotions: _Optional[int] = ..., errors: _Optional[int] = ..., last_error: _Optional[str] = ..., payload_bytes: _Optional[int] = ...) -> None: ...
 
 class StatsReply(_message.Message):
-    __slots__ = ("tiers", "puts", "gets", "lookups", "uptime_s", "transfers")
+    __slots__ = ("tiers", "puts", "gets", "lookups", "uptime_s", "transfers", "fetched_blocks", "fetched_bytes")
     class TransfersEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    class FetchedBlocksEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    class FetchedBytesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
         VALUE_FIELD_NUMBER: _ClassVar[int]
@@ -155,13 +181,17 @@ class StatsReply(_message.Message):
     LOOKUPS_FIELD_NUMBER: _ClassVar[int]
     UPTIME_S_FIELD_NUMBER: _ClassVar[int]
     TRANSFERS_FIELD_NUMBER: _ClassVar[int]
+    FETCHED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    FETCHED_BYTES_FIELD_NUMBER: _ClassVar[int]
     tiers: _containers.RepeatedCompositeFieldContainer[TierStats]
     puts: int
     gets: int
     lookups: int
     uptime_s: float
     transfers: _containers.ScalarMap[str, int]
-    def __init__(self, tiers: _Optional[_Iterable[_Union[TierStats, _Mapping]]] = ..., puts: _Optional[int] = ..., gets: _Optional[int] = ..., lookups: _Optional[int] = ..., uptime_s: _Optional[float] = ..., transfers: _Optional[_Mapping[str, int]] = ...) -> None: ...
+    fetched_blocks: _containers.ScalarMap[str, int]
+    fetched_bytes: _containers.ScalarMap[str, int]
+    def __init__(self, tiers: _Optional[_Iterable[_Union[TierStats, _Mapping]]] = ..., puts: _Optional[int] = ..., gets: _Optional[int] = ..., lookups: _Optional[int] = ..., uptime_s: _Optional[float] = ..., transfers: _Optional[_Mapping[str, int]] = ..., fetched_blocks: _Optional[_Mapping[str, int]] = ..., fetched_bytes: _Optional[_Mapping[str, int]] = ...) -> None: ...
 
 class HelloRequest(_message.Message):
     __slots__ = ()

@@ -79,6 +79,11 @@ class KVStoreStub:
                 request_serializer=kvstore_dot_proto_dot_kvstore__pb2.WatchRequest.SerializeToString,
                 response_deserializer=kvstore_dot_proto_dot_kvstore__pb2.EventBatch.FromString,
                 _registered_method=True)
+        self.Prefetch = channel.unary_unary(
+                '/kvstore.v1.KVStore/Prefetch',
+                request_serializer=kvstore_dot_proto_dot_kvstore__pb2.GetRequest.SerializeToString,
+                response_deserializer=kvstore_dot_proto_dot_kvstore__pb2.PrefetchReply.FromString,
+                _registered_method=True)
 
 
 class KVStoreServicer:
@@ -153,6 +158,14 @@ class KVStoreServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Prefetch(self, request, context):
+        """Starts pulling what this node lacks of `keys` from the cluster, and returns at once:
+        a router that picked this node warms it while the request waits in a queue.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KVStoreServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -200,6 +213,11 @@ def add_KVStoreServicer_to_server(servicer, server):
                     servicer.Watch,
                     request_deserializer=kvstore_dot_proto_dot_kvstore__pb2.WatchRequest.FromString,
                     response_serializer=kvstore_dot_proto_dot_kvstore__pb2.EventBatch.SerializeToString,
+            ),
+            'Prefetch': grpc.unary_unary_rpc_method_handler(
+                    servicer.Prefetch,
+                    request_deserializer=kvstore_dot_proto_dot_kvstore__pb2.GetRequest.FromString,
+                    response_serializer=kvstore_dot_proto_dot_kvstore__pb2.PrefetchReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -445,6 +463,33 @@ class KVStore:
             '/kvstore.v1.KVStore/Watch',
             kvstore_dot_proto_dot_kvstore__pb2.WatchRequest.SerializeToString,
             kvstore_dot_proto_dot_kvstore__pb2.EventBatch.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Prefetch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvstore.v1.KVStore/Prefetch',
+            kvstore_dot_proto_dot_kvstore__pb2.GetRequest.SerializeToString,
+            kvstore_dot_proto_dot_kvstore__pb2.PrefetchReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -52,6 +52,7 @@ from kvstore.proto.channel import (
 )
 from kvstore.proto.frames import FrameError, parse
 from kvstore.server import shm, tcp
+from kvstore.server.fetch import Fetcher
 from kvstore.server.status import TransferCounts, status_of
 from kvstore.server.tickets import TicketBook
 from kvstore.store import ReadBatch, Store
@@ -129,6 +130,7 @@ class ChannelServer:
         self.lease_ttl = lease_ttl
         self.max_connections = max_connections
         self.max_per_host = max_per_host
+        self.fetcher: Fetcher | None = None  # set by the daemon: fetch-through and waits
         self._poll = select.epoll()
         self._listeners: dict[int, tuple[socket.socket, str]] = {}
         self._connections: dict[int, Connection] = {}
@@ -333,6 +335,14 @@ class ChannelServer:
             RENEW: renew,
         }.get(op)
 
+    def wanted(self, meta: bytes, *, unique: bool = True) -> list[bytes]:
+        """The keys a get, lease or lookup names, once fetched and waited for as it asks."""
+        request = parse(meta, pb.GetRequest)
+        keys = check_keys(request.keys, unique=unique)
+        if self.fetcher is not None:
+            self.fetcher.ensure(keys, request.wait_ms, request.fetch)
+        return keys
+
     def reply(self, conn: Connection, message: bytes, *, flags: int = 0, data_len: int = 0) -> None:
         conn.sock.sendall(encode(REPLY_MAGIC, 0, flags, message, data_len))
 
@@ -363,7 +373,7 @@ class ChannelServer:
 
 
 def lookup(server: ChannelServer, conn: Connection, frame: Frame) -> None:
-    keys = check_keys(parse(frame.meta, pb.GetRequest).keys)
+    keys = server.wanted(frame.meta, unique=False)
     tiers = server.store.lookup(keys)
     server.reply(conn, pb.LookupReply(found=len(tiers), tiers=tiers).SerializeToString())
 

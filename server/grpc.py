@@ -16,6 +16,7 @@ from kvstore.limits import MAX_BLOCKS, MAX_HEADER_FRAME, MAX_TOKENS
 from kvstore.proto import kvstore_pb2 as pb
 from kvstore.proto.convert import headers_from_proto, headers_to_proto
 from kvstore.proto.frames import data_frames, decode_frame, parse
+from kvstore.server.fetch import Fetcher
 from kvstore.server.status import TransferCounts
 from kvstore.store import Store
 from kvstore.tiers import PinnedBlock
@@ -24,8 +25,11 @@ HEADERS_TAG = b"\x0a"  # field 1 (headers), length-delimited: a frame of block h
 
 
 class GrpcPath:
-    def __init__(self, store: Store, chunk_size: int, transfers: TransferCounts) -> None:
+    def __init__(
+        self, store: Store, chunk_size: int, transfers: TransferCounts, fetcher: Fetcher
+    ) -> None:
         self.store = store
+        self.fetcher = fetcher
         self.chunk_size = chunk_size
         self.transfers = transfers
 
@@ -58,7 +62,9 @@ class GrpcPath:
         return pb.PutReply(stored=result.stored, existed=result.existed).SerializeToString()
 
     def get(self, raw: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
-        keys = check_keys(parse(raw, pb.GetRequest).keys, unique=True)
+        request = parse(raw, pb.GetRequest)
+        keys = check_keys(request.keys, unique=True)
+        self.fetcher.ensure(keys, request.wait_ms, request.fetch)
         with self.transfers.running(), self.store.read(keys) as batch:
             headers = headers_to_proto((b.key, b.meta) for b in batch.blocks)
             reply = pb.GetReply(headers=pb.BlockHeaders(blocks=headers, truncated=batch.truncated))
@@ -71,7 +77,11 @@ class GrpcPath:
         self.transfers.add("get/grpc", sum(b.meta.size for b in batch.blocks))
 
     def lookup(self, raw: bytes, context: grpc.ServicerContext) -> bytes:
-        tiers = self.store.lookup(self.lookup_keys(raw))
+        request = parse(raw, pb.LookupRequest)
+        keys = self.lookup_keys(raw)
+        if request.HasField("keys"):
+            self.fetcher.ensure(keys, request.keys.wait_ms, request.keys.fetch)
+        tiers = self.store.lookup(keys)
         return pb.LookupReply(found=len(tiers), tiers=tiers).SerializeToString()
 
     @staticmethod

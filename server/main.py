@@ -21,6 +21,7 @@ from kvstore import __version__
 from kvstore.config import ServerConfig, format_size, parse_bool, parse_size
 from kvstore.server.channel import ChannelServer
 from kvstore.server.cluster import Membership, check_cluster_url, node_id
+from kvstore.server.fetch import Fetcher
 from kvstore.server.servicer import SERVICE, KVStoreServicer
 from kvstore.server.status import TransferCounts
 from kvstore.server.tickets import TicketBook
@@ -45,6 +46,7 @@ class Daemon:
         self.store = _store(config)  # the disk tier locks its directory first
         self.channel: ChannelServer | None = None
         self.membership: Membership | None = None
+        self.fetcher: Fetcher | None = None
         try:
             self._serve(config)
         except BaseException:
@@ -110,11 +112,15 @@ class Daemon:
             events_topic=config.events_topic,
             transfers=self.transfers,
         )
+        self.fetcher = Fetcher(self.store, self.membership, config.data_timeout)
+        if self.channel:
+            self.channel.fetcher = self.fetcher
         servicer = KVStoreServicer(
             self.store,
             config.chunk_size,
             self.tickets,
             membership=self.membership,
+            fetcher=self.fetcher,
             instance=self.instance.hex(),
             workers=config.workers,
             push_allow=config.push_allow,
@@ -143,6 +149,8 @@ class Daemon:
     def _close(self, persist: bool = False) -> None:
         if self.channel:
             self.channel.stop()
+        if self.fetcher:
+            self.fetcher.close()
         if self.membership:
             self.membership.close()  # leaves the cluster's answers at once
         self.store.close(persist=persist)

@@ -3,8 +3,9 @@
 A push names its target, so the target is checked before any byte leaves: it must be a
 node registered in the cluster, or without one a host the operator allowed
 (`--push-allow`: hosts or networks; loopback by default); it must answer as a kvstore
-node that is not this one; and the data plane it names must be allowed too. The inner calls share the caller's deadline, and errors say what failed
-without echoing what the target answered.
+node that is not this one; and the data plane it names must be allowed too. The inner
+calls share the caller's deadline, and errors say what failed without echoing what the
+target answered.
 """
 
 from __future__ import annotations

@@ -21,6 +21,7 @@ from kvstore.limits import MAX_BLOCKS
 from kvstore.proto import kvstore_pb2 as pb
 from kvstore.proto.frames import parse
 from kvstore.server.cluster import Membership
+from kvstore.server.fetch import Fetcher
 from kvstore.server.grpc import GrpcPath
 from kvstore.server.push import PushPolicy, push
 from kvstore.server.status import TransferCounts, streaming, unary
@@ -70,6 +71,7 @@ class KVStoreServicer:
         tickets: TicketBook,
         *,
         membership: Membership,
+        fetcher: Fetcher,
         instance: str,
         workers: int,
         push_allow: str,
@@ -80,11 +82,12 @@ class KVStoreServicer:
         self.chunk_size = chunk_size
         self.tickets = tickets
         self.membership = membership
+        self.fetcher = fetcher
         self.instance = instance
         self.info = info  # (data address, unix address), known once the channel listens
         self.transfers = transfers
         self.watchers = Gate(MAX_WATCHERS, "watchers")
-        self.grpc = GrpcPath(store, chunk_size, self.transfers)
+        self.grpc = GrpcPath(store, chunk_size, self.transfers, fetcher)
         self.gate = Gate(max(workers - FREE_THREADS, 1))
         self.push_policy = PushPolicy(push_allow)
 
@@ -112,7 +115,10 @@ class KVStoreServicer:
         parse(raw, pb.StatsRequest)
         stats = self.store.stats()
         tiers = [pb.TierStats(**{f: getattr(t, f) for f in t.__slots__}) for t in stats.tiers]
+        fetched_blocks, fetched_bytes = self.fetcher.stats()
         return pb.StatsReply(
+            fetched_blocks=fetched_blocks,
+            fetched_bytes=fetched_bytes,
             tiers=tiers,
             puts=stats.puts,
             gets=stats.gets,
@@ -176,6 +182,12 @@ class KVStoreServicer:
             self.push_policy.check(address, field)
 
     @unary
+    def Prefetch(self, raw: bytes, context: grpc.ServicerContext) -> bytes:
+        keys = check_keys(parse(raw, pb.GetRequest).keys)
+        present, started = self.fetcher.prefetch(keys)
+        return pb.PrefetchReply(present=present, started=started).SerializeToString()
+
+    @unary
     def Locate(self, raw: bytes, context: grpc.ServicerContext) -> bytes:
         keys = self.grpc.lookup_keys(raw)
         found, local_only = self.membership.locate(keys)
@@ -210,7 +222,7 @@ class KVStoreServicer:
     def handler(self) -> grpc.GenericRpcHandler:
         """Every method takes and returns raw bytes: framing is done above."""
         raw = {"request_deserializer": None, "response_serializer": None}
-        unary_methods = ("Lookup", "Delete", "Stats", "Hello", "Push", "Locate")
+        unary_methods = ("Lookup", "Delete", "Stats", "Hello", "Push", "Locate", "Prefetch")
         methods = {
             name: grpc.unary_unary_rpc_method_handler(getattr(self, name), **raw)
             for name in unary_methods

@@ -10,7 +10,6 @@ from typing import TYPE_CHECKING
 
 from kvstore.errors import Unauthenticated
 from kvstore.ingest import SlotPut
-from kvstore.keys import check_keys
 from kvstore.proto import kvstore_pb2 as pb
 from kvstore.proto.channel import READY, TRUNCATED, Frame
 from kvstore.proto.convert import headers_from_proto, headers_to_proto
@@ -21,7 +20,7 @@ if TYPE_CHECKING:
 
 
 def get(server: ChannelServer, conn: Connection, frame: Frame) -> None:
-    keys = check_keys(parse(frame.meta, pb.GetRequest).keys, unique=True)
+    keys = server.wanted(frame.meta)
     batch = server.store.pin(keys)
     answer = pb.GetAnswer(
         blocks=headers_to_proto((b.key, b.meta) for b in batch.blocks),

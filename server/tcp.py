@@ -9,7 +9,6 @@ from typing import TYPE_CHECKING
 
 from kvstore.errors import InvalidArgument
 from kvstore.ingest import BlockIngest
-from kvstore.keys import check_keys
 from kvstore.proto import kvstore_pb2 as pb
 from kvstore.proto.channel import (
     INLINE,
@@ -31,7 +30,7 @@ _DRAIN = 1 << 20
 
 
 def get(server: ChannelServer, conn: Connection, frame: Frame) -> None:
-    keys = check_keys(parse(frame.meta, pb.GetRequest).keys, unique=True)
+    keys = server.wanted(frame.meta)
     with server.store.read(keys) as batch:
         answer = pb.GetAnswer(
             blocks=headers_to_proto((b.key, b.meta) for b in batch.blocks),

@@ -1,0 +1,201 @@
+"""Fetch-through and waiting: a node answers for the cluster's blocks, and for blocks a
+producer is still writing.
+
+With `fetch`, a get, lease or lookup whose local prefix ends before the cluster's first
+pulls the missing run from the best holder (the index's choice), node to node over that
+node's data plane, straight into reserved host slots, each block published only once it
+is whole and matches its checksum. A holder that fails half way leaves the blocks that
+arrived whole; the next holder is asked for the rest. Requests that need a run another
+request is fetching wait for that fetch instead of starting a second.
+
+With `wait`, keys[0] gets that long to arrive (locally, or with `fetch` anywhere in the
+cluster); a put that was bringing it and fails ends the wait at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+from kvstore.errors import KVStoreError, ResourceExhausted
+from kvstore.ingest import check_payload
+from kvstore.keys import BlockKey
+from kvstore.meta import BlockMeta
+from kvstore.server.cluster import Membership
+from kvstore.store import Store
+from kvstore.tiers import Reservation
+
+log = logging.getLogger("kvstore.fetch")
+MAX_WAIT = 300.0  # seconds a request may wait for blocks to arrive
+MAX_WAITING = 8  # requests waiting at once; more are refused (they hold serving threads)
+RUN = 256  # keys asked of a holder at once (their slots are reserved together)
+POLL = 0.02  # seconds between looks at the cluster while waiting with fetch
+
+
+class Fetcher:
+    def __init__(self, store: Store, membership: Membership, timeout: float) -> None:
+        self.store = store
+        self.membership = membership
+        self.timeout = timeout
+        self._waiting = threading.BoundedSemaphore(MAX_WAITING)
+        self._lock = threading.Lock()
+        self._running: dict[BlockKey, threading.Event] = {}  # first key of a run being fetched
+        self._peers: dict[str, object] = {}
+        self._counts: dict[str, list[int]] = {}  # node id -> [blocks, bytes]
+        self._background = ThreadPoolExecutor(2, thread_name_prefix="kvstore-prefetch")
+
+    def ensure(self, keys: Sequence[BlockKey], wait_ms: int, fetch: bool) -> None:
+        """Before a get, lease or lookup of `keys` is answered: fetch what the cluster has
+        and this node lacks, and give keys[0] up to `wait_ms` to arrive."""
+        fetch = fetch and self.membership.index is not None
+        if fetch:
+            self.fill(keys)
+        if not wait_ms or self.store.contains(keys[0]):
+            return
+        if not self._waiting.acquire(blocking=False):
+            raise ResourceExhausted(f"{MAX_WAITING} requests already wait for blocks: retry")
+        try:
+            deadline = time.monotonic() + min(wait_ms / 1000, MAX_WAIT)
+            while (left := deadline - time.monotonic()) > 0:
+                if not fetch:  # only a local put can bring it: wait for that
+                    self.store.wait_present(keys[0], left)
+                    return
+                if self.store.wait_present(keys[0], min(left, POLL)) or self.fill(keys):
+                    return
+        finally:
+            self._waiting.release()
+
+    def prefetch(self, keys: Sequence[BlockKey]) -> tuple[int, bool]:
+        """Start filling `keys` in the background: (leading keys held now, started)."""
+        present = self.store.present(keys)
+        if present == len(keys) or self.membership.index is None:
+            return present, False
+        self._background.submit(self._quietly, list(keys))
+        return present, True
+
+    def fill(self, keys: Sequence[BlockKey]) -> int:
+        """Make the local prefix of `keys` as long as the cluster's; blocks fetched."""
+        fetched = 0
+        while (n := self.store.present(keys)) < len(keys):
+            run = keys[n]
+            with self._lock:
+                running = self._running.get(run)
+                if running is None:
+                    self._running[run] = threading.Event()
+            if running is not None:  # another request fetches this run: wait for it
+                running.wait(self.timeout)
+                if self.store.present(keys) == n:
+                    return fetched
+                continue
+            try:
+                got = self._fetch(keys[n:])
+            finally:
+                with self._lock:
+                    self._running.pop(run).set()
+            fetched += got
+            if not got:
+                return fetched
+        return fetched
+
+    def stats(self) -> tuple[dict[str, int], dict[str, int]]:
+        with self._lock:
+            counts = {node: list(c) for node, c in self._counts.items()}
+        return {n: c[0] for n, c in counts.items()}, {n: c[1] for n, c in counts.items()}
+
+    def close(self) -> None:
+        self._background.shutdown(wait=False, cancel_futures=True)
+        with self._lock:
+            peers, self._peers = list(self._peers.values()), {}
+        for peer in peers:
+            peer.close()  # type: ignore[attr-defined]
+
+    def _fetch(self, keys: Sequence[BlockKey]) -> int:
+        """Pull the leading run of `keys` from the best holders; blocks landed here."""
+        index = self.membership.index
+        if index is None:
+            return 0
+        try:
+            holders = [loc for loc in index.locate(keys) if loc.node_id != self.membership.node_id]
+        except KVStoreError as exc:
+            log.info("fetch-through: cannot locate holders: %s", exc)
+            return 0
+        landed = 0
+        for holder in holders:  # best first; the next one takes over where one failed
+            if holder.matched <= landed:
+                continue
+            try:
+                self._pull(holder.node_id, holder.address, keys[landed : holder.matched])
+            except KVStoreError as exc:
+                log.warning("fetch-through from %s stopped: %s", holder.node_id, exc)
+            landed = self.store.present(keys)  # whole blocks stay, whatever stopped it
+            if landed >= holders[0].matched:
+                break
+        return landed
+
+    def _pull(self, node: str, address: str, keys: Sequence[BlockKey]) -> int:
+        peer = self._peer(address)
+        total = 0
+        for start in range(0, len(keys), RUN):
+            run = keys[start : start + RUN]
+            landing = _Landing(self.store, lambda size: self._count(node, size))
+            try:
+                got = peer.get_into(run, landing.place, landing.landed)  # type: ignore[attr-defined]
+            finally:
+                landing.abort_rest()
+            total += landing.done
+            if got < len(run):
+                break
+        return total
+
+    def _peer(self, address: str) -> object:
+        from kvstore.client import Client  # a node fetching is a client of the holder
+
+        with self._lock:
+            if address not in self._peers:
+                self._peers[address] = Client(
+                    address, transport="tcp", shm=False, timeout=self.timeout
+                )
+            return self._peers[address]
+
+    def _count(self, node: str, nbytes: int) -> None:
+        with self._lock:
+            counts = self._counts.setdefault(node, [0, 0])
+            counts[0] += 1
+            counts[1] += nbytes
+
+    def _quietly(self, keys: list[BlockKey]) -> None:
+        try:
+            self.fill(keys)
+        except Exception:
+            log.exception("prefetch failed")
+
+
+class _Landing:
+    """One run of fetched blocks: slots reserved for them as the holder answers, each
+    published once whole and checked, those that never land freed."""
+
+    def __init__(self, store: Store, counted: Callable[[int], None]) -> None:
+        self.store = store
+        self.counted = counted
+        self.slots: list[Reservation] = []
+        self.blocks: list[tuple[BlockKey, BlockMeta]] = []
+        self.done = 0
+
+    def place(self, blocks: list[tuple[BlockKey, BlockMeta]]) -> list[memoryview]:
+        self.slots = self.store.reserve_many([meta.size for _, meta in blocks])
+        self.blocks = blocks
+        return [slot.view for slot in self.slots]
+
+    def landed(self, i: int) -> None:
+        key, meta = self.blocks[i]
+        check_payload(i, key, meta, self.slots[i].view)
+        self.store.commit(key, meta, self.slots[i])
+        self.done = i + 1
+        self.counted(meta.size)
+
+    def abort_rest(self) -> None:
+        for slot in self.slots[self.done :]:
+            self.store.abort(slot)

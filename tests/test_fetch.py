@@ -1,0 +1,206 @@
+"""A worker talks to its own node only: that node fetches what other nodes hold, and waits
+for what a producer is still writing."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_cluster_index import RedisServer, poll
+
+from conftest import Daemon, running_daemon
+from kvstore.keys import block_keys
+from kvstore.router import Router
+
+pytestmark = pytest.mark.skipif(not shutil.which("redis-server"), reason="needs redis-server")
+MiB = 1 << 20
+FAST = ("--heartbeat", "0.2", "--node-ttl", "1.5")
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path / "redis").start()
+    yield server
+    server.stop()
+
+
+@contextmanager
+def node(url: str, name: str, *flags: str) -> Iterator[Daemon]:
+    with running_daemon(
+        "--host-capacity", "64MiB", "--prefault", "false", "--cluster", url,
+        "--node-id", name, *FAST, *flags,
+    ) as daemon:  # fmt: skip
+        yield daemon
+
+
+def blocks(n: int, size: int, seed: int) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, size, np.uint8) for _ in range(n)]
+
+
+def published(url: str, keys: list[bytes], holders: dict[str, int]) -> None:
+    with Router(url) as router:
+        poll(lambda: {loc.node_id: loc.matched for loc in router.locate(keys)} == holders)
+
+
+def test_a_decode_node_gets_a_prompt_held_by_two_others(redis_server, tmp_path) -> None:
+    """Blocks 0-5 on A (0-3 only on A's disk by now), 6-9 on C: B serves all ten."""
+    keys = block_keys(np.arange(10 * 16), 16, b"split")
+    payloads = blocks(10, MiB, 1)
+    disk = ("--host-capacity", "6MiB", "--disk-dir", str(tmp_path / "a"), "--dirty-ratio", "0")
+    with ExitStack() as stack:
+        a = stack.enter_context(node(redis_server.url, "a", *disk))
+        b = stack.enter_context(node(redis_server.url, "b"))
+        c = stack.enter_context(node(redis_server.url, "c"))
+        with a.client() as ca:
+            ca.put(keys[:6], payloads[:6])
+            ca.put(block_keys(np.arange(64), 16, b"pressure"), blocks(4, MiB, 2))
+            poll(lambda: ca.lookup_tiers(keys[:6])[:4] == ["disk"] * 4)
+        with c.client() as cc:  # C holds the rest of the chain (its prefix evicted, say)
+            cc.put(keys[6:], payloads[6:])
+        published(redis_server.url, keys, {"a": 6})
+        published(redis_server.url, keys[6:], {"c": 4})
+        with b.client() as cb:
+            assert cb.lookup(keys) == 0
+            got = cb.get(keys, fetch=True)
+            assert len(got) == 10
+            assert all(np.array_equal(g, p) for g, p in zip(got, payloads, strict=True))
+            assert cb.lookup_tiers(keys) == ["host"] * 10  # kept here for the next request
+            stats = cb.stats()
+            assert stats.fetched_blocks == {"a": 6, "c": 4}
+            assert stats.fetched_bytes["a"] == 6 * MiB
+
+
+def test_two_concurrent_gets_of_a_missing_run_fetch_it_once(redis_server) -> None:
+    keys = block_keys(np.arange(32 * 16), 16, b"once")
+    payloads = blocks(32, 256 << 10, 3)
+    with node(redis_server.url, "holder") as holder, node(redis_server.url, "reader") as reader:
+        with holder.client() as c:
+            c.put(keys, payloads)
+        published(redis_server.url, keys, {"holder": 32})
+        results: list[int] = []
+
+        def get() -> None:
+            with reader.client() as c:
+                results.append(len(c.get(keys, fetch=True)))
+
+        readers = [threading.Thread(target=get) for _ in range(2)]
+        for thread in readers:
+            thread.start()
+        for thread in readers:
+            thread.join()
+        with reader.client() as c:
+            assert results == [32, 32] and c.stats().fetched_blocks == {"holder": 32}
+
+
+def test_prefetch_warms_the_node_and_returns_at_once(redis_server) -> None:
+    keys = block_keys(np.arange(8 * 16), 16, b"prefetch")
+    with node(redis_server.url, "holder") as holder, node(redis_server.url, "warm") as warm:
+        with holder.client() as c:
+            c.put(keys, blocks(8, MiB, 4))
+        published(redis_server.url, keys, {"holder": 8})
+        with warm.client() as c:
+            assert c.prefetch(keys) == 0  # held nothing when asked
+            assert c.lookup(keys, wait=30) == 8  # arrives in the background
+            assert c.stats().fetched_blocks == {"holder": 8}
+
+
+def test_a_holder_killed_during_a_fetch_leaves_whole_blocks_only(redis_server) -> None:
+    """The holder dies while serving a long run: the reader keeps the blocks that arrived
+    whole and takes the rest from the other holder; every byte is right."""
+    keys = block_keys(np.arange(48 * 16), 16, b"dies")
+    payloads = blocks(48, MiB, 5)
+    with ExitStack() as stack:
+        dying = stack.enter_context(node(redis_server.url, "dying", "--host-capacity", "96MiB"))
+        backup = stack.enter_context(node(redis_server.url, "backup"))
+        reader = stack.enter_context(node(redis_server.url, "reader"))
+        with dying.client() as c:
+            c.put(keys, payloads)
+        with backup.client() as c:
+            c.put(keys[:24], payloads[:24])
+        published(redis_server.url, keys, {"dying": 48, "backup": 24})
+        with reader.client() as c:
+            getting = threading.Thread(target=lambda: got.extend(c.get(keys, fetch=True)))
+            got: list[np.ndarray] = []
+            getting.start()
+            poll(lambda: sum(c.stats().fetched_blocks.values()) > 0)  # under way
+            dying.process.send_signal(signal.SIGKILL)
+            getting.join(timeout=120)
+            assert not getting.is_alive()
+            assert len(got) >= 24  # at least what the other holder has
+            assert all(np.array_equal(g, p) for g, p in zip(got, payloads, strict=False))
+            held = c.get(keys)
+            assert all(np.array_equal(g, p) for g, p in zip(held, payloads, strict=False))
+
+
+def test_a_consumer_waits_for_a_producer_still_writing(daemon, salt) -> None:
+    """The decode asks first; the prefill writes afterwards, batch by batch. The decode
+    gets every block, as it appears, and never a partial one."""
+    keys = block_keys(np.arange(24 * 16), 16, salt)
+    payloads = blocks(24, MiB, 6)
+    got: list[np.ndarray] = []
+    with daemon.client() as consumer, daemon.client() as producer:
+        waiting = threading.Thread(target=lambda: got.extend(consumer.get(keys, wait=60)))
+        waiting.start()
+        for i in range(0, 24, 4):
+            producer.put(keys[i : i + 4], payloads[i : i + 4])
+        waiting.join(timeout=120)
+    assert len(got) == 24
+    assert all(np.array_equal(g, p) for g, p in zip(got, payloads, strict=True))
+
+
+def test_a_consumer_of_a_producer_killed_mid_put_returns_with_what_exists() -> None:
+    keys = block_keys(np.arange(8 * 16), 16, b"killed-producer")
+    with running_daemon("--host-capacity", "64MiB", "--data-timeout", "30") as d:
+        producer = subprocess.Popen(
+            [sys.executable, "-c", textwrap.dedent(f"""
+                import socket, sys
+                sys.path.insert(0, {str(Path(__file__).parent)!r})
+                from conftest import raw_channel, send_request
+                from kvstore.proto import kvstore_pb2 as pb
+                from kvstore.proto.channel import PUT, INLINE
+                keys = {keys!r}
+                blocks = pb.BlockHeaders(blocks=[
+                    pb.BlockHeader(key=k, meta=pb.BlockMeta(size=1 << 20)) for k in keys])
+                with raw_channel({d.address!r}) as sock:
+                    meta = blocks.SerializeToString()
+                    from kvstore.proto.channel import REQUEST_MAGIC, encode
+                    sock.sendall(encode(REQUEST_MAGIC, PUT, INLINE, meta, 8 << 20))
+                    sock.sendall(b"x" * (3 << 20))  # three whole blocks, then dies
+                    print("sent", flush=True)
+                    sys.stdin.read()
+            """)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        try:
+            assert producer.stdout.readline().strip() == "sent"
+            with d.client() as consumer:
+                poll(lambda: consumer.lookup(keys) == 3)
+                waiting = threading.Thread(target=lambda: got.extend(consumer.get(keys, wait=60)))
+                got: list[np.ndarray] = []
+                waiting.start()
+                producer.send_signal(signal.SIGKILL)  # the put will not deliver the rest
+                waiting.join(timeout=30)  # well before the 60 s bound: the put's end says so
+                assert not waiting.is_alive()
+                assert [bytes(g) for g in got] == [b"x" * MiB] * 3
+        finally:
+            producer.kill()
+            producer.wait()
+
+
+def test_without_a_cluster_fetch_is_nothing_and_wait_works_here(daemon, salt) -> None:
+    keys = block_keys(np.arange(4 * 16), 16, salt)
+    with daemon.client() as c:
+        assert c.get(keys, fetch=True) == []
+        assert c.lookup(keys, wait=0.2) == 0  # nothing is coming: the bound passes
+        c.put(keys[:2], [b"a", b"b"])
+        assert c.lookup(keys, fetch=True) == 2
