@@ -20,7 +20,17 @@ from pathlib import Path
 import numpy as np
 
 from kvstore import codecs
-from kvstore.bench import ceilings, codec_bench, ops_bench, tier_bench, ttft, workloads
+from kvstore.bench import (
+    ceilings,
+    cluster_bench,
+    codec_bench,
+    ops_bench,
+    tier_bench,
+    trace,
+    ttft,
+    vllm_bench,
+    workloads,
+)
 from kvstore.bench.measure import Run, Workload, median, source_bytes
 from kvstore.bench.procs import Processes
 from kvstore.bench.report import CEILINGS, Row, add_ratios, plot, table, write_json
@@ -32,7 +42,7 @@ from kvstore.keys import block_keys
 SCENARIOS = ("put", "get", "handoff", "push")
 # Subcommands in modules of their own: HELP, add_arguments(parser, choices, ints, sizes),
 # check(args) -> problem or "", run(args, procs, address, progress, task) -> rows.
-PLUGINS = {"ops": ops_bench}
+PLUGINS = {"cluster": cluster_bench, "ops": ops_bench, "trace": trace, "vllm": vllm_bench}
 DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
 PATHS = ("shm", "lease", "tcp", "grpc")
 QUICK = {
@@ -188,12 +198,10 @@ def parser() -> argparse.ArgumentParser:
         help="host tier of the demotion daemon; 2.5 times this is put",
     )
     tr.add_argument("--transports", type=_choices(("shm", "tcp", "grpc")), default=["shm", "tcp"])
-    op = sub.add_parser("ops", parents=[common], help="single-block put, get, lookup latency")
-    op.add_argument(
-        "--paths", type=_choices(("shm", "tcp", "grpc")), default=["shm", "tcp", "grpc"]
-    )
-    op.add_argument("--calls", type=int, default=2000, help="calls per operation and size")
-    op.add_argument("--redis-url", help="a running Redis (default: start one)")
+    for name, module in PLUGINS.items():
+        module.add_arguments(
+            sub.add_parser(name, parents=[common], help=module.HELP), _choices, _ints, _sizes
+        )
     lk = sub.add_parser("lookup", parents=[common], help="prefix lookups per second")
     lk.add_argument("--prompt-tokens", type=_ints, default=[1024, 4096, 16384, 65536, 131072])
     lk.add_argument("--block-size", type=int, default=16, help="tokens per block")

@@ -63,7 +63,7 @@ def run(
     step("locate")
     rows += put_overhead_rows(procs, url, args.total, args.repeat, args.seed)
     step("puts with and without --cluster")
-    rows += [memory_row(url)]
+    rows += [memory_row(procs)]
     step("index memory")
     rows += [absence_row(procs, url)]
     step("absence after SIGKILL")
@@ -142,8 +142,10 @@ def put_overhead_rows(procs: Processes, url: str, total: int, repeat: int, seed:
     return [row, Row("put", "tcp", size, total, round(plain, 4), 0, 0)]  # fmt: skip
 
 
-def memory_row(url: str) -> Row:
-    measured = cluster_index_bench.bench_memory(url, 100_000)
+def memory_row(procs: Processes) -> Row:
+    server = cluster_index_bench.RedisServer(procs)  # of its own: nothing else in it
+    server.start()
+    measured = cluster_index_bench.bench_memory(server.url, 100_000)
     mixed = next(m for m in measured if m["holders"] == "1-3")
     by_holders = {m["holders"]: round(m["bytes_per_entry"], 1) for m in measured}
     entry = round(mixed["bytes_per_entry"], 1)

@@ -45,7 +45,9 @@ class Fetcher:
         self._running: dict[BlockKey, threading.Event] = {}  # first key of a run being fetched
         self._peers: dict[str, object] = {}
         self._counts: dict[str, list[int]] = {}  # node id -> [blocks, bytes]
-        self._background = ThreadPoolExecutor(2, thread_name_prefix="kvstore-prefetch")
+        self._background = ThreadPoolExecutor(4, thread_name_prefix="kvstore-prefetch")
+        self._following: set[BlockKey] = set()  # first keys of prompts followed
+        self._closing = threading.Event()
 
     def ensure(self, keys: Sequence[BlockKey], wait_ms: int, fetch: bool) -> None:
         """Before a get, lease or lookup of `keys` is answered: fetch what the cluster has
@@ -59,6 +61,8 @@ class Fetcher:
             raise ResourceExhausted(f"{MAX_WAITING} requests already wait for blocks: retry")
         try:
             deadline = time.monotonic() + min(wait_ms / 1000, MAX_WAIT)
+            if fetch:  # pull the rest as it appears, while the caller reads what is here
+                self._follow(keys, deadline)
             while (left := deadline - time.monotonic()) > 0:
                 if not fetch:  # only a local put can bring it: wait for that
                     self.store.wait_present(keys[0], left)
@@ -67,6 +71,25 @@ class Fetcher:
                     return
         finally:
             self._waiting.release()
+
+    def _follow(self, keys: Sequence[BlockKey], deadline: float) -> None:
+        """In the background, until `deadline` or every key is here: fetch what the cluster
+        has of `keys` as it appears (one follower per prompt)."""
+        with self._lock:
+            if keys[0] in self._following:
+                return
+            self._following.add(keys[0])
+
+        def follow() -> None:
+            try:
+                while time.monotonic() < deadline and self.store.present(keys) < len(keys):
+                    if not self.fill(keys):
+                        self._closing.wait(POLL)
+            finally:
+                with self._lock:
+                    self._following.discard(keys[0])
+
+        self._background.submit(follow)
 
     def prefetch(self, keys: Sequence[BlockKey]) -> tuple[int, bool]:
         """Start filling `keys` in the background: (leading keys held now, started)."""
@@ -106,6 +129,7 @@ class Fetcher:
         return {n: c[0] for n, c in counts.items()}, {n: c[1] for n, c in counts.items()}
 
     def close(self) -> None:
+        self._closing.set()
         self._background.shutdown(wait=False, cancel_futures=True)
         with self._lock:
             peers, self._peers = list(self._peers.values()), {}
