@@ -44,8 +44,11 @@ class AsyncClient:
         *,
         codec: str | None = None,
         layout: str | None = None,
+        durable: bool = False,
     ) -> PutResult:
-        return await self._run(self.client.put, keys, payloads, codec=codec, layout=layout)
+        return await self._run(
+            self.client.put, keys, payloads, codec=codec, layout=layout, durable=durable
+        )
 
     async def put_in_place(
         self,

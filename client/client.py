@@ -154,15 +154,18 @@ class Client:
         *,
         codec: str | None = None,
         layout: str | None = None,
+        durable: bool = False,
     ) -> PutResult:
         """Store one payload per key (bytes-like or numpy arrays, 1 B and up), encoded with
         `codec` (default: the client's) and recording `layout`. The batch must fit the
-        node whole; it goes in parts of one request each, encoded while parts go out."""
+        node whole; it goes in parts of one request each, encoded while parts go out.
+        `durable`: acknowledged only once on the node's disk (under its fsync policy), for
+        blocks that must survive a crash; a node without a disk tier refuses it."""
         keys = check_batch(keys, payloads)
         self._check_fits([payload_size(p) for p in payloads])  # raw: an upper bound
         encoding = self._encoding(codec, layout, payloads)
         parts = encoded_parts(keys, payloads, encoding, self._pool)
-        return sum((self._put(*part) for part in parts), PutResult(0, 0))
+        return sum((self._put(*part, durable) for part in parts), PutResult(0, 0))
 
     def put_blocks(self, blocks: Sequence[Block], views: Sequence[memoryview]) -> PutResult:
         """Put blocks whose metadata is already built (a node forwarding its own)."""
@@ -559,8 +562,10 @@ class Client:
             left = deadline - time.monotonic()
             yield Ask(keys[n : n + MAX_BLOCKS], _millis(left) if wait else 0, fetch), last
 
-    def _put(self, blocks: list[Block], views: list[memoryview]) -> PutResult:
-        return self._run(methodcaller("put", blocks, views))
+    def _put(
+        self, blocks: list[Block], views: list[memoryview], durable: bool = False
+    ) -> PutResult:
+        return self._run(methodcaller("put", blocks, views, durable))
 
     def _check_fits(self, sizes: Sequence[int]) -> None:
         """A put must fit the node whole, or its last blocks would evict its first."""

@@ -5,6 +5,7 @@ decoded by hand (kvstore/proto/frames.py), so a payload is copied once per side.
 from __future__ import annotations
 
 import itertools
+import json
 from collections.abc import Iterator, Sequence
 
 import grpc
@@ -22,9 +23,27 @@ from kvstore.proto.frames import data_frames, decode_frame
 SERVICE = "/kvstore.v1.KVStore/"
 HEADERS_PER_FRAME = 4096
 MAX_MESSAGE = 256 << 20
+# A node draining or out of room for now answers UNAVAILABLE or RESOURCE_EXHAUSTED: gRPC
+# itself tries again, with backoff (the data plane's requests are retried by the client).
+RETRY_POLICY = {
+    "methodConfig": [
+        {
+            "name": [{"service": "kvstore.v1.KVStore"}],
+            "retryPolicy": {
+                "maxAttempts": 4,
+                "initialBackoff": "0.1s",
+                "maxBackoff": "2s",
+                "backoffMultiplier": 2,
+                "retryableStatusCodes": ["UNAVAILABLE", "RESOURCE_EXHAUSTED"],
+            },
+        }
+    ]
+}
 CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE),
     ("grpc.max_send_message_length", MAX_MESSAGE),
+    ("grpc.enable_retries", 1),
+    ("grpc.service_config", json.dumps(RETRY_POLICY)),
 ]
 
 
@@ -38,8 +57,10 @@ class GrpcTransport:
         self.chunk_size = chunk_size
         self.timeout = timeout
 
-    def put(self, blocks: Sequence[Block], views: Sequence[memoryview]) -> PutResult:
-        frames = put_frames(blocks, views, self.chunk_size)
+    def put(
+        self, blocks: Sequence[Block], views: Sequence[memoryview], durable: bool = False
+    ) -> PutResult:
+        frames = put_frames(blocks, views, self.chunk_size, durable)
         try:
             reply = pb.PutReply.FromString(self._put(frames, timeout=self.timeout))
         except grpc.RpcError as exc:
@@ -69,14 +90,14 @@ class GrpcTransport:
 
 
 def put_frames(
-    blocks: Sequence[Block], views: Sequence[memoryview], chunk_size: int
+    blocks: Sequence[Block], views: Sequence[memoryview], chunk_size: int, durable: bool = False
 ) -> Iterator[bytes]:
     """Header frames for the whole batch, then the payloads as data frames (built lazily,
     as gRPC sends them)."""
     headers = headers_to_proto(blocks)
     header_frames = [
         pb.PutRequest(
-            headers=pb.BlockHeaders(blocks=headers[i : i + HEADERS_PER_FRAME])
+            headers=pb.BlockHeaders(blocks=headers[i : i + HEADERS_PER_FRAME], durable=durable)
         ).SerializeToString()
         for i in range(0, len(headers), HEADERS_PER_FRAME)
     ]

@@ -46,15 +46,17 @@ class ShmTransport:
         self.verify = verify
         self._pool = pool
 
-    def put(self, blocks: Sequence[Block], views: Sequence[memoryview]) -> PutResult:
+    def put(
+        self, blocks: Sequence[Block], views: Sequence[memoryview], durable: bool = False
+    ) -> PutResult:
         sizes = [len(view) for view in views]
         result = PutResult(0, 0)
         for part in batches(sizes, len(self.arena) // 4):  # slots are held at once
             if sum(sizes[part]) <= INLINE_PUT:  # small: through the socket, one round trip
-                result += tcp.put(self.channels, blocks[part], views[part])
+                result += tcp.put(self.channels, blocks[part], views[part], durable)
                 continue
             with self.channels.link() as link:
-                answer, slots = self._reserve(link, blocks[part])
+                answer, slots = self._reserve(link, blocks[part], durable)
                 wanted = [v for i, v in enumerate(views[part]) if i not in set(answer.present)]
                 _copy(list(zip(slots, (np.frombuffer(v, np.uint8) for v in wanted), strict=True)),
                       self._pool)  # fmt: skip
@@ -124,8 +126,11 @@ class ShmTransport:
         frame = self.channels.request(link, GET, ask.message(), flags=SHM)
         return pb.GetAnswer.FromString(frame.meta), bool(frame.flags & TRUNCATED)
 
-    def _reserve(self, link: Link, blocks: Sequence[Block]) -> tuple[pb.PutAnswer, list]:
-        meta = pb.BlockHeaders(blocks=headers_to_proto(blocks)).SerializeToString()
+    def _reserve(
+        self, link: Link, blocks: Sequence[Block], durable: bool = False
+    ) -> tuple[pb.PutAnswer, list]:
+        headers = pb.BlockHeaders(blocks=headers_to_proto(blocks), durable=durable)
+        meta = headers.SerializeToString()
         answer = pb.PutAnswer.FromString(self.channels.request(link, PUT, meta, flags=SHM).meta)
         present = set(answer.present)
         sizes = [m.size for i, (_, m) in enumerate(blocks) if i not in present]

@@ -29,8 +29,10 @@ class TcpTransport:
     def __init__(self, channels: Channels) -> None:
         self.channels = channels
 
-    def put(self, blocks: Sequence[Block], views: Sequence[memoryview]) -> PutResult:
-        return put(self.channels, blocks, views)
+    def put(
+        self, blocks: Sequence[Block], views: Sequence[memoryview], durable: bool = False
+    ) -> PutResult:
+        return put(self.channels, blocks, views, durable)
 
     def get(self, ask: Ask, out: Out, arrived: Arrived | None) -> Received:
         return get(self.channels, ask, out, arrived)
@@ -42,8 +44,13 @@ class TcpTransport:
         self.channels.close()
 
 
-def put(channels: Channels, blocks: Sequence[Block], views: Sequence[memoryview]) -> PutResult:
-    meta = pb.BlockHeaders(blocks=headers_to_proto(blocks)).SerializeToString()
+def put(
+    channels: Channels,
+    blocks: Sequence[Block],
+    views: Sequence[memoryview],
+    durable: bool = False,
+) -> PutResult:
+    meta = pb.BlockHeaders(blocks=headers_to_proto(blocks), durable=durable).SerializeToString()
     total = sum(len(v) for v in views)
     with channels.link() as link:
         if total <= INLINE_PUT:

@@ -38,8 +38,11 @@ Arrived = Callable[[Sequence[np.ndarray], Sequence[Block]], None]  # blocks land
 class Transport(Protocol):
     name: str  # "shm", "tcp" or "grpc"
 
-    def put(self, blocks: Sequence[Block], views: Sequence[memoryview]) -> PutResult:
-        """Store whole blocks; those already present are acknowledged, not sent again."""
+    def put(
+        self, blocks: Sequence[Block], views: Sequence[memoryview], durable: bool = False
+    ) -> PutResult:
+        """Store whole blocks; those already present are acknowledged, not sent again.
+        `durable`: acknowledged only once on the node's disk."""
         ...
 
     def get(self, ask: Ask, out: Out, arrived: Arrived | None) -> Received:

@@ -8,8 +8,10 @@ this file never disagree.
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -154,6 +156,28 @@ class ServerConfig:
     )
     events_replay: str = _opt("", "ZMQ endpoint serving replays of missed events; empty: none")
     events_topic: str = _opt("", "topic of every published KV event batch")
+    auth_file: str = _opt(
+        "",
+        "TOML file of tenants ([[tenant]] name, token, quota, read_only, shm), reloaded on "
+        "SIGHUP; empty: no authentication (then bind loopback only)",
+    )
+    tls_cert: str = _opt("", "PEM certificate chain: serve gRPC and the TCP data plane over TLS")
+    tls_key: str = _opt("", "PEM private key of --tls-cert")
+    tls_client_ca: str = _opt(
+        "", "PEM CA bundle: clients must present a certificate it signed (mutual TLS)"
+    )
+    metrics_address: str = _opt("", "HOST:PORT serving Prometheus metrics at /metrics; empty: none")
+    drain_timeout: float = _opt(
+        30.0,
+        "seconds SIGTERM lets transfers in flight finish (new ones are refused) before exiting",
+        float,
+    )
+    max_inflight_bytes: int = _opt(
+        0,
+        "bytes of puts and gets in flight over the whole node; more are refused with "
+        "RESOURCE_EXHAUSTED; 0: a quarter of the host tier",
+        parse_size,
+    )
     log_level: str = _opt("info", "debug, info, warning or error")
 
     def __post_init__(self) -> None:
@@ -194,14 +218,24 @@ class ServerConfig:
                 f"heartbeat, node_ttl: need 0 < heartbeat < node_ttl, got {self.heartbeat} "
                 f"and {self.node_ttl}"
             )
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("tls_cert, tls_key: give both, or neither")
+        if self.tls_client_ca and not self.tls_cert:
+            raise ValueError("tls_client_ca: needs tls_cert and tls_key")
+        if self.drain_timeout < 0 or self.max_inflight_bytes < 0:
+            raise ValueError("drain_timeout and max_inflight_bytes must be >= 0")
         if self.log_level.lower() not in {"debug", "info", "warning", "error"}:
             raise ValueError(f"log_level: unknown level {self.log_level!r}")
 
     @classmethod
     def resolve(
-        cls, flags: Mapping[str, Any], environ: Mapping[str, str] = os.environ
+        cls,
+        flags: Mapping[str, Any],
+        environ: Mapping[str, str] = os.environ,
+        file: Mapping[str, Any] | None = None,
     ) -> ServerConfig:
-        """Flags (None = not given) over `KVSTORE_*` environment over defaults."""
+        """Flags (None = not given) over `KVSTORE_*` environment over the config file over
+        defaults. Every value says where it came from when it is wrong."""
         values = {}
         for f in fields(cls):
             raw = flags.get(f.name)
@@ -209,11 +243,59 @@ class ServerConfig:
             if raw is None:
                 source = f"KVSTORE_{f.name.upper()}"
                 raw = environ.get(source)
+            if raw is None and file is not None and f.name in file:
+                source, raw = "the config file", file[f.name]
             if raw is None:
                 continue
             parse = f.metadata["parse"] or str
             try:
-                values[f.name] = parse(raw)
-            except ValueError as exc:
+                values[f.name] = _typed(raw, parse)
+            except (ValueError, TypeError) as exc:
                 raise ValueError(f"{f.name} (from {source}): {exc}") from None
         return cls(**values)
+
+    @classmethod
+    def load_file(cls, path: str) -> dict[str, Any]:
+        """A TOML file of the flags' names (dashes or underscores); unknown names are errors."""
+        try:
+            with open(path, "rb") as f:
+                table = tomllib.load(f)
+        except OSError as exc:
+            raise ValueError(f"config: cannot read {path}: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ValueError(f"config: {path} is not TOML: {exc}") from None
+        names = {f.name for f in fields(cls)}
+        values = {}
+        for key, value in table.items():
+            name = key.replace("-", "_")
+            if name not in names or name == "config":
+                raise ValueError(f"{key} (from {path}): unknown setting")
+            values[name] = value
+        return values
+
+    def shown(self) -> str:
+        """Every setting as TOML, as `--print-config` shows it."""
+        lines = []
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.metadata["parse"] is parse_size:
+                value = format_size(value)
+            lines.append(f"{f.name.replace('_', '-')} = {_toml(value)}")
+        return "\n".join(lines) + "\n"
+
+
+def _typed(raw: Any, parse: Any) -> Any:
+    """A value from a flag, the environment (text) or TOML (typed), parsed for its field."""
+    if isinstance(raw, bool) and parse is not parse_bool:
+        raise TypeError(f"expected a {'number' if parse in (int, float) else 'string'}")
+    if parse is str and not isinstance(raw, str):
+        raise TypeError(f"expected a string, got {raw!r}")
+    return parse(raw)
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return json.dumps(str(value))

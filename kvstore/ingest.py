@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 
 import xxhash
 
-from kvstore.errors import InvalidArgument, ResourceExhausted
+from kvstore.errors import InvalidArgument, ResourceExhausted, Unsupported
 from kvstore.keys import BlockKey, check_key
 from kvstore.limits import MAX_BLOCKS
 from kvstore.meta import BlockMeta
@@ -52,9 +52,13 @@ class BlockIngest:
     once and expect no bytes (a negotiated transfer tells the sender to skip them).
     """
 
-    def __init__(self, store: Store, *, omit_present: bool = False) -> None:
+    def __init__(self, store: Store, *, omit_present: bool = False, durable: bool = False) -> None:
+        """`durable`: `finish` returns only once every block is on disk (see Store)."""
+        if durable and store.disk is None:
+            raise Unsupported("durable puts need a disk tier (--disk-dir)")
         self._store = store
         self._omit_present = omit_present
+        self._durable = durable
         self._declared: deque[tuple[int, BlockKey, BlockMeta]] = deque()
         self._seen: set[BlockKey] = set()
         self._current: _Current | None = None
@@ -128,6 +132,8 @@ class BlockIngest:
                 f"blocks[{index}].size",
                 f"stream ended after {filled} of {meta.size} bytes of block {key.hex()}",
             )
+        if self._durable:
+            self._store.make_durable(list(self._seen))
         return PutResult(self._stored, self._existed)
 
     def abort(self) -> None:
@@ -174,8 +180,13 @@ class SlotPut:
     every slot once all match their checksums; `abort` frees them all.
     """
 
-    def __init__(self, store: Store, blocks: list[tuple[bytes, BlockMeta]]) -> None:
+    def __init__(
+        self, store: Store, blocks: list[tuple[bytes, BlockMeta]], durable: bool = False
+    ) -> None:
+        if durable and store.disk is None:
+            raise Unsupported("durable puts need a disk tier (--disk-dir)")
         self._store = store
+        self._durable = durable
         self.present: list[int] = []
         self.slots: list[tuple[int, BlockKey, BlockMeta, Reservation]] = []
         if len(blocks) > MAX_BLOCKS:
@@ -215,6 +226,8 @@ class SlotPut:
             raise
         stored = self._store.commit_many([(key, meta, slot) for _, key, meta, slot in slots])
         self._store.not_coming([key for _, key, _, _ in slots])
+        if self._durable:
+            self._store.make_durable([key for _, key, _, _ in slots])
         return PutResult(stored, len(self.present) + len(slots) - stored)
 
     def abort(self) -> None:

@@ -24,7 +24,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from kvstore.arena import aligned
-from kvstore.errors import ResourceExhausted
+from kvstore.errors import ResourceExhausted, Unavailable, Unsupported
 from kvstore.keys import BlockKey
 from kvstore.meta import BlockMeta
 from kvstore.tiers import Listener, PinnedBlock, Reservation, Tier, TierStats
@@ -273,6 +273,29 @@ class Store:
             tier.delete(present)
         return len(present)
 
+    def make_durable(self, keys: Sequence[BlockKey]) -> None:
+        """Write these blocks to disk now, under the fsync policy, if they are not yet:
+        what a durable put waits for before it is acknowledged."""
+        if self.disk is None:
+            raise Unsupported("durable puts need a disk tier (--disk-dir)")
+        if self.device is not None:
+            for key in keys:
+                if self.device.contains(key) and not self.disk.contains(key):
+                    self._device_block_to_disk(key)
+        blocks = self.host.take_dirty_keys(keys)
+        if not blocks:
+            return
+        try:
+            self.disk.append([(b.key, b.meta, b.view) for b in blocks])
+        finally:
+            gone = self.host.mark_clean(blocks)
+        if gone:
+            self.disk.delete([b.key for b in gone if not self.host.contains(b.key)])
+        missing = [b.key for b in blocks if not self.disk.contains(b.key)]
+        if missing:
+            error = self.disk.stats().last_error
+            raise Unavailable(f"{len(missing)} blocks could not be written to disk: {error}")
+
     def stats(self) -> StoreStats:
         with self._counts_lock:
             counts = dict(self._counts)
@@ -413,12 +436,15 @@ class Store:
     def _device_to_disk(self) -> None:
         """On a persisting shutdown: write every device block down to disk."""
         for key in self.device.listing():
-            meta = self.device.meta(key)
-            if meta is None:
-                continue
-            buffer = memoryview(bytearray(meta.size))
-            if self.device.read_batch([key], [buffer], hit=False):
-                self.disk.append([(key, meta, buffer)])
+            self._device_block_to_disk(key)
+
+    def _device_block_to_disk(self, key: BlockKey) -> None:
+        meta = self.device.meta(key)
+        if meta is None:
+            return
+        buffer = memoryview(bytearray(meta.size))
+        if self.device.read_batch([key], [buffer], hit=False):
+            self.disk.append([(key, meta, buffer)])
 
     def _aborter(self, slot: Reservation) -> Callable[[], None]:
         return lambda: self.host.abort(slot)

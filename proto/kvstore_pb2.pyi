@@ -33,12 +33,14 @@ class BlockHeader(_message.Message):
     def __init__(self, key: _Optional[bytes] = ..., meta: _Optional[_Union[BlockMeta, _Mapping]] = ...) -> None: ...
 
 class BlockHeaders(_message.Message):
-    __slots__ = ("blocks", "truncated")
+    __slots__ = ("blocks", "truncated", "durable")
     BLOCKS_FIELD_NUMBER: _ClassVar[int]
     TRUNCATED_FIELD_NUMBER: _ClassVar[int]
+    DURABLE_FIELD_NUMBER: _ClassVar[int]
     blocks: _containers.RepeatedCompositeFieldContainer[BlockHeader]
     truncated: bool
-    def __init__(self, blocks: _Optional[_Iterable[_Union[BlockHeader, _Mapping]]] = ..., truncated: _Optional[bool] = ...) -> None: ...
+    durable: bool
+    def __init__(self, blocks: _Optional[_Iterable[_Union[BlockHeader, _Mapping]]] = ..., truncated: _Optional[bool] = ..., durable: _Optional[bool] = ...) -> None: ...
 
 class PutRequest(_message.Message):
     __slots__ = ("headers", "data")

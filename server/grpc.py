@@ -38,7 +38,7 @@ class GrpcPath:
             return self._put(frames)
 
     def _put(self, frames: Iterator[bytes]) -> bytes:
-        ingest = BlockIngest(self.store)
+        ingest: BlockIngest | None = None
         try:
             for raw in frames:
                 if raw[:1] == HEADERS_TAG and len(raw) > MAX_HEADER_FRAME:
@@ -46,17 +46,24 @@ class GrpcPath:
                         "headers", f"a frame of {len(raw)} bytes: at most {MAX_HEADER_FRAME}"
                     )
                 frame = decode_frame(raw, pb.PutRequest)
+                if not isinstance(frame, memoryview) and frame.HasField("headers"):
+                    if ingest is None:  # the first headers frame says how the put goes
+                        ingest = BlockIngest(self.store, durable=frame.headers.durable)
+                    ingest.declare(headers_from_proto(frame.headers.blocks))
+                    continue
+                if ingest is None:
+                    ingest = BlockIngest(self.store)
                 if isinstance(frame, memoryview):
                     ingest.feed(frame)
-                elif frame.HasField("headers"):
-                    ingest.declare(headers_from_proto(frame.headers.blocks))
                 elif frame.HasField("data"):
                     ingest.feed(memoryview(frame.data))
                 else:
                     raise InvalidArgument("frame", "PutRequest sets neither headers nor data")
+            ingest = ingest or BlockIngest(self.store)
             result = ingest.finish()
         except BaseException:
-            ingest.abort()
+            if ingest is not None:
+                ingest.abort()
             raise
         self.transfers.add("put/grpc", ingest.received)
         return pb.PutReply(stored=result.stored, existed=result.existed).SerializeToString()

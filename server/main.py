@@ -226,6 +226,15 @@ def parser() -> argparse.ArgumentParser:
             help=f"{f.metadata['help']} (default: {default})".replace("%", "%%"),
             **switch,
         )
+    ap.add_argument(
+        "--config",
+        metavar="FILE",
+        help="TOML file of these settings (names as the flags); flags and KVSTORE_* "
+        "variables win over it",
+    )
+    ap.add_argument(
+        "--print-config", action="store_true", help="print the settings in effect, and exit"
+    )
     ap.add_argument("--version", action="version", version=f"kvstore {__version__}")
     return ap
 
@@ -233,9 +242,13 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
-        config = ServerConfig.resolve(vars(args))
+        file = ServerConfig.load_file(args.config) if args.config else None
+        config = ServerConfig.resolve(vars(args), os.environ, file)
     except ValueError as exc:
         parser().error(str(exc))
+    if args.print_config:
+        print(config.shown(), end="")
+        return 0
     logging.basicConfig(
         level=config.log_level.upper(),
         stream=sys.stderr,

@@ -37,8 +37,9 @@ def get(server: ChannelServer, conn: Connection, frame: Frame) -> None:
 
 
 def put(server: ChannelServer, conn: Connection, frame: Frame) -> None:
-    blocks = headers_from_proto(parse(frame.meta, pb.BlockHeaders).blocks)
-    slots = SlotPut(server.store, blocks)  # may wait for room, up to --reserve-timeout
+    headers = parse(frame.meta, pb.BlockHeaders)
+    blocks = headers_from_proto(headers.blocks)
+    slots = SlotPut(server.store, blocks, headers.durable)  # may wait for room
     answer = pb.PutAnswer(
         present=slots.present,
         offsets=[server.store.host.segment_offset(s.offset) for *_, s in slots.slots],

@@ -48,9 +48,10 @@ def put(server: ChannelServer, conn: Connection, frame: Frame) -> None:
     """An inline put's bytes follow its metadata; otherwise the node first answers which
     blocks it already has, and only the others' bytes come."""
     inline = bool(frame.flags & INLINE)
-    ingest = BlockIngest(server.store, omit_present=not inline)
     try:
-        blocks = headers_from_proto(parse(frame.meta, pb.BlockHeaders).blocks)
+        headers = parse(frame.meta, pb.BlockHeaders)
+        ingest = BlockIngest(server.store, omit_present=not inline, durable=headers.durable)
+        blocks = headers_from_proto(headers.blocks)
         present = ingest.declare(blocks)
         if inline and ingest.pending_bytes != frame.data_len:
             raise InvalidArgument(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import resource
+import signal
 import threading
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import running_daemon
+from kvstore.errors import Unsupported
 from kvstore.keys import block_keys
 
 MiB = 1 << 20
@@ -152,3 +154,25 @@ def test_a_full_disk_is_reported_and_the_daemon_keeps_serving(tmp_path, blocks) 
         fresh = block_keys(np.arange(4), 4, b"after")
         c.put(fresh, blocks[:1])
         assert np.array_equal(c.get(fresh)[0].view(np.uint8), blocks[0])
+
+
+@pytest.mark.parametrize("transport", ["shm", "tcp", "grpc"])
+def test_a_durable_put_survives_a_crash_right_after_it(tmp_path, blocks, transport) -> None:
+    """Nothing is written back on its own here (dirty ratio 1): only `durable` puts reach
+    the disk before they are acknowledged."""
+    keys = block_keys(np.arange(8 * 4), 4, f"durable/{transport}".encode())
+    flags = ("--dirty-ratio", "1", "--host-capacity", "16MiB")
+    with disk_daemon(tmp_path, *flags) as d, d.client(transport=transport) as c:
+        assert c.put(keys[:4], blocks[:4], durable=True).stored == 4
+        c.put(keys[4:], blocks[4:8])  # write-back: in DRAM only, for now
+        d.process.send_signal(signal.SIGKILL)
+        d.process.wait()
+    with disk_daemon(tmp_path, *flags) as d, d.client() as c:
+        assert c.lookup(keys) == 4  # the durable ones, and only those
+        got = c.get(keys[:4])
+        assert all(np.array_equal(g.view(np.uint8), b) for g, b in zip(got, blocks, strict=False))
+
+
+def test_a_durable_put_needs_a_disk_tier(small_daemon) -> None:
+    with small_daemon.client() as c, pytest.raises(Unsupported, match="need a disk tier"):
+        c.put(block_keys(np.arange(4), 4, b"nodisk"), [b"x"], durable=True)

@@ -219,6 +219,20 @@ class HostTier:
                 total += size
         return taken
 
+    def take_dirty_keys(self, keys: Sequence[BlockKey]) -> list[PinnedBlock]:
+        """`take_dirty` for these keys only (those still dirty): a durable put's."""
+        taken = []
+        with self._space:
+            for key in keys:
+                if (size := self._dirty.pop(key, None)) is None:
+                    continue
+                self.dirty_bytes -= size
+                slot = self._slots[key]
+                slot.pins += 1
+                view = self.arena.view(slot.offset, size)
+                taken.append(PinnedBlock(key, slot.meta, view, slot.offset))
+        return taken
+
     def mark_clean(self, blocks: Sequence[PinnedBlock]) -> list[PinnedBlock]:
         """Record that `blocks` (from `take_dirty`) are copied below, and unpin them.
 
