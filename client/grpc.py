@@ -24,11 +24,18 @@ SERVICE = "/kvstore.v1.KVStore/"
 HEADERS_PER_FRAME = 4096
 MAX_MESSAGE = 256 << 20
 # A node draining or out of room for now answers UNAVAILABLE or RESOURCE_EXHAUSTED: gRPC
-# itself tries again, with backoff (the data plane's requests are retried by the client).
+# itself tries again, with backoff. Not client streams (Put): gRPC replays only the first
+# 256 KiB of one, and grpc-core 1.85 aborts the process ("ILLEGAL STATE: FORWARDED_BATCH")
+# retrying one refused while its data still flows. A refused put raises, as on the data plane.
+_METHODS = pb.DESCRIPTOR.services_by_name["KVStore"].methods
 RETRY_POLICY = {
     "methodConfig": [
         {
-            "name": [{"service": "kvstore.v1.KVStore"}],
+            "name": [
+                {"service": "kvstore.v1.KVStore", "method": m.name}
+                for m in _METHODS
+                if not m.client_streaming
+            ],
             "retryPolicy": {
                 "maxAttempts": 4,
                 "initialBackoff": "0.1s",

@@ -175,7 +175,13 @@ class ServerConfig:
     max_inflight_bytes: int = _opt(
         0,
         "bytes of puts and gets in flight over the whole node; more are refused with "
-        "RESOURCE_EXHAUSTED; 0: a quarter of the host tier",
+        "RESOURCE_EXHAUSTED (clients retry); 0: the host tier's capacity",
+        parse_size,
+    )
+    max_connection_bytes: int = _opt(
+        0,
+        "bytes in flight on one connection; a request past it is refused with "
+        "RESOURCE_EXHAUSTED (split the batch); 0: no bound but the node's",
         parse_size,
     )
     log_level: str = _opt("info", "debug, info, warning or error")
@@ -222,8 +228,8 @@ class ServerConfig:
             raise ValueError("tls_cert, tls_key: give both, or neither")
         if self.tls_client_ca and not self.tls_cert:
             raise ValueError("tls_client_ca: needs tls_cert and tls_key")
-        if self.drain_timeout < 0 or self.max_inflight_bytes < 0:
-            raise ValueError("drain_timeout and max_inflight_bytes must be >= 0")
+        if self.drain_timeout < 0 or min(self.max_inflight_bytes, self.max_connection_bytes) < 0:
+            raise ValueError("drain_timeout, max_inflight_bytes, max_connection_bytes: >= 0")
         if self.log_level.lower() not in {"debug", "info", "warning", "error"}:
             raise ValueError(f"log_level: unknown level {self.log_level!r}")
 

@@ -310,7 +310,9 @@ class ChannelServer:
         try:
             if handler is None:
                 raise InvalidArgument("op", f"unknown operation {op}")
-            with self.transfers.running():
+            # gets and puts are transfers (refused while the node drains); the rest end them
+            running = self.transfers.running() if op in (GET, PUT) else contextlib.nullcontext()
+            with running:
                 handler(self, conn, frame)
         except (KVStoreError, FrameError) as exc:
             if op not in NO_REPLY:

@@ -127,9 +127,14 @@ class Membership:
             return None
         return any((node.data_address if data else node.address) == address for node in nodes)
 
-    def close(self) -> None:
+    def leave(self) -> None:
+        """Out of every cluster answer now (a draining node takes no new work)."""
         if self.index is not None:
             self.index.close()
+            self.index = None
+
+    def close(self) -> None:
+        self.leave()
         self.events.close()
         if self.publisher is not None:
             self.publisher.close()

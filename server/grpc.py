@@ -5,6 +5,7 @@ always works, wherever the client is."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import ExitStack
 
 import grpc
 import numpy as np
@@ -34,10 +35,10 @@ class GrpcPath:
         self.transfers = transfers
 
     def put(self, frames: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
-        with self.transfers.running():
-            return self._put(frames)
+        with self.transfers.running(), ExitStack() as held:
+            return self._put(frames, held, context.peer())
 
-    def _put(self, frames: Iterator[bytes]) -> bytes:
+    def _put(self, frames: Iterator[bytes], held: ExitStack, peer: str) -> bytes:
         ingest: BlockIngest | None = None
         try:
             for raw in frames:
@@ -49,7 +50,10 @@ class GrpcPath:
                 if not isinstance(frame, memoryview) and frame.HasField("headers"):
                     if ingest is None:  # the first headers frame says how the put goes
                         ingest = BlockIngest(self.store, durable=frame.headers.durable)
-                    ingest.declare(headers_from_proto(frame.headers.blocks))
+                    blocks = headers_from_proto(frame.headers.blocks)
+                    ingest.declare(blocks)
+                    nbytes = sum(meta.size for _, meta in blocks)
+                    held.enter_context(self.transfers.holding(nbytes, peer))
                     continue
                 if ingest is None:
                     ingest = BlockIngest(self.store)
@@ -72,7 +76,11 @@ class GrpcPath:
         request = parse(raw, pb.GetRequest)
         keys = check_keys(request.keys, unique=True)
         self.fetcher.ensure(keys, request.wait_ms, request.fetch)
-        with self.transfers.running(), self.store.read(keys) as batch:
+        with (
+            self.transfers.running(),
+            self.store.read(keys) as batch,
+            self.transfers.holding(sum(b.meta.size for b in batch.blocks), context.peer()),
+        ):
             headers = headers_to_proto((b.key, b.meta) for b in batch.blocks)
             reply = pb.GetReply(headers=pb.BlockHeaders(blocks=headers, truncated=batch.truncated))
             yield reply.SerializeToString()

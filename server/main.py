@@ -9,6 +9,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 from collections.abc import Sequence
 from concurrent import futures
 from dataclasses import fields
@@ -75,7 +76,9 @@ class Daemon:
         self.address = f"{host_name}:{port}"
         self.tickets = TicketBook(config.ticket_ttl)
         self.instance = os.urandom(16)
-        self.transfers = TransferCounts()
+        self.transfers = TransferCounts(
+            config.max_inflight_bytes or self.store.host.capacity, config.max_connection_bytes
+        )
         if config.data_address != "off":
             data_address = config.data_address
             if data_address == "auto":
@@ -139,6 +142,20 @@ class Daemon:
         for name in ("", SERVICE):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         return self
+
+    def drain(self, timeout: float) -> int:
+        """Refuse new transfers (UNAVAILABLE: retry elsewhere), report NOT_SERVING, leave the
+        cluster's answers, and let transfers in flight finish for up to `timeout` seconds.
+        Returns how many were still running then."""
+        for name in ("", SERVICE):
+            self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.transfers.draining = True
+        if self.membership:
+            self.membership.leave()
+        deadline = time.monotonic() + timeout
+        while self.transfers.inflight and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return self.transfers.inflight
 
     def stop(self, grace: float = 5.0) -> None:
         """Refuse new RPCs, let running ones finish for up to `grace` seconds."""
@@ -269,7 +286,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         flush=True,
     )
     stopping.wait()
-    log.info("shutting down")
+    log.info("draining: new transfers refused, %gs for those in flight", config.drain_timeout)
+    left = daemon.drain(config.drain_timeout)
+    if left:
+        log.warning("%d transfers still running at the end of the drain: cut", left)
     daemon.stop()
     return 0
 

@@ -156,7 +156,7 @@ class KVStoreServicer:
                 "transport", f"unknown transport {transport!r} (auto, tcp or grpc)"
             )
         self._may_push_to(request.target)
-        with self.gate.enter(), self.store.read(keys) as batch:
+        with self.gate.enter(), self.transfers.running(), self.store.read(keys) as batch:
             if not batch.blocks:
                 return pb.PushReply().SerializeToString()
             result = push(

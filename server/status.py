@@ -46,27 +46,63 @@ class TransferCounts:
     """Completed transfers by direction and path ("put/tcp"): which path clients really
     use; and transfers in flight and bytes moved, the load a node reports."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_bytes: int = 0, max_connection_bytes: int = 0) -> None:
         self._counts: dict[str, int] = {}
         self._lock = threading.Lock()
+        self.max_bytes = max_bytes  # of transfers in flight over the node; 0: no bound
+        self.max_connection_bytes = max_connection_bytes  # the same, per connection
+        self.inflight_bytes = 0
+        self._by_connection: dict[object, int] = {}
+        self.draining = False  # new transfers are refused: the node is stopping
         self.inflight = 0
         self._bytes = 0
         self._last = (time.monotonic(), 0)
 
-    def add(self, name: str, nbytes: int = 0) -> None:
+    def add(self, name: str, nbytes: int) -> None:
         with self._lock:
             self._counts[name] = self._counts.get(name, 0) + 1
             self._bytes += nbytes
 
     @contextmanager
     def running(self) -> Iterator[None]:
+        """A transfer in flight (refused while the node drains)."""
         with self._lock:
+            if self.draining:
+                raise Unavailable("the node is shutting down: retry on another node")
             self.inflight += 1
         try:
             yield
         finally:
             with self._lock:
                 self.inflight -= 1
+
+    @contextmanager
+    def holding(self, nbytes: int, connection: object) -> Iterator[None]:
+        """`nbytes` of payload in flight on `connection`: refused when that would pass the
+        node's or the connection's bound. A transfer alone passes the node's (no block is
+        ever too large to move), not the connection's: that one says "split the batch"."""
+        with self._lock:
+            mine = self._by_connection.get(connection, 0)
+            if self.max_connection_bytes and mine + nbytes > self.max_connection_bytes:
+                raise ResourceExhausted(
+                    f"{mine + nbytes} bytes in flight on one connection, at most "
+                    f"{self.max_connection_bytes}: split the batch or wait for the others"
+                )
+            total = self.inflight_bytes
+            if self.max_bytes and total and total + nbytes > self.max_bytes:
+                raise ResourceExhausted(
+                    f"{total} bytes of transfers in flight, at most {self.max_bytes}: retry shortly"
+                )
+            self.inflight_bytes += nbytes
+            self._by_connection[connection] = mine + nbytes
+        try:
+            yield
+        finally:
+            with self._lock:
+                self.inflight_bytes -= nbytes
+                left = self._by_connection.pop(connection) - nbytes
+                if left:
+                    self._by_connection[connection] = left
 
     def snapshot(self) -> dict[str, int]:
         with self._lock:

@@ -5,10 +5,11 @@ reserved slots, one copy each way, in the kernel."""
 from __future__ import annotations
 
 import time
+from contextlib import ExitStack
 from typing import TYPE_CHECKING
 
 from kvstore.errors import InvalidArgument
-from kvstore.ingest import BlockIngest
+from kvstore.ingest import BlockIngest, PutResult
 from kvstore.proto import kvstore_pb2 as pb
 from kvstore.proto.channel import (
     INLINE,
@@ -40,7 +41,8 @@ def get(server: ChannelServer, conn: Connection, frame: Frame) -> None:
         flags = TRUNCATED if batch.truncated else 0
         head = encode(REPLY_MAGIC, 0, flags, answer, size)
         views = [head, *(b.view for b in batch.blocks)]
-        send_views(conn.sock, views, server.deadline(size))  # straight from the pinned slots
+        with server.transfers.holding(size, conn):
+            send_views(conn.sock, views, server.deadline(size))  # straight from pinned slots
     server.transfers.add(f"get/{_path(conn)}", size)
 
 
@@ -48,6 +50,8 @@ def put(server: ChannelServer, conn: Connection, frame: Frame) -> None:
     """An inline put's bytes follow its metadata; otherwise the node first answers which
     blocks it already has, and only the others' bytes come."""
     inline = bool(frame.flags & INLINE)
+    held = ExitStack()  # the request's bytes, counted in flight until it ends
+    ingest: BlockIngest | None = None
     try:
         headers = parse(frame.meta, pb.BlockHeaders)
         ingest = BlockIngest(server.store, omit_present=not inline, durable=headers.durable)
@@ -57,12 +61,24 @@ def put(server: ChannelServer, conn: Connection, frame: Frame) -> None:
             raise InvalidArgument(
                 "data", f"{frame.data_len} bytes follow, the blocks declare {ingest.pending_bytes}"
             )
+        held.enter_context(server.transfers.holding(ingest.pending_bytes, conn))
     except Exception:
+        if ingest is not None:
+            ingest.abort()
         drain(server, conn, frame.data_len if inline else 0)
         raise
-    if not inline:
-        answer = pb.PutAnswer(present=present).SerializeToString()
-        conn.sock.sendall(encode(REPLY_MAGIC, 0, READY, answer))
+    with held:
+        if not inline:
+            answer = pb.PutAnswer(present=present).SerializeToString()
+            conn.sock.sendall(encode(REPLY_MAGIC, 0, READY, answer))
+        result = _receive(server, conn, ingest)
+    reply = pb.PutReply(stored=result.stored, existed=result.existed).SerializeToString()
+    server.reply(conn, reply)
+    server.transfers.add(f"put/{_path(conn)}", sum(meta.size for _, meta in blocks))
+
+
+def _receive(server: ChannelServer, conn: Connection, ingest: BlockIngest) -> PutResult:
+    """A put's payloads, from the socket straight into their slots, within its deadline."""
     deadline = server.deadline(ingest.pending_bytes)
     try:
         while ingest.pending_bytes:
@@ -75,7 +91,7 @@ def put(server: ChannelServer, conn: Connection, frame: Frame) -> None:
             ingest.advance(n)
             if ingest.pending_bytes and time.monotonic() > deadline:
                 raise TimeoutError("transfer deadline passed: too slow for --min-rate")
-        result = ingest.finish()
+        return ingest.finish()
     except InvalidArgument:  # a bad block (checksum): the rest still comes, and is dropped
         ingest.abort()
         drain(server, conn, ingest.pending_bytes, deadline)
@@ -83,9 +99,6 @@ def put(server: ChannelServer, conn: Connection, frame: Frame) -> None:
     except BaseException:
         ingest.abort()
         raise
-    reply = pb.PutReply(stored=result.stored, existed=result.existed).SerializeToString()
-    server.reply(conn, reply)
-    server.transfers.add(f"put/{_path(conn)}", sum(meta.size for _, meta in blocks))
 
 
 def drain(
