@@ -21,21 +21,21 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from kvstore.client.security import Security
 from kvstore.client.status import error_from_number
 from kvstore.errors import Unavailable, Unsupported
 from kvstore.proto import kvstore_pb2 as pb
 from kvstore.proto.channel import (
-    HELLO,
     HELLO_MAGIC,
     HELLO_REPLY,
     RELEASE,
     RENEW,
     REPLY_MAGIC,
     REQUEST_MAGIC,
-    VERSION,
     ChannelError,
     Frame,
     encode,
+    hello_frame,
     read_frame,
     recv_exact,
     send_views,
@@ -87,14 +87,16 @@ class Channels:
         info: pb.NodeInfo,
         grpc_host: str,
         timeout: float | None,
+        security: Security,
     ) -> None:
         self.kind = kind
+        self.security = security
         self._hello = hello
         self.instance = info.instance  # the daemon's run: a restart is another
         self.timeout = timeout
         self.address = info.unix_address if kind == "unix" else info.data_address
         if kind == "unix" and not self.address.startswith("kvstore-"):
-            raise Unsupported("the node offers no shared memory to this host")
+            raise Unsupported("the node offers no shared memory to this host (or, with tenants, this token)")
         if kind == "tcp" and not self.address:
             raise Unsupported("the node runs no data plane (--data-address off)")
         self._grpc_host = grpc_host
@@ -216,7 +218,9 @@ class Channels:
             raise NodeChanged("the node restarted since this client met it")
         sock = self._connect()
         try:
-            sock.sendall(HELLO.pack(HELLO_MAGIC, VERSION, info.ticket))
+            if self.kind == "tcp":
+                sock = self.security.wrap(sock, self._host())
+            sock.sendall(hello_frame(info.ticket, self.security.token))
             self._opened(sock)
         except OSError as exc:
             sock.close()
@@ -235,11 +239,10 @@ class Channels:
                 sock.settimeout(self.timeout or 30)  # connecting only
                 sock.connect("\0" + self.address)
             else:
-                host, _, port = self.address.rpartition(":")
-                host = host.strip("[]")
-                if host in ("0.0.0.0", "::", ""):  # the node bound every interface
-                    host = self._grpc_host
-                sock = socket.create_connection((host, int(port)), timeout=self.timeout or 30)
+                port = self.address.rpartition(":")[2]
+                sock = socket.create_connection(
+                    (self._host(), int(port)), timeout=self.timeout or 30
+                )
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError as exc:
             if self.kind == "unix":
@@ -247,6 +250,10 @@ class Channels:
             raise Unreachable(f"data plane {self.address} unreachable: {exc}") from None
         stall_timeout(sock, self.timeout)
         return sock
+
+    def _host(self) -> str:
+        host = self.address.rpartition(":")[0].strip("[]")
+        return self._grpc_host if host in ("0.0.0.0", "::", "") else host  # bound everywhere
 
     def _opened(self, sock: socket.socket) -> None:
         """Read the node's answer to HELLO; over the Unix socket it carries the arena."""

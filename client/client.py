@@ -31,6 +31,7 @@ from kvstore.client.pipeline import (
     encoded_parts,
     payload_size,
 )
+from kvstore.client.security import Security
 from kvstore.client.shm import Fill, Lease, ShmTransport
 from kvstore.client.status import error_from_rpc
 from kvstore.client.tcp import Place, TcpTransport
@@ -115,6 +116,10 @@ class Client:
         codec: str = "none",
         layout: str = "",
         link_gbps: float | None = None,
+        token: str | None = None,
+        tls_ca: str = "",
+        tls_cert: str = "",
+        tls_key: str = "",
     ) -> None:
         if transport not in TRANSPORTS:
             raise InvalidArgument("transport", f"must be one of {', '.join(TRANSPORTS)}")
@@ -130,7 +135,8 @@ class Client:
             if transport == "auto"
             else (transport,)
         )
-        self._channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self.security = Security.of(token, tls_ca, tls_cert, tls_key)
+        self._channel = self.security.channel(address, CHANNEL_OPTIONS)
         self._unary = {
             name: self._channel.unary_unary(SERVICE + name)
             for name in ("Lookup", "Delete", "Stats", "Hello", "Push", "Locate", "Prefetch")
@@ -369,7 +375,9 @@ class Client:
         if from_sequence is not None:
             request.from_sequence = from_sequence
         try:
-            for raw in self._watch(request.SerializeToString(), timeout=self.timeout):
+            for raw in self._watch(
+                request.SerializeToString(), timeout=self.timeout, metadata=self.security.metadata
+            ):
                 reply = pb.EventBatch.FromString(raw)
                 batch = decode_batch(reply.payload)
                 yield Batch(reply.sequence, batch.ts, tuple(batch.events), batch.data_parallel_rank)
@@ -393,6 +401,10 @@ class Client:
             uptime_s=reply.uptime_s,
             transfers=dict(reply.transfers),
             fallbacks=fallbacks,
+            tenant=reply.tenant,
+            tenant_blocks=reply.tenant_blocks,
+            tenant_bytes=reply.tenant_bytes,
+            quota=reply.quota,
         )
 
     def _located(self, request: pb.LookupRequest) -> list[Location]:
@@ -494,11 +506,13 @@ class Client:
 
     def _open(self, name: str) -> Transport:
         if name == "grpc":
-            return GrpcTransport(self._channel, self.chunk_size, self.timeout)
+            return GrpcTransport(
+                self._channel, self.chunk_size, self.timeout, self.security.metadata
+            )
         info = self._node()
         host = self.address.rpartition(":")[0].strip("[]")
         kind = "unix" if name == "shm" else "tcp"
-        channels = Channels(kind, self._hello, info, host, self.timeout)
+        channels = Channels(kind, self._hello, info, host, self.timeout, self.security)
         if name == "shm":
             return ShmTransport(channels, self.checksum, self._pool)
         return TcpTransport(channels)
@@ -594,7 +608,7 @@ class Client:
         if hasattr(request, "SerializeToString"):
             request = request.SerializeToString()
         try:
-            return self._unary[name](request, timeout=self.timeout)
+            return self._unary[name](request, timeout=self.timeout, metadata=self.security.metadata)
         except grpc.RpcError as exc:
             raise error_from_rpc(exc) from None
 

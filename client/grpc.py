@@ -57,7 +57,14 @@ CHANNEL_OPTIONS = [
 class GrpcTransport:
     name = "grpc"
 
-    def __init__(self, channel: grpc.Channel, chunk_size: int, timeout: float | None) -> None:
+    def __init__(
+        self,
+        channel: grpc.Channel,
+        chunk_size: int,
+        timeout: float | None,
+        metadata: tuple[tuple[str, str], ...] | None = None,
+    ) -> None:
+        self.metadata = metadata  # the tenant's token, on every call
         self._put = channel.stream_unary(SERVICE + "Put")
         self._get = channel.unary_stream(SERVICE + "Get")
         self._lookup = channel.unary_unary(SERVICE + "Lookup")
@@ -69,7 +76,9 @@ class GrpcTransport:
     ) -> PutResult:
         frames = put_frames(blocks, views, self.chunk_size, durable)
         try:
-            reply = pb.PutReply.FromString(self._put(frames, timeout=self.timeout))
+            reply = pb.PutReply.FromString(
+                self._put(frames, timeout=self.timeout, metadata=self.metadata)
+            )
         except grpc.RpcError as exc:
             raise error_from_rpc(exc) from None
         return PutResult(reply.stored, reply.existed)
@@ -77,7 +86,7 @@ class GrpcTransport:
     def get(self, ask: Ask, out: Out, arrived: Arrived | None) -> Received:
         assembler = GetAssembler(out)
         try:
-            for raw in self._get(ask.message(), timeout=self.timeout):
+            for raw in self._get(ask.message(), timeout=self.timeout, metadata=self.metadata):
                 assembler.feed(raw)
         except grpc.RpcError as exc:
             raise error_from_rpc(exc) from None
@@ -87,7 +96,7 @@ class GrpcTransport:
         keys = pb.GetRequest(keys=ask.keys, wait_ms=ask.wait_ms, fetch=ask.fetch)
         request = pb.LookupRequest(keys=keys).SerializeToString()
         try:
-            reply = self._lookup(request, timeout=self.timeout)
+            reply = self._lookup(request, timeout=self.timeout, metadata=self.metadata)
         except grpc.RpcError as exc:
             raise error_from_rpc(exc) from None
         return list(pb.LookupReply.FromString(reply).tiers)

@@ -37,7 +37,17 @@ _CODES = {code.value[0]: code for code in grpc.StatusCode}
 
 def error_from_rpc(exc: grpc.RpcError) -> KVStoreError:
     """The kvstore exception for a failed call, with the server's message."""
-    return error_from_status(exc.code(), exc.details() or "")
+    details = exc.details() or ""
+    if exc.code() == grpc.StatusCode.UNAVAILABLE:
+        details += next((hint for cue, hint in _HINTS.items() if cue in details), "")
+    return error_from_status(exc.code(), details)
+
+
+_HINTS = {  # what the transport says on a TLS mismatch, and what the caller should do
+    "Socket closed": " (a node serving TLS drops plaintext connections: pass tls_ca=)",
+    "WRONG_VERSION_NUMBER": " (TLS to a node without TLS: leave tls_ca out)",
+    "CERTIFICATE_VERIFY_FAILED": " (the node's TLS certificate does not chain to tls_ca)",
+}
 
 
 def error_from_number(status: int, details: str) -> KVStoreError:

@@ -187,19 +187,18 @@ class ServerConfig:
     log_level: str = _opt("info", "debug, info, warning or error")
 
     def __post_init__(self) -> None:
-        host, sep, port = self.address.rpartition(":")
-        if not sep or not host or not port.isdigit() or int(port) > 65535:
+        if not _host_port(self.address):
             raise ValueError(f"address: expected HOST:PORT, got {self.address!r}")
+        if self.metrics_address and not _host_port(self.metrics_address):
+            raise ValueError(f"metrics_address: expected HOST:PORT, got {self.metrics_address!r}")
         if self.host_capacity < 1 << 20:
             raise ValueError(f"host_capacity: must be at least 1MiB, got {self.host_capacity}")
         if not 4096 <= self.chunk_size <= 64 << 20:
             raise ValueError(f"chunk_size: must be 4KiB..64MiB, got {self.chunk_size}")
-        if self.data_address not in ("auto", "off"):
-            host, sep, port = self.data_address.rpartition(":")
-            if not sep or not host or not port.isdigit() or int(port) > 65535:
-                raise ValueError(
-                    f"data_address: expected HOST:PORT, auto or off, got {self.data_address!r}"
-                )
+        if self.data_address not in ("auto", "off") and not _host_port(self.data_address):
+            raise ValueError(
+                f"data_address: expected HOST:PORT, auto or off, got {self.data_address!r}"
+            )
         if self.ticket_ttl < 0 or self.data_timeout <= 0:
             raise ValueError("ticket_ttl must be >= 0 and data_timeout > 0")
         if self.max_block_size < 1:
@@ -228,6 +227,10 @@ class ServerConfig:
             raise ValueError("tls_cert, tls_key: give both, or neither")
         if self.tls_client_ca and not self.tls_cert:
             raise ValueError("tls_client_ca: needs tls_cert and tls_key")
+        for name in ("auth_file", "tls_cert", "tls_key", "tls_client_ca"):
+            path = getattr(self, name)
+            if path and not os.access(path, os.R_OK):
+                raise ValueError(f"{name}: cannot read {path}")
         if self.drain_timeout < 0 or min(self.max_inflight_bytes, self.max_connection_bytes) < 0:
             raise ValueError("drain_timeout, max_inflight_bytes, max_connection_bytes: >= 0")
         if self.log_level.lower() not in {"debug", "info", "warning", "error"}:
@@ -305,3 +308,8 @@ def _toml(value: Any) -> str:
     if isinstance(value, (int, float)):
         return repr(value)
     return json.dumps(str(value))
+
+
+def _host_port(address: str) -> bool:
+    host, sep, port = address.rpartition(":")
+    return bool(sep and host and port.isdigit() and int(port) <= 65535)

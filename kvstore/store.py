@@ -49,6 +49,10 @@ class StoreStats:
     fallbacks: dict[str, int] = field(default_factory=dict)  # paths a client left; by the client
     fetched_blocks: dict[str, int] = field(default_factory=dict)  # pulled from other nodes, by id
     fetched_bytes: dict[str, int] = field(default_factory=dict)
+    tenant: str = ""  # with tenants: the caller's, and its own usage and quota (0: none)
+    tenant_blocks: int = 0
+    tenant_bytes: int = 0
+    quota: int = 0
 
 
 class ReadBatch:

@@ -9,7 +9,9 @@ with `recv_into`.
 
 from __future__ import annotations
 
+import hashlib
 import socket
+import ssl
 import struct
 import time
 from collections.abc import Sequence
@@ -17,10 +19,10 @@ from dataclasses import dataclass
 
 from kvstore.errors import Unavailable
 
-HELLO = struct.Struct("!4sH2x16s")  # magic, version, channel ticket
+HELLO = struct.Struct("!4sH2x16s16s")  # magic, version, channel ticket, token proof
 HELLO_MAGIC = b"KVC1"
 HELLO_REPLY = struct.Struct("!4sBxH16sQ")  # magic, status, message length, node id, arena size
-VERSION = 1
+VERSION = 2
 HEADER = struct.Struct("!2sBBIQ")  # magic, op or status, flags, meta length, data length
 REQUEST_MAGIC, REPLY_MAGIC = b"KQ", b"KA"
 
@@ -36,6 +38,19 @@ INLINE = 0x02  # PUT: the payloads follow the metadata at once, unasked
 # reply flags
 TRUNCATED = 0x01  # GET: stopped before a missing key (room, limits): ask again for the rest
 READY = 0x02  # PUT: the node names what to send (or where to write), then waits
+
+def hello_frame(ticket: bytes, token: str = "") -> bytes:
+    return HELLO.pack(HELLO_MAGIC, VERSION, ticket, ticket_proof(ticket, token))
+
+
+def ticket_proof(ticket: bytes, token: str) -> bytes:
+    """That the caller holds the token its ticket was issued for, without sending it: a
+    ticket seen on the wire is no use with another token, nor twice."""
+    if not token:
+        return bytes(16)
+    key = hashlib.blake2b(token.encode(), digest_size=32).digest()
+    return hashlib.blake2b(ticket, key=key, digest_size=16).digest()
+
 
 IOV_BATCH = 64  # views per sendmsg call; well under IOV_MAX
 MAX_META = 16 << 20  # bytes of metadata in one frame
@@ -90,13 +105,33 @@ def recv_exact(sock: socket.socket, into: memoryview, deadline: float | None = N
     while got < len(into):
         try:
             n = sock.recv_into(into[got:])
-        except BlockingIOError:  # SO_RCVTIMEO passed with nothing received
+        except (BlockingIOError, ssl.SSLWantReadError):  # SO_RCVTIMEO passed, nothing came
             raise TimeoutError(f"stalled after {got} of {len(into)} bytes") from None
         if n == 0:
             raise ChannelError(f"connection closed after {got} of {len(into)} bytes")
         got += n
         if deadline is not None and got < len(into) and time.monotonic() > deadline:
             raise TimeoutError(f"transfer deadline passed after {got} of {len(into)} bytes")
+
+
+def _send_tls(
+    sock: ssl.SSLSocket, views: Sequence[memoryview | bytes], deadline: float | None
+) -> None:
+    small: list[memoryview | bytes] = []  # frame heads go out together, payloads as they are
+    for view in [*views, b""]:
+        if 0 < len(view) < 4096:
+            small.append(view)
+            continue
+        try:
+            if small:
+                sock.sendall(b"".join(small))
+                small.clear()
+            if len(view):
+                sock.sendall(view)
+        except (BlockingIOError, ssl.SSLWantWriteError):
+            raise TimeoutError("the peer stopped reading") from None
+        if deadline is not None and time.monotonic() > deadline:
+            raise TimeoutError("transfer deadline passed while the peer was reading")
 
 
 def send_views(
@@ -106,6 +141,9 @@ def send_views(
 ) -> None:
     """Send `views` back to back with scatter-gather writes: no copy, no join. TimeoutError
     if the peer stops reading (see `stall_timeout`) or, with a `deadline`, once it passes."""
+    if isinstance(sock, ssl.SSLSocket):  # TLS has no scatter-gather: one record per view
+        _send_tls(sock, views, deadline)
+        return
     for start in range(0, len(views), IOV_BATCH):
         pending = [memoryview(v) for v in views[start : start + IOV_BATCH] if len(v)]
         while pending:

@@ -155,7 +155,7 @@ class TierStats(_message.Message):
     def __init__(self, name: _Optional[str] = ..., blocks: _Optional[int] = ..., bytes: _Optional[int] = ..., capacity: _Optional[int] = ..., hits: _Optional[int] = ..., misses: _Optional[int] = ..., evictions: _Optional[int] = ..., demotions: _Optional[int] = ..., promotions: _Optional[int] = ..., errors: _Optional[int] = ..., last_error: _Optional[str] = ..., payload_bytes: _Optional[int] = ...) -> None: ...
 
 class StatsReply(_message.Message):
-    __slots__ = ("tiers", "puts", "gets", "lookups", "uptime_s", "transfers", "fetched_blocks", "fetched_bytes")
+    __slots__ = ("tiers", "puts", "gets", "lookups", "uptime_s", "transfers", "fetched_blocks", "fetched_bytes", "tenant", "tenant_blocks", "tenant_bytes", "quota")
     class TransfersEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -185,6 +185,10 @@ class StatsReply(_message.Message):
     TRANSFERS_FIELD_NUMBER: _ClassVar[int]
     FETCHED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     FETCHED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    TENANT_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    TENANT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    QUOTA_FIELD_NUMBER: _ClassVar[int]
     tiers: _containers.RepeatedCompositeFieldContainer[TierStats]
     puts: int
     gets: int
@@ -193,7 +197,11 @@ class StatsReply(_message.Message):
     transfers: _containers.ScalarMap[str, int]
     fetched_blocks: _containers.ScalarMap[str, int]
     fetched_bytes: _containers.ScalarMap[str, int]
-    def __init__(self, tiers: _Optional[_Iterable[_Union[TierStats, _Mapping]]] = ..., puts: _Optional[int] = ..., gets: _Optional[int] = ..., lookups: _Optional[int] = ..., uptime_s: _Optional[float] = ..., transfers: _Optional[_Mapping[str, int]] = ..., fetched_blocks: _Optional[_Mapping[str, int]] = ..., fetched_bytes: _Optional[_Mapping[str, int]] = ...) -> None: ...
+    tenant: str
+    tenant_blocks: int
+    tenant_bytes: int
+    quota: int
+    def __init__(self, tiers: _Optional[_Iterable[_Union[TierStats, _Mapping]]] = ..., puts: _Optional[int] = ..., gets: _Optional[int] = ..., lookups: _Optional[int] = ..., uptime_s: _Optional[float] = ..., transfers: _Optional[_Mapping[str, int]] = ..., fetched_blocks: _Optional[_Mapping[str, int]] = ..., fetched_bytes: _Optional[_Mapping[str, int]] = ..., tenant: _Optional[str] = ..., tenant_blocks: _Optional[int] = ..., tenant_bytes: _Optional[int] = ..., quota: _Optional[int] = ...) -> None: ...
 
 class HelloRequest(_message.Message):
     __slots__ = ()

@@ -17,6 +17,7 @@ import logging
 import os
 import select
 import socket
+import ssl
 import struct
 import threading
 import time
@@ -52,10 +53,12 @@ from kvstore.proto.channel import (
 )
 from kvstore.proto.frames import FrameError, parse
 from kvstore.server import shm, tcp
+from kvstore.server.auth import Auth
 from kvstore.server.fetch import Fetcher
 from kvstore.server.status import TransferCounts, status_of
 from kvstore.server.tickets import TicketBook
 from kvstore.store import ReadBatch, Store
+from kvstore.tenants import OPEN, Tenant
 
 log = logging.getLogger("kvstore.dataplane")
 IDLE_TIMEOUT = 600.0  # a pooled connection may wait this long for its next request
@@ -83,6 +86,7 @@ class Connection:
     kind: str  # "tcp" or "unix"
     host: str  # the peer's address; "local" over the Unix socket
     open: bool = False  # HELLO done
+    tenant: Tenant = OPEN  # whose ticket opened it
     last_used: float = field(default_factory=time.monotonic)
     held: dict[int, Held] = field(default_factory=dict)  # lease or put id -> what it holds
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -110,6 +114,7 @@ class ChannelServer:
         store: Store,
         tickets: TicketBook,
         transfers: TransferCounts,
+        auth: Auth,
         *,
         instance: bytes,
         tcp_address: str | None,
@@ -120,10 +125,13 @@ class ChannelServer:
         workers: int = 16,
         max_connections: int = 1024,
         max_per_host: int = 256,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
+        self.tls = tls  # TCP connections speak TLS (the Unix socket never leaves the host)
         self.store = store
         self.tickets = tickets
         self.transfers = transfers
+        self.auth = auth
         self.instance = instance
         self.timeout = timeout
         self.min_rate = min_rate
@@ -243,8 +251,13 @@ class ChannelServer:
         for it again; close it on a protocol error, a broken socket or a missed deadline."""
         try:
             keep = self._hello(conn) if not conn.open else self._request(conn)
-            while keep is CONTINUE:  # a release or renewal: the request behind it is here
-                keep = self._request(conn) if _buffered(conn.sock) else True
+            # a release or renewal: the request behind it is here; and TLS may hold the next
+            # request decrypted already, where epoll cannot see it
+            while keep is CONTINUE or (keep and _tls_pending(conn.sock)):
+                if not _buffered(conn.sock):
+                    keep = True
+                    break
+                keep = self._request(conn)
         except (ChannelError, ConnectionError, TimeoutError, OSError) as exc:
             log.info("data connection from %s ended: %s", conn.host, exc)
             keep = False
@@ -275,10 +288,12 @@ class ChannelServer:
     # -- opening ----------------------------------------------------------------
 
     def _hello(self, conn: Connection) -> bool:
+        if self.tls is not None and conn.kind == "tcp":
+            conn.sock = self.tls.wrap_socket(conn.sock, server_side=True)  # the handshake
         head = memoryview(bytearray(HELLO.size))
         recv_exact(conn.sock, head[:1])  # an empty read here is a client that left
         recv_exact(conn.sock, head[1:])
-        magic, version, ticket = HELLO.unpack(head)
+        magic, version, ticket, proof = HELLO.unpack(head)
         try:
             if magic != HELLO_MAGIC:
                 raise InvalidArgument("hello", "not a kvstore channel (expected KVC1)")
@@ -286,7 +301,9 @@ class ChannelServer:
                 raise InvalidArgument("hello", f"channel version {version}; this node: {VERSION}")
             if conn.kind == "unix":
                 _check_same_user(conn.sock)
-            self.tickets.redeem(ticket, None if conn.kind == "unix" else conn.host)
+            tenant = self.tickets.redeem(ticket, None if conn.kind == "unix" else conn.host, proof)
+            if conn.kind == "unix" and not tenant.shm:
+                raise PermissionDenied(f"tenant {tenant.name!r} may not map this node's memory")
         except KVStoreError as exc:
             _refuse(conn.sock, exc)
             return False
@@ -297,6 +314,7 @@ class ChannelServer:
             socket.send_fds(conn.sock, [reply], [arena.segment_fd])
         else:
             conn.sock.sendall(reply)
+        conn.tenant = tenant
         conn.open = True
         return True
 
@@ -337,10 +355,11 @@ class ChannelServer:
             RENEW: renew,
         }.get(op)
 
-    def wanted(self, meta: bytes, *, unique: bool = True) -> list[bytes]:
-        """The keys a get, lease or lookup names, once fetched and waited for as it asks."""
+    def wanted(self, conn: Connection, meta: bytes, *, unique: bool = True) -> list[bytes]:
+        """The node's keys a get, lease or lookup names, once fetched and waited for as it
+        asks."""
         request = parse(meta, pb.GetRequest)
-        keys = check_keys(request.keys, unique=unique)
+        keys = conn.tenant.keys(check_keys(request.keys, unique=unique))
         if self.fetcher is not None:
             self.fetcher.ensure(keys, request.wait_ms, request.fetch)
         return keys
@@ -375,7 +394,7 @@ class ChannelServer:
 
 
 def lookup(server: ChannelServer, conn: Connection, frame: Frame) -> None:
-    keys = server.wanted(frame.meta, unique=False)
+    keys = server.wanted(conn, frame.meta, unique=False)
     tiers = server.store.lookup(keys)
     server.reply(conn, pb.LookupReply(found=len(tiers), tiers=tiers).SerializeToString())
 
@@ -419,8 +438,14 @@ def _check_same_user(sock: socket.socket) -> None:
         raise PermissionDenied(f"uid {uid} may not map this node's memory (runs as {os.getuid()})")
 
 
+def _tls_pending(sock: socket.socket) -> bool:
+    return isinstance(sock, ssl.SSLSocket) and sock.pending() > 0
+
+
 def _buffered(sock: socket.socket) -> bool:
     """Whether the peer already sent more (a request right behind a release)."""
+    if _tls_pending(sock):
+        return True
     poller = select.poll()  # not select(): descriptors may pass FD_SETSIZE here
     poller.register(sock.fileno(), select.POLLIN)
     return bool(poller.poll(0))

@@ -36,8 +36,15 @@ POLL = 0.02  # seconds between looks at the cluster while waiting with fetch
 
 
 class Fetcher:
-    def __init__(self, store: Store, membership: Membership, timeout: float) -> None:
+    def __init__(
+        self,
+        store: Store,
+        membership: Membership,
+        timeout: float,
+        peer_options: dict[str, str] | None = None,
+    ) -> None:
         self.store = store
+        self.peer_options = peer_options or {}  # how this node calls others: token, TLS
         self.membership = membership
         self.timeout = timeout
         self._waiting = threading.BoundedSemaphore(MAX_WAITING)
@@ -180,7 +187,7 @@ class Fetcher:
         with self._lock:
             if address not in self._peers:
                 self._peers[address] = Client(
-                    address, transport="tcp", shm=False, timeout=self.timeout
+                    address, transport="tcp", shm=False, timeout=self.timeout, **self.peer_options
                 )
             return self._peers[address]
 

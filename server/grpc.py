@@ -17,9 +17,11 @@ from kvstore.limits import MAX_BLOCKS, MAX_HEADER_FRAME, MAX_TOKENS
 from kvstore.proto import kvstore_pb2 as pb
 from kvstore.proto.convert import headers_from_proto, headers_to_proto
 from kvstore.proto.frames import data_frames, decode_frame, parse
+from kvstore.server.auth import Auth
 from kvstore.server.fetch import Fetcher
 from kvstore.server.status import TransferCounts
 from kvstore.store import Store
+from kvstore.tenants import Tenant
 from kvstore.tiers import PinnedBlock
 
 HEADERS_TAG = b"\x0a"  # field 1 (headers), length-delimited: a frame of block headers
@@ -27,19 +29,27 @@ HEADERS_TAG = b"\x0a"  # field 1 (headers), length-delimited: a frame of block h
 
 class GrpcPath:
     def __init__(
-        self, store: Store, chunk_size: int, transfers: TransferCounts, fetcher: Fetcher
+        self,
+        store: Store,
+        chunk_size: int,
+        transfers: TransferCounts,
+        fetcher: Fetcher,
+        auth: Auth,
     ) -> None:
         self.store = store
+        self.auth = auth
         self.fetcher = fetcher
         self.chunk_size = chunk_size
         self.transfers = transfers
 
-    def put(self, frames: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
+    def put(self, frames: Iterator[bytes], context: grpc.ServicerContext, tenant: Tenant) -> bytes:
+        tenant.may_write()
         with self.transfers.running(), ExitStack() as held:
-            return self._put(frames, held, context.peer())
+            return self._put(frames, held, context.peer(), tenant)
 
-    def _put(self, frames: Iterator[bytes], held: ExitStack, peer: str) -> bytes:
+    def _put(self, frames: Iterator[bytes], held: ExitStack, peer: str, tenant: Tenant) -> bytes:
         ingest: BlockIngest | None = None
+        declared: list[tuple[bytes, int]] = []
         try:
             for raw in frames:
                 if raw[:1] == HEADERS_TAG and len(raw) > MAX_HEADER_FRAME:
@@ -50,7 +60,9 @@ class GrpcPath:
                 if not isinstance(frame, memoryview) and frame.HasField("headers"):
                     if ingest is None:  # the first headers frame says how the put goes
                         ingest = BlockIngest(self.store, durable=frame.headers.durable)
-                    blocks = headers_from_proto(frame.headers.blocks)
+                    blocks = tenant.blocks(headers_from_proto(frame.headers.blocks))
+                    declared += [(key, meta.size) for key, meta in blocks]
+                    self.auth.check(tenant, sum(size for _, size in declared))
                     ingest.declare(blocks)
                     nbytes = sum(meta.size for _, meta in blocks)
                     held.enter_context(self.transfers.holding(nbytes, peer))
@@ -69,19 +81,21 @@ class GrpcPath:
             if ingest is not None:
                 ingest.abort()
             raise
+        self.auth.charge(tenant, declared)
         self.transfers.add("put/grpc", ingest.received)
         return pb.PutReply(stored=result.stored, existed=result.existed).SerializeToString()
 
-    def get(self, raw: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
+    def get(self, raw: bytes, context: grpc.ServicerContext, tenant: Tenant) -> Iterator[bytes]:
         request = parse(raw, pb.GetRequest)
-        keys = check_keys(request.keys, unique=True)
+        keys = tenant.keys(check_keys(request.keys, unique=True))
         self.fetcher.ensure(keys, request.wait_ms, request.fetch)
         with (
             self.transfers.running(),
             self.store.read(keys) as batch,
             self.transfers.holding(sum(b.meta.size for b in batch.blocks), context.peer()),
         ):
-            headers = headers_to_proto((b.key, b.meta) for b in batch.blocks)
+            self.auth.read(tenant, len(keys), [(b.key, b.meta.size) for b in batch.blocks])
+            headers = headers_to_proto(tenant.blocks((b.key, b.meta) for b in batch.blocks))
             reply = pb.GetReply(headers=pb.BlockHeaders(blocks=headers, truncated=batch.truncated))
             yield reply.SerializeToString()
             pending: Iterator[PinnedBlock] = iter(batch.blocks)
@@ -91,9 +105,9 @@ class GrpcPath:
                 yield frame
         self.transfers.add("get/grpc", sum(b.meta.size for b in batch.blocks))
 
-    def lookup(self, raw: bytes, context: grpc.ServicerContext) -> bytes:
+    def lookup(self, raw: bytes, tenant: Tenant) -> bytes:
         request = parse(raw, pb.LookupRequest)
-        keys = self.lookup_keys(raw)
+        keys = tenant.keys(self.lookup_keys(raw))
         if request.HasField("keys"):
             self.fetcher.ensure(keys, request.keys.wait_ms, request.keys.fetch)
         tiers = self.store.lookup(keys)

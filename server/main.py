@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
 import os
 import signal
@@ -10,7 +11,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent import futures
 from dataclasses import fields
 
@@ -20,9 +21,12 @@ from grpc_reflection.v1alpha import reflection
 
 from kvstore import __version__
 from kvstore.config import ServerConfig, format_size, parse_bool, parse_size
+from kvstore.server import tls
+from kvstore.server.auth import Auth
 from kvstore.server.channel import ChannelServer
 from kvstore.server.cluster import Membership, check_cluster_url, node_id
 from kvstore.server.fetch import Fetcher
+from kvstore.server.metrics import Metrics
 from kvstore.server.servicer import SERVICE, KVStoreServicer
 from kvstore.server.status import TransferCounts
 from kvstore.server.tickets import TicketBook
@@ -48,6 +52,9 @@ class Daemon:
         self.channel: ChannelServer | None = None
         self.membership: Membership | None = None
         self.fetcher: Fetcher | None = None
+        self.metrics = Metrics()
+        self.metrics_address = ""
+        self._stop_metrics: Callable[[], None] | None = None
         try:
             self._serve(config)
         except BaseException:
@@ -57,6 +64,7 @@ class Daemon:
     def _serve(self, config: ServerConfig) -> None:
         self.server = grpc.server(
             futures.ThreadPoolExecutor(config.workers, thread_name_prefix="kvstore-rpc"),
+            interceptors=[self.metrics.interceptor()],
             options=[
                 ("grpc.max_receive_message_length", MAX_MESSAGE),
                 ("grpc.max_send_message_length", MAX_MESSAGE),
@@ -69,8 +77,19 @@ class Daemon:
             [SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server
         )
         host_name, _, _ = config.address.rpartition(":")
+        self.auth = Auth(config.auth_file, self.store)
+        if not self.auth.on and not _loopback(host_name):
+            log.warning(
+                "listening on %s without --auth-file: anyone who reaches it can read, "
+                "overwrite and delete every block",
+                config.address,
+            )
+        credentials = tls.grpc_credentials(config)
         try:
-            port = self.server.add_insecure_port(config.address)
+            if credentials is None:
+                port = self.server.add_insecure_port(config.address)
+            else:
+                port = self.server.add_secure_port(config.address, credentials)
         except RuntimeError as exc:  # grpc's way of saying the bind failed
             raise OSError(f"cannot listen on {config.address}: {exc}") from None
         self.address = f"{host_name}:{port}"
@@ -88,7 +107,9 @@ class Daemon:
                     self.store,
                     self.tickets,
                     self.transfers,
+                    self.auth,
                     instance=self.instance,
+                    tls=tls.data_context(config),
                     tcp_address=data_address,
                     unix=True,
                     timeout=config.data_timeout,
@@ -115,7 +136,12 @@ class Daemon:
             events_topic=config.events_topic,
             transfers=self.transfers,
         )
-        self.fetcher = Fetcher(self.store, self.membership, config.data_timeout)
+        self.fetcher = Fetcher(
+            self.store,
+            self.membership,
+            config.data_timeout,
+            tls.peer_options(config, self.auth.admin_token()),
+        )
         if self.channel:
             self.channel.fetcher = self.fetcher
         servicer = KVStoreServicer(
@@ -128,12 +154,21 @@ class Daemon:
             workers=config.workers,
             push_allow=config.push_allow,
             transfers=self.transfers,
+            auth=self.auth,
             info=lambda: (
                 self.channel.address if self.channel else "",
                 self.channel.unix_address if self.channel else "",
             ),
         )
         self.server.add_generic_rpc_handlers([servicer.handler()])
+        self.metrics.watch(self)
+        if config.metrics_address:
+            try:
+                self.metrics_address, self._stop_metrics = self.metrics.serve(
+                    config.metrics_address
+                )
+            except OSError as exc:
+                raise OSError(f"cannot listen on {config.metrics_address}: {exc}") from None
 
     def start(self) -> Daemon:
         if self.channel:
@@ -164,6 +199,8 @@ class Daemon:
         self._close(persist=self.config.persist_on_shutdown)
 
     def _close(self, persist: bool = False) -> None:
+        if self._stop_metrics:
+            self._stop_metrics()
         if self.channel:
             self.channel.stop()
         if self.fetcher:
@@ -214,6 +251,16 @@ def _advertised(advertise: str, bound: str) -> str:
     elif host.strip("[]") in ("0.0.0.0", "::", ""):
         host = socket.gethostname()
     return f"{host}:{port}"
+
+
+def _loopback(host: str) -> bool:
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a name: it may resolve anywhere
 
 
 def _free_space(directory: str) -> int:
@@ -279,13 +326,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     stopping = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stopping.set())
+    signal.signal(signal.SIGHUP, lambda *_: daemon.auth.reload())
     tiers = ", ".join(f"{t.name} tier {format_size(t.capacity)}" for t in daemon.store.tiers)
     print(
         f"kvstore-server {__version__} listening on {daemon.address} (data plane "
-        f"{daemon.channel.address if daemon.channel else 'off'}, {tiers})",
+        f"{daemon.channel.address if daemon.channel else 'off'}, {tiers}"
+        + (
+            f", metrics http://{daemon.metrics_address}/metrics)" if daemon.metrics_address else ")"
+        ),
         flush=True,
     )
-    stopping.wait()
+    while not stopping.wait(0.5):  # Python runs signal handlers only between the main
+        pass  # thread's bytecodes: a wait without timeout could sleep through a SIGTERM
     log.info("draining: new transfers refused, %gs for those in flight", config.drain_timeout)
     left = daemon.drain(config.drain_timeout)
     if left:

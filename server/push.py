@@ -62,12 +62,18 @@ def push(
     views: Sequence[memoryview],
     timeout: float | None,
     chunk_size: int,
+    peer_options: dict[str, str],
 ) -> PutResult:
     from kvstore.client import Client  # a node pushing is a client of the other node
 
     allowed(target, "target")
     with Client(
-        target, transport=transport, timeout=timeout, chunk_size=chunk_size, shm=False
+        target,
+        transport=transport,
+        timeout=timeout,
+        chunk_size=chunk_size,
+        shm=False,
+        **peer_options,
     ) as peer:
         try:
             info = peer.node_info()

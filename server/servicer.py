@@ -20,6 +20,7 @@ from kvstore.keys import check_keys
 from kvstore.limits import MAX_BLOCKS
 from kvstore.proto import kvstore_pb2 as pb
 from kvstore.proto.frames import parse
+from kvstore.server.auth import Auth
 from kvstore.server.cluster import Membership
 from kvstore.server.fetch import Fetcher
 from kvstore.server.grpc import GrpcPath
@@ -76,8 +77,10 @@ class KVStoreServicer:
         workers: int,
         push_allow: str,
         transfers: TransferCounts,
+        auth: Auth,
         info: Callable[[], tuple[str, str]] = lambda: ("", ""),
     ) -> None:
+        self.auth = auth
         self.store = store
         self.chunk_size = chunk_size
         self.tickets = tickets
@@ -87,36 +90,52 @@ class KVStoreServicer:
         self.info = info  # (data address, unix address), known once the channel listens
         self.transfers = transfers
         self.watchers = Gate(MAX_WATCHERS, "watchers")
-        self.grpc = GrpcPath(store, chunk_size, self.transfers, fetcher)
+        self.grpc = GrpcPath(store, chunk_size, self.transfers, fetcher, auth)
         self.gate = Gate(max(workers - FREE_THREADS, 1))
         self.push_policy = PushPolicy(push_allow)
 
     @unary
     def Put(self, frames: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
+        tenant = self.auth.of(context)
         with self.gate.enter():
-            return self.grpc.put(frames, context)
+            return self.grpc.put(frames, context, tenant)
 
     @streaming
     def Get(self, raw: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
+        tenant = self.auth.of(context)
         with self.gate.enter():
-            yield from self.grpc.get(raw, context)
+            yield from self.grpc.get(raw, context, tenant)
 
     @unary
     def Lookup(self, raw: bytes, context: grpc.ServicerContext) -> bytes:
-        return self.grpc.lookup(raw, context)
+        return self.grpc.lookup(raw, self.auth.of(context))
 
     @unary
     def Delete(self, raw: bytes, context: grpc.ServicerContext) -> bytes:
-        keys = check_keys(parse(raw, pb.DeleteRequest).keys)
+        tenant = self.auth.of(context)
+        keys = tenant.keys(check_keys(parse(raw, pb.DeleteRequest).keys))
+        tenant.may_write()
         return pb.DeleteReply(deleted=self.store.delete(keys)).SerializeToString()
 
     @unary
     def Stats(self, raw: bytes, context: grpc.ServicerContext) -> bytes:
+        tenant = self.auth.of(context)
         parse(raw, pb.StatsRequest)
         stats = self.store.stats()
+        blocks, nbytes = self.auth.usage(tenant)
+        if not tenant.admin:  # its own usage, and the tiers' sizes: nothing of the others'
+            return pb.StatsReply(
+                tiers=[pb.TierStats(name=t.name, capacity=t.capacity) for t in stats.tiers],
+                uptime_s=stats.uptime_s,
+                tenant=tenant.name,
+                tenant_blocks=blocks,
+                tenant_bytes=nbytes,
+                quota=tenant.quota,
+            ).SerializeToString()
         tiers = [pb.TierStats(**{f: getattr(t, f) for f in t.__slots__}) for t in stats.tiers]
         fetched_blocks, fetched_bytes = self.fetcher.stats()
         return pb.StatsReply(
+            tenant=tenant.name,
             fetched_blocks=fetched_blocks,
             fetched_bytes=fetched_bytes,
             tiers=tiers,
@@ -129,14 +148,19 @@ class KVStoreServicer:
 
     @unary
     def Hello(self, raw: bytes, context: grpc.ServicerContext) -> bytes:
+        tenant = self.auth.of(context)
         parse(raw, pb.HelloRequest)
         data_address, unix_address = self.info()
+        if not tenant.shm:
+            unix_address = ""  # its memory map would show every tenant's bytes
         return pb.NodeInfo(
             node_id=self.membership.node_id,
             instance=self.instance,
             data_address=data_address,
             unix_address=unix_address,
-            ticket=self.tickets.issue(peer_host(context)) if data_address or unix_address else b"",
+            ticket=self.tickets.issue(peer_host(context), tenant)
+            if data_address or unix_address
+            else b"",
             ticket_ttl_s=self.tickets.ttl,
             capacity=self.store.capacity,
             host_capacity=self.store.host.capacity,
@@ -146,8 +170,10 @@ class KVStoreServicer:
 
     @unary
     def Push(self, raw: bytes, context: grpc.ServicerContext) -> bytes:
+        tenant = self.auth.of(context)
         request = parse(raw, pb.PushRequest)
-        keys = check_keys(request.keys, unique=True)
+        keys = tenant.keys(check_keys(request.keys, unique=True))
+        tenant.may_write()
         if not request.target:
             raise InvalidArgument("target", "must name the receiving node (HOST:PORT)")
         transport = request.transport or "auto"
@@ -168,6 +194,7 @@ class KVStoreServicer:
                 [b.view for b in batch.blocks],
                 min(context.time_remaining() or PUSH_TIMEOUT, PUSH_TIMEOUT),
                 self.chunk_size,
+                self.fetcher.peer_options,
             )
         return pb.PushReply(
             found=len(batch.blocks), stored=result.stored, existed=result.existed
@@ -183,13 +210,14 @@ class KVStoreServicer:
 
     @unary
     def Prefetch(self, raw: bytes, context: grpc.ServicerContext) -> bytes:
-        keys = check_keys(parse(raw, pb.GetRequest).keys)
+        tenant = self.auth.of(context)
+        keys = tenant.keys(check_keys(parse(raw, pb.GetRequest).keys))
         present, started = self.fetcher.prefetch(keys)
         return pb.PrefetchReply(present=present, started=started).SerializeToString()
 
     @unary
     def Locate(self, raw: bytes, context: grpc.ServicerContext) -> bytes:
-        keys = self.grpc.lookup_keys(raw)
+        keys = self.auth.of(context).keys(self.grpc.lookup_keys(raw))
         found, local_only = self.membership.locate(keys)
         nodes = [
             pb.NodeLocation(
@@ -207,6 +235,7 @@ class KVStoreServicer:
 
     @streaming
     def Watch(self, raw: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
+        self.auth.of(context).may_see_all("Watch")
         request = parse(raw, pb.WatchRequest)
         start = request.from_sequence if request.HasField("from_sequence") else None
         with self.watchers.enter():

@@ -20,10 +20,11 @@ if TYPE_CHECKING:
 
 
 def get(server: ChannelServer, conn: Connection, frame: Frame) -> None:
-    keys = server.wanted(frame.meta)
+    keys = server.wanted(conn, frame.meta)
     batch = server.store.pin(keys)
+    server.auth.read(conn.tenant, len(keys), [(b.key, b.meta.size) for b in batch.blocks])
     answer = pb.GetAnswer(
-        blocks=headers_to_proto((b.key, b.meta) for b in batch.blocks),
+        blocks=headers_to_proto(conn.tenant.blocks((b.key, b.meta) for b in batch.blocks)),
         truncated=batch.truncated,
         offsets=[server.store.host.segment_offset(b.offset) for b in batch.blocks],
         expires_in_s=server.lease_ttl,
@@ -38,7 +39,8 @@ def get(server: ChannelServer, conn: Connection, frame: Frame) -> None:
 
 def put(server: ChannelServer, conn: Connection, frame: Frame) -> None:
     headers = parse(frame.meta, pb.BlockHeaders)
-    blocks = headers_from_proto(headers.blocks)
+    blocks = conn.tenant.blocks(headers_from_proto(headers.blocks))
+    server.auth.check(conn.tenant, sum(meta.size for _, meta in blocks))
     slots = SlotPut(server.store, blocks, headers.durable)  # may wait for room
     answer = pb.PutAnswer(
         present=slots.present,
@@ -54,8 +56,9 @@ def commit(server: ChannelServer, conn: Connection, frame: Frame) -> None:
     held = conn.take(request.put)
     if held is None or not isinstance(held.what, SlotPut):
         raise Unauthenticated("put unknown, already committed, or expired")
-    nbytes = sum(meta.size for _, _, meta, _ in held.what.slots)
+    blocks = [(key, meta.size) for _, key, meta, _ in held.what.slots]
     result = held.what.commit(list(request.checksums))  # all or none, as checked
+    server.auth.charge(conn.tenant, blocks)
+    server.transfers.add("put/shm", sum(size for _, size in blocks))
     reply = pb.PutReply(stored=result.stored, existed=result.existed).SerializeToString()
     server.reply(conn, reply)
-    server.transfers.add("put/shm", nbytes)

@@ -56,11 +56,13 @@ class TransferCounts:
         self.draining = False  # new transfers are refused: the node is stopping
         self.inflight = 0
         self._bytes = 0
+        self._bytes_by: dict[str, int] = {}
         self._last = (time.monotonic(), 0)
 
     def add(self, name: str, nbytes: int) -> None:
         with self._lock:
             self._counts[name] = self._counts.get(name, 0) + 1
+            self._bytes_by[name] = self._bytes_by.get(name, 0) + nbytes
             self._bytes += nbytes
 
     @contextmanager
@@ -103,6 +105,11 @@ class TransferCounts:
                 left = self._by_connection.pop(connection) - nbytes
                 if left:
                     self._by_connection[connection] = left
+
+    def bytes_by_path(self) -> dict[str, int]:
+        """Payload bytes moved, by direction and path ("get/tcp")."""
+        with self._lock:
+            return dict(self._bytes_by)
 
     def snapshot(self) -> dict[str, int]:
         with self._lock:

@@ -31,10 +31,11 @@ _DRAIN = 1 << 20
 
 
 def get(server: ChannelServer, conn: Connection, frame: Frame) -> None:
-    keys = server.wanted(frame.meta)
+    keys = server.wanted(conn, frame.meta)
     with server.store.read(keys) as batch:
+        server.auth.read(conn.tenant, len(keys), [(b.key, b.meta.size) for b in batch.blocks])
         answer = pb.GetAnswer(
-            blocks=headers_to_proto((b.key, b.meta) for b in batch.blocks),
+            blocks=headers_to_proto(conn.tenant.blocks((b.key, b.meta) for b in batch.blocks)),
             truncated=batch.truncated,
         ).SerializeToString()
         size = sum(b.meta.size for b in batch.blocks)
@@ -54,8 +55,9 @@ def put(server: ChannelServer, conn: Connection, frame: Frame) -> None:
     ingest: BlockIngest | None = None
     try:
         headers = parse(frame.meta, pb.BlockHeaders)
+        blocks = conn.tenant.blocks(headers_from_proto(headers.blocks))
+        server.auth.check(conn.tenant, sum(meta.size for _, meta in blocks))
         ingest = BlockIngest(server.store, omit_present=not inline, durable=headers.durable)
-        blocks = headers_from_proto(headers.blocks)
         present = ingest.declare(blocks)
         if inline and ingest.pending_bytes != frame.data_len:
             raise InvalidArgument(
@@ -72,9 +74,10 @@ def put(server: ChannelServer, conn: Connection, frame: Frame) -> None:
             answer = pb.PutAnswer(present=present).SerializeToString()
             conn.sock.sendall(encode(REPLY_MAGIC, 0, READY, answer))
         result = _receive(server, conn, ingest)
+    server.auth.charge(conn.tenant, ((key, meta.size) for key, meta in blocks))
+    server.transfers.add(f"put/{_path(conn)}", sum(meta.size for _, meta in blocks))
     reply = pb.PutReply(stored=result.stored, existed=result.existed).SerializeToString()
     server.reply(conn, reply)
-    server.transfers.add(f"put/{_path(conn)}", sum(meta.size for _, meta in blocks))
 
 
 def _receive(server: ChannelServer, conn: Connection, ingest: BlockIngest) -> PutResult:

@@ -29,9 +29,9 @@ from kvstore.proto.channel import (
     HELLO_REPLY,
     REPLY_MAGIC,
     REQUEST_MAGIC,
-    VERSION,
     Frame,
     encode,
+    hello_frame,
     read_frame,
     recv_exact,
 )
@@ -44,6 +44,7 @@ SERVICE = "kvstore.v1.KVStore"
 class Daemon:
     address: str
     process: subprocess.Popen
+    banner: str = ""  # the line it printed once serving: its addresses and tiers
 
     def client(self, **kw) -> Client:
         return Client(self.address, **kw)
@@ -69,7 +70,7 @@ def running_daemon(
         proc.kill()
         raise RuntimeError(f"daemon did not start: {line!r} {proc.stderr.read()}")
     try:
-        yield Daemon(match.group(1), proc)
+        yield Daemon(match.group(1), proc, line)
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
@@ -94,7 +95,7 @@ def raw_channel(address: str, source: str = "127.0.0.1") -> Iterator[socket.sock
     info = hello(address)
     host, _, port = info.data_address.rpartition(":")
     with socket.create_connection((host, int(port)), 30, source_address=(source, 0)) as sock:
-        sock.sendall(HELLO.pack(HELLO_MAGIC, VERSION, info.ticket))
+        sock.sendall(hello_frame(info.ticket))
         status, message = hello_reply(sock)
         assert status == 0, message
         yield sock

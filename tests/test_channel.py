@@ -31,6 +31,7 @@ from kvstore.proto.channel import (
     REQUEST_MAGIC,
     VERSION,
     encode,
+    hello_frame,
 )
 
 MiB = 1 << 20
@@ -71,7 +72,7 @@ def test_a_ticket_opens_one_connection_only(daemon) -> None:
     info = hello(daemon.address)
     for attempt in range(2):
         with connect(info) as sock:
-            sock.sendall(HELLO.pack(HELLO_MAGIC, VERSION, info.ticket))
+            sock.sendall(hello_frame(info.ticket))
             status, message = hello_reply(sock)
             if attempt == 0:
                 assert status == 0
@@ -83,7 +84,7 @@ def test_a_ticket_opens_one_connection_only(daemon) -> None:
 def test_a_ticket_is_bound_to_the_host_that_asked(daemon) -> None:
     info = hello(daemon.address)
     with connect(info, source="127.0.0.2") as sock:
-        sock.sendall(HELLO.pack(HELLO_MAGIC, VERSION, info.ticket))
+        sock.sendall(hello_frame(info.ticket))
         status, message = hello_reply(sock)
     assert status == UNAUTHENTICATED and "issued to 127.0.0.1, not 127.0.0.2" in message
 
@@ -92,7 +93,7 @@ def test_an_expired_ticket_is_refused() -> None:
     with running_daemon("--host-capacity", "4MiB", "--ticket-ttl", "0") as daemon:
         info = hello(daemon.address)
         with connect(info) as sock:
-            sock.sendall(HELLO.pack(HELLO_MAGIC, VERSION, info.ticket))
+            sock.sendall(hello_frame(info.ticket))
             status, message = hello_reply(sock)
         assert status == UNAUTHENTICATED and "expired" in message
 
@@ -101,7 +102,7 @@ def test_an_expired_ticket_is_refused() -> None:
     "garbage",
     [
         b"GET / HTTP/1.1\r\n\r\n" + bytes(40),  # not even a hello
-        HELLO.pack(HELLO_MAGIC, VERSION + 7, bytes(16)),  # another version
+        HELLO.pack(HELLO_MAGIC, VERSION + 7, bytes(16), bytes(16)),  # another version
         None,  # a good hello, then a frame that is no frame
         b"KQ",  # a good hello, then a frame cut after two bytes
     ],
@@ -110,7 +111,7 @@ def test_garbage_closes_only_that_connection(daemon, witness, garbage) -> None:
     info = hello(daemon.address)
     with connect(info) as sock:
         if garbage in (None, b"KQ"):
-            sock.sendall(HELLO.pack(HELLO_MAGIC, VERSION, info.ticket))
+            sock.sendall(hello_frame(info.ticket))
             assert hello_reply(sock)[0] == 0
             sock.sendall(b"\x00" * 64 if garbage is None else garbage)
             if garbage == b"KQ":
@@ -253,7 +254,7 @@ def test_idle_connections_cost_no_threads_and_are_bounded_per_host() -> None:
         socks = [connect(info) for info in infos]  # with the client's own: one too many
         try:
             for sock, info in zip(socks[:299], infos, strict=False):
-                sock.sendall(HELLO.pack(HELLO_MAGIC, VERSION, info.ticket))
+                sock.sendall(hello_frame(info.ticket))
                 assert hello_reply(sock)[0] == 0
             status, message = hello_reply(socks[299])
             assert status == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]

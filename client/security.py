@@ -1,0 +1,70 @@
+"""How a client proves who it is and checks whom it talks to: a tenant's token (sent as
+gRPC metadata, proven on the data plane without being sent), and TLS for gRPC and the
+TCP data plane. Shared memory needs neither: it never leaves the host."""
+
+from __future__ import annotations
+
+import functools
+import os
+import socket
+import ssl
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+from kvstore.errors import InvalidArgument
+
+
+@dataclass(frozen=True)
+class Security:
+    token: str = ""  # the tenant's; "" where the node runs without an auth file
+    tls_ca: str = ""  # PEM file of the CA the node's certificate must chain to; set: TLS
+    tls_cert: str = ""  # PEM file of this client's certificate (mutual TLS), with tls_key
+    tls_key: str = ""
+
+    @classmethod
+    def of(cls, token: str | None, tls_ca: str, tls_cert: str, tls_key: str) -> Security:
+        if bool(tls_cert) != bool(tls_key):
+            raise InvalidArgument("tls_cert", "tls_cert and tls_key go together")
+        if tls_cert and not tls_ca:
+            raise InvalidArgument("tls_ca", "a client certificate needs TLS: set tls_ca too")
+        token = os.environ.get("KVSTORE_TOKEN", "") if token is None else token
+        return cls(token, tls_ca, tls_cert, tls_key)
+
+    @property
+    def metadata(self) -> tuple[tuple[str, str], ...] | None:
+        return (("authorization", f"Bearer {self.token}"),) if self.token else None
+
+    def channel(self, address: str, options: list[tuple[str, object]]) -> grpc.Channel:
+        if not self.tls_ca:
+            return grpc.insecure_channel(address, options=options)
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=_read(self.tls_ca, "tls_ca"),
+            private_key=_read(self.tls_key, "tls_key") if self.tls_key else None,
+            certificate_chain=_read(self.tls_cert, "tls_cert") if self.tls_cert else None,
+        )
+        return grpc.secure_channel(address, credentials, options=options)
+
+    def wrap(self, sock: socket.socket, host: str) -> socket.socket:
+        """A connected data-plane socket, over TLS when the client talks TLS."""
+        context = self._context()
+        if context is None:
+            return sock
+        return context.wrap_socket(sock, server_hostname=host)
+
+    @functools.cache  # noqa: B019 (one per Security, which lives as long as its client)
+    def _context(self) -> ssl.SSLContext | None:
+        if not self.tls_ca:
+            return None
+        context = ssl.create_default_context(cafile=self.tls_ca)
+        if self.tls_cert:
+            context.load_cert_chain(self.tls_cert, self.tls_key)
+        return context
+
+
+def _read(path: str, field: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise InvalidArgument(field, f"cannot read {path}: {exc.strerror}") from None

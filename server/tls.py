@@ -1,0 +1,48 @@
+"""TLS for the node's gRPC port and TCP data plane (`--tls-cert`, `--tls-key`, and
+`--tls-client-ca` for mutual TLS), and how the node itself calls other nodes."""
+
+from __future__ import annotations
+
+import ssl
+from pathlib import Path
+
+import grpc
+
+from kvstore.config import ServerConfig
+
+
+def grpc_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
+    if not config.tls_cert:
+        return None
+    client_ca = Path(config.tls_client_ca).read_bytes() if config.tls_client_ca else None
+    return grpc.ssl_server_credentials(
+        [(Path(config.tls_key).read_bytes(), Path(config.tls_cert).read_bytes())],
+        root_certificates=client_ca,
+        require_client_auth=client_ca is not None,
+    )
+
+
+def data_context(config: ServerConfig) -> ssl.SSLContext | None:
+    """The data plane's server side; None: plain TCP."""
+    if not config.tls_cert:
+        return None
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(config.tls_cert, config.tls_key)
+    if config.tls_client_ca:
+        context.load_verify_locations(config.tls_client_ca)
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
+def peer_options(config: ServerConfig, token: str) -> dict[str, str]:
+    """Client options for this node's calls to others (fetch, push): the admin token, and
+    with TLS this node's certificate, trusting the client CA (else its own certificate,
+    one shared by every node, as its CA)."""
+    options = {"token": token}
+    if config.tls_cert:
+        options |= {
+            "tls_ca": config.tls_client_ca or config.tls_cert,
+            "tls_cert": config.tls_cert,
+            "tls_key": config.tls_key,
+        }
+    return options
