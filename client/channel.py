@@ -96,7 +96,9 @@ class Channels:
         self.timeout = timeout
         self.address = info.unix_address if kind == "unix" else info.data_address
         if kind == "unix" and not self.address.startswith("kvstore-"):
-            raise Unsupported("the node offers no shared memory to this host (or, with tenants, this token)")
+            raise Unsupported(
+                "the node offers no shared memory to this host (or, with tenants, this token)"
+            )
         if kind == "tcp" and not self.address:
             raise Unsupported("the node runs no data plane (--data-address off)")
         self._grpc_host = grpc_host

@@ -39,6 +39,7 @@ INLINE = 0x02  # PUT: the payloads follow the metadata at once, unasked
 TRUNCATED = 0x01  # GET: stopped before a missing key (room, limits): ask again for the rest
 READY = 0x02  # PUT: the node names what to send (or where to write), then waits
 
+
 def hello_frame(ticket: bytes, token: str = "") -> bytes:
     return HELLO.pack(HELLO_MAGIC, VERSION, ticket, ticket_proof(ticket, token))
 

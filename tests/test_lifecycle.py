@@ -89,19 +89,21 @@ def test_bytes_in_flight_are_bounded_per_node_and_per_connection(transport: str)
     keys = block_keys(np.arange(4 * 16), 16, f"bound/{transport}".encode())
     block = np.full(MiB, 7, np.uint8)
     flags = ("--host-capacity", "64MiB", "--max-inflight-bytes", "1MiB")
-    with running_daemon(*flags, "--max-connection-bytes", "2MiB") as d:
-        with d.client(transport=transport, timeout=30) as c:
-            with pytest.raises(ResourceExhausted, match="split the batch"):
-                c.put(keys[:3], [block] * 3)  # 3 MiB on one connection
-            with raw_channel(d.address) as slow:
-                send_request(slow, PUT, pb.BlockHeaders(blocks=[
-                    pb.BlockHeader(key=keys[0], meta=pb.BlockMeta(size=MiB))]))  # fmt: skip
-                assert read_answer(slow).flags & READY  # 1 MiB in flight: the node's bound
-                with pytest.raises(ResourceExhausted, match="in flight"):
-                    c.put(keys[1:2], [block])
-                slow.sendall(block.tobytes())
-                assert pb.PutReply.FromString(read_answer(slow).meta).stored == 1
-            assert c.put(keys[1:3], [block] * 2).stored == 2  # within both bounds again
-            with pytest.raises(ResourceExhausted, match="split the batch"):
-                c.get(keys[:3])  # gets are bound the same
-            assert [bytes(b) for b in c.get(keys[:2]) + c.get(keys[2:3])] == [block.tobytes()] * 3
+    with (
+        running_daemon(*flags, "--max-connection-bytes", "2MiB") as d,
+        d.client(transport=transport, timeout=30) as c,
+    ):
+        with pytest.raises(ResourceExhausted, match="split the batch"):
+            c.put(keys[:3], [block] * 3)  # 3 MiB on one connection
+        with raw_channel(d.address) as slow:
+            send_request(slow, PUT, pb.BlockHeaders(blocks=[
+                pb.BlockHeader(key=keys[0], meta=pb.BlockMeta(size=MiB))]))  # fmt: skip
+            assert read_answer(slow).flags & READY  # 1 MiB in flight: the node's bound
+            with pytest.raises(ResourceExhausted, match="in flight"):
+                c.put(keys[1:2], [block])
+            slow.sendall(block.tobytes())
+            assert pb.PutReply.FromString(read_answer(slow).meta).stored == 1
+        assert c.put(keys[1:3], [block] * 2).stored == 2  # within both bounds again
+        with pytest.raises(ResourceExhausted, match="split the batch"):
+            c.get(keys[:3])  # gets are bound the same
+        assert [bytes(b) for b in c.get(keys[:2]) + c.get(keys[2:3])] == [block.tobytes()] * 3
