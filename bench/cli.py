@@ -25,6 +25,7 @@ from kvstore.bench import (
     cluster_bench,
     codec_bench,
     ops_bench,
+    soak_bench,
     tier_bench,
     trace,
     ttft,
@@ -42,7 +43,13 @@ from kvstore.keys import block_keys
 SCENARIOS = ("put", "get", "handoff", "push")
 # Subcommands in modules of their own: HELP, add_arguments(parser, choices, ints, sizes),
 # check(args) -> problem or "", run(args, procs, address, progress, task) -> rows.
-PLUGINS = {"cluster": cluster_bench, "ops": ops_bench, "trace": trace, "vllm": vllm_bench}
+PLUGINS = {
+    "cluster": cluster_bench,
+    "ops": ops_bench,
+    "soak": soak_bench,
+    "trace": trace,
+    "vllm": vllm_bench,
+}
 DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
 PATHS = ("shm", "lease", "tcp", "grpc")
 QUICK = {

@@ -525,7 +525,8 @@ class Client:
             first = self._fallbacks[name] == 1
         if path is not None:
             path.close()
-        (log.warning if first else log.info)(
+        failed = not isinstance(exc, Unsupported)  # not a path the node offers: no alarm
+        (log.warning if first and failed else log.info)(
             "kvstore %s: leaving the %s path for %gs: %s", self.address, name, REPROBE_AFTER, exc
         )
 

@@ -44,7 +44,8 @@ def error_from_rpc(exc: grpc.RpcError) -> KVStoreError:
 
 
 _HINTS = {  # what the transport says on a TLS mismatch, and what the caller should do
-    "Socket closed": " (a node serving TLS drops plaintext connections: pass tls_ca=)",
+    "Socket closed": " (a TLS mismatch? a node serving TLS drops plaintext connections: pass "
+    "tls_ca=; one with --tls-client-ca also those without tls_cert= and tls_key=)",
     "WRONG_VERSION_NUMBER": " (TLS to a node without TLS: leave tls_ca out)",
     "CERTIFICATE_VERIFY_FAILED": " (the node's TLS certificate does not chain to tls_ca)",
 }

@@ -1,7 +1,7 @@
 """The TCP path: block operations over the node's data plane, one round trip each.
 
 Payloads go out with scatter-gather writes straight from the caller's arrays and come
-in with `recv_into` straight into their destination. A put of up to `INLINE` bytes
+in with `recv_into` straight into their destination. A put of up to `MAX_INLINE` bytes
 sends its payloads with its request, unasked; a larger one first learns which blocks
 the node already has, and sends only the others.
 """
@@ -15,11 +15,10 @@ from kvstore.client.pipeline import Block, Received, batches, block_slices
 from kvstore.client.transport import Arrived, Ask, Out
 from kvstore.ingest import PutResult
 from kvstore.proto import kvstore_pb2 as pb
-from kvstore.proto.channel import GET, INLINE, LOOKUP, PUT, TRUNCATED, recv_exact
+from kvstore.proto.channel import GET, INLINE, LOOKUP, MAX_INLINE, PUT, TRUNCATED, recv_exact
 from kvstore.proto.convert import headers_from_proto, headers_to_proto
 
 Place = Callable[[list[Block]], list[memoryview]]  # where each block of an answer goes
-INLINE_PUT = 4 << 20  # bytes a put sends with its request, before the node answers
 RECEIVE_PART = 16 << 20  # bytes received before the blocks so far go to be decoded
 
 
@@ -53,7 +52,7 @@ def put(
     meta = pb.BlockHeaders(blocks=headers_to_proto(blocks), durable=durable).SerializeToString()
     total = sum(len(v) for v in views)
     with channels.link() as link:
-        if total <= INLINE_PUT:
+        if total <= MAX_INLINE:
             frame = channels.request(link, PUT, meta, flags=INLINE, views=views, data_len=total)
         else:
             ready = channels.request(link, PUT, meta)

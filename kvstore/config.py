@@ -2,8 +2,8 @@
 
 Each field is filled, in this order of precedence, from a command-line flag,
 an environment variable `KVSTORE_<FIELD>` (e.g. `KVSTORE_HOST_CAPACITY=8GiB`),
-or the default below. Field metadata carries the flag's help, so `--help` and
-this file never disagree.
+the `--config` TOML file, or the default below. Field metadata carries the
+flag's help, so `--help` and this file never disagree.
 """
 
 from __future__ import annotations
@@ -158,8 +158,8 @@ class ServerConfig:
     events_topic: str = _opt("", "topic of every published KV event batch")
     auth_file: str = _opt(
         "",
-        "TOML file of tenants ([[tenant]] name, token, quota, read_only, shm), reloaded on "
-        "SIGHUP; empty: no authentication (then bind loopback only)",
+        "TOML file of tenants ([[tenant]] name, token, secret, quota, read_only, shm, admin), "
+        "reloaded on SIGHUP; empty: no authentication (then bind loopback only)",
     )
     tls_cert: str = _opt("", "PEM certificate chain: serve gRPC and the TCP data plane over TLS")
     tls_key: str = _opt("", "PEM private key of --tls-cert")
@@ -175,7 +175,7 @@ class ServerConfig:
     max_inflight_bytes: int = _opt(
         0,
         "bytes of puts and gets in flight over the whole node; more are refused with "
-        "RESOURCE_EXHAUSTED (clients retry); 0: the host tier's capacity",
+        "RESOURCE_EXHAUSTED (gRPC gets and lookups are retried); 0: the host tier's capacity",
         parse_size,
     )
     max_connection_bytes: int = _opt(

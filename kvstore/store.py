@@ -76,7 +76,9 @@ class ReadBatch:
             release()
 
     def close(self) -> None:
-        for release in list(self._held.values()):
+        # last block first: a prompt's first blocks, which most requests share, end up
+        # the most recently used
+        for release in reversed(self._held.values()):
             release()
         self._held.clear()
 

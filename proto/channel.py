@@ -53,6 +53,7 @@ def ticket_proof(ticket: bytes, token: str) -> bytes:
     return hashlib.blake2b(ticket, key=key, digest_size=16).digest()
 
 
+MAX_INLINE = 4 << 20  # payload bytes a put may send with its request, before the node answers
 IOV_BATCH = 64  # views per sendmsg call; well under IOV_MAX
 MAX_META = 16 << 20  # bytes of metadata in one frame
 

@@ -332,6 +332,8 @@ class ChannelServer:
             running = self.transfers.running() if op in (GET, PUT) else contextlib.nullcontext()
             with running:
                 handler(self, conn, frame)
+        except ChannelError:
+            raise  # the connection is out of step or gone: it closes
         except (KVStoreError, FrameError) as exc:
             if op not in NO_REPLY:
                 self.reply_error(conn, exc)
@@ -361,7 +363,9 @@ class ChannelServer:
         request = parse(meta, pb.GetRequest)
         keys = conn.tenant.keys(check_keys(request.keys, unique=unique))
         if self.fetcher is not None:
-            self.fetcher.ensure(keys, request.wait_ms, request.fetch)
+            self.fetcher.ensure(
+                keys, request.wait_ms, request.fetch, lambda: _peer_there(conn.sock)
+            )
         return keys
 
     def reply(self, conn: Connection, message: bytes, *, flags: int = 0, data_len: int = 0) -> None:
@@ -385,7 +389,8 @@ class ChannelServer:
                     ended = [conn.held.pop(k) for k in expired]
                 for held in ended:
                     held.end()
-                if now - conn.last_used > IDLE_TIMEOUT and not conn.held:
+                idle = IDLE_TIMEOUT if conn.open else self.timeout  # HELLO is due at once
+                if now - conn.last_used > idle and not conn.held:
                     with contextlib.suppress(OSError):  # closed meanwhile by its peer
                         conn.sock.shutdown(socket.SHUT_RDWR)  # its next turn closes it
 
@@ -436,6 +441,13 @@ def _check_same_user(sock: socket.socket) -> None:
     _, uid, _ = _PEERCRED.unpack(creds)
     if uid not in (os.getuid(), 0):
         raise PermissionDenied(f"uid {uid} may not map this node's memory (runs as {os.getuid()})")
+
+
+def _peer_there(sock: socket.socket) -> bool:
+    """Whether the peer still holds its end open (a waiting request may be given up)."""
+    poller = select.poll()
+    poller.register(sock.fileno(), select.POLLRDHUP)
+    return not poller.poll(0)
 
 
 def _tls_pending(sock: socket.socket) -> bool:

@@ -33,6 +33,7 @@ MAX_WAIT = 300.0  # seconds a request may wait for blocks to arrive
 MAX_WAITING = 8  # requests waiting at once; more are refused (they hold serving threads)
 RUN = 256  # keys asked of a holder at once (their slots are reserved together)
 POLL = 0.02  # seconds between looks at the cluster while waiting with fetch
+LOOK = 0.25  # seconds between looks at whether a waiting caller is still there
 
 
 class Fetcher:
@@ -56,9 +57,16 @@ class Fetcher:
         self._following: set[BlockKey] = set()  # first keys of prompts followed
         self._closing = threading.Event()
 
-    def ensure(self, keys: Sequence[BlockKey], wait_ms: int, fetch: bool) -> None:
+    def ensure(
+        self,
+        keys: Sequence[BlockKey],
+        wait_ms: int,
+        fetch: bool,
+        alive: Callable[[], bool] = lambda: True,
+    ) -> None:
         """Before a get, lease or lookup of `keys` is answered: fetch what the cluster has
-        and this node lacks, and give keys[0] up to `wait_ms` to arrive."""
+        and this node lacks, and give keys[0] up to `wait_ms` to arrive; a caller that
+        is gone (`alive()` false) or a node that closes ends the wait."""
         fetch = fetch and self.membership.index is not None
         if fetch:
             self.fill(keys)
@@ -70,11 +78,11 @@ class Fetcher:
             deadline = time.monotonic() + min(wait_ms / 1000, MAX_WAIT)
             if fetch:  # pull the rest as it appears, while the caller reads what is here
                 self._follow(keys, deadline)
-            while (left := deadline - time.monotonic()) > 0:
-                if not fetch:  # only a local put can bring it: wait for that
-                    self.store.wait_present(keys[0], left)
+            step = POLL if fetch else LOOK  # with fetch, look at the cluster that often too
+            while (left := deadline - time.monotonic()) > 0 and alive():
+                if self._closing.is_set() or self.store.wait_present(keys[0], min(left, step)):
                     return
-                if self.store.wait_present(keys[0], min(left, POLL)) or self.fill(keys):
+                if fetch and self.fill(keys):
                     return
         finally:
             self._waiting.release()

@@ -13,7 +13,7 @@ import numpy as np
 from kvstore.errors import InvalidArgument
 from kvstore.ingest import BlockIngest
 from kvstore.keys import block_keys, check_keys
-from kvstore.limits import MAX_BLOCKS, MAX_HEADER_FRAME, MAX_TOKENS
+from kvstore.limits import MAX_BLOCKS, MAX_HEADER_FRAME, MAX_SALT, MAX_TOKENS
 from kvstore.proto import kvstore_pb2 as pb
 from kvstore.proto.convert import headers_from_proto, headers_to_proto
 from kvstore.proto.frames import data_frames, decode_frame, parse
@@ -22,7 +22,6 @@ from kvstore.server.fetch import Fetcher
 from kvstore.server.status import TransferCounts
 from kvstore.store import Store
 from kvstore.tenants import Tenant
-from kvstore.tiers import PinnedBlock
 
 HEADERS_TAG = b"\x0a"  # field 1 (headers), length-delimited: a frame of block headers
 
@@ -88,7 +87,7 @@ class GrpcPath:
     def get(self, raw: bytes, context: grpc.ServicerContext, tenant: Tenant) -> Iterator[bytes]:
         request = parse(raw, pb.GetRequest)
         keys = tenant.keys(check_keys(request.keys, unique=True))
-        self.fetcher.ensure(keys, request.wait_ms, request.fetch)
+        self.fetcher.ensure(keys, request.wait_ms, request.fetch, context.is_active)
         with (
             self.transfers.running(),
             self.store.read(keys) as batch,
@@ -98,18 +97,16 @@ class GrpcPath:
             headers = headers_to_proto(tenant.blocks((b.key, b.meta) for b in batch.blocks))
             reply = pb.GetReply(headers=pb.BlockHeaders(blocks=headers, truncated=batch.truncated))
             yield reply.SerializeToString()
-            pending: Iterator[PinnedBlock] = iter(batch.blocks)
-            for frame, ended in data_frames([b.view for b in batch.blocks], self.chunk_size):
-                for _ in range(ended):  # copied into `frame`: the tier may evict them again
-                    batch.release(next(pending))
+            # pinned to the end, released together (last first: see ReadBatch.close)
+            for frame, _ in data_frames([b.view for b in batch.blocks], self.chunk_size):
                 yield frame
         self.transfers.add("get/grpc", sum(b.meta.size for b in batch.blocks))
 
-    def lookup(self, raw: bytes, tenant: Tenant) -> bytes:
+    def lookup(self, raw: bytes, context: grpc.ServicerContext, tenant: Tenant) -> bytes:
         request = parse(raw, pb.LookupRequest)
         keys = tenant.keys(self.lookup_keys(raw))
         if request.HasField("keys"):
-            self.fetcher.ensure(keys, request.keys.wait_ms, request.keys.fetch)
+            self.fetcher.ensure(keys, request.keys.wait_ms, request.keys.fetch, context.is_active)
         tiers = self.store.lookup(keys)
         return pb.LookupReply(found=len(tiers), tiers=tiers).SerializeToString()
 
@@ -132,6 +129,8 @@ def token_keys(tokens: pb.TokenPrefix) -> list[bytes]:
         raise InvalidArgument(
             "tokens.token_ids", f"{len(tokens.token_ids)} tokens: at most {MAX_TOKENS}"
         )
+    if len(tokens.salt) > MAX_SALT:
+        raise InvalidArgument("tokens.salt", f"{len(tokens.salt)} bytes: at most {MAX_SALT}")
     if len(tokens.token_ids) // tokens.block_size > MAX_BLOCKS:
         raise InvalidArgument(
             "tokens.block_size",

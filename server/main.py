@@ -274,7 +274,8 @@ def parser() -> argparse.ArgumentParser:
         prog="kvstore-server",
         description="KV-cache block store for disaggregated LLM inference. Every flag can also "
         "be set as the environment variable KVSTORE_<FLAG> (e.g. KVSTORE_HOST_CAPACITY); "
-        "a flag wins over the environment, which wins over the default.",
+        "a flag wins over the environment, which wins over --config FILE, which wins over the "
+        "default.",
     )
     defaults = ServerConfig()
     for f in fields(ServerConfig):

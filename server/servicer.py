@@ -108,7 +108,7 @@ class KVStoreServicer:
 
     @unary
     def Lookup(self, raw: bytes, context: grpc.ServicerContext) -> bytes:
-        return self.grpc.lookup(raw, self.auth.of(context))
+        return self.grpc.lookup(raw, context, self.auth.of(context))
 
     @unary
     def Delete(self, raw: bytes, context: grpc.ServicerContext) -> bytes:

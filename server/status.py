@@ -83,6 +83,9 @@ class TransferCounts:
         """`nbytes` of payload in flight on `connection`: refused when that would pass the
         node's or the connection's bound. A transfer alone passes the node's (no block is
         ever too large to move), not the connection's: that one says "split the batch"."""
+        if nbytes <= 0:  # nothing to hold: an empty batch, a get that found nothing
+            yield
+            return
         with self._lock:
             mine = self._by_connection.get(connection, 0)
             if self.max_connection_bytes and mine + nbytes > self.max_connection_bytes:

@@ -13,9 +13,11 @@ from kvstore.ingest import BlockIngest, PutResult
 from kvstore.proto import kvstore_pb2 as pb
 from kvstore.proto.channel import (
     INLINE,
+    MAX_INLINE,
     READY,
     REPLY_MAGIC,
     TRUNCATED,
+    ChannelError,
     Frame,
     encode,
     recv_exact,
@@ -51,6 +53,12 @@ def put(server: ChannelServer, conn: Connection, frame: Frame) -> None:
     """An inline put's bytes follow its metadata; otherwise the node first answers which
     blocks it already has, and only the others' bytes come."""
     inline = bool(frame.flags & INLINE)
+    if inline and frame.data_len > MAX_INLINE:  # not worth reading to stay in step: hang up
+        refused = InvalidArgument(
+            "data", f"{frame.data_len} bytes inline, at most {MAX_INLINE}: send the headers first"
+        )
+        server.reply_error(conn, refused)
+        raise ChannelError(str(refused))
     held = ExitStack()  # the request's bytes, counted in flight until it ends
     ingest: BlockIngest | None = None
     try:

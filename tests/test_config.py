@@ -1,3 +1,8 @@
+import os
+import subprocess
+import sys
+import tomllib
+
 import pytest
 
 from kvstore.config import ServerConfig, format_size, parse_size
@@ -59,3 +64,46 @@ def test_invalid_settings_name_the_field(flags: dict, field: str) -> None:
 def test_environment_errors_name_the_variable() -> None:
     with pytest.raises(ValueError, match="KVSTORE_HOST_CAPACITY"):
         ServerConfig.resolve({}, {"KVSTORE_HOST_CAPACITY": "big"})
+
+
+def print_config(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "kvstore.server", "--print-config", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=60,
+    )
+
+
+def test_a_config_file_sits_under_the_environment_and_the_flags(tmp_path) -> None:
+    path = tmp_path / "kvstore.toml"
+    path.write_text(
+        'host-capacity = "64MiB"\nchunk_size = "2MiB"\nworkers = 12\nprefault = false\n'
+    )
+    shown = print_config(
+        "--config", str(path), "--host-capacity", "32MiB", env={"KVSTORE_CHUNK_SIZE": "4MiB"}
+    )
+    assert shown.returncode == 0, shown.stderr
+    settings = tomllib.loads(shown.stdout)  # what it prints is a config file itself
+    assert settings["host-capacity"] == "32MiB"  # flag over file
+    assert settings["chunk-size"] == "4MiB"  # environment over file
+    assert (settings["workers"], settings["prefault"]) == (12, False)  # file over default
+    assert settings["ticket-ttl"] == ServerConfig().ticket_ttl  # default
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("host_capacty = '1GiB'\n", "host_capacty (from"),
+        ("workers = 'many'\n", "workers (from the config file)"),
+        ("fsync = 'sometimes'\n", "fsync: expected one of"),
+        ("this is not toml\n", "is not TOML"),
+    ],
+)
+def test_a_bad_config_file_is_an_error_naming_the_key(tmp_path, text: str, message: str) -> None:
+    path = tmp_path / "kvstore.toml"
+    path.write_text(text)
+    shown = print_config("--config", str(path))
+    assert shown.returncode != 0
+    assert message in shown.stderr

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from conftest import running_daemon
 from kvstore.client import Client
 from kvstore.errors import InvalidArgument
 from kvstore.keys import block_keys
@@ -150,3 +151,23 @@ def test_auto_prefers_shared_memory_on_the_same_host(daemon, salt: bytes) -> Non
         before = client.stats().transfers.get("put/shm", 0)
         client.put(keys_for(salt, 1), [b"x"])
         assert client.stats().transfers["put/shm"] == before + 1
+
+
+@pytest.mark.parametrize("transport", ["tcp", "grpc"])
+def test_after_a_read_a_prompt_loses_its_last_blocks_first(transport: str) -> None:
+    """A read leaves a prompt's first blocks, which later prompts share, the warmest:
+    under pressure the prompt gets shorter, it does not lose its head."""
+    prompt = block_keys(np.arange(3 * 16), 16, f"lru order/{transport}".encode())
+    block = np.full(MiB, 1, np.uint8)
+    with (
+        running_daemon("--host-capacity", "16MiB") as d,
+        d.client(transport=transport, timeout=30) as c,
+    ):
+        c.put(prompt, [block] * 3)
+        assert len(c.get(prompt)) == 3
+        filler = block_keys(np.arange(64 * 16), 16, f"filler/{transport}".encode())
+        for key in filler:
+            c.put([key], [block])
+            if (held := c.lookup(prompt)) < 3:
+                break
+        assert held == 2

@@ -153,8 +153,10 @@ class HostTier:
         stored = []
         with self._space:
             for key, meta, reservation, clean in blocks:
-                if key in self._slots:
+                if (slot := self._slots.get(key)) is not None:
                     self._release(reservation.offset, reservation.size)
+                    if slot.pins == 0 and slot.clean:
+                        self._lru.on_hit(key)  # put again: in use, as a read would say
                     stored.append(False)
                     continue
                 clean = clean or not self.write_back
