@@ -159,19 +159,22 @@ class Store:
                     self._coming[key] -= 1
             self._arrivals.notify_all()
 
-    def wait_present(self, key: BlockKey, timeout: float) -> bool:
+    def wait_present(
+        self, key: BlockKey, timeout: float, alive: Callable[[], bool] = lambda: True
+    ) -> bool:
         """Wait up to `timeout` seconds for `key` to be stored. Returns early, False, when a
-        put that was bringing it ended without it: nothing else is known to be coming."""
+        put that was bringing it ended without it (nothing else is known to be coming) or
+        once `alive()`, asked every quarter second, says the waiter is gone."""
         deadline = time.monotonic() + timeout
         was_coming = False
         with self._arrivals:
             while not self.contains(key):
                 coming = key in self._coming
                 left = deadline - time.monotonic()
-                if (was_coming and not coming) or left <= 0:
+                if (was_coming and not coming) or left <= 0 or not alive():
                     return False
                 was_coming |= coming
-                self._arrivals.wait(left)
+                self._arrivals.wait(min(left, 0.25))
         return True
 
     def _changed(self, tier: str, stored: list[BlockKey], removed: list[BlockKey]) -> None:

@@ -33,7 +33,6 @@ MAX_WAIT = 300.0  # seconds a request may wait for blocks to arrive
 MAX_WAITING = 8  # requests waiting at once; more are refused (they hold serving threads)
 RUN = 256  # keys asked of a holder at once (their slots are reserved together)
 POLL = 0.02  # seconds between looks at the cluster while waiting with fetch
-LOOK = 0.25  # seconds between looks at whether a waiting caller is still there
 
 
 class Fetcher:
@@ -78,11 +77,15 @@ class Fetcher:
             deadline = time.monotonic() + min(wait_ms / 1000, MAX_WAIT)
             if fetch:  # pull the rest as it appears, while the caller reads what is here
                 self._follow(keys, deadline)
-            step = POLL if fetch else LOOK  # with fetch, look at the cluster that often too
-            while (left := deadline - time.monotonic()) > 0 and alive():
-                if self._closing.is_set() or self.store.wait_present(keys[0], min(left, step)):
+
+            def waiting() -> bool:
+                return alive() and not self._closing.is_set()
+
+            while (left := deadline - time.monotonic()) > 0 and waiting():
+                if not fetch:  # only a local put can bring it: wait for that
+                    self.store.wait_present(keys[0], left, waiting)
                     return
-                if fetch and self.fill(keys):
+                if self.store.wait_present(keys[0], min(left, POLL)) or self.fill(keys):
                     return
         finally:
             self._waiting.release()

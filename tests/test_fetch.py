@@ -159,7 +159,7 @@ def test_a_consumer_waits_for_a_producer_still_writing(daemon, salt) -> None:
 
 
 def test_a_consumer_of_a_producer_killed_mid_put_returns_with_what_exists() -> None:
-    keys = block_keys(np.arange(8 * 16), 16, b"killed-producer")
+    keys = block_keys(np.arange(4 * 16), 16, b"killed-producer")
     with running_daemon("--host-capacity", "64MiB", "--data-timeout", "30") as d:
         producer = subprocess.Popen(
             [sys.executable, "-c", textwrap.dedent(f"""
@@ -174,7 +174,7 @@ def test_a_consumer_of_a_producer_killed_mid_put_returns_with_what_exists() -> N
                 with raw_channel({d.address!r}) as sock:
                     meta = blocks.SerializeToString()
                     from kvstore.proto.channel import REQUEST_MAGIC, encode
-                    sock.sendall(encode(REQUEST_MAGIC, PUT, INLINE, meta, 8 << 20))
+                    sock.sendall(encode(REQUEST_MAGIC, PUT, INLINE, meta, 4 << 20))
                     sock.sendall(b"x" * (3 << 20))  # three whole blocks, then dies
                     print("sent", flush=True)
                     sys.stdin.read()
