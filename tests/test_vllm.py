@@ -1,0 +1,304 @@
+"""kvstore inside vLLM: the KV connector (kvstore.integrations.vllm) tested with vLLM itself,
+its CPU build, SmolLM2-135M in float32, greedy, and real daemons.
+
+A producer process A stores a 1,000-token prompt's KV; fresh consumer processes B load it and
+must report vLLM's own cached-token count for every full block (7 of 128 tokens) and produce
+exactly A's tokens. Each vLLM process costs ~40 s to start, so each test is one process that
+runs several checks in a row; the test drives it between them (barriers), never by time.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import signal
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import Daemon, running_daemon
+
+PROMPT = 1000  # tokens
+BLOCKS = 7  # full blocks of 128 tokens: vLLM may claim them all (the last token is computed)
+CACHED = BLOCKS * 128
+LAYERS = 30
+NEW = 24  # greedy tokens compared
+SESSION_S = 420  # a vLLM process that takes longer is killed: no test hangs
+
+pytestmark = [
+    pytest.mark.skipif(
+        importlib.util.find_spec("vllm") is None,
+        reason="vLLM is not installed: pip install -e '.[vllm]' (tests/setup.sh does)",
+    ),
+    # the first test to use the producer also waits for its process: two sessions' worth
+    pytest.mark.timeout(2 * SESSION_S + 60),
+]
+
+
+@pytest.fixture(scope="module")
+def model() -> str:
+    from kvstore.bench.vllm_bench import model_folder
+
+    return str(model_folder())
+
+
+def spec(model: str, address: str, steps: list, **extra: object) -> dict:
+    from kvstore.bench.vllm_bench import kvstore_config
+
+    role = extra.pop("role", "kv_both")
+    return {
+        "model": model,
+        "kv_transfer_config": kvstore_config(role, address=address, **extra),
+        "prompts": {"p": PROMPT},
+        "prefix_caching": False,  # every request of the process goes to the connector
+        "steps": steps,
+    }
+
+
+def generate(name: str, salt: str | None = None) -> dict:
+    return {"op": "generate", "prompt": "p", "name": name, "max_tokens": NEW, "salt": salt}
+
+
+def session(spec: dict, log: Path):
+    from kvstore.bench.vllm_bench import Session
+
+    return Session(spec, log, timeout=SESSION_S)
+
+
+@pytest.fixture(scope="module")
+def producer(model: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
+    """Process A: it generates on the prompt and stores its KV over shared memory, with
+    vLLM's KV event stream on."""
+    logs = tmp_path_factory.mktemp("vllm-a")
+    with running_daemon("--host-capacity", "1GiB") as daemon:
+        steps = [generate("A"), {"op": "flush"}, {"op": "keys", "prompt": "p"}]
+        steps.append({"op": "events", "medium": "CPU", "timeout": 120})
+        a = spec(model, daemon.address, steps, transport="shm")
+        a["prefix_caching"] = True  # vLLM's own BlockStored events need it
+        a["events"] = f"ipc://{logs}/events.sock"
+        with session(a, logs / "a.log") as s:
+            results = s.until_done()
+        keys = [bytes.fromhex(k) for k in results["keys"]["keys"]]
+        yield {"daemon": daemon, "results": results, "keys": keys, "tokens": results["A"]["tokens"]}
+
+
+@contextmanager
+def seeded(producer: dict) -> Iterator[Daemon]:
+    """A daemon of its own holding A's pages, for a test that may spoil or kill it."""
+    from kvstore.client.layers import LayeredKV
+
+    with running_daemon("--host-capacity", "1GiB") as daemon:
+        with producer["daemon"].client() as source, daemon.client(transport="tcp") as target:
+            origin, copy = LayeredKV(source, LAYERS), LayeredKV(target, LAYERS)
+            with origin.get(producer["keys"]) as gets:
+                for layer in range(LAYERS):
+                    copy.put(producer["keys"], layer, gets.wait(layer, timeout=60))
+            assert copy.lookup(producer["keys"]) == BLOCKS
+        yield daemon
+
+
+def test_the_producer_stores_every_full_block_and_reports_it(producer) -> None:
+    from kvstore.client.layers import LayeredKV
+
+    results, daemon = producer["results"], producer["daemon"]
+    assert results["A"]["cached"] == [0]
+    assert results["A"]["kvstore"] == [
+        {"hit_blocks": 0, "loaded_blocks": 0, "failed_blocks": 0, "saved_blocks": BLOCKS}
+    ]
+    assert len(producer["tokens"]) == NEW
+    assert results["flush"]["flushed"] == [True]
+    with daemon.client() as client:
+        assert LayeredKV(client, LAYERS).lookup(producer["keys"]) == BLOCKS
+        assert client.stats().transfers.get("put/shm", 0) >= LAYERS  # in place, a layer each
+    events = results["events"]["events"]
+    ours = [e for e in events if e["type"] == "BlockStored" and e["medium"] == "CPU"]
+    gpu = [e for e in events if e["type"] == "BlockStored" and e["medium"] == "GPU"]
+    vllms = [h for e in gpu for h in e["hashes"]]
+    assert [h for e in ours for h in e["hashes"]] == vllms[:BLOCKS]  # vLLM's own hashes
+    assert ours[0]["parent"] is None and sum(e["tokens"] for e in ours) == CACHED
+
+
+def test_a_consumer_over_tcp_loads_asynchronously_and_round_trips_a_codec(
+    producer, model, tmp_path
+) -> None:
+    """B over the TCP data plane (forced), its loads asynchronous (the request waits outside
+    the batch): a hit for every full block, A's tokens; its own tenant's blocks, saved with
+    a lossless codec, come back decoded as the same KV."""
+    with seeded(producer) as daemon:
+        steps = [generate("hit"), generate("miss", "codec-tenant"), {"op": "flush"}]
+        steps += [generate("again", "codec-tenant"), {"op": "counts"}]
+        with daemon.client() as client:
+            stored_before = client.stats().tiers[0].payload_bytes
+        b = spec(model, daemon.address, steps, transport="tcp", codec="zstd", load="async")
+        with session(b, tmp_path / "b.log") as s:
+            results = s.until_done()
+        with daemon.client() as client:
+            stats = client.stats()
+    a = producer["tokens"]
+    assert results["hit"]["cached"] == [CACHED] and results["hit"]["tokens"] == a
+    assert results["miss"]["cached"] == [0] and results["miss"]["tokens"] == a
+    assert results["again"]["cached"] == [CACHED] and results["again"]["tokens"] == a
+    assert stats.transfers.get("get/tcp", 0) > 0 and not stats.transfers.get("get/shm")
+    raw = BLOCKS * LAYERS * 3 * 128 * 128 * 4
+    assert 0 < stats.tiers[0].payload_bytes - stored_before < raw  # encoded: fewer bytes
+    counts = results["counts"]["counts"][0]
+    assert counts["loaded_blocks"] == 2 * BLOCKS and not counts.get("load_failed_blocks")
+
+
+def test_a_consumer_over_shared_memory_uses_what_it_loads_and_survives_its_node(
+    producer, model, tmp_path
+) -> None:
+    """B over shared memory: a full hit and A's tokens; another tenant's salt misses; a page
+    of the wrong shape is a load failure vLLM recomputes; pages overwritten with other bytes
+    of the right shape change the tokens (the loaded KV is really used); the node killed
+    mid-run leaves B recomputing, with A's tokens."""
+    from kvstore.client.layers import LayeredKV, layer_key
+
+    keys = producer["keys"]
+    with seeded(producer) as daemon:
+        steps = [generate("hit"), generate("tenant", "another-tenant")]
+        steps += [{"op": "barrier", "name": "spoil-a-page"}, generate("bad-page")]
+        steps += [{"op": "barrier", "name": "overwrite"}, generate("overwritten")]
+        steps += [{"op": "barrier", "name": "kill"}, generate("killed"), {"op": "counts"}]
+        b = spec(model, daemon.address, steps, role="kv_consumer", transport="shm")
+        with (
+            session(b, tmp_path / "b.log") as s,
+            daemon.client(transport="tcp") as client,
+            producer["daemon"].client() as source,
+        ):
+            layered = LayeredKV(client, LAYERS)
+            assert s.next()["name"] == "ready"
+            hit, tenant = s.next(), s.next()
+            assert s.next() == {"barrier": "spoil-a-page"}
+            client.delete([layer_key(keys[3], 10)])  # block 3, layer 10: half a page
+            layered.put([keys[3]], 10, [np.zeros((3, 128, 64), np.float32)])
+            s.go()
+            _, bad_page = s.next(), s.next()
+            assert s.next() == {"barrier": "overwrite"}
+            with LayeredKV(source, LAYERS).get(keys) as gets:
+                pages = [gets.wait(layer, timeout=60) for layer in range(LAYERS)]
+            layered.delete(keys)
+            # layer l gets layer l+1's pages; reordering the blocks of a layer would change
+            # nothing, as attention sums over the prefix's keys and values in any order
+            for layer in range(LAYERS):
+                layered.put(keys, layer, pages[(layer + 1) % LAYERS])
+            s.go()
+            _, overwritten = s.next(), s.next()
+            assert s.next() == {"barrier": "kill"}
+            transfers = client.stats().transfers
+            daemon.process.send_signal(signal.SIGKILL)
+            daemon.process.wait()
+            s.go()
+            results = s.until_done()
+    a = producer["tokens"]
+    assert hit["cached"] == [CACHED] and hit["tokens"] == a
+    assert hit["kvstore"][0]["loaded_blocks"] == BLOCKS
+    assert tenant["cached"] == [0] and tenant["tokens"] == a
+    assert bad_page["tokens"] == a
+    assert bad_page["kvstore"] == [
+        {"hit_blocks": BLOCKS, "loaded_blocks": 3, "failed_blocks": BLOCKS - 3, "saved_blocks": 0}
+    ]
+    assert overwritten["cached"] == [CACHED] and overwritten["tokens"] != a
+    assert transfers.get("get/shm", 0) > 0 and not transfers.get("get/tcp")
+    assert not transfers.get("put/shm")  # a consumer stores nothing
+    assert results["killed"]["cached"] == [0] and results["killed"]["tokens"] == a
+    assert results["counts"]["counts"][0]["load_failed_blocks"] == BLOCKS - 3
+
+
+def test_a_consumer_whose_node_was_killed_before_it_started_recomputes(
+    producer, model, tmp_path
+) -> None:
+    with seeded(producer) as daemon:
+        daemon.process.send_signal(signal.SIGKILL)
+        daemon.process.wait()
+        steps = [generate("first"), generate("second"), {"op": "counts"}]
+        with session(spec(model, daemon.address, steps), tmp_path / "b.log") as s:
+            results = s.until_done()  # within SESSION_S, or the test fails
+    for name in ("first", "second"):
+        assert results[name]["cached"] == [0] and results[name]["tokens"] == producer["tokens"]
+    counts = results["counts"]["counts"][0]
+    assert not counts.get("loads") and not counts.get("saved_blocks")
+    assert counts.get("save_failed_blocks", 0) + counts.get("save_skipped", 0) > 0
+
+
+# -- the connector's loads, without an engine ------------------------------------------
+
+
+@pytest.fixture
+def cache():
+    """A paged cache as vLLM's CPU backend registers it: per layer [blocks, heads, tokens, C]."""
+    import torch
+
+    from kvstore.integrations.vllm.pages import Pages
+
+    tensors = {f"model.layers.{i}.self_attn.attn": torch.zeros(10, 2, 32, 16) for i in range(4)}
+    return tensors, Pages(tensors, lambda name: int(name.split(".")[2]))
+
+
+def load(cache, address: str, keys: list[bytes], block_ids: list[int], **kw):
+    from kvstore.client import Client
+    from kvstore.client.layers import LayeredKV
+    from kvstore.integrations.vllm.loads import Load, Staging
+    from kvstore.integrations.vllm.plans import LoadPlan
+
+    errors: list[BaseException] = []
+    client = Client(address, timeout=kw.pop("timeout", 30))
+    plan = LoadPlan("r", [keys], block_ids, False)
+    options = {"lease": False, "ahead": 2, "timeout_s": 30.0, **kw}
+    loaded = Load(plan, keys, LayeredKV(client, 4), cache[1], staging=Staging(),
+                  on_error=errors.append, **options)  # fmt: skip
+    failed = loaded.end()
+    client.close()
+    return failed, errors
+
+
+def test_a_load_reports_the_blocks_the_node_did_not_bring(daemon, salt, rng, cache) -> None:
+    from kvstore.client.layers import LayeredKV
+    from kvstore.keys import block_keys
+
+    tensors, _ = cache
+    keys = block_keys(np.arange(7 * 32), 32, salt)
+    kv = rng.standard_normal((4, 7, 2, 32, 16)).astype(np.float32)
+    with daemon.client() as client:
+        layered = LayeredKV(client, 4)
+        for layer in range(4):  # 5 of the 7 blocks promised, and block 2 wrong in layer 1
+            layered.put(keys[:5], layer, list(kv[layer, :5]))
+        client.delete([keys_of(keys[2], 1)])
+        layered.put([keys[2]], 1, [np.zeros((2, 32, 8), np.float32)])
+    block_ids = [9, 3, 4, 5, 6, 7, 8]
+    for lease in (False, True):
+        failed, errors = load(cache, daemon.address, keys, block_ids, lease=lease)
+        assert failed == [4, 5, 6, 7, 8] and not errors  # from block 2: recomputed
+        assert (tensors["model.layers.3.self_attn.attn"][[9, 3]].numpy() == kv[3, :2]).all()
+        assert (tensors["model.layers.0.self_attn.attn"][4].numpy() == kv[0, 2]).all()
+
+
+def test_a_load_from_a_silent_node_ends_at_its_deadline(rng, cache) -> None:
+    from kvstore.keys import block_keys
+
+    with socket.socket() as silent:  # accepts connections, never says a word
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)
+        address = f"127.0.0.1:{silent.getsockname()[1]}"
+        keys = block_keys(np.arange(2 * 32), 32, b"silent")
+        failed, errors = load(cache, address, keys, [1, 2], timeout_s=1.0, timeout=60)
+    assert failed == [1, 2] and errors
+
+
+def keys_of(block_key: bytes, layer: int) -> bytes:
+    from kvstore.client.layers import layer_key
+
+    return layer_key(block_key, layer)
+
+
+def test_the_extra_config_is_checked_once() -> None:
+    from kvstore.integrations.vllm import ConnectorConfig
+
+    assert ConnectorConfig.from_extra({"address": "h:1", "load": "async"}).load == "async"
+    with pytest.raises(ValueError, match="unknown adress"):
+        ConnectorConfig.from_extra({"adress": "h:1"})
+    with pytest.raises(ValueError, match="codec"):
+        ConnectorConfig.from_extra({"codec": "gzip"})
