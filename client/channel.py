@@ -171,7 +171,7 @@ class Channels:
                 raise
             raise ChannelError(f"data connection lost: {exc}") from None
         if frame.kind:
-            raise error_from_number(frame.kind, frame.meta.decode(errors="replace"))
+            raise error_from_number(frame.kind, frame.meta.decode(errors="replace"), frame.flags)
         return frame
 
     def owe_release(self, link: Link, lease: int) -> None:

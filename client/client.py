@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -38,6 +39,7 @@ from kvstore.client.tcp import Place, TcpTransport
 from kvstore.client.transport import Ask, Out, Transport
 from kvstore.cluster import Load, Location
 from kvstore.errors import (
+    Busy,
     InvalidArgument,
     ResourceExhausted,
     Unavailable,
@@ -59,6 +61,7 @@ T = TypeVar("T")
 DEFAULT_CHUNK = 1 << 20
 TRANSPORTS = ("auto", "shm", "tcp", "grpc")
 REPROBE_AFTER = 30.0  # seconds before a path that failed is tried again
+BUSY_BACKOFF = (0.05, 0.1, 0.2, 0.4, 0.8, 1.6)  # seconds before each retry of a busy refusal
 IN_PLACE_PART = 256 << 20  # bytes per part of an in-place put
 IN_PLACE_AHEAD = 2  # parts whose copies may still run while the next part opens
 
@@ -460,12 +463,18 @@ class Client:
     def _run(self, operation: Callable[[Transport], T]) -> T:
         """Run a block operation on the current path. If the path itself fails (refused,
         unreachable, a connection lost), log it once, count it, and run the operation
-        again on the next path: every block operation is safe to repeat."""
+        again on the next path: every block operation is safe to repeat. A busy node's
+        refusal is retried on the same path after a growing pause."""
         restarted = retried = False
+        backoff = iter(BUSY_BACKOFF)
         while True:
             transport = self._transport()
             try:
                 return operation(transport)
+            except Busy:  # refused before any byte was taken: the same request, later
+                if (pause := next(backoff, None)) is None:
+                    raise
+                time.sleep(pause * random.uniform(0.5, 1.0))  # spread the retries
             except NodeChanged:
                 if restarted:
                     raise

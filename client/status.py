@@ -7,6 +7,7 @@ from __future__ import annotations
 import grpc
 
 from kvstore.errors import (
+    Busy,
     CorruptBlock,
     InvalidArgument,
     KVStoreError,
@@ -18,6 +19,7 @@ from kvstore.errors import (
     Unavailable,
     Unsupported,
 )
+from kvstore.proto.channel import BUSY, BUSY_TRAILER
 
 ERRORS: dict[grpc.StatusCode, type[KVStoreError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
@@ -40,7 +42,8 @@ def error_from_rpc(exc: grpc.RpcError) -> KVStoreError:
     details = exc.details() or ""
     if exc.code() == grpc.StatusCode.UNAVAILABLE:
         details += next((hint for cue, hint in _HINTS.items() if cue in details), "")
-    return error_from_status(exc.code(), details)
+    busy = BUSY_TRAILER in (getattr(exc, "trailing_metadata", lambda: None)() or ())
+    return error_from_status(exc.code(), details, busy)
 
 
 _HINTS = {  # what the transport says on a TLS mismatch, and what the caller should do
@@ -51,13 +54,15 @@ _HINTS = {  # what the transport says on a TLS mismatch, and what the caller sho
 }
 
 
-def error_from_number(status: int, details: str) -> KVStoreError:
-    """The same for a status number, as the data plane sends it."""
-    return error_from_status(_CODES.get(status, grpc.StatusCode.UNKNOWN), details)
+def error_from_number(status: int, details: str, flags: int = 0) -> KVStoreError:
+    """The same for a status number and flags, as the data plane sends them."""
+    code = _CODES.get(status, grpc.StatusCode.UNKNOWN)
+    return error_from_status(code, details, bool(flags & BUSY))
 
 
-def error_from_status(code: grpc.StatusCode, details: str) -> KVStoreError:
-    cls = ERRORS.get(code, KVStoreError)
+def error_from_status(code: grpc.StatusCode, details: str, busy: bool = False) -> KVStoreError:
+    cls = Busy if busy and code is grpc.StatusCode.RESOURCE_EXHAUSTED else ERRORS.get(code)
+    cls = cls or KVStoreError
     if cls is InvalidArgument:
         field, _, reason = details.partition(": ")
         return InvalidArgument(field, reason) if reason else InvalidArgument("", details)

@@ -6,6 +6,7 @@ on the wire.
 """
 
 from kvstore.errors import (
+    Busy,
     CorruptBlock,
     InvalidArgument,
     KVStoreError,
@@ -21,6 +22,7 @@ from kvstore.errors import (
 
 __version__ = "0.1.0"
 __all__ = [
+    "Busy",
     "CorruptBlock",
     "InvalidArgument",
     "KVStoreError",

@@ -24,6 +24,11 @@ class ResourceExhausted(KVStoreError):
     """No room: a block larger than the tier, or space that did not free up in time."""
 
 
+class Busy(ResourceExhausted):
+    """Short of room, threads or bandwidth for now: the same request may succeed after a
+    short backoff, and clients retry it so (a quota or a batch too large is no `Busy`)."""
+
+
 class NotFound(KVStoreError):
     """A requested entity that must exist does not (misses are not errors)."""
 

@@ -38,6 +38,8 @@ INLINE = 0x02  # PUT: the payloads follow the metadata at once, unasked
 # reply flags
 TRUNCATED = 0x01  # GET: stopped before a missing key (room, limits): ask again for the rest
 READY = 0x02  # PUT: the node names what to send (or where to write), then waits
+BUSY = 0x04  # an error answer: the node is busy for now, the same request may succeed soon
+BUSY_TRAILER = ("kvstore-busy", "1")  # gRPC's way of saying BUSY, on a RESOURCE_EXHAUSTED
 
 
 def hello_frame(ticket: bytes, token: str = "") -> bytes:

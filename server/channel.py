@@ -25,11 +25,18 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from kvstore.errors import InvalidArgument, KVStoreError, PermissionDenied, ResourceExhausted
+from kvstore.errors import (
+    Busy,
+    InvalidArgument,
+    KVStoreError,
+    PermissionDenied,
+    ResourceExhausted,
+)
 from kvstore.ingest import SlotPut
 from kvstore.keys import check_keys
 from kvstore.proto import kvstore_pb2 as pb
 from kvstore.proto.channel import (
+    BUSY,
     COMMIT,
     GET,
     HELLO,
@@ -373,7 +380,11 @@ class ChannelServer:
 
     def reply_error(self, conn: Connection, exc: Exception) -> None:
         text = (str(exc) or type(exc).__name__).encode()
-        conn.sock.sendall(encode(REPLY_MAGIC, status_of(exc).value[0], 0, text))
+        busy = isinstance(exc, Busy)
+        if busy:
+            self.transfers.refused_busy()
+        status = status_of(exc).value[0]
+        conn.sock.sendall(encode(REPLY_MAGIC, status, BUSY if busy else 0, text))
 
     # -- expiry -----------------------------------------------------------------
 

@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
-from kvstore.errors import KVStoreError, ResourceExhausted
+from kvstore.errors import Busy, KVStoreError
 from kvstore.ingest import check_payload
 from kvstore.keys import BlockKey
 from kvstore.meta import BlockMeta
@@ -72,7 +72,7 @@ class Fetcher:
         if not wait_ms or self.store.contains(keys[0]):
             return
         if not self._waiting.acquire(blocking=False):
-            raise ResourceExhausted(f"{MAX_WAITING} requests already wait for blocks: retry")
+            raise Busy(f"{MAX_WAITING} requests already wait for blocks: retry")
         try:
             deadline = time.monotonic() + min(wait_ms / 1000, MAX_WAIT)
             if fetch:  # pull the rest as it appears, while the caller reads what is here

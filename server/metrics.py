@@ -179,6 +179,11 @@ class _NodeCollector(Collector):
         yield GaugeMetricFamily(
             "kvstore_inflight_bytes", "payload bytes in flight", d.transfers.inflight_bytes
         )
+        yield CounterMetricFamily(
+            "kvstore_busy_refusals",
+            "requests refused as busy (out of room, threads or bandwidth for now: retried)",
+            d.transfers.busy,
+        )
         yield GaugeMetricFamily(
             "kvstore_draining", "1 while the node drains to stop", int(d.transfers.draining)
         )

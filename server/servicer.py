@@ -15,7 +15,7 @@ from contextlib import contextmanager
 
 import grpc
 
-from kvstore.errors import InvalidArgument, PermissionDenied, ResourceExhausted
+from kvstore.errors import Busy, InvalidArgument, PermissionDenied
 from kvstore.keys import check_keys
 from kvstore.limits import MAX_BLOCKS
 from kvstore.proto import kvstore_pb2 as pb
@@ -55,7 +55,7 @@ class Gate:
     @contextmanager
     def enter(self) -> Iterator[None]:
         if not self._free.acquire(blocking=False):
-            raise ResourceExhausted(
+            raise Busy(
                 f"{self.limit} {self.what} already run on this node's RPC threads: retry shortly"
             )
         try:

@@ -13,6 +13,7 @@ from typing import Any
 import grpc
 
 from kvstore.errors import (
+    Busy,
     CorruptBlock,
     InvalidArgument,
     KVStoreError,
@@ -24,6 +25,7 @@ from kvstore.errors import (
     Unavailable,
     Unsupported,
 )
+from kvstore.proto.channel import BUSY_TRAILER
 from kvstore.proto.frames import FrameError
 
 log = logging.getLogger("kvstore.server")
@@ -57,6 +59,7 @@ class TransferCounts:
         self.inflight = 0
         self._bytes = 0
         self._bytes_by: dict[str, int] = {}
+        self.busy = 0  # requests refused as `Busy` (a retry may pass), on every path
         self._last = (time.monotonic(), 0)
 
     def add(self, name: str, nbytes: int) -> None:
@@ -95,7 +98,7 @@ class TransferCounts:
                 )
             total = self.inflight_bytes
             if self.max_bytes and total and total + nbytes > self.max_bytes:
-                raise ResourceExhausted(
+                raise Busy(
                     f"{total} bytes of transfers in flight, at most {self.max_bytes}: retry shortly"
                 )
             self.inflight_bytes += nbytes
@@ -108,6 +111,10 @@ class TransferCounts:
                 left = self._by_connection.pop(connection) - nbytes
                 if left:
                     self._by_connection[connection] = left
+
+    def refused_busy(self) -> None:
+        with self._lock:
+            self.busy += 1
 
     def bytes_by_path(self) -> dict[str, int]:
         """Payload bytes moved, by direction and path ("get/tcp")."""
@@ -134,10 +141,13 @@ def status_of(exc: Exception) -> grpc.StatusCode:
     )
 
 
-def _abort(context: grpc.ServicerContext, exc: Exception) -> None:
+def _abort(context: grpc.ServicerContext, exc: Exception, servicer: Any) -> None:
     code = status_of(exc)
     if code is grpc.StatusCode.INTERNAL:
         log.exception("internal error")
+    if isinstance(exc, Busy):
+        servicer.transfers.refused_busy()
+        context.set_trailing_metadata((BUSY_TRAILER,))
     context.abort(code, str(exc) or type(exc).__name__)
 
 
@@ -149,7 +159,7 @@ def unary(method: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return method(self, request, context)
         except (KVStoreError, FrameError) as exc:
-            _abort(context, exc)
+            _abort(context, exc, self)
 
     return handler
 
@@ -162,6 +172,6 @@ def streaming(method: Callable[..., Iterator[Any]]) -> Callable[..., Iterator[An
         try:
             yield from method(self, request, context)
         except (KVStoreError, FrameError) as exc:
-            _abort(context, exc)
+            _abort(context, exc, self)
 
     return handler

@@ -9,6 +9,8 @@ import grpc
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from test_cluster_index import poll
+from test_metrics import scrape
 
 from conftest import raw_channel, read_answer, running_daemon, send_request
 from kvstore.errors import KVStoreError, ResourceExhausted, Unavailable
@@ -107,3 +109,29 @@ def test_bytes_in_flight_are_bounded_per_node_and_per_connection(transport: str)
         with pytest.raises(ResourceExhausted, match="split the batch"):
             c.get(keys[:3])  # gets are bound the same
         assert [bytes(b) for b in c.get(keys[:2]) + c.get(keys[2:3])] == [block.tobytes()] * 3
+
+
+@pytest.mark.parametrize("transport", ["tcp", "grpc"])
+def test_a_busy_node_is_retried_until_it_has_room(transport: str) -> None:
+    """A refusal for bytes in flight is `Busy`: the client retries the same put after a
+    growing pause, and it lands once the node has room again."""
+    keys = block_keys(np.arange(2 * 16), 16, f"busy/{transport}".encode())
+    block = np.full(MiB, 3, np.uint8)
+    flags = ("--host-capacity", "64MiB", "--max-inflight-bytes", "1MiB")
+    with (
+        running_daemon(*flags, "--metrics-address", "127.0.0.1:0") as d,
+        d.client(transport=transport, timeout=30) as c,
+        raw_channel(d.address) as slow,
+    ):
+        send_request(slow, PUT, pb.BlockHeaders(blocks=[
+            pb.BlockHeader(key=keys[0], meta=pb.BlockMeta(size=MiB))]))  # fmt: skip
+        assert read_answer(slow).flags & READY  # 1 MiB in flight: the node's bound
+        done: list[object] = []
+        putter = threading.Thread(target=lambda: done.append(c.put(keys[1:], [block])))
+        putter.start()
+        poll(lambda: scrape(d)["kvstore_busy_refusals_total", ()] >= 1)  # refused, retrying
+        slow.sendall(block.tobytes())
+        assert pb.PutReply.FromString(read_answer(slow).meta).stored == 1
+        putter.join(timeout=30)
+        assert [r.stored for r in done] == [1]
+        assert [bytes(b) for b in c.get(keys)] == [block.tobytes()] * 2

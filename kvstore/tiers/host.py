@@ -25,7 +25,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from kvstore.arena import HEADER, Arena, aligned
-from kvstore.errors import ResourceExhausted
+from kvstore.errors import Busy, ResourceExhausted
 from kvstore.keys import BlockKey
 from kvstore.limits import BLOCK_OVERHEAD, MAX_WAITING
 from kvstore.lru import LRU
@@ -102,7 +102,8 @@ class HostTier:
                     if left <= 0 or (not waiting and self._waiters >= MAX_WAITING):
                         for offset, size in zip(offsets, sizes, strict=False):
                             self._release(offset, size)
-                        raise ResourceExhausted(self._no_room(sizes[len(offsets)], timeout, left))
+                        refusal = Busy if left > 0 else ResourceExhausted  # others wait: busy
+                        raise refusal(self._no_room(sizes[len(offsets)], timeout, left))
                     if not waiting:
                         waiting, self._waiters = True, self._waiters + 1
                     if self._dirty:
