@@ -240,23 +240,27 @@ class Client:
         to arrive; blocks come back as they appear, and a put that fails ends the wait at
         once. `fetch` (a node with `--cluster`): blocks this node lacks are pulled from the
         node holding them. A node that stops short of a stored block (DRAM full of pinned
-        blocks) is asked again for the rest; if it brings none, that is `ResourceExhausted`.
+        blocks) is asked again for the rest, after a pause when it brought none; `Busy`
+        if it still brings none after the pauses of a busy refusal.
         """
         keys = check_keys(keys, unique=True, limit=len(keys))
         decoder = Decoder(self._pool, self.checksum)
         got = Received()
         used = 0  # bytes of `out` filled so far
+        backoff = iter(BUSY_BACKOFF)
         for ask, last in self._asks(keys, wait, fetch, got.blocks.__len__):
             rest = None if out is None else _flat(out)[used:]
             received: Received = self._run(methodcaller("get", ask, rest, decoder.arrived))
             got.arrays.extend(received.arrays)
             got.blocks.extend(received.blocks)
             used += sum(meta.size for _, meta in received.blocks)
-            if received.truncated and not received.blocks:
-                raise ResourceExhausted(
-                    f"the node holds block {len(got.blocks)} but has no room in DRAM to serve "
-                    "it now (its host tier is full of pinned blocks): retry"
-                )
+            if received.truncated and not received.blocks:  # busy: ask again, later
+                if (pause := next(backoff, None)) is None:
+                    raise Busy(
+                        f"the node holds block {len(got.blocks)} but had no room in DRAM to "
+                        "serve it (its host tier is full of pinned blocks): retry"
+                    )
+                time.sleep(pause * random.uniform(0.5, 1.0))
             short = len(received.blocks) < len(ask.keys) and not received.truncated
             if short and (last() or not received.blocks):
                 break  # a missing key ends the prefix (or nothing came in time)

@@ -175,7 +175,7 @@ class ServerConfig:
     max_inflight_bytes: int = _opt(
         0,
         "bytes of puts and gets in flight over the whole node; more are refused with "
-        "RESOURCE_EXHAUSTED (gRPC gets and lookups are retried); 0: the host tier's capacity",
+        "Busy (clients retry); 0: the host tier's capacity",
         parse_size,
     )
     max_connection_bytes: int = _opt(

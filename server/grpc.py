@@ -96,6 +96,8 @@ class GrpcPath:
             self.auth.read(tenant, len(keys), [(b.key, b.meta.size) for b in batch.blocks])
             headers = headers_to_proto(tenant.blocks((b.key, b.meta) for b in batch.blocks))
             reply = pb.GetReply(headers=pb.BlockHeaders(blocks=headers, truncated=batch.truncated))
+            if batch.truncated and not batch.blocks:
+                self.transfers.refused_busy()  # no room to bring a stored block up: busy
             yield reply.SerializeToString()
             # pinned to the end, released together (last first: see ReadBatch.close)
             for frame, _ in data_frames([b.view for b in batch.blocks], self.chunk_size):

@@ -33,6 +33,8 @@ def get(server: ChannelServer, conn: Connection, frame: Frame) -> None:
         answer.lease = conn.hold(batch, server.lease_ttl)
     else:
         batch.close()
+    if batch.truncated and not batch.blocks:
+        server.transfers.refused_busy()  # no room to bring a stored block up: busy
     server.reply(conn, answer.SerializeToString(), flags=TRUNCATED if batch.truncated else 0)
     server.transfers.add("get/shm", sum(b.meta.size for b in batch.blocks))
 

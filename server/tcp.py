@@ -42,6 +42,8 @@ def get(server: ChannelServer, conn: Connection, frame: Frame) -> None:
         ).SerializeToString()
         size = sum(b.meta.size for b in batch.blocks)
         flags = TRUNCATED if batch.truncated else 0
+        if batch.truncated and not batch.blocks:
+            server.transfers.refused_busy()  # no room to bring a stored block up: busy
         head = encode(REPLY_MAGIC, 0, flags, answer, size)
         views = [head, *(b.view for b in batch.blocks)]
         with server.transfers.holding(size, conn):

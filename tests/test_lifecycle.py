@@ -135,3 +135,30 @@ def test_a_busy_node_is_retried_until_it_has_room(transport: str) -> None:
         putter.join(timeout=30)
         assert [r.stored for r in done] == [1]
         assert [bytes(b) for b in c.get(keys)] == [block.tobytes()] * 2
+
+
+@pytest.mark.parametrize("transport", ["tcp", "grpc"])
+def test_a_get_that_finds_dram_full_of_pins_is_retried(tmp_path, transport: str) -> None:
+    """A block on disk with no room in DRAM to bring it up (every slot leased) is asked for
+    again after a pause, and served once the lease ends."""
+    keys = block_keys(np.arange(16 * 16), 16, f"pinned/{transport}".encode())
+    blocks = [np.full(MiB, i, np.uint8) for i in range(16)]
+    flags = ("--host-capacity", "8MiB", "--disk-dir", str(tmp_path), "--metrics-address")
+    with (
+        running_daemon(*flags, "127.0.0.1:0") as d,
+        d.client(timeout=30) as holder,
+        d.client(transport=transport, timeout=30) as reader,
+    ):
+        for key, block in zip(keys, blocks, strict=True):
+            holder.put([key], [block], durable=True)  # on disk, whatever DRAM evicts
+        lease = holder.lease(keys[::-1])  # pins what DRAM holds, and brings up what fits
+        held = {bytes(k) for k in keys[::-1][: len(lease.blocks)]}
+        assert lease.truncated and len(held) < 16
+        outside = next(k for k in keys if bytes(k) not in held)
+        got: list[np.ndarray] = []
+        getter = threading.Thread(target=lambda: got.extend(reader.get([outside])))
+        getter.start()
+        poll(lambda: scrape(d)["kvstore_busy_refusals_total", ()] >= 1)  # asked, refused
+        lease.release()
+        getter.join(timeout=30)
+        assert [bytes(g) for g in got] == [blocks[keys.index(outside)].tobytes()]
