@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from contextlib import ExitStack
 from pathlib import Path
@@ -24,14 +25,23 @@ class Processes(ExitStack):
     """Every child started here is terminated (then killed) when the stack closes."""
 
     def spawn(self, cmd: list[str], **kw) -> subprocess.Popen:
-        # A Ctrl-C between the child's start and its registration here would leave
-        # it running: hold SIGINT back until then (the child gets it unblocked).
-        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        # A Ctrl-C between the child's start and its registration here would leave it
+        # running: hold it back until then. Blocking the signal would not do: the kernel
+        # hands it to any thread that does not block it, and Python raises it in the
+        # main thread wherever that is. A Python handler runs in the main thread, here.
+        if threading.current_thread() is not threading.main_thread():
+            proc = subprocess.Popen(cmd, **kw)
+            self.callback(_stop, proc)
+            return proc
+        interrupted: list[object] = []
+        previous = signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))
         try:
-            proc = subprocess.Popen(cmd, preexec_fn=_unblock_sigint, **kw)
+            proc = subprocess.Popen(cmd, **kw)  # exec resets the handler in the child
             self.callback(_stop, proc)
         finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+            signal.signal(signal.SIGINT, previous)
+        if interrupted:
+            raise KeyboardInterrupt
         return proc
 
     def daemon(self, *flags: str) -> str:
@@ -110,10 +120,6 @@ def _wait_for_redis(url: str, timeout: float = 20.0) -> None:
             time.sleep(0.05)
         finally:
             client.close()
-
-
-def _unblock_sigint() -> None:
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
 
 def _stop(proc: subprocess.Popen) -> None:
