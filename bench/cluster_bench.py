@@ -30,7 +30,7 @@ import numpy as np
 
 from kvstore.bench import ceilings, cluster_index_bench
 from kvstore.bench.measure import Run, Workload, source_bytes
-from kvstore.bench.procs import Processes
+from kvstore.bench.procs import Processes, cluster_secret
 from kvstore.bench.report import Row
 from kvstore.client import Client
 from kvstore.cluster import TIERS
@@ -96,7 +96,7 @@ def locate_rows(procs: Processes, url: str, calls: int) -> list[Row]:
     node = _node(procs, url, "answering")
     rows = []
     try:
-        with Router(url, seed=0) as router, Client(node) as client:
+        with Router(url, seed=0, secret=cluster_secret()) as router, Client(node) as client:
             for tokens in (1024, 32768, 131072):
                 prefix = keys[: tokens // 256]
                 for path, call in (("router", router.locate), ("rpc", client.locate)):
@@ -156,7 +156,7 @@ def absence_row(procs: Processes, url: str) -> Row:
     """Seconds from SIGKILL of a daemon (heartbeat 0.2 s, TTL 1 s) to its absence."""
     keys = block_keys(np.arange(4 * 16), 16, b"absence")
     seconds = []
-    with Router(url) as router:
+    with Router(url, secret=cluster_secret()) as router:
         for run in range(3):
             proc = procs.spawn(
                 [sys.executable, "-m", "kvstore.server", "--address", "127.0.0.1:0",
@@ -204,7 +204,7 @@ def fetch_rows(procs: Processes, url: str, total: int, seed: int) -> list[Row]:
                     ca.put(
                         [keys[j] for j in part], [source[j * size : (j + 1) * size] for j in part]
                     )
-                with Router(url) as router:
+                with Router(url, secret=cluster_secret()) as router:
                     cluster_index_bench.until(lambda k=keys: router.locate(k[-1:]), 30)
                 latencies = []
                 start = time.perf_counter()

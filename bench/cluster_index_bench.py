@@ -31,16 +31,20 @@ from pathlib import Path
 import numpy as np
 import redis
 
-from kvstore.bench.procs import Processes, free_port
+from kvstore.bench.procs import Processes, cluster_secret, free_port
 from kvstore.cluster import TIERS, ClusterIndex
 from kvstore.keys import block_keys
 from kvstore.router import Router
+from kvstore.trust import ClusterSecret
 
 NODE = """
-import sys, time
+import os, sys, time
 from kvstore.cluster import ClusterIndex
+from kvstore.trust import ClusterSecret
 keys = [bytes.fromhex(k) for k in sys.stdin.readline().split()]
-index = ClusterIndex(sys.argv[1], "doomed", "doomed:1", lambda: [(k, "host") for k in keys])
+secret = ClusterSecret.read(os.environ["KVSTORE_CLUSTER_SECRET"])
+index = ClusterIndex(sys.argv[1], "doomed", "doomed:1", lambda: [(k, "host") for k in keys],
+                     secret=secret)
 while index.stats().republishes < 1:
     time.sleep(0.01)
 print("ready", flush=True)
@@ -136,7 +140,14 @@ def timed(call: Callable[[], object], n: int) -> list[float]:
 
 def node_set(url: str, holdings: list[list[tuple[bytes, str]]], **kw) -> list[ClusterIndex]:
     nodes = [
-        ClusterIndex(url, f"node{i}", f"10.0.0.{i}:7600", lambda h=h: h, **kw)
+        ClusterIndex(
+            url,
+            f"node{i}",
+            f"10.0.0.{i}:7600",
+            lambda h=h: h,
+            **kw,
+            secret=ClusterSecret.read(cluster_secret()),
+        )
         for i, h in enumerate(holdings)
     ]
     until(lambda: all(n.stats().republishes >= 1 for n in nodes), 600, 0.05)
@@ -159,7 +170,7 @@ def bench_locate(url: str, n: int) -> list[dict]:
     raw = redis.Redis.from_url(url)
     for layout, holdings in layouts.items():
         nodes = node_set(url, holdings)
-        with Router(url, seed=0) as router:
+        with Router(url, seed=0, secret=cluster_secret()) as router:
             for n_tokens in (1024, 32768, 131072):
                 prefix = keys[: n_tokens // 256]
                 raw.config_resetstat()
@@ -207,7 +218,7 @@ def bench_cluster_locate(procs: Processes, n: int) -> list[dict]:
     keys = block_keys(prompt(131072), 256)
     nodes = node_set(url, [[(k, TIERS[i % 3]) for k in keys[: 32 * (i + 1)]] for i in range(16)])
     rows = []
-    with Router(url, seed=0) as router:
+    with Router(url, seed=0, secret=cluster_secret()) as router:
         for n_tokens in (1024, 32768, 131072):
             prefix = keys[: n_tokens // 256]
             samples = timed(lambda p=prefix: router.locate(p), n)
@@ -277,7 +288,7 @@ def bench_republish(url: str, blocks: int) -> dict:
 def bench_absence(procs: Processes, url: str, runs: int) -> dict:
     keys = block_keys(prompt(1024, seed=5), 256)
     seconds = []
-    with Router(url) as router:
+    with Router(url, secret=cluster_secret()) as router:
         for _ in range(runs):
             proc = procs.spawn(
                 [sys.executable, "-c", NODE, url],
@@ -308,7 +319,7 @@ def bench_converge(server: RedisServer, per_node: int) -> dict:
         except Exception:  # Redis still down
             return False
 
-    with Router(server.url) as router:
+    with Router(server.url, secret=cluster_secret()) as router:
         assert converged()
         killed = time.monotonic()
         server.kill()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import signal
@@ -15,6 +16,17 @@ from contextlib import ExitStack
 from pathlib import Path
 
 
+def cluster_secret() -> str:
+    """The file of the cluster secret every node this benchmark starts (they inherit
+    KVSTORE_CLUSTER_SECRET) and every router it makes share: one per run, unless given."""
+    if not os.environ.get("KVSTORE_CLUSTER_SECRET"):
+        path = Path(tempfile.mkdtemp(prefix="kvstore-bench-")) / "cluster.secret"
+        path.write_text(os.urandom(24).hex() + "\n")
+        path.chmod(0o600)
+        os.environ["KVSTORE_CLUSTER_SECRET"] = str(path)
+    return os.environ["KVSTORE_CLUSTER_SECRET"]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -25,6 +37,7 @@ class Processes(ExitStack):
     """Every child started here is terminated (then killed) when the stack closes."""
 
     def spawn(self, cmd: list[str], **kw) -> subprocess.Popen:
+        cluster_secret()  # every child of one run is of one cluster
         # A Ctrl-C between the child's start and its registration here would leave it
         # running: hold it back until then. Blocking the signal would not do: the kernel
         # hands it to any thread that does not block it, and Python raises it in the

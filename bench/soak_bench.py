@@ -459,7 +459,10 @@ def open_variant(procs: Processes, scratch: Path, variant: Variant, total: int) 
     if variant.auth:
         tenants = scratch / "tenants.toml"
         quota = format_size(4 * total)
-        tenants.write_text(f'[[tenant]]\nname = "soak"\ntoken = "{TOKEN}"\nquota = "{quota}"\n')
+        tenants.write_text(
+            f'secret = "{os.urandom(24).hex()}"\n'
+            f'[[tenant]]\nname = "soak"\ntoken = "{TOKEN}"\nquota = "{quota}"\n'
+        )
         flags += ["--auth-file", str(tenants)]
         options["token"] = TOKEN
     if variant.tls:

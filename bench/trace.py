@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from kvstore.bench import trace_cluster, trace_metrics, trace_report, trace_sim
-from kvstore.bench.procs import Processes
+from kvstore.bench.procs import Processes, cluster_secret
 from kvstore.bench.report import Row
 from kvstore.bench.trace_format import (
     TOKENS_PER_BLOCK,
@@ -185,7 +185,9 @@ class Live:
         with Processes() as own:
             cluster = self._cluster(own, salt)
             try:
-                with Router(cluster.redis_url, seed=a.seed, policy=self.policy) as router:
+                with Router(
+                    cluster.redis_url, seed=a.seed, policy=self.policy, secret=cluster_secret()
+                ) as router:
                     replay = Replay(
                         cluster,
                         router,

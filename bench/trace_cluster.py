@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from kvstore.arena import aligned
-from kvstore.bench.procs import Processes
+from kvstore.bench.procs import Processes, cluster_secret
 from kvstore.bench.trace_refs import node_capacities
 from kvstore.client import Client
 from kvstore.errors import KVStoreError
@@ -146,7 +146,7 @@ def _registered(url: str, node_ids: set[str], timeout_s: float = 30.0) -> None:
     from kvstore.router import Router
 
     deadline = time.monotonic() + timeout_s
-    with Router(url) as router:
+    with Router(url, secret=cluster_secret()) as router:
         while not node_ids <= {record.node_id for record in router.nodes()}:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"nodes {sorted(node_ids)} did not register within {timeout_s}s")
@@ -157,7 +157,7 @@ def attach(redis_url: str, block_bytes: int) -> TraceCluster:
     """The live nodes of a cluster that is already up, as its registry lists them."""
     from kvstore.router import Router
 
-    with Router(redis_url) as router:
+    with Router(redis_url, secret=cluster_secret()) as router:
         records = router.nodes()
     if not records:
         raise RuntimeError(f"no live kvstore node is registered in {redis_url}")

@@ -32,7 +32,7 @@ from kvstore.client.pipeline import (
     encoded_parts,
     payload_size,
 )
-from kvstore.client.security import Security
+from kvstore.client.security import NodeCaller, Security
 from kvstore.client.shm import Fill, Lease, ShmTransport
 from kvstore.client.status import error_from_rpc
 from kvstore.client.tcp import Place, TcpTransport
@@ -41,6 +41,7 @@ from kvstore.cluster import Load, Location
 from kvstore.errors import (
     Busy,
     InvalidArgument,
+    PermissionDenied,
     ResourceExhausted,
     Unavailable,
     Unsupported,
@@ -55,6 +56,7 @@ from kvstore.proto.channel import ChannelError
 from kvstore.store import StoreStats
 from kvstore.tiers import TierStats
 from kvstore.tiers.host import HostTier
+from kvstore.trust import CHALLENGE, DIALED, ClusterSecret
 
 log = logging.getLogger("kvstore.client")
 T = TypeVar("T")
@@ -123,6 +125,7 @@ class Client:
         tls_ca: str = "",
         tls_cert: str = "",
         tls_key: str = "",
+        cluster_secret: ClusterSecret | None = None,
     ) -> None:
         if transport not in TRANSPORTS:
             raise InvalidArgument("transport", f"must be one of {', '.join(TRANSPORTS)}")
@@ -138,7 +141,8 @@ class Client:
             if transport == "auto"
             else (transport,)
         )
-        self.security = Security.of(token, tls_ca, tls_cert, tls_key)
+        node = NodeCaller(cluster_secret, address) if cluster_secret is not None else None
+        self.security = Security.of(token, tls_ca, tls_cert, tls_key, node)
         self._channel = self.security.channel(address, CHANNEL_OPTIONS)
         self._unary = {
             name: self._channel.unary_unary(SERVICE + name)
@@ -518,6 +522,8 @@ class Client:
         raise Unavailable(f"no transfer path to {self.address}")  # grpc is always tried
 
     def _open(self, name: str) -> Transport:
+        if self.security.node is not None:
+            self._node()  # the peer proves itself before any call
         if name == "grpc":
             return GrpcTransport(
                 self._channel, self.chunk_size, self.timeout, self.security.metadata
@@ -572,7 +578,27 @@ class Client:
         return self._info
 
     def _hello(self) -> pb.NodeInfo:
-        return pb.NodeInfo.FromString(self._call("Hello", pb.HelloRequest()))
+        node = self.security.node
+        if node is None:
+            return pb.NodeInfo.FromString(self._call("Hello", pb.HelloRequest()))
+        challenge, dialed = node.challenge()
+        asked = ((CHALLENGE, challenge.hex()), (DIALED, dialed))
+        try:  # no credential on this call: the peer has proven nothing yet
+            proved = pb.NodeInfo.FromString(
+                self._unary["Hello"](b"", timeout=self.timeout, metadata=asked)
+            )
+        except grpc.RpcError as exc:
+            error = error_from_rpc(exc)
+            if isinstance(error, Unavailable):
+                raise error from None
+            raise PermissionDenied(
+                f"{dialed} did not prove it is a node of this cluster: {error}"
+            ) from None
+        node.check(proved.proof, proved.node_id, proved.instance)
+        info = pb.NodeInfo.FromString(self._call("Hello", pb.HelloRequest()))
+        if info.instance != proved.instance:
+            raise NodeChanged(f"{dialed} restarted while it proved itself")
+        return info
 
     # -- helpers ----------------------------------------------------------------
 
@@ -619,6 +645,8 @@ class Client:
         return replace(encoding, codec=self._auto[kind])
 
     def _call(self, name: str, request: object) -> bytes:
+        if self.security.node is not None and name != "Hello":
+            self._node()  # the peer proves itself before any call
         if hasattr(request, "SerializeToString"):
             request = request.SerializeToString()
         try:

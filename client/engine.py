@@ -2,9 +2,11 @@
 
 One block holds every layer's K and V for `block_size` tokens, laid out
 `[tokens, layers, kv, heads, dim]` (recorded in each block's metadata). The
-namespace salt names the model, dtype, layout and block size, so KV stored under
-one model or layout is never found under another; a block whose recorded shape
-or dtype still disagrees is an error, never loaded as garbage.
+namespace salt names the model, its weights' identity (`kvstore.weights`: a
+fingerprint of the checkpoint's files, the config's rope settings), dtype, layout
+and block size, so KV stored under one model, checkpoint or layout is never found
+under another; a block whose recorded shape or dtype still disagrees is an error,
+never loaded as garbage.
 
 Two cache shapes are supported:
 - Hugging Face `transformers` caches (`DynamicCache`: per layer `[batch, heads,
@@ -34,6 +36,7 @@ from kvstore.client.client import IN_PLACE_PART, Client
 from kvstore.errors import InvalidArgument
 from kvstore.ingest import PutResult
 from kvstore.keys import block_keys, namespace_salt
+from kvstore.weights import local_checkpoint, model_identity
 
 LAYOUT = "tokens,layers,kv,heads,dim"
 log = logging.getLogger("kvstore.engine")
@@ -49,26 +52,60 @@ class KVSpec:
     head_dim: int
     dtype: torch.dtype
     block_size: int = 256
+    weights_id: str = ""  # what identifies the computation: `weights_identity`
 
     @classmethod
-    def of(cls, model: torch.nn.Module, model_id: str, block_size: int = 256) -> KVSpec:
-        """The spec of a `transformers` causal LM."""
+    def of(
+        cls,
+        model: torch.nn.Module,
+        model_id: str,
+        block_size: int = 256,
+        weights_id: str | None = None,
+    ) -> KVSpec:
+        """The spec of a `transformers` causal LM. `weights_id` names its weights instead of
+        their fingerprint (see `weights_identity`)."""
         config = model.config
         heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
         head_dim = (
             getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         )
-        return cls(model_id, config.num_hidden_layers, heads, head_dim, model.dtype, block_size)
+        identity = weights_identity(model, weights_id)
+        return cls(
+            model_id, config.num_hidden_layers, heads, head_dim, model.dtype, block_size, identity
+        )
 
     @property
     def salt(self) -> bytes:
         return namespace_salt(
-            model=self.model_id, dtype=str(self.dtype), layout=LAYOUT, block_size=self.block_size
+            model=self.model_id,
+            weights=self.weights_id,
+            dtype=str(self.dtype),
+            layout=LAYOUT,
+            block_size=self.block_size,
         )
 
     @property
     def block_shape(self) -> tuple[int, ...]:
         return (self.block_size, self.layers, 2, self.kv_heads, self.head_dim)
+
+
+def weights_identity(model: torch.nn.Module, weights_id: str | None = None) -> str:
+    """What identifies a `transformers` model's computation (`kvstore.weights.model_identity`,
+    as vLLM's connector does): the fingerprint of the checkpoint it was loaded from
+    (`config._name_or_path`, a local directory or the hub cache's snapshot), else its hub
+    commit; `weights_id` replaces both. Then its config's rope settings and quantization."""
+    config = model.config
+    name = getattr(config, "_name_or_path", "") or getattr(model, "name_or_path", "") or ""
+    revision = getattr(config, "_commit_hash", None)
+    path = local_checkpoint(name, revision) if name and not weights_id else None
+    quantization = getattr(config, "quantization_config", None)
+    return model_identity(
+        weights_id=weights_id,
+        path=path or name or None,
+        revision=revision,
+        config=config,
+        extra={"quantization_config": quantization},
+    )
 
 
 class KVAdapter:

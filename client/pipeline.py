@@ -6,9 +6,10 @@ No I/O here."""
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import numpy as np
 import xxhash
@@ -26,6 +27,7 @@ ENCODED_PART = 32 << 20
 Payload = bytes | bytearray | memoryview | np.ndarray
 Block = tuple[BlockKey, BlockMeta]
 BYTES = np.dtype(np.uint8)  # what a payload that is not an array encodes as
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -134,7 +136,7 @@ def encoded_parts(
         for run in batches(sizes, 1 << 62):
             yield part(run.start, [encode(p) for p in payloads[run]])
         return
-    futures = [pool.submit(encode, p) for p in payloads]
+    futures = [submit(pool, encode, p) for p in payloads]
     try:
         for run in batches(sizes, ENCODED_PART):
             yield part(run.start, [f.result() for f in futures[run]])
@@ -170,7 +172,7 @@ class Decoder:
                 self._verify and array.nbytes >= _POOLED_CHECK
             )
             args = (array, key, meta, self._verify)
-            self._done.append(self._pool.submit(finished, *args) if heavy else finished(*args))
+            self._done.append(submit(self._pool, finished, *args) if heavy else finished(*args))
 
     def result(self, received: Received) -> list[np.ndarray]:
         """The arrays of everything received, those not seen yet checked and decoded now;
@@ -178,6 +180,15 @@ class Decoder:
         seen = len(self._done)
         self.arrived(received.arrays[seen:], received.blocks[seen:])
         return [d.result() if isinstance(d, Future) else d for d in self._done]
+
+
+def submit(pool: Executor, fn: Callable[..., T], *args: object) -> Future[T]:
+    """`pool.submit`; a pool shut down is a client closed while a call of it still ran
+    (another thread's): that call fails as any call of a closed client does."""
+    try:
+        return pool.submit(fn, *args)
+    except RuntimeError:  # "cannot schedule new futures after shutdown"
+        raise ValueError("the client was closed while this call ran") from None
 
 
 def finished(array: np.ndarray, key: BlockKey, meta: BlockMeta, verify: bool) -> np.ndarray:

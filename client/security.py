@@ -1,5 +1,6 @@
 """How a client proves who it is and checks whom it talks to: a tenant's token (sent as
-gRPC metadata, proven on the data plane without being sent), and TLS for gRPC and the
+gRPC metadata, proven on the data plane without being sent), or for a node calling
+another node the cluster's secret (the peer proves it first); and TLS for gRPC and the
 TCP data plane. Shared memory needs neither: it never leaves the host."""
 
 from __future__ import annotations
@@ -13,7 +14,29 @@ from pathlib import Path
 
 import grpc
 
-from kvstore.errors import InvalidArgument
+from kvstore.errors import InvalidArgument, PermissionDenied
+from kvstore.trust import ClusterSecret
+
+
+class NodeCaller:
+    """A node calling another: the peer first proves the cluster's secret for the address
+    dialed (`challenge`, `check`), then every call carries a credential bound to the
+    instance that proved it, so nothing is sent to a peer that did not prove itself."""
+
+    def __init__(self, cluster: ClusterSecret, dialed: str) -> None:
+        self.cluster = cluster
+        self.dialed = dialed
+        self.instance = ""  # the peer's, once proven
+        self._challenge = b""
+
+    def challenge(self) -> tuple[bytes, str]:
+        self._challenge = os.urandom(16)
+        return self._challenge, self.dialed
+
+    def check(self, proof: bytes, node_id: str, instance: str) -> None:
+        if not self.cluster.proven(proof, self._challenge, self.dialed, node_id, instance):
+            raise PermissionDenied(f"{self.dialed} did not prove it is a node of this cluster")
+        self.instance = instance
 
 
 @dataclass(frozen=True)
@@ -22,18 +45,32 @@ class Security:
     tls_ca: str = ""  # PEM file of the CA the node's certificate must chain to; set: TLS
     tls_cert: str = ""  # PEM file of this client's certificate (mutual TLS), with tls_key
     tls_key: str = ""
+    node: NodeCaller | None = None  # set: a node calling a node, with the cluster's secret
 
     @classmethod
-    def of(cls, token: str | None, tls_ca: str, tls_cert: str, tls_key: str) -> Security:
+    def of(
+        cls,
+        token: str | None,
+        tls_ca: str,
+        tls_cert: str,
+        tls_key: str,
+        node: NodeCaller | None = None,
+    ) -> Security:
         if bool(tls_cert) != bool(tls_key):
             raise InvalidArgument("tls_cert", "tls_cert and tls_key go together")
         if tls_cert and not tls_ca:
             raise InvalidArgument("tls_ca", "a client certificate needs TLS: set tls_ca too")
+        if node is not None:
+            token = node.cluster.data_token()
         token = os.environ.get("KVSTORE_TOKEN", "") if token is None else token
-        return cls(token, tls_ca, tls_cert, tls_key)
+        return cls(token, tls_ca, tls_cert, tls_key, node)
 
     @property
     def metadata(self) -> tuple[tuple[str, str], ...] | None:
+        if self.node is not None:
+            if not self.node.instance:  # the client proves its peer before any other call
+                raise PermissionDenied(f"{self.node.dialed} has not proven itself yet")
+            return (("authorization", self.node.cluster.credential(self.node.instance)),)
         return (("authorization", f"Bearer {self.token}"),) if self.token else None
 
     def channel(self, address: str, options: list[tuple[str, object]]) -> grpc.Channel:

@@ -96,8 +96,10 @@ class ServerConfig:
     max_connections: int = _opt(1024, "data-plane connections served at once", int)
     max_host_connections: int = _opt(256, "data-plane connections from one host", int)
     push_allow: str = _opt(
-        "127.0.0.0/8,::1",
-        "hosts and networks (CIDR) this node may push blocks to, comma-separated",
+        "",
+        "hosts and networks (CIDR) this node may push blocks to besides the nodes of its "
+        "cluster, comma-separated; every target must prove the cluster's secret; empty: the "
+        "cluster's nodes only (none without a cluster)",
     )
     chunk_size: int = _opt(1 << 20, "bytes per data frame when streaming blocks out", parse_size)
     max_block_size: int = _opt(256 << 20, "largest block a client may put", parse_size)
@@ -141,6 +143,13 @@ class ServerConfig:
         "redis+cluster://); empty: this node alone. A Redis that does not answer at start "
         "is waited for in the background while the node serves local-only",
     )
+    cluster_secret: str = _opt(
+        "",
+        "file of the secret the cluster's nodes and routers share (one a line, at least 32 "
+        "characters; the first in use, all accepted), reloaded on SIGHUP: nodes prove who "
+        "they are to each other with it and sign their records in Redis. Required with "
+        "--cluster, and for pushes",
+    )
     node_id: str = _opt("", "the node's id in the cluster; empty: kept in --disk-dir, or new")
     advertise: str = _opt(
         "",
@@ -158,8 +167,8 @@ class ServerConfig:
     events_topic: str = _opt("", "topic of every published KV event batch")
     auth_file: str = _opt(
         "",
-        "TOML file of tenants ([[tenant]] name, token, secret, quota, read_only, shm, admin), "
-        "reloaded on SIGHUP; empty: no authentication (then bind loopback only)",
+        "TOML file of tenants (a secret, then [[tenant]] name, token, quota, read_only, shm, "
+        "push, admin), reloaded on SIGHUP; empty: no authentication (then bind loopback only)",
     )
     tls_cert: str = _opt("", "PEM certificate chain: serve gRPC and the TCP data plane over TLS")
     tls_key: str = _opt("", "PEM private key of --tls-cert")
@@ -167,6 +176,12 @@ class ServerConfig:
         "", "PEM CA bundle: clients must present a certificate it signed (mutual TLS)"
     )
     metrics_address: str = _opt("", "HOST:PORT serving Prometheus metrics at /metrics; empty: none")
+    metrics_tenants: bool = _opt(
+        False,
+        "add per-tenant series (kvstore_tenant_*: each tenant's name, bytes, quota and hits) "
+        "to /metrics, which takes no token: for a metrics address only operators reach",
+        parse_bool,
+    )
     drain_timeout: float = _opt(
         30.0,
         "seconds SIGTERM lets transfers in flight finish (new ones are refused) before exiting",
@@ -189,6 +204,11 @@ class ServerConfig:
     def __post_init__(self) -> None:
         if not _host_port(self.address):
             raise ValueError(f"address: expected HOST:PORT, got {self.address!r}")
+        if self.cluster and not self.cluster_secret:
+            raise ValueError(
+                "cluster_secret: required with --cluster (a file of the secret every node and "
+                "router of the cluster shares: nodes prove who they are with it)"
+            )
         if self.metrics_address and not _host_port(self.metrics_address):
             raise ValueError(f"metrics_address: expected HOST:PORT, got {self.metrics_address!r}")
         if self.host_capacity < 1 << 20:

@@ -124,13 +124,13 @@ class BlockIngest:
             raise InvalidArgument("blocks", "empty batch: declare at least one block")
         if self._current is not None or self._declared:
             current = self._current
-            index, key, meta = (
+            index, _, meta = (
                 (current.index, current.key, current.meta) if current else self._declared[0]
             )
             filled = current.filled if current else 0
             raise InvalidArgument(
                 f"blocks[{index}].size",
-                f"stream ended after {filled} of {meta.size} bytes of block {key.hex()}",
+                f"stream ended after {filled} of {meta.size} bytes of block {index}",
             )
         if self._durable:
             self._store.make_durable(list(self._seen))
@@ -142,31 +142,42 @@ class BlockIngest:
         if self._current is not None:
             if self._current.slot is not None:
                 self._store.abort(self._current.slot)
-            self._store.not_coming([self._current.key])
+            self._store.not_coming([self._current.key], failed=True)
         self._current = None
-        self._store.not_coming([key for _, key, _ in self._declared])
+        self._store.not_coming([key for _, key, _ in self._declared], failed=True)
         self._declared.clear()
 
     def _next(self) -> _Current:
         if not self._declared:
             raise InvalidArgument("data", "bytes beyond the declared blocks")
         index, key, meta = self._declared.popleft()
-        slot = None if self._store.contains(key) else self._store.reserve(meta.size)
+        try:
+            slot = None if self._store.contains(key) else self._store.reserve(meta.size)
+        except BaseException:  # no room in time: this key will not come (`abort` the rest)
+            self._store.not_coming([key], failed=True)
+            raise
         self._current = _Current(index, key, meta, slot)
         return self._current
 
     def _complete(self, current: _Current) -> None:
         self._current = None
-        self._store.not_coming([current.key])  # stored now, or found already there
-        if current.slot is None:
+        if current.slot is None:  # found already there
+            self._store.not_coming([current.key])
             self._existed += 1
             return
         try:
             check_payload(current.index, current.key, current.meta, current.slot.view)
         except InvalidArgument:
             self._store.abort(current.slot)
+            self._store.not_coming([current.key], failed=True)
             raise
-        if self._store.commit(current.key, current.meta, current.slot):
+        try:
+            stored = self._store.commit(current.key, current.meta, current.slot)
+        except BaseException:
+            self._store.not_coming([current.key], failed=True)
+            raise
+        self._store.not_coming([current.key])  # once stored: a waiter then finds it
+        if stored:
             self._stored += 1
         else:
             self._existed += 1
@@ -238,7 +249,7 @@ class SlotPut:
         """Free the slots; their keys will not come."""
         for *_, slot in slots:
             self._store.abort(slot)
-        self._store.not_coming([key for _, key, _, _ in slots])
+        self._store.not_coming([key for _, key, _, _ in slots], failed=True)
 
 
 def validate_block(
@@ -248,7 +259,7 @@ def validate_block(
     field = f"blocks[{index}]"
     key = check_key(key, f"{field}.key")
     if key in seen:
-        raise InvalidArgument(f"{field}.key", f"repeats an earlier key ({key.hex()})")
+        raise InvalidArgument(f"{field}.key", "repeats an earlier key of the batch")
     meta.validate(field, store.max_block_size)
     if meta.size > store.host.capacity:
         raise ResourceExhausted(
@@ -270,5 +281,5 @@ def check_fits(store: Store, need: int, blocks: int) -> None:
 def check_payload(index: int, key: BlockKey, meta: BlockMeta, payload: memoryview) -> None:
     if meta.checksum and xxhash.xxh3_64_intdigest(payload) != meta.checksum:
         raise InvalidArgument(
-            f"blocks[{index}].checksum", f"payload of block {key.hex()} does not match its checksum"
+            f"blocks[{index}].checksum", "the payload does not match its checksum"
         )

@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -37,6 +38,7 @@ from kvstore.cluster.scoring import (
 )
 from kvstore.errors import InvalidArgument, Unavailable
 from kvstore.keys import BlockKey, block_keys
+from kvstore.trust import ClusterSecret
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +66,11 @@ class Route:
 class Router:
     """Thread-safe. Redis is reached on first use; while it is down, calls raise Unavailable.
 
+    A router reads Redis directly, so it is a trusted part of the cluster: `secret` is the
+    cluster's secret (a `ClusterSecret`, or the path of the file every node is given with
+    `--cluster-secret`), with which it believes only the node records the nodes signed.
+    Tenants who route for themselves ask a node's `Locate` instead.
+
     `policy` (for `route`): "cost" (the default, see `kvstore.cluster.scoring`),
     "prefix" (the longest held prefix) or "random"; `seed` makes its ties, and
     `locate`'s, reproducible. `nodes_ttl_s`: how long `route` reuses the list of live
@@ -75,6 +82,7 @@ class Router:
         redis_url: str,
         weights: Mapping[str, float] | None = None,
         *,
+        secret: ClusterSecret | str | Path,
         prefix: str = "kv:",
         scorer: Scorer = score,
         seed: int | None = None,
@@ -90,7 +98,8 @@ class Router:
             raise InvalidArgument("balance", f"must be a number >= 0, got {balance!r}")
         self._client = LazyClient(parse_redis_url(redis_url), timeout_s)
         self._layout = layout_for(prefix)
-        self._locator = Locator(self._client, self._layout, weights, scorer, seed)
+        self._secret = secret if isinstance(secret, ClusterSecret) else ClusterSecret.read(secret)
+        self._locator = Locator(self._client, self._layout, weights, scorer, seed, self._secret)
         self._weights = check_weights(weights)
         self._policy, self._balance = policy, float(balance)
         self._sent = SentWork(half_life)
@@ -182,7 +191,7 @@ class Router:
     def nodes(self) -> list[NodeRecord]:
         """Every live node's registration: addresses, tiers, load."""
         try:
-            return Registry(self._client.get(), self._layout).live_nodes()
+            return Registry(self._client.get(), self._layout, self._secret).live_nodes()
         except REDIS_ERRORS as exc:
             raise Unavailable(f"cluster index at {self._client.target.shown}: {exc}") from exc
 

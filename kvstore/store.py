@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -36,6 +36,8 @@ log = logging.getLogger("kvstore.store")
 
 DEMOTE_BATCH = 64 << 20  # bytes written per demotion batch (and per fsync under `batch`)
 MAINTAIN_EVERY = 1.0  # seconds without demotion before the disk tier compacts
+FAILED_FOR = 30.0  # seconds a put that died is remembered by the keys it did not bring
+FAILED_KEYS = 1 << 16  # such keys remembered at most (the oldest are forgotten first)
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,6 +112,7 @@ class Store:
         self._listeners: list[Listener] = []
         self._arrivals = threading.Condition()  # notified when blocks arrive, or will not
         self._coming: Counter[BlockKey] = Counter()  # keys puts under way declared
+        self._failed: OrderedDict[BlockKey, float] = OrderedDict()  # key -> when its put died
         for tier in self.tiers:
             tier.changes.listener = self._changed
         self._counts = {"puts": 0, "gets": 0, "lookups": 0, "promotions": 0}
@@ -145,33 +148,61 @@ class Store:
         return n
 
     def coming(self, keys: Sequence[BlockKey]) -> None:
-        """A put declared these keys: they are on their way (`wait_present`)."""
+        """A put declared these keys: they are on their way (`wait_present`), and an earlier
+        put of them that died is forgotten."""
         with self._arrivals:
             self._coming.update(keys)
+            for key in keys:
+                self._failed.pop(key, None)
 
-    def not_coming(self, keys: Sequence[BlockKey]) -> None:
-        """Those keys of a put that arrived, or will not any more (it failed, or went)."""
+    def not_coming(self, keys: Sequence[BlockKey], failed: bool = False) -> None:
+        """Those keys of a put that arrived, or (`failed`) will not any more: the put was
+        aborted, failed or lost its sender. A failed put's keys are remembered for
+        `FAILED_FOR` seconds, so that a wait that begins after it died ends at once too."""
+        now = time.monotonic()
         with self._arrivals:
             for key in keys:
                 if self._coming[key] <= 1:
                     self._coming.pop(key, None)
                 else:
                     self._coming[key] -= 1
+                if failed and not self.contains(key):  # (another put may have brought it)
+                    self._failed[key] = now
+                    self._failed.move_to_end(key)
+            stale = now - FAILED_FOR
+            while self._failed and (
+                len(self._failed) > FAILED_KEYS or next(iter(self._failed.values())) < stale
+            ):
+                self._failed.popitem(last=False)  # the oldest first
             self._arrivals.notify_all()
+
+    def abandoned(self, key: BlockKey) -> bool:
+        """A put of `key` died in the last `FAILED_FOR` seconds without bringing it, and no
+        put of it has started since: a consumer should not wait for it."""
+        with self._arrivals:
+            failed = self._failed.get(key)
+            return (
+                failed is not None
+                and failed >= time.monotonic() - FAILED_FOR
+                and key not in self._coming
+                and not self.contains(key)
+            )
 
     def wait_present(
         self, key: BlockKey, timeout: float, alive: Callable[[], bool] = lambda: True
     ) -> bool:
         """Wait up to `timeout` seconds for `key` to be stored. Returns early, False, when a
-        put that was bringing it ended without it (nothing else is known to be coming) or
-        once `alive()`, asked every quarter second, says the waiter is gone."""
+        put that was bringing it ended without it (nothing else is known to be coming),
+        before or during the wait (`abandoned`), or once `alive()`, asked every quarter
+        second, says the waiter is gone. With no put of it known, it waits for one."""
         deadline = time.monotonic() + timeout
         was_coming = False
-        with self._arrivals:
+        with self._arrivals:  # re-entrant: `abandoned` takes it again
             while not self.contains(key):
                 coming = key in self._coming
                 left = deadline - time.monotonic()
-                if (was_coming and not coming) or left <= 0 or not alive():
+                ended = (was_coming and not coming) or self.abandoned(key)
+                if ended or left <= 0 or not alive():
                     return False
                 was_coming |= coming
                 self._arrivals.wait(min(left, 0.25))
@@ -180,6 +211,8 @@ class Store:
     def _changed(self, tier: str, stored: list[BlockKey], removed: list[BlockKey]) -> None:
         if stored:
             with self._arrivals:
+                for key in stored if self._failed else ():
+                    self._failed.pop(key, None)  # here after all (a fetch, say)
                 self._arrivals.notify_all()
         for listener in self._listeners:
             listener(tier, stored, removed)

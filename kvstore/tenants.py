@@ -1,11 +1,12 @@
 """Tenants: who may do what, in which key space, within which quota.
 
-An auth file lists tenants (TOML, `[[tenant]]` tables: `name`, `token`, `quota`,
-`read_only`, `shm`, `admin`). Each tenant's keys live in a namespace of their own: the
-node stores `key XOR pad`, the pad a digest of a secret (the file's `secret`, else the
-tenant's token), so no tenant can name, and so neither read, find, overwrite nor
-delete, a block of another. Admin tenants see the node's raw key space: every tenant's
-blocks, events and statistics; nodes use an admin token to fetch and push between them.
+An auth file lists tenants (TOML: a `secret`, then `[[tenant]]` tables: `name`, `token`,
+`quota`, `read_only`, `shm`, `push`, `admin`). Each tenant's keys live in a key space of
+their own: the node stores a keyed one-way digest of each key, keyed by the file's
+`secret` and the tenant's name. The secret never leaves the node side, so no tenant can
+compute another's node keys, nor turn a node key it saw anywhere (Redis, KV events)
+into a request that reaches it; and no answer a tenant gets names a node key. Admin
+tenants (and nodes of the cluster, `node_tenant`) see the node's raw key space.
 
 Quotas count the bytes of the blocks a tenant stored; over its quota, a tenant's own
 least recently used blocks go, never another's.
@@ -22,8 +23,6 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from kvstore.config import parse_size
 from kvstore.errors import PermissionDenied, ResourceExhausted, Unauthenticated
 from kvstore.keys import KEY_BYTES, BlockKey
@@ -31,8 +30,8 @@ from kvstore.meta import BlockMeta
 from kvstore.store import Store
 
 _FIELDS = {"name": str, "token": str, "quota": (str, int), "read_only": bool, "shm": bool,
-           "admin": bool}  # fmt: skip
-_NO_PAD = bytes(KEY_BYTES)
+           "push": bool, "admin": bool}  # fmt: skip
+MIN_SECRET = 32  # characters of the auth file's `secret`
 Header = tuple[BlockKey, BlockMeta]
 
 
@@ -43,20 +42,25 @@ class Tenant:
     quota: int = 0  # bytes; 0: none but the node's
     read_only: bool = False
     shm: bool = False  # may map the node's whole arena (every tenant's bytes): trusted only
+    push: bool = False  # may ask the node to send blocks to another node
     admin: bool = False
-    pad: bytes = field(repr=False, default=_NO_PAD)
+    space: bytes = field(repr=False, default=b"")  # key of its key space; b"": the raw one
 
     def keys(self, keys: Sequence[BlockKey]) -> list[BlockKey]:
-        """The node's keys for this tenant's (and back: XOR is its own inverse)."""
-        if self.pad == _NO_PAD or not keys:
+        """The node's keys for this tenant's: a keyed one-way digest, never inverted (an
+        answer names the tenant's own keys, by position)."""
+        if not self.space:
             return list(keys)
-        words = np.frombuffer(b"".join(keys), np.uint64).reshape(-1, 2) ^ np.frombuffer(
-            self.pad, np.uint64
-        )
-        raw = words.tobytes()
-        return [raw[i : i + KEY_BYTES] for i in range(0, len(raw), KEY_BYTES)]
+        base = hashlib.blake2b(key=self.space, digest_size=KEY_BYTES, person=b"kvstore-key")
+        mapped = []
+        for key in keys:
+            digest = base.copy()
+            digest.update(key)
+            mapped.append(digest.digest())
+        return mapped
 
     def blocks(self, blocks: Iterable[Header]) -> list[Header]:
+        """Blocks a tenant names (a put's headers) under the node's keys."""
         blocks = list(blocks)
         return list(zip(self.keys([k for k, _ in blocks]), (m for _, m in blocks), strict=True))
 
@@ -64,12 +68,30 @@ class Tenant:
         if self.read_only:
             raise PermissionDenied(f"tenant {self.name!r} is read-only")
 
+    def may_push(self) -> None:
+        self.may_write()
+        if not self.push:
+            raise PermissionDenied(f"tenant {self.name!r} may not push (push = true grants it)")
+
     def may_see_all(self, what: str) -> None:
         if not self.admin:
             raise PermissionDenied(f"{what} shows every tenant's blocks: admin tenants only")
 
 
-OPEN = Tenant("", shm=True, admin=True)  # no auth file: everyone, in the raw key space
+OPEN = Tenant("", shm=True, push=True, admin=True)  # no auth file: everyone, the raw key space
+
+
+def node_tenant(data_token: str) -> Tenant:
+    """Another node of the cluster, proven by the cluster's secret: the raw key space (it
+    fetches and pushes node keys), no shared memory, no pushing on from here."""
+    return Tenant("(node)", token=data_token, admin=True)
+
+
+def as_asked(
+    asked: Sequence[BlockKey], blocks: Iterable[tuple[BlockKey, BlockMeta]]
+) -> list[Header]:
+    """Found blocks, a prefix of `asked` (the caller's keys), under the caller's keys."""
+    return [(key, meta) for key, (_, meta) in zip(asked, blocks, strict=False)]
 
 
 class Tenants:
@@ -92,10 +114,6 @@ class Tenants:
     def __iter__(self):
         return iter(self._by_token.values())
 
-    def admin_token(self) -> str:
-        """A token nodes present to each other (the first admin tenant's), or ''."""
-        return next((t.token for t in self if t.admin), "")
-
     def find(self, token: str | None) -> Tenant:
         if not token:
             raise Unauthenticated("no token: pass token= (or set KVSTORE_TOKEN)")
@@ -110,8 +128,12 @@ def _parse(data: dict, where: str) -> dict[bytes, Tenant]:
     if unknown:
         raise ValueError(f"{where}: unknown key {sorted(unknown)[0]!r} (tenant, secret)")
     secret = data.get("secret", "")
-    if not isinstance(secret, str):
-        raise ValueError(f"{where}: secret must be a string")
+    if not isinstance(secret, str) or len(secret) < MIN_SECRET:
+        raise ValueError(
+            f"{where}: secret: a string of at least {MIN_SECRET} characters is required (it "
+            "keys every tenant's key space; the same on every node of a cluster; e.g. "
+            "`python3 -c 'import secrets; print(secrets.token_urlsafe(32))'`)"
+        )
     entries = data.get("tenant", [])
     if not isinstance(entries, list) or not entries:
         raise ValueError(f"{where}: no [[tenant]] tables")
@@ -135,16 +157,22 @@ def _parse(data: dict, where: str) -> dict[bytes, Tenant]:
             quota = parse_size(entry.get("quota", 0))
         except ValueError as exc:
             raise ValueError(f"{at}.quota: {exc}") from None
-        admin = entry.get("admin", False)
+        admin, read_only, shm = (entry.get(k, False) for k in ("admin", "read_only", "shm"))
+        if read_only and shm:
+            raise ValueError(
+                f"{at}: read_only and shm together: shared memory maps the arena writable, "
+                "so a read-only tenant cannot have it"
+            )
         names.add(name)
         by_token[_digest(token)] = Tenant(
             name=name,
             token=token,
             quota=quota,
-            read_only=entry.get("read_only", False),
-            shm=entry.get("shm", False),
+            read_only=read_only,
+            shm=shm,
+            push=entry.get("push", False),
             admin=admin,
-            pad=_NO_PAD if admin else _pad(secret or token, name),
+            space=b"" if admin else _space(secret, name),
         )
     return by_token
 
@@ -153,10 +181,11 @@ def _digest(token: str) -> bytes:
     return hashlib.blake2b(token.encode(), digest_size=16).digest()
 
 
-def _pad(secret: str, name: str) -> bytes:
+def _space(secret: str, name: str) -> bytes:
+    """The key of a tenant's key space: the node side's secret and the tenant's name."""
     return hashlib.blake2b(
-        name.encode(), key=hashlib.blake2b(secret.encode()).digest(), digest_size=KEY_BYTES,
-        person=b"kvstore-ns",
+        name.encode(), key=hashlib.blake2b(secret.encode()).digest(), digest_size=32,
+        person=b"kvstore-space",
     ).digest()  # fmt: skip
 
 

@@ -208,7 +208,7 @@ class HelloRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class NodeInfo(_message.Message):
-    __slots__ = ("node_id", "data_address", "unix_address", "ticket", "ticket_ttl_s", "capacity", "host_capacity", "max_block_size", "max_blocks", "instance")
+    __slots__ = ("node_id", "data_address", "unix_address", "ticket", "ticket_ttl_s", "capacity", "host_capacity", "max_block_size", "max_blocks", "instance", "proof")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     DATA_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     UNIX_ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -219,6 +219,7 @@ class NodeInfo(_message.Message):
     MAX_BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     INSTANCE_FIELD_NUMBER: _ClassVar[int]
+    PROOF_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     data_address: str
     unix_address: str
@@ -229,7 +230,8 @@ class NodeInfo(_message.Message):
     max_block_size: int
     max_blocks: int
     instance: str
-    def __init__(self, node_id: _Optional[str] = ..., data_address: _Optional[str] = ..., unix_address: _Optional[str] = ..., ticket: _Optional[bytes] = ..., ticket_ttl_s: _Optional[float] = ..., capacity: _Optional[int] = ..., host_capacity: _Optional[int] = ..., max_block_size: _Optional[int] = ..., max_blocks: _Optional[int] = ..., instance: _Optional[str] = ...) -> None: ...
+    proof: bytes
+    def __init__(self, node_id: _Optional[str] = ..., data_address: _Optional[str] = ..., unix_address: _Optional[str] = ..., ticket: _Optional[bytes] = ..., ticket_ttl_s: _Optional[float] = ..., capacity: _Optional[int] = ..., host_capacity: _Optional[int] = ..., max_block_size: _Optional[int] = ..., max_blocks: _Optional[int] = ..., instance: _Optional[str] = ..., proof: _Optional[bytes] = ...) -> None: ...
 
 class NodeLoad(_message.Message):
     __slots__ = ("inflight", "bytes_per_s")

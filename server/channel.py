@@ -194,6 +194,16 @@ class ChannelServer:
             conn.release_all()
         self._poll.close()
 
+    def revoke(self, still: Callable[[Tenant], bool]) -> None:
+        """End the connections of callers no longer allowed (an auth reload); what they
+        held (leases, reserved slots) is freed as they close."""
+        with self._lock:
+            ended = [c for c in self._connections.values() if not still(c.tenant)]
+        for conn in ended:
+            log.info("data connection from %s ended: its tenant was removed or changed", conn.host)
+            with contextlib.suppress(OSError):  # wakes whoever serves it: it closes
+                conn.sock.shutdown(socket.SHUT_RDWR)
+
     def connection_count(self) -> int:
         with self._lock:
             return len(self._connections)
@@ -364,16 +374,19 @@ class ChannelServer:
             RENEW: renew,
         }.get(op)
 
-    def wanted(self, conn: Connection, meta: bytes, *, unique: bool = True) -> list[bytes]:
-        """The node's keys a get, lease or lookup names, once fetched and waited for as it
-        asks."""
+    def wanted(
+        self, conn: Connection, meta: bytes, *, unique: bool = True
+    ) -> tuple[list[bytes], list[bytes]]:
+        """The keys a get, lease or lookup names, as the caller names them and as the node
+        does, once fetched and waited for as it asks."""
         request = parse(meta, pb.GetRequest)
-        keys = conn.tenant.keys(check_keys(request.keys, unique=unique))
+        asked = check_keys(request.keys, unique=unique)
+        keys = conn.tenant.keys(asked)
         if self.fetcher is not None:
             self.fetcher.ensure(
                 keys, request.wait_ms, request.fetch, lambda: _peer_there(conn.sock)
             )
-        return keys
+        return asked, keys
 
     def reply(self, conn: Connection, message: bytes, *, flags: int = 0, data_len: int = 0) -> None:
         conn.sock.sendall(encode(REPLY_MAGIC, 0, flags, message, data_len))
@@ -410,7 +423,7 @@ class ChannelServer:
 
 
 def lookup(server: ChannelServer, conn: Connection, frame: Frame) -> None:
-    keys = server.wanted(conn, frame.meta, unique=False)
+    _, keys = server.wanted(conn, frame.meta, unique=False)
     tiers = server.store.lookup(keys)
     server.reply(conn, pb.LookupReply(found=len(tiers), tiers=tiers).SerializeToString())
 

@@ -24,6 +24,7 @@ from kvstore.events import EventLog, ZmqPublisher
 from kvstore.keys import BlockKey
 from kvstore.server.status import TransferCounts
 from kvstore.store import Store
+from kvstore.trust import ClusterSecret
 
 log = logging.getLogger("kvstore.cluster")
 NODE_ID_FILE = "NODE_ID"
@@ -44,6 +45,7 @@ class Membership:
         events_replay: str,
         events_topic: str,
         transfers: TransferCounts,
+        cluster_secret: ClusterSecret | None = None,
     ) -> None:
         self.store = store
         self.node_id = node_id
@@ -58,11 +60,14 @@ class Membership:
             )
         self.index = None
         if cluster:
+            if cluster_secret is None:
+                raise ValueError("cluster: the cluster's secret is required (--cluster-secret)")
             self.index = ClusterIndex(
                 cluster,
                 node_id,
                 address,
                 store.listing,
+                secret=cluster_secret,
                 data_address=data_address,
                 usage=self.usage,
                 heartbeat_s=heartbeat,

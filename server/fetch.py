@@ -9,7 +9,8 @@ arrived whole; the next holder is asked for the rest. Requests that need a run a
 request is fetching wait for that fetch instead of starting a second.
 
 With `wait`, keys[0] gets that long to arrive (locally, or with `fetch` anywhere in the
-cluster); a put that was bringing it and fails ends the wait at once.
+cluster); a put that was bringing it and fails ends the wait at once, and so does one
+that failed shortly before the wait began (the store remembers it: `Store.abandoned`).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
-from kvstore.errors import Busy, KVStoreError
+from kvstore.errors import Busy, KVStoreError, Unavailable
 from kvstore.ingest import check_payload
 from kvstore.keys import BlockKey
 from kvstore.meta import BlockMeta
@@ -86,6 +87,8 @@ class Fetcher:
                     self.store.wait_present(keys[0], left, waiting)
                     return
                 if self.store.wait_present(keys[0], min(left, POLL)) or self.fill(keys):
+                    return
+                if self.store.abandoned(keys[0]):  # a put of it here died, and none is on
                     return
         finally:
             self._waiting.release()
@@ -182,7 +185,7 @@ class Fetcher:
         total = 0
         for start in range(0, len(keys), RUN):
             run = keys[start : start + RUN]
-            landing = _Landing(self.store, lambda size: self._count(node, size))
+            landing = _Landing(self.store, run, lambda size: self._count(node, size))
             try:
                 got = peer.get_into(run, landing.place, landing.landed)  # type: ignore[attr-defined]
             finally:
@@ -217,17 +220,29 @@ class Fetcher:
 
 class _Landing:
     """One run of fetched blocks: slots reserved for them as the holder answers, each
-    published once whole and checked, those that never land freed."""
+    published once whole and checked, those that never land freed. The holder's answer
+    must name exactly the keys asked, in order, with sizes the node would take in a put."""
 
-    def __init__(self, store: Store, counted: Callable[[int], None]) -> None:
+    def __init__(
+        self, store: Store, asked: Sequence[BlockKey], counted: Callable[[int], None]
+    ) -> None:
         self.store = store
+        self.asked = asked
         self.counted = counted
         self.slots: list[Reservation] = []
         self.blocks: list[tuple[BlockKey, BlockMeta]] = []
         self.done = 0
 
     def place(self, blocks: list[tuple[BlockKey, BlockMeta]]) -> list[memoryview]:
-        self.slots = self.store.reserve_many([meta.size for _, meta in blocks])
+        if [key for key, _ in blocks] != list(self.asked[: len(blocks)]):
+            raise Unavailable("the holder answered with keys it was not asked for")
+        sizes = [meta.size for _, meta in blocks]
+        if (
+            max(sizes, default=0) > self.store.max_block_size
+            or sum(sizes) > self.store.host.capacity // 2
+        ):
+            raise Unavailable("the holder declared blocks larger than this node takes")
+        self.slots = self.store.reserve_many(sizes)
         self.blocks = blocks
         return [slot.view for slot in self.slots]
 

@@ -21,7 +21,7 @@ from kvstore.server.auth import Auth
 from kvstore.server.fetch import Fetcher
 from kvstore.server.status import TransferCounts
 from kvstore.store import Store
-from kvstore.tenants import Tenant
+from kvstore.tenants import Tenant, as_asked
 
 HEADERS_TAG = b"\x0a"  # field 1 (headers), length-delimited: a frame of block headers
 
@@ -86,7 +86,8 @@ class GrpcPath:
 
     def get(self, raw: bytes, context: grpc.ServicerContext, tenant: Tenant) -> Iterator[bytes]:
         request = parse(raw, pb.GetRequest)
-        keys = tenant.keys(check_keys(request.keys, unique=True))
+        asked = check_keys(request.keys, unique=True)
+        keys = tenant.keys(asked)
         self.fetcher.ensure(keys, request.wait_ms, request.fetch, context.is_active)
         with (
             self.transfers.running(),
@@ -94,7 +95,7 @@ class GrpcPath:
             self.transfers.holding(sum(b.meta.size for b in batch.blocks), context.peer()),
         ):
             self.auth.read(tenant, len(keys), [(b.key, b.meta.size) for b in batch.blocks])
-            headers = headers_to_proto(tenant.blocks((b.key, b.meta) for b in batch.blocks))
+            headers = headers_to_proto(as_asked(asked, ((b.key, b.meta) for b in batch.blocks)))
             reply = pb.GetReply(headers=pb.BlockHeaders(blocks=headers, truncated=batch.truncated))
             if batch.truncated and not batch.blocks:
                 self.transfers.refused_busy()  # no room to bring a stored block up: busy

@@ -21,12 +21,14 @@ from grpc_reflection.v1alpha import reflection
 
 from kvstore import __version__
 from kvstore.config import ServerConfig, format_size, parse_bool, parse_size
+from kvstore.limits import MAX_HEADER_FRAME, MAX_TOKENS
 from kvstore.server import tls
 from kvstore.server.auth import Auth
 from kvstore.server.channel import ChannelServer
 from kvstore.server.cluster import Membership, check_cluster_url, node_id
 from kvstore.server.fetch import Fetcher
 from kvstore.server.metrics import Metrics
+from kvstore.server.preauth import PreAuth, token_check
 from kvstore.server.servicer import SERVICE, KVStoreServicer
 from kvstore.server.status import TransferCounts
 from kvstore.server.tickets import TicketBook
@@ -34,10 +36,19 @@ from kvstore.store import Store
 from kvstore.tiers.device import DeviceTier, device_available
 from kvstore.tiers.disk import DiskTier
 from kvstore.tiers.host import HostTier
+from kvstore.trust import ClusterSecret
 
 log = logging.getLogger("kvstore.server")
 
-MAX_MESSAGE = 256 << 20  # header frames of very large batches; data frames are chunk-sized
+MAX_MESSAGE = 256 << 20  # what the node may send (it sends frames of --chunk-size or less)
+# The largest request a legitimate caller sends is a Put data frame: at most one chunk,
+# and chunks are at most 64 MiB (--chunk-size, which nodes push to each other with, and
+# kvstore-bench --chunk stop there; Client's default is 1 MiB). Header frames are refused
+# past MAX_HEADER_FRAME (4 MiB), a lookup of MAX_TOKENS token ids is at most 5 MiB, every
+# other request is smaller. The margin covers a frame's tag and length. Callers without a
+# known token are refused before their request is read at all (server/preauth.py).
+MAX_CHUNK = 64 << 20
+MAX_RECEIVE = max(MAX_CHUNK, MAX_HEADER_FRAME, 5 * MAX_TOKENS) + (64 << 10)
 
 
 class Daemon:
@@ -64,9 +75,14 @@ class Daemon:
     def _serve(self, config: ServerConfig) -> None:
         self.server = grpc.server(
             futures.ThreadPoolExecutor(config.workers, thread_name_prefix="kvstore-rpc"),
-            interceptors=[self.metrics.interceptor()],
+            interceptors=[
+                self.metrics.interceptor(),  # first: it counts the refusals below too
+                PreAuth(
+                    token_check(lambda metadata: self.auth.caller(metadata))
+                ),  # no token: refused unread
+            ],
             options=[
-                ("grpc.max_receive_message_length", MAX_MESSAGE),
+                ("grpc.max_receive_message_length", MAX_RECEIVE),
                 ("grpc.max_send_message_length", MAX_MESSAGE),
                 ("grpc.so_reuseport", 0),
             ],
@@ -77,13 +93,16 @@ class Daemon:
             [SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server
         )
         host_name, _, _ = config.address.rpartition(":")
-        self.auth = Auth(config.auth_file, self.store)
+        self.instance = os.urandom(16)
+        cluster = ClusterSecret.read(config.cluster_secret) if config.cluster_secret else None
+        self.auth = Auth(config.auth_file, self.store, cluster, self.instance.hex())
         if not self.auth.on and not _loopback(host_name):
             log.warning(
                 "listening on %s without --auth-file: anyone who reaches it can read, "
                 "overwrite and delete every block",
                 config.address,
             )
+        _warn_exposed(config)
         credentials = tls.grpc_credentials(config)
         try:
             if credentials is None:
@@ -94,7 +113,7 @@ class Daemon:
             raise OSError(f"cannot listen on {config.address}: {exc}") from None
         self.address = f"{host_name}:{port}"
         self.tickets = TicketBook(config.ticket_ttl)
-        self.instance = os.urandom(16)
+        self.auth.revoked.append(self.tickets.revoke)
         self.transfers = TransferCounts(
             config.max_inflight_bytes or self.store.host.capacity, config.max_connection_bytes
         )
@@ -121,6 +140,7 @@ class Daemon:
                 )
             except OSError as exc:
                 raise OSError(f"cannot listen on {data_address}: {exc.strerror or exc}") from None
+            self.auth.revoked.append(self.channel.revoke)
         advertised = _advertised(config.advertise, self.address)
         data = _advertised(config.advertise, self.channel.address) if self.channel else ""
         self.membership = Membership(
@@ -135,12 +155,13 @@ class Daemon:
             events_replay=config.events_replay,
             events_topic=config.events_topic,
             transfers=self.transfers,
+            cluster_secret=cluster,
         )
         self.fetcher = Fetcher(
             self.store,
             self.membership,
             config.data_timeout,
-            tls.peer_options(config, self.auth.admin_token()),
+            tls.peer_options(config) | {"cluster_secret": cluster},
         )
         if self.channel:
             self.channel.fetcher = self.fetcher
@@ -159,6 +180,7 @@ class Daemon:
                 self.channel.address if self.channel else "",
                 self.channel.unix_address if self.channel else "",
             ),
+            dialable=_dialable(self.address, advertised),
         )
         self.server.add_generic_rpc_handlers([servicer.handler()])
         self.metrics.watch(self)
@@ -253,6 +275,19 @@ def _advertised(advertise: str, bound: str) -> str:
     return f"{host}:{port}"
 
 
+def _dialable(bound: str, advertised: str) -> frozenset[str]:
+    """The HOST:PORT strings under which a caller reaches this node's gRPC and no other
+    process: the bound and advertised addresses, and, bound to every interface, loopback
+    with its port (which the wildcard bind holds)."""
+    host, _, port = bound.rpartition(":")
+    names = {bound, advertised}
+    if host.strip("[]") == "0.0.0.0":
+        names.add(f"127.0.0.1:{port}")
+    elif host.strip("[]") == "::":
+        names.add(f"[::1]:{port}")
+    return frozenset(names)
+
+
 def _loopback(host: str) -> bool:
     host = host.strip("[]")
     if host == "localhost":
@@ -261,6 +296,41 @@ def _loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False  # a name: it may resolve anywhere
+
+
+def _warn_exposed(config: ServerConfig) -> None:
+    """Warn of the endpoints that take no token when others may reach them."""
+    if config.metrics_address and not _loopback(config.metrics_address.rpartition(":")[0]):
+        log.warning(
+            "metrics on %s take no token: anyone who reaches it sees the node's counts%s; "
+            "bind loopback or let only Prometheus reach it",
+            config.metrics_address,
+            " and every tenant's name, bytes, quota and hits (--metrics-tenants)"
+            if config.metrics_tenants
+            else "",
+        )
+    events = []
+    if address := config.events_address:  # without it there is no replay endpoint either
+        if _exposed(address, bound="*" in address or "::" in address):  # as the publisher
+            events.append(address)
+        if _exposed(config.events_replay, bound=True):
+            events.append(config.events_replay)
+    if events:
+        log.warning(
+            "KV events on %s take no token: anyone who reaches them sees every tenant's node "
+            "keys as blocks come and go (the keys are a one-way mapping no tenant can use, "
+            "but their count and timing leak); bind loopback or let only routers reach them",
+            " and ".join(events),
+        )
+
+
+def _exposed(endpoint: str, bound: bool) -> bool:
+    """A ZMQ endpoint others may reach: TCP on every interface, or bound to a host not
+    loopback (ipc:// and inproc:// stay on this machine)."""
+    if not endpoint.startswith("tcp://"):
+        return False
+    host = endpoint.removeprefix("tcp://").rpartition(":")[0].strip("[]")
+    return host in ("*", "0.0.0.0", "::", "") or (bound and not _loopback(host))
 
 
 def _free_space(directory: str) -> int:

@@ -1,9 +1,9 @@
 """Prometheus metrics at `http://--metrics-address/metrics`, names prefixed `kvstore_`.
 
-What the node counts anyway (tiers, transfers, tenants, connections, tickets) is read
-when Prometheus scrapes, so serving pays nothing for it; only RPC latencies are observed
-as calls end, by a gRPC interceptor. Rates (GB/s by path, hits per second) are PromQL's
-`rate()` over these counters."""
+What the node counts anyway (tiers, transfers, connections, tickets, and tenants with
+--metrics-tenants) is read when Prometheus scrapes, so serving pays nothing for it; only
+RPC latencies are observed as calls end, by a gRPC interceptor. Rates (GB/s by path, hits
+per second) are PromQL's `rate()` over these counters. The endpoint takes no token."""
 
 from __future__ import annotations
 
@@ -213,7 +213,10 @@ def _transfers(d: Daemon) -> Iterator[CounterMetricFamily]:
 
 
 def _tenants(d: Daemon) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
-    """Per tenant ("" without an auth file): what it holds, its quota, its gets' hits."""
+    """Per tenant ("" without an auth file): what it holds, its quota, its gets' hits.
+    Only with --metrics-tenants: /metrics takes no token, and these name every tenant."""
+    if not d.config.metrics_tenants:
+        return
     label = ["tenant"]
     blocks = GaugeMetricFamily("kvstore_tenant_blocks", "blocks the tenant holds", labels=label)
     held = GaugeMetricFamily("kvstore_tenant_bytes", "bytes the tenant holds", labels=label)

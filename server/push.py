@@ -1,11 +1,11 @@
 """Node to node: this node sends blocks to another, as a client of that node's data plane.
 
 A push names its target, so the target is checked before any byte leaves: it must be a
-node registered in the cluster, or without one a host the operator allowed
-(`--push-allow`: hosts or networks; loopback by default); it must answer as a kvstore
-node that is not this one; and the data plane it names must be allowed too. The inner
-calls share the caller's deadline, and errors say what failed without echoing what the
-target answered.
+node of the cluster (a signed record) or a host the operator allowed (`--push-allow`:
+hosts or networks; none by default); it must prove, for the address dialed, that it
+holds the cluster's secret, before it is sent a credential or a byte; it must not be this
+node; and the data plane it names must be allowed too. The inner calls share the
+caller's deadline, and errors say what failed without echoing what the target answered.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from kvstore.keys import BlockKey
 from kvstore.meta import BlockMeta
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
-DEFAULT_ALLOW = "127.0.0.0/8,::1"
 
 
 class PushPolicy:
@@ -50,7 +49,9 @@ class PushPolicy:
         for ip in resolved:
             parsed = ipaddress.ip_address(ip.split("%")[0])
             if not any(parsed in net for net in self.networks if net.version == parsed.version):
-                raise PermissionDenied(f"{field}: {host} is not in this node's --push-allow")
+                raise PermissionDenied(
+                    f"{field}: {host} is neither a node of this cluster nor in --push-allow"
+                )
 
 
 def push(
@@ -77,6 +78,10 @@ def push(
     ) as peer:
         try:
             info = peer.node_info()
+        except PermissionDenied:
+            raise PermissionDenied(
+                f"push to {target}: it did not prove it is a node of this cluster"
+            ) from None
         except KVStoreError:
             raise Unavailable(f"push to {target} failed: no kvstore node answers there") from None
         if info.instance == own_instance:

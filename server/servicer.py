@@ -28,6 +28,7 @@ from kvstore.server.push import PushPolicy, push
 from kvstore.server.status import TransferCounts, streaming, unary
 from kvstore.server.tickets import TicketBook
 from kvstore.store import Store
+from kvstore.trust import CHALLENGE, DIALED
 
 SERVICE = "kvstore.v1.KVStore"
 FREE_THREADS = 4  # RPC threads never taken by transfers: health, Stats, Lookup always answer
@@ -79,6 +80,7 @@ class KVStoreServicer:
         transfers: TransferCounts,
         auth: Auth,
         info: Callable[[], tuple[str, str]] = lambda: ("", ""),
+        dialable: frozenset[str] = frozenset(),
     ) -> None:
         self.auth = auth
         self.store = store
@@ -88,6 +90,7 @@ class KVStoreServicer:
         self.fetcher = fetcher
         self.instance = instance
         self.info = info  # (data address, unix address), known once the channel listens
+        self.dialable = dialable  # HOST:PORT others may dial this node's gRPC at
         self.transfers = transfers
         self.watchers = Gate(MAX_WATCHERS, "watchers")
         self.grpc = GrpcPath(store, chunk_size, self.transfers, fetcher, auth)
@@ -148,8 +151,11 @@ class KVStoreServicer:
 
     @unary
     def Hello(self, raw: bytes, context: grpc.ServicerContext) -> bytes:
-        tenant = self.auth.of(context)
+        challenge = dict(context.invocation_metadata()).get(CHALLENGE)
+        if challenge is not None:
+            return self._prove(str(challenge), context)
         parse(raw, pb.HelloRequest)
+        tenant = self.auth.of(context)
         data_address, unix_address = self.info()
         if not tenant.shm:
             unix_address = ""  # its memory map would show every tenant's bytes
@@ -168,12 +174,34 @@ class KVStoreServicer:
             max_blocks=MAX_BLOCKS,
         ).SerializeToString()
 
+    def _prove(self, challenge: str, context: grpc.ServicerContext) -> bytes:
+        """Who this node is, proven with the cluster's secret to a caller that dialed one of
+        its own addresses (no credential needed: a proof is of use to that caller only).
+        The request itself is never read (server/preauth.py)."""
+        cluster = self.auth.cluster
+        if cluster is None:
+            raise PermissionDenied("this node has no --cluster-secret: it proves nothing")
+        try:
+            nonce = bytes.fromhex(challenge)
+        except ValueError:
+            nonce = b""
+        if not 16 <= len(nonce) <= 64:
+            raise InvalidArgument(CHALLENGE, "16 to 64 random bytes, in hex")
+        dialed = str(dict(context.invocation_metadata()).get(DIALED, ""))
+        if dialed not in self.dialable:
+            raise PermissionDenied(
+                f"{DIALED}: this node is not reached at {dialed[:100]!r} (see --advertise)"
+            )
+        node_id = self.membership.node_id
+        proof = cluster.prove(nonce, dialed, node_id, self.instance)
+        return pb.NodeInfo(node_id=node_id, instance=self.instance, proof=proof).SerializeToString()
+
     @unary
     def Push(self, raw: bytes, context: grpc.ServicerContext) -> bytes:
         tenant = self.auth.of(context)
         request = parse(raw, pb.PushRequest)
         keys = tenant.keys(check_keys(request.keys, unique=True))
-        tenant.may_write()
+        tenant.may_push()
         if not request.target:
             raise InvalidArgument("target", "must name the receiving node (HOST:PORT)")
         transport = request.transport or "auto"
@@ -201,11 +229,13 @@ class KVStoreServicer:
         ).SerializeToString()
 
     def _may_push_to(self, address: str, field: str = "target") -> None:
-        """With a cluster, its registered nodes; else (or with Redis away) --push-allow."""
-        registered = self.membership.registered(address, data=field != "target")
-        if registered is False:
-            raise PermissionDenied(f"{field}: {address} is not a node registered in the cluster")
-        if registered is None:
+        """The cluster's nodes (signed records), or what --push-allow names; either way the
+        target must then prove the cluster's secret before it is sent anything."""
+        if self.auth.cluster is None:
+            raise PermissionDenied(
+                "this node has no --cluster-secret: it pushes only to nodes proven to share it"
+            )
+        if not self.membership.registered(address, data=field != "target"):
             self.push_policy.check(address, field)
 
     @unary

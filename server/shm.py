@@ -14,17 +14,18 @@ from kvstore.proto import kvstore_pb2 as pb
 from kvstore.proto.channel import READY, TRUNCATED, Frame
 from kvstore.proto.convert import headers_from_proto, headers_to_proto
 from kvstore.proto.frames import parse
+from kvstore.tenants import as_asked
 
 if TYPE_CHECKING:
     from kvstore.server.channel import ChannelServer, Connection
 
 
 def get(server: ChannelServer, conn: Connection, frame: Frame) -> None:
-    keys = server.wanted(conn, frame.meta)
+    asked, keys = server.wanted(conn, frame.meta)
     batch = server.store.pin(keys)
     server.auth.read(conn.tenant, len(keys), [(b.key, b.meta.size) for b in batch.blocks])
     answer = pb.GetAnswer(
-        blocks=headers_to_proto(conn.tenant.blocks((b.key, b.meta) for b in batch.blocks)),
+        blocks=headers_to_proto(as_asked(asked, ((b.key, b.meta) for b in batch.blocks))),
         truncated=batch.truncated,
         offsets=[server.store.host.segment_offset(b.offset) for b in batch.blocks],
         expires_in_s=server.lease_ttl,

@@ -25,6 +25,7 @@ from kvstore.proto.channel import (
 )
 from kvstore.proto.convert import headers_from_proto, headers_to_proto
 from kvstore.proto.frames import parse
+from kvstore.tenants import as_asked
 
 if TYPE_CHECKING:
     from kvstore.server.channel import ChannelServer, Connection
@@ -33,11 +34,11 @@ _DRAIN = 1 << 20
 
 
 def get(server: ChannelServer, conn: Connection, frame: Frame) -> None:
-    keys = server.wanted(conn, frame.meta)
+    asked, keys = server.wanted(conn, frame.meta)
     with server.store.read(keys) as batch:
         server.auth.read(conn.tenant, len(keys), [(b.key, b.meta.size) for b in batch.blocks])
         answer = pb.GetAnswer(
-            blocks=headers_to_proto(conn.tenant.blocks((b.key, b.meta) for b in batch.blocks)),
+            blocks=headers_to_proto(as_asked(asked, ((b.key, b.meta) for b in batch.blocks))),
             truncated=batch.truncated,
         ).SerializeToString()
         size = sum(b.meta.size for b in batch.blocks)

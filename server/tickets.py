@@ -11,6 +11,7 @@ import hmac
 import os
 import threading
 import time
+from collections.abc import Callable
 
 from kvstore.errors import Unauthenticated
 from kvstore.proto.channel import ticket_proof
@@ -33,6 +34,11 @@ class TicketBook:
                 self._tickets = {t: v for t, v in self._tickets.items() if v[1] >= now}
             self._tickets[ticket] = (host, now + self.ttl, tenant)
         return ticket
+
+    def revoke(self, still: Callable[[Tenant], bool]) -> None:
+        """Forget the tickets of callers no longer allowed (an auth reload)."""
+        with self._lock:
+            self._tickets = {t: v for t, v in self._tickets.items() if still(v[2])}
 
     def outstanding(self) -> int:
         """Tickets issued and neither redeemed nor expired."""

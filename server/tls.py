@@ -34,11 +34,11 @@ def data_context(config: ServerConfig) -> ssl.SSLContext | None:
     return context
 
 
-def peer_options(config: ServerConfig, token: str) -> dict[str, str]:
-    """Client options for this node's calls to others (fetch, push): the admin token, and
-    with TLS this node's certificate, trusting the client CA (else its own certificate,
-    one shared by every node, as its CA)."""
-    options = {"token": token}
+def peer_options(config: ServerConfig) -> dict[str, object]:
+    """Client options for this node's calls to others (fetch, push), besides the cluster's
+    secret: with TLS this node's certificate, trusting the client CA (else its own
+    certificate, one shared by every node, as its CA)."""
+    options: dict[str, object] = {}
     if config.tls_cert:
         options |= {
             "tls_ca": config.tls_client_ca or config.tls_cert,

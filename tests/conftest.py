@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 from collections.abc import Iterator
 from concurrent import futures
@@ -40,6 +41,18 @@ DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 SERVICE = "kvstore.v1.KVStore"
 
 
+def secret_file(secret: str | None = None) -> str:
+    """A cluster secret file of its own (random unless given), in a temp dir of its own."""
+    path = Path(tempfile.mkdtemp(prefix="kvstore-secret-")) / "cluster.secret"
+    path.write_text((secret or os.urandom(24).hex()) + "\n")
+    return str(path)
+
+
+# every daemon's and router's of the suite (subprocesses inherit it): one cluster, unless a
+# test says otherwise
+CLUSTER_SECRET = os.environ.setdefault("KVSTORE_TEST_CLUSTER_SECRET", secret_file())
+
+
 @dataclass
 class Daemon:
     address: str
@@ -61,7 +74,7 @@ def running_daemon(
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env={**os.environ, **(env or {})},
+        env={**os.environ, "KVSTORE_CLUSTER_SECRET": CLUSTER_SECRET, **(env or {})},
         **popen,
     )
     line = proc.stdout.readline()  # the daemon prints its address once it serves
@@ -168,8 +181,9 @@ def fake_node(info: pb.NodeInfo, unix_fd: int | None = None) -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def daemon() -> Iterator[Daemon]:
-    """One shared daemon; tests keep apart by salting their keys uniquely."""
-    with running_daemon("--host-capacity", "512MiB") as d:
+    """One shared daemon; tests keep apart by salting their keys uniquely. It may push to
+    other daemons of the suite on loopback (which prove the suite's cluster secret)."""
+    with running_daemon("--host-capacity", "512MiB", "--push-allow", "127.0.0.1") as d:
         yield d
         assert d.process.poll() is None, "the shared daemon died during the tests"
 

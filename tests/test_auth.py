@@ -25,7 +25,8 @@ from kvstore.proto.channel import hello_frame
 
 MiB = 1 << 20
 TOKENS = {"alice": "alice-token-0123456789", "bob": "bob-token-0123456789"}
-AUTH = f"""
+SECRET = 'secret = "the-node-side-secret-of-this-suite-0123456789"\n'
+AUTH = f"""{SECRET}
 [[tenant]]
 name = "alice"
 token = "{TOKENS["alice"]}"
@@ -34,6 +35,7 @@ shm = true
 [[tenant]]
 name = "bob"
 token = "{TOKENS["bob"]}"
+push = true
 
 [[tenant]]
 name = "reader"
@@ -61,7 +63,8 @@ def auth_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def node_with_tenants(auth_file: Path) -> Iterator[Daemon]:
-    with running_daemon("--host-capacity", "64MiB", "--auth-file", str(auth_file)) as d:
+    flags = ("--host-capacity", "64MiB", "--auth-file", str(auth_file), "--push-allow", "127.0.0.1")
+    with running_daemon(*flags) as d:
         yield d
 
 
@@ -258,7 +261,7 @@ def test_sighup_reloads_the_tenants_and_a_broken_file_changes_nothing(tmp_path) 
         d.process.send_signal(signal.SIGHUP)
         assert "reloaded: 6 tenants" in _next_log_line(d)
         assert carol.stats().tenant == "carol"
-        path.write_text("[[tenant]]\nname = 'x'\nnonsense = 1\n")  # a typo: refused
+        path.write_text(SECRET + "[[tenant]]\nname = 'x'\nnonsense = 1\n")  # a typo: refused
         d.process.send_signal(signal.SIGHUP)
         assert "tenant[0].nonsense: unknown key" in _next_log_line(d)
         assert carol.stats().tenant == "carol"  # the tenants stay as they were
@@ -280,11 +283,24 @@ def _next_log_line(d: Daemon) -> str:
 @pytest.mark.parametrize(
     "text, message",
     [
-        ("[[tenant]]\nname = 'a'\ntoken = 'short'\n", "tenant[0].token: at least 16"),
-        ("[[tenant]]\nname = 'a'\ntoken = '0123456789abcdef'\nquota = 'lots'\n", "quota"),
-        ("[[tenant]]\nname = 'a'\ntoken = '0123456789abcdef'\nreadonly = true\n", "readonly"),
-        ("[tenant]\nname = 'a'\n", "no [[tenant]] tables"),
-        ("[[tenant]]\nname = 'a'\ntoken = '0123456789abcdef'\n" * 2, "tenant[1].name: repeated"),
+        (SECRET + "[[tenant]]\nname = 'a'\ntoken = 'short'\n", "tenant[0].token: at least 16"),
+        (SECRET + "[[tenant]]\nname = 'a'\ntoken = '0123456789abcdef'\nquota = 'lots'\n", "quota"),
+        (
+            SECRET + "[[tenant]]\nname = 'a'\ntoken = '0123456789abcdef'\nreadonly = true\n",
+            "readonly",
+        ),
+        (SECRET + "[tenant]\nname = 'a'\n", "no [[tenant]] tables"),
+        (
+            SECRET + "[[tenant]]\nname = 'a'\ntoken = '0123456789abcdef'\n" * 2,
+            "tenant[1].name: repeated",
+        ),
+        ("[[tenant]]\nname = 'a'\ntoken = '0123456789abcdef'\n", "secret: a string of at least 32"),
+        ("secret = 'short'\n[[tenant]]\nname = 'a'\ntoken = '0123456789abcdef'\n", "secret: a str"),
+        (
+            SECRET
+            + "[[tenant]]\nname = 'a'\ntoken = '0123456789abcdef'\nread_only = true\nshm = true\n",
+            "tenant[0]: read_only and shm together",
+        ),
     ],
 )
 def test_a_bad_auth_file_stops_the_node_at_start_naming_the_key(tmp_path, text, message) -> None:

@@ -23,11 +23,15 @@ import pytest
 import redis
 from redis.cluster import RedisCluster
 
+from conftest import CLUSTER_SECRET
 from kvstore.cluster import ClusterIndex, Load, NodeUsage, TierUsage
 from kvstore.cluster.layout import Layout
 from kvstore.errors import InvalidArgument, Unavailable
 from kvstore.keys import block_keys
 from kvstore.router import Router
+from kvstore.trust import ClusterSecret
+
+SECRET = ClusterSecret.read(CLUSTER_SECRET)
 
 pytestmark = pytest.mark.skipif(not shutil.which("redis-server"), reason="needs redis-server")
 
@@ -192,8 +196,9 @@ class Node:
             self.gate.set()
         kw = {**FAST, **kw}
         self.index = ClusterIndex(
-            url, node_id, f"{node_id}.grpc:1", self.listing, data_address=f"{node_id}.data:2", **kw
-        )
+            url, node_id, f"{node_id}.grpc:1", self.listing, data_address=f"{node_id}.data:2",
+            secret=SECRET, **kw,
+        )  # fmt: skip
 
     def listing(self) -> list[tuple[bytes, str]]:
         self.gate.wait()
@@ -254,7 +259,7 @@ def test_routes_to_the_longest_prefix(url: str, make_node: Callable[..., Node]) 
     make_node(url, "b", holding(keys[:4], "device"))
     make_node(url, "c", holding([keys[0], keys[2]]))  # a gap after the first block
     d = make_node(url, "d", holding(keys[1:]))  # no first block: holds no prefix at all
-    with Router(url, seed=1) as router:
+    with Router(url, seed=1, secret=CLUSTER_SECRET) as router:
         poll(lambda: ranking(router, keys) == [("a", 8), ("b", 4), ("c", 1)])
         best = router.locate(keys)[0]
         assert (best.address, best.data_address, best.tiers) == (
@@ -274,7 +279,7 @@ def test_locate_tokens_hashes_the_prompt(
     tokens = np.random.default_rng(3).integers(0, 50_000, 1000)
     keys = block_keys(tokens, block_size=256, salt=b"model-a")
     make_node(server.url, "a", holding(keys))
-    with Router(server.url) as router:
+    with Router(server.url, secret=CLUSTER_SECRET) as router:
         poll(lambda: ranking(router, keys) == [("a", 3)])
         assert ranking_tokens(router, tokens, b"model-a") == [("a", 3)]
         assert ranking_tokens(router, tokens, b"model-b") == []  # another namespace
@@ -289,11 +294,11 @@ def test_ties_spread_over_the_holders(server: RedisServer, make_node: Callable[.
     keys = chain(4)
     for name in "abc":
         make_node(server.url, name, holding(keys))
-    with Router(server.url) as router:
+    with Router(server.url, secret=CLUSTER_SECRET) as router:
         poll(lambda: len(router.locate(keys)) == 3)
     firsts = []
     for _ in range(2):  # the same seed, the same choices
-        with Router(server.url, seed=7) as router:
+        with Router(server.url, seed=7, secret=CLUSTER_SECRET) as router:
             firsts.append([router.locate(keys)[0].node_id for _ in range(60)])
     assert len(set(firsts[0])) > 1
     assert firsts[0] == firsts[1]
@@ -303,7 +308,10 @@ def test_tier_weights_order_nodes(server: RedisServer, make_node: Callable[..., 
     keys = chain(4)
     for tier in ("disk", "host", "device"):
         make_node(server.url, tier, holding(keys, tier))
-    with Router(server.url) as router, Router(server.url, {"disk": 2.0}) as disk_first:
+    with (
+        Router(server.url, secret=CLUSTER_SECRET) as router,
+        Router(server.url, {"disk": 2.0}, secret=CLUSTER_SECRET) as disk_first,
+    ):
         poll(lambda: len(router.locate(keys)) == 3)
         assert [(loc.node_id, loc.score) for loc in router.locate(keys)] == [
             ("device", 4.0),
@@ -320,7 +328,7 @@ def test_load_counts_and_the_registry_reports_usage(
     usage = NodeUsage((TierUsage("host", 1 << 30, 1 << 20, 4),), Load(inflight=5, bytes_per_s=1e9))
     make_node(server.url, "busy", holding(keys), usage=lambda: usage)
     make_node(server.url, "idle", holding(keys))
-    with Router(server.url, seed=3) as router:
+    with Router(server.url, seed=3, secret=CLUSTER_SECRET) as router:
         poll(lambda: len(router.locate(keys)) == 2)
         assert all(router.locate(keys)[0].node_id == "idle" for _ in range(20))
         assert router.locate(keys)[1].load == Load(5, 1e9)
@@ -334,7 +342,7 @@ def test_moves_removals_and_clear_reach_the_index(
 ) -> None:
     keys = chain(6)
     node = make_node(server.url, "a", holding(keys[:3]))
-    with Router(server.url) as router:
+    with Router(server.url, secret=CLUSTER_SECRET) as router:
         poll(lambda: ranking(router, keys) == [("a", 3)])
         node.store(keys[3:], "disk")
         poll(lambda: ranking(router, keys) == [("a", 6)])
@@ -352,7 +360,7 @@ def test_moves_removals_and_clear_reach_the_index(
 def test_a_closed_node_leaves_at_once(server: RedisServer, make_node: Callable[..., Node]) -> None:
     keys = chain(2)
     node = make_node(server.url, "a", holding(keys), ttl_s=60.0)
-    with Router(server.url) as router:
+    with Router(server.url, secret=CLUSTER_SECRET) as router:
         poll(lambda: ranking(router, keys) == [("a", 2)])
         node.index.close()  # deregisters: no need to wait for the TTL
         assert ranking(router, keys) == []
@@ -366,7 +374,7 @@ def test_overflow_drops_the_queue_and_republishes(
 ) -> None:
     keys = chain(50)
     node = make_node(server.url, "a", max_pending=10)
-    with Router(server.url) as router:
+    with Router(server.url, secret=CLUSTER_SECRET) as router:
         poll(lambda: node.index.stats().republishes == 1)
         node.store(keys, "host")  # 50 changes > 10: dropped; listing() has them all
         poll(lambda: ranking(router, keys) == [("a", 50)])
@@ -378,7 +386,7 @@ def test_a_node_that_stops_heartbeating_disappears_within_the_ttl(
 ) -> None:
     keys = chain(3)
     proc = spawn_node(url, "doomed", 1.0, keys)
-    with Router(url) as router:
+    with Router(url, secret=CLUSTER_SECRET) as router:
         poll(lambda: ranking(router, keys) == [("doomed", 3)])
         proc.kill()  # SIGKILL: no deregistration, no last words
         proc.wait()
@@ -391,7 +399,7 @@ def test_a_restarted_node_counts_only_what_it_republishes(
 ) -> None:
     keys = chain(8)
     old = spawn_node(url, "a", 30.0, keys)  # a TTL far longer than the test
-    with Router(url) as router:
+    with Router(url, secret=CLUSTER_SECRET) as router:
         poll(lambda: ranking(router, keys) == [("a", 8)])
         old.kill()
         old.wait()
@@ -413,7 +421,7 @@ def test_redis_restarted_empty_every_index_republishes(
     keys = chain(12)
     a = make_node(server.url, "a", holding(keys[:8]))
     b = make_node(server.url, "b", holding(keys[:4], "device"))
-    with Router(server.url) as router:
+    with Router(server.url, secret=CLUSTER_SECRET) as router:
         poll(lambda: ranking(router, keys) == [("a", 8), ("b", 4)])
         server.kill()
         with pytest.raises(Unavailable):
@@ -434,7 +442,7 @@ def test_a_node_never_writes_under_a_slot_redis_handed_to_another(
 ) -> None:
     keys, others = chain(6), chain(2, seed=1)
     a = make_node(server.url, "a", holding(keys[:4]), heartbeat_s=30.0, ttl_s=60.0)
-    with Router(server.url) as router:
+    with Router(server.url, secret=CLUSTER_SECRET) as router:
         poll(lambda: ranking(router, keys) == [("a", 4)])
         slot = a.index.stats().slot
         redis.Redis.from_url(server.url).flushall()  # Redis emptied under a live node
@@ -459,7 +467,7 @@ def test_redis_down_at_start_serves_local_only(
     assert not node.index.stats().connected
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "local-only" in warnings[0].getMessage()  # once, not per retry
-    with Router(srv.url) as router:
+    with Router(srv.url, secret=CLUSTER_SECRET) as router:
         with pytest.raises(Unavailable):
             router.locate(keys)
         srv.start()
@@ -486,16 +494,16 @@ def test_redis_down_at_start_serves_local_only(
 )
 def test_malformed_redis_urls_raise_naming_the_setting(bad: object) -> None:
     with pytest.raises(ValueError, match="redis_url") as err:
-        Router(bad)
+        Router(bad, secret=CLUSTER_SECRET)
     assert err.value.field == "redis_url"
     with pytest.raises(ValueError, match="redis_url"):
-        ClusterIndex(bad, "a", "a:1", list)
+        ClusterIndex(bad, "a", "a:1", list, secret=SECRET)
 
 
 def test_bad_input_names_the_field(server: RedisServer, make_node: Callable[..., Node]) -> None:
     keys = chain(3)
     node = make_node(server.url, "a")
-    with Router(server.url) as router:
+    with Router(server.url, secret=CLUSTER_SECRET) as router:
         for bad, field in [([keys[0], keys[1][:15]], "keys[1]"), (["abc"], "keys[0]")]:
             for locate in (router.locate, node.index.locate):
                 with pytest.raises(InvalidArgument) as err:
@@ -509,11 +517,16 @@ def test_bad_input_names_the_field(server: RedisServer, make_node: Callable[...,
         (lambda: node.index.stored(keys, "gpu"), "tier"),
         (lambda: node.index.moved(keys, None), "tier"),
         (lambda: node.index.removed([b"short"]), "keys[0]"),
-        (lambda: Router(server.url, {"gpu": 1.0}), "weights"),
-        (lambda: Router(server.url, {"host": -1.0}), "weights"),
-        (lambda: Router(server.url, prefix="{kv}"), "prefix"),
-        (lambda: ClusterIndex(server.url, "", "a:1", list), "node_id"),
-        (lambda: ClusterIndex(server.url, "b", "b:1", list, heartbeat_s=2, ttl_s=1), "ttl_s"),
+        (lambda: Router(server.url, {"gpu": 1.0}, secret=CLUSTER_SECRET), "weights"),
+        (lambda: Router(server.url, {"host": -1.0}, secret=CLUSTER_SECRET), "weights"),
+        (lambda: Router(server.url, prefix="{kv}", secret=CLUSTER_SECRET), "prefix"),
+        (lambda: ClusterIndex(server.url, "", "a:1", list, secret=SECRET), "node_id"),
+        (
+            lambda: ClusterIndex(
+                server.url, "b", "b:1", list, heartbeat_s=2, ttl_s=1, secret=SECRET
+            ),
+            "ttl_s",
+        ),
     ]:
         with pytest.raises(InvalidArgument) as err:
             call()
@@ -531,8 +544,9 @@ def _node_main(url: str, node_id: str, ttl_s: str, *hex_keys: str) -> None:
     held = [(bytes.fromhex(k), "host") for k in hex_keys]
     ttl = float(ttl_s)
     index = ClusterIndex(
-        url, node_id, f"{node_id}.grpc:1", lambda: held, heartbeat_s=min(1.0, ttl / 10), ttl_s=ttl
-    )
+        url, node_id, f"{node_id}.grpc:1", lambda: held, heartbeat_s=min(1.0, ttl / 10), ttl_s=ttl,
+        secret=SECRET,
+    )  # fmt: skip
     poll(lambda: index.stats().republishes >= 1)
     print("ready", flush=True)
     sys.stdin.read()  # until the test kills this process

@@ -126,3 +126,43 @@ def test_the_ttft_example_end_to_end(daemon) -> None:
     assert result["identical_tokens"] and result["cached_tokens"] == 64
     assert result["next_token_top1"] == 1.0 and result["next_token_kl"] < 1e-6
     assert result["ttft_cached_s"] > 0 and result["ttft_recompute_s"] > 0
+
+
+def tiny_llama(folder, vocab: int = 128, **config: object):
+    """A one-layer Llama saved with `save_pretrained` and loaded back from its folder."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    settings = dict(vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                    num_attention_heads=2, num_key_value_heads=1, **config)  # fmt: skip
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(**settings)).save_pretrained(folder)
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+
+
+def test_the_salt_names_the_checkpoint_and_its_rope_settings(tmp_path) -> None:
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    ids = np.arange(4 * BLOCK)
+    a = tiny_llama(tmp_path / "a")
+    keys = KVAdapter(None, KVSpec.of(a, "tiny", BLOCK)).keys(ids)
+    assert len(keys) == 4
+    assert KVAdapter(None, KVSpec.of(a, "tiny", BLOCK)).keys(ids) == keys  # deterministic
+    shutil.copytree(tmp_path / "a", tmp_path / "copy")  # the same files elsewhere
+    same = AutoModelForCausalLM.from_pretrained(tmp_path / "copy", dtype=torch.float32)
+    assert KVAdapter(None, KVSpec.of(same, "tiny", BLOCK)).keys(ids) == keys
+    other = tiny_llama(tmp_path / "b", vocab=96)  # other weights under the same model id
+    assert KVAdapter(None, KVSpec.of(other, "tiny", BLOCK)).keys(ids) != keys
+    rope = {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}
+    scaled = tiny_llama(tmp_path / "scaled", rope_parameters=rope)
+    assert KVAdapter(None, KVSpec.of(scaled, "tiny", BLOCK)).keys(ids) != keys
+
+
+def test_an_explicit_weights_id_replaces_the_fingerprint(tmp_path) -> None:
+    ids = np.arange(2 * BLOCK)
+    a, b = tiny_llama(tmp_path / "a"), tiny_llama(tmp_path / "b", vocab=96)
+    pinned = KVAdapter(None, KVSpec.of(a, "tiny", BLOCK, weights_id="v1")).keys(ids)
+    assert pinned == KVAdapter(None, KVSpec.of(b, "tiny", BLOCK, weights_id="v1")).keys(ids)
+    assert pinned != KVAdapter(None, KVSpec.of(a, "tiny", BLOCK)).keys(ids)
+    assert pinned != KVAdapter(None, KVSpec.of(a, "tiny", BLOCK, weights_id="v2")).keys(ids)

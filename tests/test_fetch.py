@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -16,9 +17,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 from test_cluster_index import RedisServer, poll
+from test_metrics import scrape
 
-from conftest import Daemon, running_daemon
+from conftest import (
+    CLUSTER_SECRET,
+    Daemon,
+    raw_channel,
+    read_answer,
+    running_daemon,
+    send_request,
+)
+from kvstore.client import Client
 from kvstore.keys import block_keys
+from kvstore.proto import kvstore_pb2 as pb
+from kvstore.proto.channel import PUT, READY
 from kvstore.router import Router
 
 pytestmark = pytest.mark.skipif(not shutil.which("redis-server"), reason="needs redis-server")
@@ -48,7 +60,7 @@ def blocks(n: int, size: int, seed: int) -> list[np.ndarray]:
 
 
 def published(url: str, keys: list[bytes], holders: dict[str, int]) -> None:
-    with Router(url) as router:
+    with Router(url, secret=CLUSTER_SECRET) as router:
         poll(lambda: {loc.node_id: loc.matched for loc in router.locate(keys)} == holders)
 
 
@@ -195,6 +207,84 @@ def test_a_consumer_of_a_producer_killed_mid_put_returns_with_what_exists() -> N
         finally:
             producer.kill()
             producer.wait()
+
+
+@contextmanager
+def metered() -> Iterator[Daemon]:
+    """A node of its own whose transfers in flight (`in_flight`) a test can watch."""
+    with running_daemon("--host-capacity", "64MiB", "--metrics-address", "127.0.0.1:0") as d:
+        yield d
+
+
+def in_flight(d: Daemon) -> int:
+    """Gets and puts the node is running now (a get waiting for blocks is one)."""
+    return int(scrape(d)["kvstore_inflight_transfers", ()])
+
+
+@contextmanager
+def producer(d: Daemon, keys: list[bytes]) -> Iterator[socket.socket]:
+    """A put of one 1 MiB block per key, declared (the node answered READY: it knows them
+    coming); the test sends its bytes. Leaving drops the connection: a producer that died."""
+    headers = [pb.BlockHeader(key=k, meta=pb.BlockMeta(size=MiB)) for k in keys]
+    with raw_channel(d.address) as sock:
+        send_request(sock, PUT, pb.BlockHeaders(blocks=headers))
+        assert read_answer(sock).flags & READY
+        yield sock
+
+
+def waiting_get(client: Client, keys: list[bytes]) -> tuple[threading.Thread, list[np.ndarray]]:
+    """`client.get(keys, wait=60)`, started in a thread."""
+    got: list[np.ndarray] = []
+    thread = threading.Thread(target=lambda: got.extend(client.get(keys, wait=60)), daemon=True)
+    thread.start()
+    return thread, got
+
+
+def test_a_consumer_arriving_after_its_producer_died_returns_with_what_exists() -> None:
+    """The prefill's put died (its connection dropped) before the decode asked: the wait
+    ends at once with the blocks that arrived whole, not after its 60 s bound."""
+    keys = block_keys(np.arange(4 * 16), 16, b"died-before")
+    with metered() as d, d.client() as consumer:
+        with producer(d, keys) as sock:
+            sock.sendall(b"x" * (3 * MiB))  # three whole blocks of four, then it dies
+            poll(lambda: consumer.lookup(keys) == 3)
+        poll(lambda: in_flight(d) == 0)  # the node saw it die: its put ended
+        waiting, got = waiting_get(consumer, keys)
+        waiting.join(timeout=30)  # well before the bound
+        assert not waiting.is_alive()
+        assert [bytes(g) for g in got] == [b"x" * MiB] * 3
+
+
+def test_a_new_put_after_a_dead_one_is_waited_for() -> None:
+    """A put that died is remembered only until a put of the same keys starts: a wait that
+    begins during the new put waits for it, and gets every block."""
+    keys = block_keys(np.arange(2 * 16), 16, b"put-again")
+    with metered() as d, d.client() as consumer:
+        with producer(d, keys):
+            pass  # died before sending a byte
+        poll(lambda: in_flight(d) == 0)
+        waiting, got = waiting_get(consumer, keys)
+        waiting.join(timeout=30)  # nothing is coming: at once
+        assert not waiting.is_alive() and got == []
+        with producer(d, keys) as sock:  # the prefill again, declared: on its way
+            waiting, got = waiting_get(consumer, keys)
+            poll(lambda: in_flight(d) == 2)  # the put, and the get waiting for keys[0]
+            sock.sendall(b"y" * (2 * MiB))
+            assert pb.PutReply.FromString(read_answer(sock).meta).stored == 2
+            waiting.join(timeout=30)
+        assert not waiting.is_alive()
+        assert [bytes(g) for g in got] == [b"y" * MiB] * 2
+
+
+def test_a_consumer_arriving_before_any_producer_waits_for_it() -> None:
+    keys = block_keys(np.arange(2 * 16), 16, b"before-any")
+    with metered() as d, d.client() as consumer, d.client() as prefill:
+        waiting, got = waiting_get(consumer, keys)
+        poll(lambda: in_flight(d) == 1)  # waiting, with no put known
+        prefill.put(keys, [b"z" * MiB] * 2)
+        waiting.join(timeout=30)
+        assert not waiting.is_alive()
+        assert [bytes(g) for g in got] == [b"z" * MiB] * 2
 
 
 def test_without_a_cluster_fetch_is_nothing_and_wait_works_here(daemon, salt) -> None:

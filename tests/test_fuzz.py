@@ -851,7 +851,9 @@ TENANT_REQUESTS = {
 @pytest.fixture(scope="module")
 def tenant_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
     tenants = tmp_path_factory.mktemp("fuzz-auth") / "tenants.toml"
-    tenants.write_text(f'[[tenant]]\nname = "fuzz"\ntoken = "{TENANT_TOKEN}"\n')
+    tenants.write_text(
+        f'secret = "{"s" * 32}"\n[[tenant]]\nname = "fuzz"\ntoken = "{TENANT_TOKEN}"\n'
+    )
     flags = ("--host-capacity", "16MiB", "--auth-file", str(tenants))
     with serving(*flags, "--data-timeout", str(DATA_TIMEOUT), token=TENANT_TOKEN) as node:
         yield node

@@ -23,6 +23,8 @@ from kvstore.proto import kvstore_pb2 as pb
 
 MiB = 1 << 20
 AUTH = """
+secret = "a-secret-of-at-least-32-characters-0123456789"
+
 [[tenant]]
 name = "alice"
 token = "alice-token-0123456789"
@@ -52,7 +54,7 @@ def metered(tmp_path) -> Iterator[Daemon]:
     auth.write_text(AUTH)
     with running_daemon(
         "--host-capacity", "16MiB", "--metrics-address", "127.0.0.1:0",
-        "--auth-file", str(auth),
+        "--auth-file", str(auth), "--metrics-tenants",
     ) as d:  # fmt: skip
         yield d
 
@@ -89,6 +91,26 @@ def test_metrics_count_what_the_node_did(metered) -> None:
     assert seen[hello] >= 1
     assert seen["kvstore_tickets_outstanding", ()] >= 0
     assert seen["kvstore_draining", ()] == 0
+
+
+@pytest.mark.parametrize("shown", [False, True])
+def test_tenants_show_only_with_metrics_tenants(tmp_path, shown: bool) -> None:
+    """/metrics takes no token: without --metrics-tenants no series names a tenant."""
+    auth = tmp_path / "tenants.toml"
+    auth.write_text(AUTH)
+    flags = ["--host-capacity", "16MiB", "--metrics-address", "127.0.0.1:0"]
+    flags += ["--auth-file", str(auth)] + (["--metrics-tenants"] if shown else [])
+    keys = block_keys(np.arange(16), 16, b"names")
+    with running_daemon(*flags) as d:
+        for token in ("alice-token-0123456789", "bob-token-0123456789"):
+            with d.client(token=token, transport="grpc", timeout=30) as c:
+                c.put(keys, [np.ones(4096, np.uint8)])
+                c.get(keys)
+        address = re.search(r"metrics http://(\S+)/metrics", d.banner).group(1)
+        with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as reply:
+            text = reply.read().decode()
+    assert "kvstore_tier_blocks" in text and "kvstore_puts_total 2.0" in text
+    assert ("alice" in text, "bob" in text, "kvstore_tenant_" in text) == (shown,) * 3
 
 
 def test_refused_calls_are_counted_by_code(metered) -> None:

@@ -88,7 +88,7 @@ def test_targets_outside_push_allow_are_refused_before_any_byte() -> None:
         client.put(keys, [b"x"])
         target = f"127.0.0.1:{bystander.getsockname()[1]}"
         with pytest.raises(
-            PermissionDenied, match=r"127\.0\.0\.1 is not in this node's --push-allow"
+            PermissionDenied, match=r"127\.0\.0\.1 is neither a node of this cluster nor in"
         ):
             client.push(keys, target)
         bystander.setblocking(False)
@@ -98,7 +98,7 @@ def test_targets_outside_push_allow_are_refused_before_any_byte() -> None:
 
 def test_a_target_cannot_steer_a_push_elsewhere_or_into_memory(daemon, salt, tmp_path) -> None:
     """A fake node names a data plane outside --push-allow, and offers a file's descriptor
-    as shared memory: the push refuses the first, never tries the second."""
+    as shared memory: it cannot prove itself a node of the cluster, so it is sent nothing."""
     victim = tmp_path / "victim"
     victim.write_bytes(b"precious" * 1024)
     fd = os.open(victim, os.O_RDWR)
@@ -109,9 +109,9 @@ def test_a_target_cannot_steer_a_push_elsewhere_or_into_memory(daemon, salt, tmp
     try:
         with fake_node(info, unix_fd=fd) as fake, daemon.client() as client:
             client.put(keys, [b"payload"])
-            with pytest.raises(PermissionDenied, match="target's data plane"):
+            with pytest.raises(PermissionDenied, match="did not prove it is a node"):
                 client.push(keys, fake)
-            with pytest.raises(Unavailable) as failed:
+            with pytest.raises(PermissionDenied) as failed:
                 client.push(keys, fake, "grpc")  # the fake cannot take a Put either
             assert "precious" not in str(failed.value) and str(victim) not in str(failed.value)
     finally:

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from test_cluster_index import Node, RedisServer, chain, poll
 
+from conftest import CLUSTER_SECRET
 from kvstore.cluster import Load, NodeUsage
 from kvstore.cluster.scoring import BALANCE, SentWork
 from kvstore.errors import InvalidArgument, Unavailable
@@ -55,7 +56,7 @@ def test_routes_to_the_longest_prefix_and_ranks_every_live_node(
     nodes("a", holding(keys))
     nodes("b", holding(keys[:4]))
     nodes("c")  # holds nothing: still a candidate
-    with Router(server.url, seed=1) as router:
+    with Router(server.url, seed=1, secret=CLUSTER_SECRET) as router:
         registered(router, 3)
         poll(lambda: [loc.matched for loc in router.locate(keys)] == [8, 4])
         route = router.route(keys)
@@ -77,7 +78,7 @@ def test_work_sent_spreads_requests_that_match_nowhere(
 ) -> None:
     for name in "abc":
         nodes(name)
-    with Router(server.url, seed=2) as router:
+    with Router(server.url, seed=2, secret=CLUSTER_SECRET) as router:
         registered(router, 3)
         firsts = [router.route(chain(20, seed=10 + i)).node_id for i in range(6)]
         assert sorted(firsts[:3]) == ["a", "b", "c"] and firsts[3:] == firsts[:3]
@@ -93,12 +94,12 @@ def test_ties_spread_at_random_and_the_seed_repeats_them(
         nodes(name, holding(keys))
     firsts = []
     for seed in range(8):
-        with Router(server.url, seed=seed) as router:
+        with Router(server.url, seed=seed, secret=CLUSTER_SECRET) as router:
             registered(router, 4)
             poll(lambda r=router: len(r.locate(keys)) == 4)
             firsts.append(router.route(keys).node_id)
     assert len(set(firsts)) > 1
-    with Router(server.url, seed=5) as again:
+    with Router(server.url, seed=5, secret=CLUSTER_SECRET) as again:
         assert again.route(keys).node_id == firsts[5]
 
 
@@ -108,7 +109,7 @@ def test_tiers_and_heartbeat_load_weigh_in(server: RedisServer, nodes: Callable[
     nodes("host", holding(keys, "host"))
     busy = NodeUsage(load=Load(inflight=40))
     nodes("busy-device", holding(keys, "device"), usage=lambda: busy)
-    with Router(server.url, seed=0) as router:
+    with Router(server.url, seed=0, secret=CLUSTER_SECRET) as router:
         registered(router, 3)
         poll(lambda: len(router.locate(keys)) == 3)
         route = router.route(keys)
@@ -156,7 +157,7 @@ def test_a_prefix_every_request_shares_does_not_pull_all_traffic_to_one_node(
         for _ in range(60)
     ]
     by_id = {name: nodes(name) for name in "abcd"}
-    with Router(server.url, seed=3, policy=policy) as router:
+    with Router(server.url, seed=3, policy=policy, secret=CLUSTER_SECRET) as router:
         registered(router, 4)
         went, work = replay(router, by_id, prompts)
     if policy == "prefix":  # the first node to hold the shared block takes everything
@@ -172,7 +173,7 @@ def test_a_growing_conversation_stays_where_its_prefix_is(
     turns = [block_keys(tokens[: 16 * n], 16) for n in (8, 16, 24, 32, 40)]
     others = [chain(8, seed=100 + i) for i in range(6)]
     by_id = {name: nodes(name) for name in "ab"}
-    with Router(server.url, seed=0) as router:
+    with Router(server.url, seed=0, secret=CLUSTER_SECRET) as router:
         registered(router, 2)
         went, _ = replay(router, by_id, [turns[0], *others[:3], turns[1], *others[3:], *turns[2:]])
     conversation = [went[0], went[4], *went[-3:]]
@@ -185,7 +186,7 @@ def test_a_failed_node_gets_nothing_until_it_registers_again(
     keys = chain(6)
     a = nodes("a", holding(keys))
     nodes("b")
-    with Router(server.url, seed=0, nodes_ttl_s=0) as router:
+    with Router(server.url, seed=0, nodes_ttl_s=0, secret=CLUSTER_SECRET) as router:
         registered(router, 2)
         poll(lambda: len(router.locate(keys)) == 1)
         assert router.route(keys).node_id == "a"
@@ -202,7 +203,7 @@ def test_a_failed_node_gets_nothing_until_it_registers_again(
 def test_served_corrects_the_work_charged(server: RedisServer, nodes: Callable[..., Node]) -> None:
     keys = chain(10)
     nodes("a", holding(keys[:6]))
-    with Router(server.url) as router:
+    with Router(server.url, secret=CLUSTER_SECRET) as router:
         registered(router, 1)
         poll(lambda: len(router.locate(keys)) == 1)
         route = router.route(keys)
@@ -219,7 +220,7 @@ def test_route_tokens_counts_a_partial_last_block(
     tokens = np.arange(16 * 3 + 5)
     keys = block_keys(tokens, 16, b"m")
     nodes("a", holding(keys))
-    with Router(server.url) as router:
+    with Router(server.url, secret=CLUSTER_SECRET) as router:
         registered(router, 1)
         poll(lambda: len(router.locate(keys)) == 1)
         route = router.route_tokens(tokens, 16, b"m")
@@ -233,16 +234,16 @@ def test_bad_input_and_an_unreachable_index(tmp_path: Path, server: RedisServer)
         ({"half_life": 0}, "half_life"),
     ]:
         with pytest.raises(InvalidArgument) as err:
-            Router(server.url, **kw)
+            Router(server.url, **kw, secret=CLUSTER_SECRET)
         assert err.value.field == field
-    with Router(server.url) as router:
+    with Router(server.url, secret=CLUSTER_SECRET) as router:
         with pytest.raises(InvalidArgument) as err:
             router.route(chain(3), blocks=2)
         assert err.value.field == "blocks"
         with pytest.raises(Unavailable, match="no live node"):
             router.route(chain(3))
     down = RedisServer(tmp_path / "down")
-    with Router(down.url) as router, pytest.raises(Unavailable):
+    with Router(down.url, secret=CLUSTER_SECRET) as router, pytest.raises(Unavailable):
         router.route(chain(3))
 
 

@@ -89,3 +89,22 @@ def test_a_daemon_with_a_disk_tier_that_cannot_bind_exits_at_once(tmp_path) -> N
         )  # `run` fails the test after 60 s: a hang would show
         assert result.returncode == 1 and "cannot listen on" in result.stderr
     DiskTier(tmp_path, 1 << 20).close()  # the failed start left the directory free
+
+
+def test_endpoints_without_tokens_warn_when_others_may_reach_them() -> None:
+    """/metrics and the KV event sockets take no token: bound beyond loopback, the daemon
+    says so at start; on loopback it says nothing."""
+    exposed = ("--metrics-address", "0.0.0.0:0", "--events-address", "tcp://*:*")
+    exposed += ("--events-replay", "tcp://0.0.0.0:*")
+    local = ("--metrics-address", "127.0.0.1:0", "--events-address", "tcp://127.0.0.1:*")
+    local += ("--events-replay", "tcp://127.0.0.1:*")
+    logs = {}
+    for name, flags in (("exposed", exposed), ("local", local)):
+        with running_daemon("--host-capacity", "4MiB", *flags) as daemon:
+            daemon.process.terminate()
+            logs[name] = daemon.process.communicate(timeout=30)[1]
+    assert re.search(r"WARNING .*metrics on 0\.0\.0\.0:0 take no token", logs["exposed"])
+    assert re.search(
+        r"WARNING .*KV events on tcp://\*:\* and tcp://0\.0\.0\.0:\* take no token", logs["exposed"]
+    )
+    assert "take no token" not in logs["local"]

@@ -14,6 +14,7 @@ import pytest
 from rich.console import Console
 from test_cluster_index import poll
 
+from conftest import CLUSTER_SECRET
 from kvstore.bench import trace as trace_bench
 from kvstore.bench import trace_cluster
 from kvstore.bench import trace_metrics as metrics
@@ -322,7 +323,7 @@ def test_a_wrong_or_foreign_block_is_caught_and_never_counted(tmp_path: Path) ->
     assert not data.holds(2, data.payload(3)) and data.holds(3, data.payload(3))
     with Processes() as procs:
         cluster = trace_cluster.start(procs, 1, 16, 64 << 10)
-        with Router(cluster.redis_url) as router:
+        with Router(cluster.redis_url, secret=CLUSTER_SECRET) as router:
             replay = Replay(cluster, router, data)
             replay.request(0, requests[0])
             client = cluster.nodes[0].connect()
@@ -359,7 +360,7 @@ def test_fetch_through_serves_a_prefix_another_node_holds(tmp_path: Path) -> Non
     data = BlockBytes(b"f" * 16, 64 << 10)
     with Processes() as procs:
         cluster = trace_cluster.start(procs, 2, 32, 64 << 10)
-        with Router(cluster.redis_url, seed=0) as router:
+        with Router(cluster.redis_url, seed=0, secret=CLUSTER_SECRET) as router:
             replay = Replay(cluster, router, data, tiers_known=True, fetch_through=True)
             replay.request(0, requests[0])
             holder = cluster.nodes[replay.outcome.node_of[0]].node_id
@@ -383,7 +384,7 @@ def test_the_disk_tier_keeps_blocks_hit_on_it(tmp_path: Path) -> None:
         cluster = trace_cluster.start(
             procs, 1, 4, size, disk_blocks=16, flags=("--dirty-ratio", "0")
         )
-        with Router(cluster.redis_url) as router:
+        with Router(cluster.redis_url, secret=CLUSTER_SECRET) as router:
             replay = Replay(cluster, router, BlockBytes(b"d" * 16, size), tiers_known=True)
             for i, r in enumerate(requests):
                 replay.request(i, r)

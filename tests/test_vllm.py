@@ -302,3 +302,105 @@ def test_the_extra_config_is_checked_once() -> None:
         ConnectorConfig.from_extra({"adress": "h:1"})
     with pytest.raises(ValueError, match="codec"):
         ConnectorConfig.from_extra({"codec": "gzip"})
+
+
+# -- what the keys' salt identifies (vLLM's own ModelConfig over real checkpoint files) ----
+
+
+def tiny_model(folder: Path, embed: tuple[int, int] = (128, 64), **config: object) -> Path:
+    """A one-layer Llama checkpoint vLLM's ModelConfig reads: config.json + safetensors."""
+    import json
+
+    from safetensors.numpy import save_file
+
+    folder.mkdir(parents=True)
+    settings = {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64,
+        "intermediate_size": 64, "num_attention_heads": 2, "num_key_value_heads": 1,
+        "num_hidden_layers": 1, "vocab_size": 128, "head_dim": 32, "dtype": "float32",
+        "max_position_embeddings": 2048, "rope_parameters": {"rope_theta": 10000.0,
+        "rope_type": "default"}, **config,
+    }  # fmt: skip
+    (folder / "config.json").write_text(json.dumps(settings))
+    tensors = {"model.embed_tokens.weight": np.ones(embed, np.float32)}
+    save_file(tensors, str(folder / "model.safetensors"))
+    return folder
+
+
+def keys_under(folder: Path, lora=None, cache_dtype: str = "auto", **extra) -> list[bytes]:
+    """The connector's keys of one prompt for a vLLM deployment of `folder`, all else equal
+    (the model's name too, as replicas that set `model_id` have)."""
+    from vllm.config import CacheConfig, ModelConfig
+
+    from kvstore.integrations.vllm.config import (
+        ConnectorConfig,
+        Namespace,
+        lora_identity,
+        weights_identity,
+    )
+
+    overrides = extra.pop("hf_overrides", {})
+    model_config = ModelConfig(model=str(folder), dtype="float32", hf_overrides=overrides)
+    config = ConnectorConfig.from_extra({"model_id": "tiny", **extra})
+    identity = weights_identity(model_config, CacheConfig(cache_dtype=cache_dtype), config)
+    namespace = Namespace("tiny", "float32", "cpu:test", 16, 1, (0,), identity)
+    return namespace.block_keys(list(range(64)), 0, None, lora_identity(lora))
+
+
+def test_the_salt_names_the_weights_not_the_model_name(tmp_path) -> None:
+    import shutil
+
+    a = tiny_model(tmp_path / "a")
+    b = tiny_model(tmp_path / "b", embed=(128, 32))  # one tensor of another shape
+    keys = keys_under(a)
+    assert len(keys) == 4 and keys != keys_under(b)
+    # the same files elsewhere, or asked again: the same keys
+    assert keys_under(Path(shutil.copytree(a, tmp_path / "copy" / "a"))) == keys
+    assert keys_under(a) == keys
+    # an fp8 cache is another computation
+    assert keys_under(a, cache_dtype="fp8") != keys
+
+
+def test_rope_settings_and_hf_overrides_change_the_keys(tmp_path) -> None:
+    a = tiny_model(tmp_path / "a")
+    yarn = {"rope_theta": 10000.0, "rope_type": "yarn", "factor": 4.0,
+            "original_max_position_embeddings": 2048}  # fmt: skip
+    scaled = tiny_model(tmp_path / "scaled", rope_parameters=yarn)
+    keys = keys_under(a)
+    assert keys_under(scaled) != keys
+    assert keys_under(a, hf_overrides={"rope_theta": 500000.0}) != keys
+    assert keys_under(a, hf_overrides={"max_position_embeddings": 4096}) != keys
+
+
+def test_two_loras_under_one_name_get_different_keys(tmp_path) -> None:
+    import json
+
+    from safetensors.numpy import save_file
+    from vllm.lora.request import LoRARequest
+
+    def adapter(folder: Path, rank: int) -> str:
+        folder.mkdir(parents=True)
+        config = {"peft_type": "LORA", "r": rank, "lora_alpha": 16, "target_modules": ["q_proj"]}
+        (folder / "adapter_config.json").write_text(json.dumps(config))
+        weights = {"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight":
+                   np.ones((rank, 64), np.float32)}  # fmt: skip
+        save_file(weights, str(folder / "adapter_model.safetensors"))
+        return str(folder)
+
+    model = tiny_model(tmp_path / "model")
+    one = LoRARequest("support-bot", 1, adapter(tmp_path / "v1" / "support-bot", 8))
+    two = LoRARequest("support-bot", 2, adapter(tmp_path / "v2" / "support-bot", 16))
+    assert keys_under(model, one) != keys_under(model, two)
+    assert keys_under(model, one) == keys_under(model, LoRARequest("renamed", 3, one.lora_path))
+    assert keys_under(model, one) != keys_under(model)
+    with pytest.raises(LookupError):  # files not on this host: the request is left alone
+        keys_under(model, LoRARequest("support-bot", 4, str(tmp_path / "absent")))
+
+
+def test_an_explicit_weights_id_replaces_the_fingerprint(tmp_path) -> None:
+    a = tiny_model(tmp_path / "a")
+    b = tiny_model(tmp_path / "b", embed=(128, 32))
+    pinned = keys_under(a, weights_id="prod-2024-06")
+    assert pinned == keys_under(b, weights_id="prod-2024-06")
+    assert pinned != keys_under(a)
+    assert pinned != keys_under(a, weights_id="prod-2024-07")  # how keys are rotated

@@ -30,6 +30,7 @@ from kvstore.cluster.registry import NodeRecord, NodeUsage, Registration, Regist
 from kvstore.cluster.scoring import Location, Scorer, score
 from kvstore.errors import InvalidArgument, Unavailable
 from kvstore.keys import BlockKey, check_key
+from kvstore.trust import ClusterSecret
 
 log = logging.getLogger("kvstore.cluster")
 
@@ -65,6 +66,7 @@ class ClusterIndex:
         address: str,
         listing: Listing,
         *,
+        secret: ClusterSecret,
         data_address: str = "",
         usage: Callable[[], NodeUsage] | None = None,
         heartbeat_s: float = 1.0,
@@ -87,7 +89,8 @@ class ClusterIndex:
         _check(max_backoff_s, "max_backoff_s", max_backoff_s > 0, "> 0")
         self._client = LazyClient(parse_redis_url(redis_url), timeout_s)
         self._layout = layout_for(prefix)
-        self._locator = Locator(self._client, self._layout, weights, scorer, seed)
+        self._secret = secret  # signs this node's record; only signed records are believed
+        self._locator = Locator(self._client, self._layout, weights, scorer, seed, secret)
         self._node = (node_id, address, data_address)
         self._listing = listing
         self._usage = usage or NodeUsage
@@ -142,7 +145,7 @@ class ClusterIndex:
     def nodes(self) -> list[NodeRecord]:
         """Every live node's registration (Unavailable while Redis is away)."""
         try:
-            return Registry(self._client.get(), self._layout).live_nodes()
+            return Registry(self._client.get(), self._layout, self._secret).live_nodes()
         except REDIS_ERRORS as exc:
             raise Unavailable(f"cluster index at {self._client.target.shown}: {exc}") from exc
 
@@ -208,7 +211,7 @@ class ClusterIndex:
     def _round(self) -> None:
         if self._writer is None:
             redis = self._client.get()
-            self._registry = Registry(redis, self._layout)
+            self._registry = Registry(redis, self._layout, self._secret)
             self._writer = EntryWriter(redis, self._layout, self._client.target.cluster)
         with self._lock:
             republish, self._republish_due = self._republish_due, False

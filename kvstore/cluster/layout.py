@@ -3,7 +3,8 @@
 With the default prefix `kv:`:
 
     kv:b<16-byte key>  string  one 4-byte word per holder   one per indexed block; no TTL
-    {kv:}n:<slot>      hash    id, inc, tok, addr, data, tiers, load   one per registration; TTL
+    {kv:}n:<slot>      hash    id, inc, tok, addr, data, tiers, load, exp, sig   one per
+                               registration (signed: registry.py); TTL
     {kv:}ids           hash    node id -> its current slot
     {kv:}inc           hash    node id -> incarnation, bumped at every registration
     {kv:}slot          string  the last slot handed out (INCR)
@@ -41,7 +42,8 @@ from kvstore.keys import KEY_BYTES, check_key
 
 TIERS = ("device", "host", "disk")
 TIER_CODES = {name: code for code, name in enumerate(TIERS)}
-RECORD_FIELDS = (b"id", b"addr", b"data", b"load")  # what a locate returns per node
+# what a locate returns per node (the last three to check its signature)
+RECORD_FIELDS = (b"id", b"addr", b"data", b"load", b"inc", b"exp", b"sig")
 
 
 def words(value: bytes | None) -> dict[int, int]:

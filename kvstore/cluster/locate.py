@@ -17,10 +17,11 @@ from redis.exceptions import ResponseError
 
 from kvstore.cluster.connection import REDIS_ERRORS, Client, LazyClient
 from kvstore.cluster.layout import RECORD_FIELDS, TIERS, Layout, words
-from kvstore.cluster.registry import Load
+from kvstore.cluster.registry import Load, trusted
 from kvstore.cluster.scoring import Location, Scorer, check_weights, rank
 from kvstore.cluster.scripts import LOCATE
 from kvstore.errors import Unavailable
+from kvstore.trust import ClusterSecret
 
 
 class Locator:
@@ -31,7 +32,9 @@ class Locator:
         weights: Mapping[str, float] | None,
         scorer: Scorer,
         seed: int | None,
+        secret: ClusterSecret,
     ) -> None:
+        self._secret = secret  # holders whose record fails it are left out
         self._client = client
         self._layout = layout
         self._weights = check_weights(weights)
@@ -55,18 +58,33 @@ class Locator:
                 found = self._scripted(redis, names)
         except REDIS_ERRORS as exc:
             raise Unavailable(f"cluster index at {self._client.target.shown}: {exc}") from exc
-        return rank(found, self._weights, self._scorer, self._rng)
+        return rank([loc for loc in found if loc], self._weights, self._scorer, self._rng)
 
-    def _scripted(self, redis: Client, names: list[bytes]) -> list[Location]:
+    def _scripted(self, redis: Client, names: list[bytes]) -> list[Location | None]:
         if self._script is None:
             self._script = redis.register_script(LOCATE)
         flat = self._script(keys=names, args=[self._layout.node_prefix], client=redis)
         return [
-            _location(*flat[i : i + 4], flat[i + 4], flat[i + 5 : i + 8])
-            for i in range(0, len(flat), 8)
+            self._location(flat[i + 7], flat[i : i + 7], flat[i + 8], flat[i + 9 : i + 12])
+            for i in range(0, len(flat), 12)
         ]
 
-    def _pipelined(self, redis: RedisCluster, names: list[bytes]) -> list[Location]:
+    def _location(
+        self, slot: int | bytes, record: Sequence, matched: int, counts: Sequence[int]
+    ) -> Location | None:
+        """A holder, if its record is signed with the cluster's secret; else None."""
+        node_id, address, data_address, load, incarnation, expires, sig = record
+        if not trusted(
+            self._secret, slot, node_id, incarnation, address, data_address, expires, sig
+        ):
+            return None
+        tiers = {tier: n for tier, n in zip(TIERS, counts, strict=True) if n}
+        return Location(
+            node_id.decode(), address.decode(), data_address.decode(), matched, tiers,
+            Load.decode(load),
+        )  # fmt: skip
+
+    def _pipelined(self, redis: RedisCluster, names: list[bytes]) -> list[Location | None]:
         values = _by_shard(redis, [("GET", name) for name in names])
         first = words(values[0])
         if not first:
@@ -84,7 +102,7 @@ class Locator:
             for slot in active:
                 runs[slot][held[slot]] += 1
                 matched[slot] = i + 1
-        return [_location(*records[slot], matched[slot], runs[slot]) for slot in runs]
+        return [self._location(slot, records[slot], matched[slot], runs[slot]) for slot in runs]
 
 
 def _by_shard(redis: RedisCluster, commands: list[tuple]) -> list:
@@ -109,22 +127,3 @@ def _by_shard(redis: RedisCluster, commands: list[tuple]) -> list:
             pipe.execute_command(*command)
         return pipe.execute()
     return replies
-
-
-def _location(
-    node_id: bytes,
-    address: bytes,
-    data_address: bytes,
-    load: bytes | None,
-    matched: int,
-    counts: Sequence[int],
-) -> Location:
-    tiers = {tier: n for tier, n in zip(TIERS, counts, strict=True) if n}
-    return Location(
-        node_id.decode(),
-        address.decode(),
-        data_address.decode(),
-        matched,
-        tiers,
-        Load.decode(load),
-    )

@@ -4,18 +4,27 @@ A record expires with its TTL, so a node that stops heartbeating drops out of
 every answer within the TTL, and nobody has to scan for it. Each registration
 takes a new slot and bumps the node's incarnation; it deletes the record of the
 node's previous slot, so a restarted node's old entries stop counting at once.
+
+Records are signed with the cluster's secret (`sig`, over the node's id,
+incarnation, slot, addresses and an expiry `exp` in wall-clock seconds, renewed
+by every heartbeat), and readers drop a record that fails it: writing Redis
+cannot register a node, nor replay an old record past its expiry.
 """
 
 from __future__ import annotations
 
 import json
 import secrets
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from kvstore.cluster.connection import Client
 from kvstore.cluster.layout import Layout
 from kvstore.cluster.scripts import DEREGISTER, HEARTBEAT, REGISTER
+from kvstore.trust import ClusterSecret
+
+SKEW = 30.0  # seconds a signed record outlives its TTL: clocks of nodes and routers differ
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +70,7 @@ class NodeRecord:
 
     @classmethod
     def decode(cls, raw: Mapping[bytes, bytes]) -> NodeRecord:
+        """A record as stored; check `trusted` first."""
         tiers = tuple(TierUsage(*t) for t in json.loads(raw.get(b"tiers") or b"[]"))
         return cls(
             node_id=raw[b"id"].decode(),
@@ -71,18 +81,56 @@ class NodeRecord:
         )
 
 
+def _signed_fields(
+    slot: int | bytes,
+    node_id: str | bytes,
+    incarnation: int | bytes,
+    address: str | bytes,
+    data_address: str | bytes,
+    expires: int | bytes,
+) -> list:
+    return [b"node-record", *(x if isinstance(x, bytes) else str(x).encode() for x in
+            (node_id, incarnation, slot, address, data_address, expires))]  # fmt: skip
+
+
+def trusted(
+    secret: ClusterSecret,
+    slot: int | bytes,
+    node_id: bytes | None,
+    incarnation: bytes | None,
+    address: bytes | None,
+    data_address: bytes | None,
+    expires: bytes | None,
+    sig: bytes | None,
+) -> bool:
+    """Whether a record read from Redis was signed with the cluster's secret and has not
+    expired (a field missing, or anything malformed, is not)."""
+    if None in (node_id, incarnation, address, data_address, expires, sig):
+        return False
+    try:
+        if int(expires) < time.time():  # type: ignore[arg-type]
+            return False
+        mac = bytes.fromhex(sig.decode())  # type: ignore[union-attr]
+    except ValueError:
+        return False
+    purpose, *fields = _signed_fields(slot, node_id, incarnation, address, data_address, expires)  # type: ignore[arg-type]
+    return secret.accepts(mac, purpose, *fields) is not None
+
+
 @dataclass(frozen=True, slots=True)
 class Registration:
     slot: int
     incarnation: int
     token: str  # random: tells this registration's record from a later one under the same slot
     previous_slot: int | None  # the node's slot before this one, if Redis remembered it
+    node: tuple[str, str, str] = ("", "", "")  # id, address, data address: what is signed
 
 
 class Registry:
-    def __init__(self, redis: Client, layout: Layout) -> None:
+    def __init__(self, redis: Client, layout: Layout, secret: ClusterSecret) -> None:
         self._redis = redis
         self._layout = layout
+        self._secret = secret
         self._register = redis.register_script(REGISTER)
         self._heartbeat = redis.register_script(HEARTBEAT)
         self._deregister = redis.register_script(DEREGISTER)
@@ -98,24 +146,44 @@ class Registry:
             keys=[lay.incarnations, lay.slots, lay.ids],
             args=[node_id, ttl_ms, lay.node_prefix, *_flat({**record, **usage.fields()})],
         )
-        return Registration(slot, incarnation, token, int(previous) if previous else None)
+        reg = Registration(
+            slot, incarnation, token, int(previous) if previous else None,
+            (node_id, address, data_address),
+        )  # fmt: skip
+        self.heartbeat(reg, usage, ttl_ms)  # signs it: until then, readers pass it over
+        return reg
 
     def heartbeat(self, reg: Registration, usage: NodeUsage, ttl_ms: int) -> bool:
-        """Refresh the record's TTL and usage; False if the record is gone (register again)."""
-        args = [reg.token, ttl_ms, *_flat(usage.fields())]
+        """Refresh the record's TTL, usage and signature; False if the record is gone
+        (register again)."""
+        expires = int(time.time() + ttl_ms / 1000 + SKEW)
+        node_id, address, data_address = reg.node
+        purpose, *fields = _signed_fields(
+            reg.slot, node_id, reg.incarnation, address, data_address, expires
+        )
+        sig = self._secret.mac(purpose, *fields).hex()
+        signed = {b"exp": str(expires), b"sig": sig}
+        args = [reg.token, ttl_ms, *_flat({**usage.fields(), **signed})]
         return bool(self._heartbeat(keys=[self._layout.node(reg.slot)], args=args))
 
     def deregister(self, reg: Registration) -> None:
         self._deregister(keys=[self._layout.node(reg.slot)], args=[reg.token])
 
     def live_nodes(self) -> list[NodeRecord]:
-        """Every node whose current registration is alive, by node id."""
-        slots = self._redis.hgetall(self._layout.ids)
+        """Every node whose current registration is alive and signed, by node id."""
+        slots = list(self._redis.hgetall(self._layout.ids).values())
         pipe = self._redis.pipeline(transaction=False)
-        for slot in slots.values():
+        for slot in slots:
             pipe.hgetall(self._layout.node(slot))
-        records = [NodeRecord.decode(raw) for raw in pipe.execute() if raw]
+        records = [
+            NodeRecord.decode(raw)
+            for slot, raw in zip(slots, pipe.execute(), strict=True)
+            if raw and trusted(self._secret, slot, *(raw.get(f) for f in SIGNED_FIELDS))
+        ]
         return sorted(records, key=lambda r: r.node_id)
+
+
+SIGNED_FIELDS = (b"id", b"inc", b"addr", b"data", b"exp", b"sig")  # as `trusted` takes them
 
 
 def _flat(fields: Mapping[bytes, object]) -> list[object]:

@@ -41,7 +41,8 @@ end
 # to a dead or re-registered node: it is not counted, and deleted here. The
 # record keys are not in KEYS, so this runs on a single Redis only; with Redis
 # Cluster, the client pipelines the reads instead (locate.py).
-# Returns, per node: id, addr, data, load, matched, then blocks in tier 0, 1, 2.
+# Returns, per node: id, addr, data, load, inc, exp, sig, slot, matched, then blocks in
+# tier 0, 1, 2.
 LOCATE = (
     _WORDS
     + """
@@ -51,7 +52,8 @@ local slots, records, runs, dead = {}, {}, {}, false
 for j = 1, #first, 4 do
   local v = word_at(first, j)
   local slot = floor(v / 4)
-  local record = redis.call('HMGET', ARGV[1] .. slot, 'id', 'addr', 'data', 'load')
+  local record = redis.call('HMGET', ARGV[1] .. slot, 'id', 'addr', 'data', 'load', 'inc',
+                            'exp', 'sig')
   if not record[1] then
     dead = true
   elseif not runs[slot] then
@@ -79,7 +81,8 @@ for i = 2, #KEYS do
 end
 local out = {}
 for n, slot in ipairs(slots) do
-  for _, x in ipairs(records[n]) do out[#out + 1] = x end
+  for i = 1, 7 do out[#out + 1] = records[n][i] end  -- ipairs stops at a missing field
+  out[#out + 1] = slot
   for _, x in ipairs(runs[slot]) do out[#out + 1] = x end
 end
 return out

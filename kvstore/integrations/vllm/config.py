@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
-from kvstore import codecs
+from kvstore import codecs, weights
 from kvstore.client.client import TRANSPORTS
 from kvstore.keys import block_keys, namespace_salt
 
@@ -31,6 +31,9 @@ class ConnectorConfig:
     - `retry_after_s`: after a failure, the node is left alone this long (misses, no saves).
     - `model_id`: the model's name in the keys (default: vLLM's `model`, a path or HF id).
     - `ahead`: layers in flight at once on a TCP or gRPC load.
+    - `weights_id`: names the weights in the keys instead of their computed fingerprint
+      (`kvstore.weights`): set it to share KV between replicas whose checkpoints differ only
+      in ways the fingerprint sees but the KV does not, or change it to rotate the keys.
     """
 
     address: str = "127.0.0.1:7600"
@@ -43,6 +46,7 @@ class ConnectorConfig:
     model_id: str = ""
     ahead: int = 2
     checksum: bool = True
+    weights_id: str = ""
 
     def __post_init__(self) -> None:
         if self.transport not in TRANSPORTS:
@@ -71,7 +75,8 @@ class ConnectorConfig:
 @dataclass(frozen=True, slots=True)
 class Namespace:
     """What the KV of one vLLM deployment is, for the keys: blocks are shared only between
-    engines that agree on every field, and only within one `cache_salt` and LoRA adapter."""
+    engines that agree on every field, and only within one `cache_salt` and LoRA adapter
+    (named by `lora_identity`: its contents, not its name)."""
 
     model: str
     dtype: str
@@ -79,11 +84,13 @@ class Namespace:
     block_size: int
     tp_size: int
     layers: tuple[int, ...]  # every attention layer's index, all pipeline stages
+    weights: str  # `weights_identity`: the weights, rope settings, overrides, quantization
 
     def salt(self, tp_rank: int, cache_salt: str | None, lora: str | None) -> bytes:
         parts: dict[str, object] = {
             "engine": "vllm",
             "model": self.model,
+            "weights": self.weights,
             "dtype": self.dtype,
             "layout": self.layout,
             "block_size": self.block_size,
@@ -123,7 +130,57 @@ def namespace(vllm_config: Any, kv_cache_config: Any, config: ConnectorConfig) -
         block_size=spec.block_size,
         tp_size=vllm_config.parallel_config.tensor_parallel_size,
         layers=tuple(sorted({extract_layer_index(name) for name in names})),
+        weights=weights_identity(vllm_config.model_config, vllm_config.cache_config, config),
     )
+
+
+def weights_identity(model_config: Any, cache_config: Any, config: ConnectorConfig) -> str:
+    """What identifies the computation, from vLLM's `ModelConfig` and `CacheConfig`
+    (`kvstore.weights.model_identity`): the checkpoint's fingerprint (its files where vLLM
+    loads them, or the hub cache's snapshot), else the resolved hub revision; `weights_id`
+    replaces both. Then the HF config's rope settings, `hf_overrides`, the quantization and
+    the model's dtype, and for an fp8 cache its dtype and skipped layers.
+
+    fp8 caches' k/v scales are module attributes set in the workers when the weights load,
+    out of the scheduler's reach (it makes the keys); they come from the checkpoint, whose
+    `k_scale`/`v_scale` tensors the fingerprint reads whole, or are 1.0."""
+    revision = model_config.revision
+    revision = getattr(revision, "resolved", None) or revision
+    local = None if config.weights_id else weights.local_checkpoint(model_config.model, revision)
+    hf_config = getattr(model_config, "hf_config", None)
+    extra: dict[str, object] = {
+        "quantization": model_config.quantization,
+        "quantization_config": getattr(hf_config, "quantization_config", None),
+        "model_dtype": str(model_config.dtype).removeprefix("torch."),
+    }
+    cache_dtype = str(getattr(cache_config, "cache_dtype", "auto"))
+    if cache_dtype.startswith("fp8"):
+        extra["cache_dtype"] = cache_dtype
+        extra["kv_cache_dtype_skip_layers"] = list(cache_config.kv_cache_dtype_skip_layers)
+    return weights.model_identity(
+        weights_id=config.weights_id or None,
+        path=local or model_config.model,
+        revision=revision,
+        config=hf_config,
+        overrides=model_config.hf_overrides,
+        extra=extra,
+    )
+
+
+def lora_identity(lora_request: Any) -> str | None:
+    """What names a request's LoRA adapter in the keys: the fingerprint of its files
+    (`kvstore.weights.lora_fingerprint`, over the directory vLLM loads it from or its hub
+    cache snapshot), never just its name. None for a request without one. LookupError when
+    its files are not on this host (yet): such a request is left alone."""
+    if lora_request is None:
+        return None
+    path = weights.local_checkpoint(lora_request.lora_path)
+    if path is None:
+        raise LookupError(f"LoRA {lora_request.lora_name!r}: no files at {lora_request.lora_path}")
+    try:
+        return weights.lora_fingerprint(path)
+    except (OSError, ValueError) as exc:
+        raise LookupError(f"LoRA {lora_request.lora_name!r}: {exc}") from None
 
 
 def _cpu_isa(spec: Any, cache_dtype: str) -> str:

@@ -20,7 +20,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStats
 
-from kvstore.integrations.vllm.config import ConnectorConfig, namespace
+from kvstore.integrations.vllm.config import ConnectorConfig, lora_identity, namespace
 from kvstore.integrations.vllm.plans import KVStoreEvents, KVStoreMetadata, KVStoreStats
 from kvstore.integrations.vllm.scheduler import SchedulerSide
 from kvstore.integrations.vllm.worker import WorkerSide
@@ -177,12 +177,14 @@ class KVStoreConnector(KVConnectorBase_V1):
         return carrier
 
     def prompt_keys(
-        self, token_ids: list[int], cache_salt: str | None = None, lora_name: str | None = None
+        self, token_ids: list[int], cache_salt: str | None = None, lora_request: Any = None
     ) -> list[bytes]:
         """kvstore's keys of a prompt's full blocks, as this worker's rank stores them; the
-        page of layer l is under `kvstore.client.layers.layer_key(key, l)`."""
+        page of layer l is under `kvstore.client.layers.layer_key(key, l)`. `lora_request`:
+        vLLM's `LoRARequest` of the prompt, named by its files (`lora_identity`)."""
         assert self._worker is not None
-        return self.namespace.block_keys(token_ids, self._worker.rank, cache_salt, lora_name)
+        lora = lora_identity(lora_request)
+        return self.namespace.block_keys(token_ids, self._worker.rank, cache_salt, lora)
 
     def counts(self) -> dict[str, int]:
         """This worker's counters since it started (loads, blocks, failures, fallbacks)."""

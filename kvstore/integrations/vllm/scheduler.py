@@ -11,6 +11,7 @@ being left alone after a failure.
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -21,9 +22,11 @@ from vllm.v1.core.kv_cache_utils import maybe_convert_block_hash
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
 from kvstore.client.layers import LayeredKV
-from kvstore.integrations.vllm.config import ConnectorConfig, Namespace
+from kvstore.integrations.vllm.config import ConnectorConfig, Namespace, lora_identity
 from kvstore.integrations.vllm.guard import NodeGuard
 from kvstore.integrations.vllm.plans import KVStoreEvents, KVStoreMetadata, LoadPlan, SavePlan
+
+log = logging.getLogger("vllm.kvstore")
 
 SOURCES = {
     "device": CacheHitSource.DEVICE,
@@ -178,13 +181,20 @@ class SchedulerSide:
 
     def _track(self, request: Any) -> Tracked | None:
         """The request's keys, made once; None for what the keys cannot stand for (prompt
-        embeddings, images: their KV is not a function of the token ids alone)."""
+        embeddings, images: their KV is not a function of the token ids alone; a LoRA
+        adapter whose files are not on this host)."""
         if (tracked := self._requests.get(request.request_id)) is not None:
             return tracked
         tokens = request.prompt_token_ids
         if not tokens or getattr(request, "mm_features", None):
             return None
-        lora = request.lora_request.lora_name if request.lora_request else None
+        try:
+            lora = lora_identity(request.lora_request)
+        except LookupError as exc:  # its KV cannot be named: neither loaded nor saved
+            if not self.counts["lora_unidentified"]:
+                log.warning("kvstore connector: request left alone: %s", exc)
+            self.counts["lora_unidentified"] += 1
+            return None
         chains = [
             self.namespace.block_keys(tokens, rank, request.cache_salt, lora)
             for rank in range(self.namespace.tp_size)
