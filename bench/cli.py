@@ -5,6 +5,7 @@ measured in the same run on the same bytes.
     kvstore-bench lookup [--prompt-tokens 1024,131072] ...
     kvstore-bench ops [--paths shm,tcp,grpc] [--calls 2000] ...
     kvstore-bench tiers [--dir DIR] [--host-capacity 1GiB] ...
+    kvstore-bench crash [--loops 10] [--json FILE] ...
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from kvstore.bench import (
     ceilings,
     cluster_bench,
     codec_bench,
+    crash_bench,
     ops_bench,
     soak_bench,
     tier_bench,
@@ -45,6 +47,7 @@ SCENARIOS = ("put", "get", "handoff", "push")
 # check(args) -> problem or "", run(args, procs, address, progress, task) -> rows.
 PLUGINS = {
     "cluster": cluster_bench,
+    "crash": crash_bench,
     "ops": ops_bench,
     "soak": soak_bench,
     "trace": trace,
@@ -514,7 +517,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with Processes() as procs, Progress(console=console, transient=True) as progress:
             address = args.address
-            if address is None and args.command != "tiers":
+            if address is None and args.command not in ("tiers", "crash"):  # own nodes
                 capacity = (args.total * 2 if args.command == "transfer" else 1 << 30) + (256 << 20)
                 address = procs.daemon("--host-capacity", str(capacity))
             redis_url, redis_version = None, None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import re
 import shutil
@@ -20,7 +21,9 @@ def cluster_secret() -> str:
     """The file of the cluster secret every node this benchmark starts (they inherit
     KVSTORE_CLUSTER_SECRET) and every router it makes share: one per run, unless given."""
     if not os.environ.get("KVSTORE_CLUSTER_SECRET"):
-        path = Path(tempfile.mkdtemp(prefix="kvstore-bench-")) / "cluster.secret"
+        folder = tempfile.mkdtemp(prefix="kvstore-bench-")
+        atexit.register(shutil.rmtree, folder, True)
+        path = Path(folder) / "cluster.secret"
         path.write_text(os.urandom(24).hex() + "\n")
         path.chmod(0o600)
         os.environ["KVSTORE_CLUSTER_SECRET"] = str(path)

@@ -112,11 +112,15 @@ def table(rows: list[Row], title: str) -> Any:
     names = (*CEILINGS, "redis", "grpc_unary", "none", "empty_host")
     ratio_names = [n for n in names if any(n in r.ratios for r in rows)]
     codec_rows = any(r.scenario.startswith("codec") for r in rows)
+    crash_rows = any(r.scenario == "crash" for r in rows)
     t = Table(title=title)
     for name in ("scenario", "path", "block", "GB/s", "p50 ms", "p99 ms"):
         t.add_column(name, justify="left" if name in ("scenario", "path") else "right")
     if codec_rows:
         for name in ("ratio", "enc GB/s", "rel err"):
+            t.add_column(name, justify="right")
+    if crash_rows:  # p50/p99: restart time
+        for name in CRASH_COLUMNS:
             t.add_column(name, justify="right")
     for name in ratio_names:
         t.add_column(f"/{name}", justify="right")
@@ -148,9 +152,26 @@ def table(rows: list[Row], title: str) -> Any:
                 f"{e['encode_gbps']:.3f}" if "encode_gbps" in e else "",
                 f"{e['rel_error']:.4f}" if "rel_error" in e else "",
             ]
+        if crash_rows:
+            cells += crash_cells(e) if r.scenario == "crash" else [""] * len(CRASH_COLUMNS)
         cells += [f"{r.ratios[n]:.2f}" if n in r.ratios else "" for n in ratio_names]
         t.add_row(*cells, style="bold" if r.is_kvstore else "dim")
     return t
+
+
+CRASH_COLUMNS = (
+    "loops", "acked", "durable", "corrupt", "phantom", "lost", "max MiB/bound", "durable lost",
+)  # fmt: skip
+
+
+def crash_cells(e: dict[str, Any]) -> list[str]:
+    """A `crash` row's figures; the bound is the README's loss bound for one loop."""
+    bound = f"{e['lost_bytes_max'] / 2**20:.1f}/{e['loss_bound_bytes'] / 2**20:.0f}"
+    figures = ("loops", "acknowledged", "acknowledged_durable", "corrupt", "phantom", "lost")
+    return [str(e[name]) for name in figures] + [
+        bound + ("" if e["within_bound"] else " OVER"),
+        str(e["durable_lost"]),
+    ]
 
 
 def plot(path: Path, rows: list[Row]) -> None:

@@ -6,6 +6,7 @@ No I/O here."""
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
@@ -194,7 +195,10 @@ def submit(pool: Executor, fn: Callable[..., T], *args: object) -> Future[T]:
 def finished(array: np.ndarray, key: BlockKey, meta: BlockMeta, verify: bool) -> np.ndarray:
     if verify:
         check(array, key, meta)
-    return shaped(array, meta)
+    try:
+        return shaped(array, meta)
+    except InvalidArgument as exc:
+        raise InvalidArgument(exc.field, f"block {key.hex()}: {exc.reason}") from None
 
 
 def check(array: np.ndarray, key: BlockKey, meta: BlockMeta) -> None:
@@ -206,19 +210,29 @@ def check(array: np.ndarray, key: BlockKey, meta: BlockMeta) -> None:
 
 def shaped(block: np.ndarray, meta: BlockMeta) -> np.ndarray:
     """The block as the array it was put as: decoded, with its dtype and shape (raw bytes
-    for a dtype numpy does not know)."""
+    for a dtype numpy does not know). Metadata that disagrees with the bytes (a shape and
+    dtype of another size than the block's, or than its declared `raw_size` when encoded)
+    raises InvalidArgument; decoding never goes past `raw_size`."""
     codec = codecs.get(meta.codec)
     if codec is not None:
         dtype = codecs.parse_dtype(meta.dtype) if meta.dtype else np.dtype(np.uint8)
+        if dtype is None:
+            raise InvalidArgument("dtype", f"{meta.dtype!r} is no dtype a codec decodes to")
         shape = tuple(meta.shape) if meta.dtype else (meta.raw_size,)
-        return codec.decode(memoryview(block), dtype, shape, meta.layout)
+        return codec.decode(memoryview(block), dtype, shape, meta.layout, meta.raw_size)
     if not meta.dtype:
         return block
     try:
         dtype = np.dtype(meta.dtype)
     except TypeError:
         return block
-    return block.view(dtype).reshape(tuple(meta.shape))
+    shape = tuple(meta.shape)
+    if math.prod(shape) * dtype.itemsize != block.nbytes:
+        raise InvalidArgument("shape", f"{dtype} {shape} does not fill a block of {block.nbytes} B")
+    try:
+        return block.view(dtype).reshape(shape)
+    except (ValueError, TypeError) as exc:  # a dtype a buffer cannot hold (objects)
+        raise InvalidArgument("dtype", f"{meta.dtype!r}: {exc}") from None
 
 
 def writable_bytes(out: memoryview | np.ndarray, need: int) -> np.ndarray:

@@ -24,6 +24,7 @@ stacked with zstd: `int8+zstd`, `int4+zstd`, `fp8+zstd`. Error bounds: see
 
 from __future__ import annotations
 
+import math
 import struct
 import threading
 import time
@@ -55,6 +56,9 @@ class Codec:
     pack: Callable[[np.ndarray, str], Buffer]  # (array, layout) -> payload
     unpack: Callable[[memoryview, np.dtype, tuple[int, ...], str], np.ndarray]
     dtypes: tuple[np.dtype, ...] = ()  # what it encodes; empty: anything
+    bound: Callable[[tuple[int, ...], str], int] | None = None
+    """The most bytes its payload takes for an array of this shape and layout (what
+    zstd stacked on it may decompress to at most); None: not stackable."""
 
     def check(self, dtype: np.dtype) -> None:
         """Refuse, with the reason, an array this codec cannot encode."""
@@ -68,9 +72,31 @@ class Codec:
         return self.pack(array, layout)
 
     def decode(
-        self, payload: memoryview, dtype: np.dtype, shape: tuple[int, ...], layout: str
+        self,
+        payload: memoryview,
+        dtype: np.dtype,
+        shape: tuple[int, ...],
+        layout: str,
+        raw_size: int | None = None,
     ) -> np.ndarray:
-        return self.unpack(payload, dtype, shape, layout)
+        """The array of `dtype` and `shape` that `payload` encodes; `raw_size` (what the
+        block's metadata declares) must be its size in bytes. Nothing decodes to more
+        than that size: a payload that would, or that does not decode to exactly that
+        array, raises InvalidArgument before any large allocation."""
+        size = math.prod(shape) * dtype.itemsize
+        if raw_size is not None and raw_size != size:
+            raise InvalidArgument(
+                "raw_size", f"{raw_size} bytes declared for {dtype_name(dtype)} {shape} ({size})"
+            )
+        try:
+            array = self.unpack(payload, dtype, shape, layout)
+        except InvalidArgument:
+            raise
+        except (ValueError, TypeError, IndexError, struct.error, zstandard.ZstdError) as exc:
+            raise InvalidArgument("payload", f"not a {self.name} payload: {exc}") from None
+        if array.shape != tuple(shape) or array.dtype != dtype:  # never, for a sound codec
+            raise InvalidArgument("payload", f"{self.name} payload decoded to {array.shape}")
+        return array
 
 
 def dtype_name(dtype: np.dtype) -> str:
@@ -94,18 +120,38 @@ def _zstd(data: memoryview | bytes) -> bytes:
     return _local.c.compress(data)
 
 
-def _unzstd(data: memoryview | bytes) -> bytes:
+def _unzstd(data: memoryview | bytes, limit: int, exact: bool = True) -> bytes:
+    """One zstd frame, decompressed to exactly `limit` bytes (at most, unless `exact`).
+    The size a frame declares is checked first: zstandard allocates it, whatever the
+    bound, and a small frame may declare (and hold) gigabytes."""
     if not hasattr(_local, "d"):
         _local.d = zstandard.ZstdDecompressor()
-    return _local.d.decompress(data)
+    declared = zstandard.frame_content_size(data)  # -1: not declared
+    if declared > limit or (exact and declared not in (-1, limit)):
+        raise InvalidArgument("payload", f"zstd frame of {declared} bytes where {limit} fit")
+    raw = _local.d.decompress(data, max_output_size=limit, allow_extra_data=False)
+    if len(raw) > limit or (exact and len(raw) != limit):
+        raise InvalidArgument("payload", f"zstd frame of {len(raw)} bytes where {limit} fit")
+    return raw
 
 
 def _lz4(data: memoryview | bytes) -> bytes:
     return lz4.block.compress(data, store_size=True)
 
 
-def _unlz4(data: memoryview | bytes) -> bytes:
-    return lz4.block.decompress(data)
+def _unlz4(data: memoryview | bytes, limit: int) -> bytes:
+    """An lz4 block of exactly `limit` bytes, its stored size checked first (lz4 allocates
+    what it declares)."""
+    declared = int.from_bytes(data[:4], "little") if len(data) >= 4 else -1
+    if declared != limit:
+        raise InvalidArgument("payload", f"lz4 block of {declared} bytes where {limit} fit")
+    try:
+        raw = lz4.block.decompress(data)
+    except lz4.block.LZ4BlockError as exc:
+        raise InvalidArgument("payload", f"lz4 block does not decode: {exc}") from None
+    if len(raw) != limit:
+        raise InvalidArgument("payload", f"lz4 block of {len(raw)} bytes where {limit} fit")
+    return raw
 
 
 def _planes(array: np.ndarray) -> np.ndarray:
@@ -131,7 +177,7 @@ def _bytes_codec(name: str, pack: Callable, unpack: Callable, shuffle: bool) -> 
         return pack(_planes(array) if shuffle else flat)
 
     def decode(payload: memoryview, dtype: np.dtype, shape: tuple[int, ...], layout: str):
-        raw = unpack(payload)
+        raw = unpack(payload, math.prod(shape) * dtype.itemsize)
         if shuffle:
             return _unplanes(raw, dtype, shape)
         return np.frombuffer(raw, dtype).reshape(shape)
@@ -193,6 +239,8 @@ def _split_fields(payload: memoryview, count: int):
     """A split payload's mode, channels, exceptions (indexes, values), coded exponents
     (still as sent) and low bytes."""
     mode, channels, n_out = SPLIT_HEAD.unpack_from(payload)
+    if not 0 < channels <= count or count % channels:
+        raise InvalidArgument("payload", f"split payload of {channels} channels, {count} values")
     pos = SPLIT_HEAD.size
     outside = np.frombuffer(payload, "<u4", n_out, pos)
     exceptions = np.frombuffer(payload, np.uint8, n_out, pos + 4 * n_out)
@@ -240,7 +288,10 @@ def _bf16_encode(words: np.ndarray, entropy_coded: bool) -> np.ndarray:
 
 def _bf16_decode(payload: memoryview, count: int) -> np.ndarray:
     mode, channels, outside, exceptions, coded, low = _split_fields(payload, count)
-    coded = np.frombuffer(_unzstd(coded) if mode == BF16_NIBBLES else coded, np.uint8)
+    need = channels + (count + 1) // 2  # channel centers, then two nibbles a byte
+    coded = np.frombuffer(_unzstd(coded, need) if mode == BF16_NIBBLES else coded, np.uint8)
+    if len(coded) != need:
+        raise InvalidArgument("payload", f"split payload of {len(coded)} coded bytes, not {need}")
     pairs = _scratch("pairs", len(coded) - channels, np.uint16)
     np.copyto(pairs, coded[channels:])
     high = _scratch("spare", len(pairs), np.uint16)
@@ -287,7 +338,7 @@ def _fp16_encode(words: np.ndarray) -> bytes:
 
 def _fp16_decode(payload: memoryview, count: int) -> np.ndarray:
     _, channels, outside, exceptions, coded, low = _split_fields(payload, count)
-    coded = np.frombuffer(_unzstd(coded), np.uint8)
+    coded = np.frombuffer(_unzstd(coded, 2 * channels + count), np.uint8)
     offset, tag = coded[:channels], coded[channels : 2 * channels]
     columns = np.empty((channels, count // channels), np.uint8)
     columns[np.argsort(tag & 0x7F, kind="stable")] = coded[2 * channels :].reshape(channels, -1)
@@ -341,6 +392,20 @@ def _kv_halves(array: np.ndarray, layout: str) -> list[tuple[np.ndarray, int]]:
     return [(array, -1)]
 
 
+def _scaled_parts(shape: tuple[int, ...], layout: str):
+    """(part shape, scale shape) of each of `_kv_halves`, from the shape alone."""
+    axes = layout.split(",") if layout else []
+    parts = [(tuple(shape), -1)]
+    if "kv" in axes and len(axes) == len(shape) and shape[axes.index("kv")] == 2:
+        k = axes.index("kv")
+        half = (*shape[:k], *shape[k + 1 :])
+        parts = [(half, 0), (half, -1)]
+    for part, axis in parts:
+        scale = list(part)
+        scale[axis] = 1
+        yield part, tuple(scale)
+
+
 def _join_halves(parts: list[np.ndarray], layout: str, shape: tuple[int, ...]) -> np.ndarray:
     if len(parts) == 1:
         return parts[0].reshape(shape)
@@ -363,16 +428,22 @@ def _quantizer(levels: int, bits: int, fp8: bool = False):
             out += [scale.tobytes(), np.ascontiguousarray(codes).tobytes()]
         return b"".join(out)
 
+    def size(shape: tuple[int, ...], layout: str) -> int:
+        """The payload's size: each part's scales, then its codes."""
+        return sum(
+            4 * math.prod(scale) + (math.prod(part) if bits == 8 else (math.prod(part) + 1) // 2)
+            for part, scale in _scaled_parts(shape, layout)
+        )
+
     def decode(payload: memoryview, dtype: np.dtype, shape: tuple[int, ...], layout: str):
-        template = np.empty(shape, np.float32)
+        if len(payload) != (need := size(shape, layout)):
+            raise InvalidArgument("payload", f"{len(payload)} bytes where {shape} takes {need}")
         parts, pos = [], 0
-        for part, axis in _kv_halves(template, layout):
-            scale_shape = list(part.shape)
-            scale_shape[axis] = 1
-            n_scale = int(np.prod(scale_shape))
+        for part_shape, scale_shape in _scaled_parts(shape, layout):
+            n_scale, n_values = math.prod(scale_shape), math.prod(part_shape)
             scale = np.frombuffer(payload[pos : pos + 4 * n_scale], np.float32).reshape(scale_shape)
             pos += 4 * n_scale
-            n_codes = part.size if bits == 8 else (part.size + 1) // 2
+            n_codes = n_values if bits == 8 else (n_values + 1) // 2
             raw = np.frombuffer(payload[pos : pos + n_codes], np.uint8)
             pos += n_codes
             if fp8:
@@ -381,13 +452,13 @@ def _quantizer(levels: int, bits: int, fp8: bool = False):
                 pairs = np.empty((len(raw), 2), np.int8)
                 pairs[:, 0] = (raw.astype(np.int8) << 4) >> 4  # sign-extend the low nibble
                 pairs[:, 1] = raw.astype(np.int8) >> 4
-                values = pairs.reshape(-1)[: part.size].astype(np.float32)
+                values = pairs.reshape(-1)[:n_values].astype(np.float32)
             else:
                 values = raw.view(np.int8).astype(np.float32)
-            parts.append(values.reshape(part.shape) * scale)
+            parts.append(values.reshape(part_shape) * scale)
         return _join_halves(parts, layout, shape).astype(dtype)
 
-    return encode, decode
+    return encode, decode, size
 
 
 INT8_ERROR = 0.0095
@@ -463,16 +534,33 @@ def _int8_encode(array: np.ndarray, layout: str) -> bytes:
     return b"".join([head, step, zero, rank, outside, exceptions, codes])
 
 
-def _int8_decode(payload: memoryview, dtype: np.dtype, shape: tuple[int, ...], layout: str):
-    if int(np.prod(shape)) == 0:
-        return np.zeros(shape, dtype)
+def _int8_bound(shape: tuple[int, ...], layout: str) -> int:
+    """The most an int8 payload takes: every value an exception (8 bytes more) at worst."""
+    count = math.prod(shape)
+    _, _, channels, groups = _int8_dims(shape, layout)
+    return struct.calcsize(INT8_HEAD) + 4 * groups + 3 * channels + 9 * count
+
+
+def _int8_dims(shape: tuple[int, ...], layout: str):
+    """The step-sharing axes, the shape with them moved next to tokens, the channels (all
+    but tokens) and the steps (one per index of the step-sharing axes)."""
     axes, _ = _groups(shape, layout)
     order = [0, *axes, *(i for i in range(1, len(shape)) if i not in axes)]
     moved = tuple(shape[i] for i in order) if shape else (1,)
-    tokens, channels = moved[0], int(np.prod(moved[1:]))
+    return axes, moved, math.prod(moved[1:]), math.prod(shape[a] for a in axes)
+
+
+def _int8_decode(payload: memoryview, dtype: np.dtype, shape: tuple[int, ...], layout: str):
+    if int(np.prod(shape)) == 0:
+        return np.zeros(shape, dtype)
+    axes, moved, channels, groups = _int8_dims(shape, layout)
+    tokens = moved[0]
     mode, n_steps, n_out = struct.unpack_from(INT8_HEAD, payload)
     if mode != INT8_MODE:
         raise InvalidArgument("payload", f"int8 payload of unknown mode {mode}")
+    need = struct.calcsize(INT8_HEAD) + 4 * n_steps + 3 * channels + 8 * n_out + tokens * channels
+    if n_steps != groups or n_out > tokens * channels or len(payload) != need:
+        raise InvalidArgument("payload", f"int8 payload does not fit {shape} as {layout!r}")
     pos, fields = struct.calcsize(INT8_HEAD), []
     for kind, count in (("<f4", n_steps), ("<i2", channels), ("u1", channels), ("<u4", n_out)):
         fields.append(np.frombuffer(payload, kind, count, pos))
@@ -501,7 +589,10 @@ def _stacked(codec: Codec) -> Codec:
         codec.lossy,
         lambda array, layout: _zstd(codec.pack(array, layout)),
         lambda payload, dtype, shape, layout: codec.unpack(
-            memoryview(_unzstd(payload)), dtype, shape, layout
+            memoryview(_unzstd(payload, codec.bound(shape, layout), exact=False)),
+            dtype,
+            shape,
+            layout,
         ),
         codec.dtypes,
     )
@@ -516,13 +607,14 @@ def _registry() -> dict[str, Codec]:
         Codec("split-zstd", False, _split_encoder(True), _split_decode, (FLOAT16, BFLOAT16)),
         Codec("split", False, _split_encoder(False), _split_decode, (BFLOAT16,)),
     ]
-    int8 = Codec("int8", True, _int8_encode, _int8_decode, FLOATS)
+    int8 = Codec("int8", True, _int8_encode, _int8_decode, FLOATS, _int8_bound)
     codecs += [int8, _stacked(int8)]
     for name, (levels, bits, fp8) in {
         "int4": (7, 4, False),
         "fp8": (448, 8, True),
     }.items():
-        codec = Codec(name, True, *_quantizer(levels, bits, fp8), FLOATS)
+        encode, decode, size = _quantizer(levels, bits, fp8)
+        codec = Codec(name, True, encode, decode, FLOATS, size)
         codecs += [codec, _stacked(codec)]
     return {c.name: c for c in codecs}
 

@@ -5,13 +5,16 @@ payloads, cut anywhere. `target()` is where the next bytes belong (the rest of
 the block's reserved slot), so a socket can `recv_into` it and a framed
 transport can copy a chunk into it: either way each byte is written once,
 straight into place. A block is committed only when its last byte arrived, so
-a stream that breaks leaves nothing partial behind.
+a stream that breaks, or that the node refuses part way, leaves nothing partial
+behind: its whole blocks stay (a waiter sees each as it lands: other puts may have been
+told they exist, so they are never taken back), and a refusal says how many there are.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, replace
 
 import xxhash
@@ -52,12 +55,21 @@ class BlockIngest:
     once and expect no bytes (a negotiated transfer tells the sender to skip them).
     """
 
-    def __init__(self, store: Store, *, omit_present: bool = False, durable: bool = False) -> None:
-        """`durable`: `finish` returns only once every block is on disk (see Store)."""
+    def __init__(
+        self,
+        store: Store,
+        *,
+        omit_present: bool = False,
+        durable: bool = False,
+        reserving: Callable[[int], AbstractContextManager[object]] | None = None,
+    ) -> None:
+        """`durable`: `finish` returns only once every block is on disk (see Store).
+        `reserving(size)`: entered while a block's slot is reserved (maybe waiting for room)."""
         if durable and store.disk is None:
             raise Unsupported("durable puts need a disk tier (--disk-dir)")
         self._store = store
         self._omit_present = omit_present
+        self._reserving = reserving or (lambda size: nullcontext())
         self._durable = durable
         self._declared: deque[tuple[int, BlockKey, BlockMeta]] = deque()
         self._seen: set[BlockKey] = set()
@@ -109,9 +121,12 @@ class BlockIngest:
 
     def feed(self, data: memoryview) -> None:
         """Copy the next bytes of the stream into place."""
+        if len(data) > self.pending_bytes:  # refused before any of it lands
+            excess = len(data) - self.pending_bytes
+            raise InvalidArgument(
+                "data", f"{excess} bytes beyond the declared blocks{self._kept()}"
+            )
         while data:
-            if self.pending_bytes == 0:
-                raise InvalidArgument("data", f"{len(data)} bytes beyond the declared blocks")
             target = self.target()
             n = min(len(target), len(data))
             target[:n] = data[:n]  # the one copy: frame -> slot
@@ -130,15 +145,15 @@ class BlockIngest:
             filled = current.filled if current else 0
             raise InvalidArgument(
                 f"blocks[{index}].size",
-                f"stream ended after {filled} of {meta.size} bytes of block {index}",
+                f"stream ended after {filled} of {meta.size} bytes of block {index}" + self._kept(),
             )
         if self._durable:
             self._store.make_durable(list(self._seen))
         return PutResult(self._stored, self._existed)
 
     def abort(self) -> None:
-        """Drop the block in flight; blocks already committed stay (they are whole). Those
-        declared and not received will not come: waiters for them stop waiting."""
+        """Drop the block in flight; those declared and not received will not come:
+        waiters for them stop waiting. Blocks already committed stay: they are whole."""
         if self._current is not None:
             if self._current.slot is not None:
                 self._store.abort(self._current.slot)
@@ -147,12 +162,20 @@ class BlockIngest:
         self._store.not_coming([key for _, key, _ in self._declared], failed=True)
         self._declared.clear()
 
+    def _kept(self) -> str:
+        """What a refusal part way says of the blocks that stay."""
+        whole = self._stored + self._existed
+        return f" (the {whole} whole blocks before it are stored)" if whole else ""
+
     def _next(self) -> _Current:
         if not self._declared:
             raise InvalidArgument("data", "bytes beyond the declared blocks")
         index, key, meta = self._declared.popleft()
         try:
-            slot = None if self._store.contains(key) else self._store.reserve(meta.size)
+            slot = None
+            if not self._store.contains(key):
+                with self._reserving(meta.size):
+                    slot = self._store.reserve(meta.size)
         except BaseException:  # no room in time: this key will not come (`abort` the rest)
             self._store.not_coming([key], failed=True)
             raise
@@ -167,10 +190,10 @@ class BlockIngest:
             return
         try:
             check_payload(current.index, current.key, current.meta, current.slot.view)
-        except InvalidArgument:
+        except InvalidArgument as exc:
             self._store.abort(current.slot)
             self._store.not_coming([current.key], failed=True)
-            raise
+            raise InvalidArgument(exc.field, exc.reason + self._kept()) from None
         try:
             stored = self._store.commit(current.key, current.meta, current.slot)
         except BaseException:
@@ -198,6 +221,7 @@ class SlotPut:
             raise Unsupported("durable puts need a disk tier (--disk-dir)")
         self._store = store
         self._durable = durable
+        self._present_keys: list[BlockKey] = []  # a durable put makes these durable too
         self.present: list[int] = []
         self.slots: list[tuple[int, BlockKey, BlockMeta, Reservation]] = []
         if len(blocks) > MAX_BLOCKS:
@@ -208,6 +232,7 @@ class SlotPut:
             key = validate_block(store, index, key, meta, seen)
             if store.contains(key):
                 self.present.append(index)
+                self._present_keys.append(key)
             else:
                 wanted.append((index, key, meta))
         sizes = [meta.size for *_, meta in wanted]
@@ -237,8 +262,8 @@ class SlotPut:
             raise
         stored = self._store.commit_many([(key, meta, slot) for _, key, meta, slot in slots])
         self._store.not_coming([key for _, key, _, _ in slots])
-        if self._durable:
-            self._store.make_durable([key for _, key, _, _ in slots])
+        if self._durable:  # the blocks already present too: maybe only in DRAM
+            self._store.make_durable(self._present_keys + [key for _, key, _, _ in slots])
         return PutResult(stored, len(self.present) + len(slots) - stored)
 
     def abort(self) -> None:

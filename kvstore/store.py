@@ -24,7 +24,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from kvstore.arena import aligned
-from kvstore.errors import ResourceExhausted, Unavailable, Unsupported
+from kvstore.errors import ResourceExhausted, Unsupported
 from kvstore.keys import BlockKey
 from kvstore.meta import BlockMeta
 from kvstore.tiers import Listener, PinnedBlock, Reservation, Tier, TierStats
@@ -118,6 +118,8 @@ class Store:
         self._counts = {"puts": 0, "gets": 0, "lookups": 0, "promotions": 0}
         self._counts_lock = threading.Lock()
         self._demoter: threading.Thread | None = None
+        self._writing: Counter[BlockKey] = Counter()  # keys taken to be written to disk now
+        self._written = threading.Condition()  # notified when such a write ends
         self._wake = threading.Condition()
         self._pressure = self._stopping = False
         if disk is not None:
@@ -316,27 +318,63 @@ class Store:
         return len(present)
 
     def make_durable(self, keys: Sequence[BlockKey]) -> None:
-        """Write these blocks to disk now, under the fsync policy, if they are not yet:
-        what a durable put waits for before it is acknowledged."""
+        """What a durable put waits for before it is acknowledged: every one of `keys` has
+        its record on disk, synced under the fsync policy (`DiskTier.persist`). Blocks
+        the demoter is writing are waited for, then checked; those still only in DRAM or
+        on the device (dirty, or a write that failed) are written here. Raises
+        ResourceExhausted (disk full) or Unavailable, naming the disk, if any is not."""
         if self.disk is None:
             raise Unsupported("durable puts need a disk tier (--disk-dir)")
-        if self.device is not None:
-            for key in keys:
-                if self.device.contains(key) and not self.disk.contains(key):
-                    self._device_block_to_disk(key)
-        blocks = self.host.take_dirty_keys(keys)
+        keys = list(dict.fromkeys(keys))
+        with self._written:  # a write under way ends with its outcome on record
+            self._written.wait_for(lambda: not any(key in self._writing for key in keys))
+        taken = self.host.take_dirty_keys(keys)
+        self._begin_writing(taken)
+        pinned: list[PinnedBlock] = []
+        try:
+            blocks = [(b.key, b.meta, b.view) for b in taken]
+            have = {b.key for b in taken}
+            for key in keys:  # not dirty, yet not on disk: a failed write, the device, a race
+                found = None if key in have or self.disk.contains(key) else self._durable_copy(key)
+                if found is not None:
+                    blocks.append(found[0])
+                    pinned += found[1]
+            self.disk.persist(blocks, keys)
+        finally:
+            gone = self.host.mark_clean(taken)
+            for block in pinned:
+                self.host.unpin(block)
+            self._end_writing(taken)
+            if gone:  # deleted meanwhile: the delete wins
+                self.disk.delete([b.key for b in gone if not self.host.contains(b.key)])
+
+    def _durable_copy(
+        self, key: BlockKey
+    ) -> tuple[tuple[BlockKey, BlockMeta, memoryview], list[PinnedBlock]] | None:
+        """`key`'s bytes from DRAM (pinned: unpin them after) or the device, or None."""
+        if pinned := self.host.pin_prefix([key]):
+            return (key, pinned[0].meta, pinned[0].view), pinned
+        if self.device is None:
+            return None
+        if copy := self._device_copy(key):
+            return copy, []
+        if pinned := self.host.pin_prefix([key]):  # moved down from the device meanwhile
+            return (key, pinned[0].meta, pinned[0].view), pinned
+        return None
+
+    def _begin_writing(self, blocks: Sequence[PinnedBlock]) -> None:
+        with self._written:
+            self._writing.update(b.key for b in blocks)
+
+    def _end_writing(self, blocks: Sequence[PinnedBlock]) -> None:
         if not blocks:
             return
-        try:
-            self.disk.append([(b.key, b.meta, b.view) for b in blocks])
-        finally:
-            gone = self.host.mark_clean(blocks)
-        if gone:
-            self.disk.delete([b.key for b in gone if not self.host.contains(b.key)])
-        missing = [b.key for b in blocks if not self.disk.contains(b.key)]
-        if missing:
-            error = self.disk.stats().last_error
-            raise Unavailable(f"{len(missing)} blocks could not be written to disk: {error}")
+        with self._written:
+            self._writing.subtract(b.key for b in blocks)
+            for block in blocks:
+                if self._writing[block.key] <= 0:
+                    del self._writing[block.key]
+            self._written.notify_all()
 
     def stats(self) -> StoreStats:
         with self._counts_lock:
@@ -397,10 +435,12 @@ class Store:
         blocks = self.host.take_dirty(DEMOTE_BATCH)
         if not blocks:
             return False
+        self._begin_writing(blocks)  # a durable put of these waits for the outcome
         try:  # a block whose write fails is logged and counted by the disk tier
             self.disk.append([(b.key, b.meta, b.view) for b in blocks])
         finally:
             gone = self.host.mark_clean(blocks)
+            self._end_writing(blocks)
         if gone:  # deleted while being written down: delete the copy too
             self.disk.delete([b.key for b in gone if not self.host.contains(b.key)])
         return True
@@ -481,12 +521,18 @@ class Store:
             self._device_block_to_disk(key)
 
     def _device_block_to_disk(self, key: BlockKey) -> None:
+        if (copy := self._device_copy(key)) is not None:
+            self.disk.append([copy])
+
+    def _device_copy(self, key: BlockKey) -> tuple[BlockKey, BlockMeta, memoryview] | None:
+        """A copy of a device block in fresh memory, or None if it is not there."""
         meta = self.device.meta(key)
         if meta is None:
-            return
+            return None
         buffer = memoryview(bytearray(meta.size))
-        if self.device.read_batch([key], [buffer], hit=False):
-            self.disk.append([(key, meta, buffer)])
+        if not self.device.read_batch([key], [buffer], hit=False):
+            return None
+        return key, meta, buffer
 
     def _aborter(self, slot: Reservation) -> Callable[[], None]:
         return lambda: self.host.abort(slot)

@@ -76,15 +76,22 @@ def encode(magic: bytes, kind: int, flags: int, meta: bytes, data_len: int = 0) 
     return HEADER.pack(magic, kind, flags, len(meta), data_len) + meta
 
 
-def read_frame(sock: socket.socket, magic: bytes, head: memoryview | None = None) -> Frame:
-    """The next frame's header and metadata (its data is left for the caller to read)."""
-    head = head if head is not None else memoryview(bytearray(HEADER.size))
-    recv_exact(sock, head)
+def unpack_header(head: bytes | bytearray | memoryview, magic: bytes) -> tuple[int, int, int, int]:
+    """A whole frame header's op or status, flags, metadata length and data length;
+    ChannelError if it is not this protocol's."""
     got, kind, flags, meta_len, data_len = HEADER.unpack(head)
     if got != magic:
         raise ChannelError(f"not a kvstore frame (starts with {bytes(head[:2])!r})")
     if meta_len > MAX_META:
         raise ChannelError(f"frame metadata of {meta_len} bytes: at most {MAX_META}")
+    return kind, flags, meta_len, data_len
+
+
+def read_frame(sock: socket.socket, magic: bytes, head: memoryview | None = None) -> Frame:
+    """The next frame's header and metadata (its data is left for the caller to read)."""
+    head = head if head is not None else memoryview(bytearray(HEADER.size))
+    recv_exact(sock, head)
+    kind, flags, meta_len, data_len = unpack_header(head, magic)
     meta = bytearray(meta_len)
     recv_exact(sock, memoryview(meta))
     return Frame(kind, flags, bytes(meta), data_len)

@@ -4,16 +4,23 @@ trip each, with no gRPC call on the way.
 
 A bounded pool of threads serves every connection through one epoll set, so an idle
 connection costs a file descriptor, not a thread: each thread waits in epoll for one
-ready connection (one-shot, so no two threads serve one connection at once), serves its
-request and re-arms the connection. Connections are bounded in total and per host. A transfer
-has a deadline (`timeout` plus its bytes at `min_rate`) however its bytes trickle in;
-past it the connection is dropped and whatever it reserved or pinned is freed.
+ready connection (one-shot, so no two threads serve one connection at once), takes what it
+sent without waiting for more, serves its request once that is whole and re-arms the
+connection. The TLS handshake, HELLO and each request's header and metadata are gathered
+that way, in turns, so a peer that sends them slowly holds no thread; it has a total
+deadline instead (`min(timeout, 5 s)` from its accept to a whole HELLO, `timeout` plus the
+metadata at `min_rate` from a request's first byte to its last byte of metadata, and no
+stall of `timeout` in between), past which the sweeper closes it. Connections are
+bounded in total and per host. A transfer has a deadline (`timeout` plus its bytes at
+`min_rate`) however its bytes trickle in; past it the connection is dropped and whatever
+it reserved or pinned is freed.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import select
 import socket
@@ -39,6 +46,7 @@ from kvstore.proto.channel import (
     BUSY,
     COMMIT,
     GET,
+    HEADER,
     HELLO,
     HELLO_MAGIC,
     HELLO_REPLY,
@@ -54,9 +62,8 @@ from kvstore.proto.channel import (
     ChannelError,
     Frame,
     encode,
-    read_frame,
-    recv_exact,
     stall_timeout,
+    unpack_header,
 )
 from kvstore.proto.frames import FrameError, parse
 from kvstore.server import shm, tcp
@@ -69,6 +76,10 @@ from kvstore.tenants import OPEN, Tenant
 
 log = logging.getLogger("kvstore.dataplane")
 IDLE_TIMEOUT = 600.0  # a pooled connection may wait this long for its next request
+HELLO_TIMEOUT = 5.0  # at most this (and --data-timeout) from accept to a whole HELLO
+WAIT_IN = select.EPOLLIN | select.EPOLLONESHOT
+WAIT_OUT = select.EPOLLOUT | select.EPOLLONESHOT  # a TLS handshake with its reply unsent
+META_CHUNK = 1 << 20  # metadata is gathered as it comes, in reads of at most this
 CONTINUE = object()  # a request answered by nothing: the one behind it may be waiting
 _PEERCRED = struct.Struct("3i")  # pid, uid, gid
 
@@ -92,11 +103,21 @@ class Connection:
     sock: socket.socket
     kind: str  # "tcp" or "unix"
     host: str  # the peer's address; "local" over the Unix socket
+    due: float  # when what it started to send (HELLO; a request's header and metadata)
+    # must be whole, or it is closed; inf while nothing is started
+    fd: int = -1  # its key in the server's table, also once the socket is closed
     open: bool = False  # HELLO done
+    handshake: bool = False  # TLS, not handshaken yet (once it is: non-blocking in epoll)
     tenant: Tenant = OPEN  # whose ticket opened it
     last_used: float = field(default_factory=time.monotonic)
     held: dict[int, Held] = field(default_factory=dict)  # lease or put id -> what it holds
     lock: threading.Lock = field(default_factory=threading.Lock)
+    # what it sent so far of its HELLO or of its next request, gathered between turns
+    part: bytearray = field(default_factory=bytearray)  # the HELLO's or header's bytes
+    header: tuple[int, int, int, int] | None = None  # op, flags, meta and data lengths
+    meta: list[bytes] = field(default_factory=list)
+    meta_got: int = 0
+    heard: float = field(default_factory=time.monotonic)  # when the last of it came
 
     def hold(self, what: ReadBatch | SlotPut, ttl: float) -> int:
         hold_id = int.from_bytes(os.urandom(8), "big") or 1
@@ -141,6 +162,7 @@ class ChannelServer:
         self.auth = auth
         self.instance = instance
         self.timeout = timeout
+        self.hello_timeout = min(timeout, HELLO_TIMEOUT)
         self.min_rate = min_rate
         self.lease_ttl = lease_ttl
         self.max_connections = max_connections
@@ -246,11 +268,14 @@ class ChannelServer:
             refusal = self._admit(host)
             if refusal:
                 _refuse(sock, ResourceExhausted(refusal))
+                sock.close()
                 continue
-            conn = Connection(sock, kind, host)
+            due = time.monotonic() + self.hello_timeout
+            conn = Connection(sock, kind, host, due, sock.fileno())
+            conn.handshake = self.tls is not None and kind == "tcp"
             with self._lock:
-                self._connections[sock.fileno()] = conn
-            self._poll.register(sock.fileno(), select.EPOLLIN | select.EPOLLONESHOT)
+                self._connections[conn.fd] = conn
+            self._poll.register(conn.fd, WAIT_IN)
         if not self._stopping.is_set():
             self._poll.modify(listener.fileno(), select.EPOLLIN | select.EPOLLONESHOT)
 
@@ -264,52 +289,112 @@ class ChannelServer:
         return ""
 
     def _serve(self, conn: Connection) -> None:
-        """Serve what a ready connection sent (requests sent together, in turn), then wait
-        for it again; close it on a protocol error, a broken socket or a missed deadline."""
+        """Take what a ready connection sent, without waiting for more; serve its HELLO or
+        request once that is whole (requests sent together, in turn), then wait for it
+        again; close it on a protocol error, a broken socket or a missed deadline."""
         try:
-            keep = self._hello(conn) if not conn.open else self._request(conn)
-            # a release or renewal: the request behind it is here; and TLS may hold the next
-            # request decrypted already, where epoll cannot see it
-            while keep is CONTINUE or (keep and _tls_pending(conn.sock)):
-                if not _buffered(conn.sock):
-                    keep = True
-                    break
-                keep = self._request(conn)
+            wait = self._turn(conn)
         except (ChannelError, ConnectionError, TimeoutError, OSError) as exc:
             log.info("data connection from %s ended: %s", conn.host, exc)
-            keep = False
+            wait = 0
         except Exception:
             log.exception("data connection from %s: internal error", conn.host)
-            keep = False
-        if keep:
-            conn.last_used = time.monotonic()
+            wait = 0
+        if wait:
             try:
-                self._poll.modify(conn.sock.fileno(), select.EPOLLIN | select.EPOLLONESHOT)
+                self._poll.modify(conn.fd, wait)
                 return
             except (OSError, ValueError):  # closed meanwhile
                 pass
         self._close(conn)
 
+    def _turn(self, conn: Connection) -> int:
+        """Serve what is whole; the epoll events to wait for next, 0 to close."""
+        while True:
+            got = self._gather(conn)
+            if isinstance(got, int):  # more must come first: no thread waits for it
+                return got
+            tls = isinstance(conn.sock, ssl.SSLSocket)
+            if tls:  # served as plain sockets are: blocking, each call bounded (stall_timeout)
+                conn.sock.setblocking(True)
+            keep = self._request(conn, got) if conn.open else self._hello(conn, got)
+            if not keep:
+                return 0
+            if tls:
+                conn.sock.setblocking(False)
+            conn.last_used = time.monotonic()
+            # a release or renewal: the request behind it may be here already; and TLS may
+            # hold the next request decrypted, where epoll cannot see it
+            if keep is not CONTINUE and not _tls_pending(conn.sock):
+                return WAIT_IN
+
+    def _gather(self, conn: Connection) -> int | bytes | Frame:
+        """Read, without waiting, what the connection sent of its TLS handshake, HELLO or
+        next request's header and metadata: the HELLO or the request once whole, else the
+        epoll events to wait for. The sweeper closes it if that takes too long."""
+        sock = conn.sock
+        if conn.handshake:
+            if not isinstance(sock, ssl.SSLSocket):
+                assert self.tls is not None
+                sock = conn.sock = self.tls.wrap_socket(
+                    sock, server_side=True, do_handshake_on_connect=False
+                )
+                sock.setblocking(False)
+            try:
+                sock.do_handshake()
+            except ssl.SSLWantReadError:
+                return WAIT_IN
+            except ssl.SSLWantWriteError:
+                return WAIT_OUT
+            conn.handshake = False
+        size = HEADER.size if conn.open else HELLO.size
+        while len(conn.part) < size:
+            chunk = _recv_now(sock, size - len(conn.part))
+            if not chunk:
+                return WAIT_IN
+            conn.heard = time.monotonic()
+            if conn.open and not conn.part:  # a request begins: it has a deadline
+                conn.due = conn.heard + self.timeout
+            conn.part += chunk
+        if not conn.open:
+            hello = bytes(conn.part)
+            conn.part.clear()
+            conn.due = math.inf
+            return hello
+        if conn.header is None:
+            conn.header = unpack_header(conn.part, REQUEST_MAGIC)
+            conn.due += conn.header[2] / self.min_rate
+        op, flags, meta_len, data_len = conn.header
+        while conn.meta_got < meta_len:
+            chunk = _recv_now(sock, min(meta_len - conn.meta_got, META_CHUNK))
+            if not chunk:
+                return WAIT_IN
+            conn.meta.append(chunk)
+            conn.meta_got += len(chunk)
+            conn.heard = time.monotonic()
+        meta = conn.meta[0] if len(conn.meta) == 1 else b"".join(conn.meta)
+        conn.part.clear()
+        conn.header, conn.meta, conn.meta_got = None, [], 0
+        conn.due = math.inf
+        return Frame(op, flags, meta, data_len)
+
     def _close(self, conn: Connection) -> None:
         with self._lock:
-            if self._connections.pop(conn.sock.fileno(), None) is None:
+            if self._connections.get(conn.fd) is not conn:
                 return
+            del self._connections[conn.fd]
             self._per_host[conn.host] -= 1
             if not self._per_host[conn.host]:
                 del self._per_host[conn.host]
-        with contextlib.suppress(OSError, ValueError):  # the socket failed: epoll dropped it
-            self._poll.unregister(conn.sock.fileno())
+        if conn.sock.fileno() >= 0:
+            with contextlib.suppress(OSError, ValueError):  # the socket failed: epoll dropped it
+                self._poll.unregister(conn.fd)
         conn.sock.close()
         conn.release_all()  # pins and slots of a client gone: free at once
 
     # -- opening ----------------------------------------------------------------
 
-    def _hello(self, conn: Connection) -> bool:
-        if self.tls is not None and conn.kind == "tcp":
-            conn.sock = self.tls.wrap_socket(conn.sock, server_side=True)  # the handshake
-        head = memoryview(bytearray(HELLO.size))
-        recv_exact(conn.sock, head[:1])  # an empty read here is a client that left
-        recv_exact(conn.sock, head[1:])
+    def _hello(self, conn: Connection, head: bytes) -> bool:
         magic, version, ticket, proof = HELLO.unpack(head)
         try:
             if magic != HELLO_MAGIC:
@@ -337,9 +422,8 @@ class ChannelServer:
 
     # -- requests ---------------------------------------------------------------
 
-    def _request(self, conn: Connection) -> bool | object:
+    def _request(self, conn: Connection, frame: Frame) -> bool | object:
         """One request; CONTINUE when it has no answer (a request follows at once)."""
-        frame = read_frame(conn.sock, REQUEST_MAGIC)
         op = frame.kind
         handler = self._handler(op, frame.flags, conn)
         try:
@@ -383,8 +467,9 @@ class ChannelServer:
         asked = check_keys(request.keys, unique=unique)
         keys = conn.tenant.keys(asked)
         if self.fetcher is not None:
+            answer_by = self.deadline(0) + request.wait_ms / 1000  # the request's allowance
             self.fetcher.ensure(
-                keys, request.wait_ms, request.fetch, lambda: _peer_there(conn.sock)
+                keys, request.wait_ms, request.fetch, lambda: _peer_there(conn.sock), answer_by
             )
         return asked, keys
 
@@ -403,7 +488,8 @@ class ChannelServer:
 
     def _sweep(self) -> None:
         """End what expired: leases and slots not renewed, connections idle too long."""
-        while not self._stopping.wait(max(min(self.lease_ttl / 4, 1.0), 0.02)):
+        period = min(self.lease_ttl, self.hello_timeout) / 4
+        while not self._stopping.wait(max(min(period, 1.0), 0.02)):
             now = time.monotonic()
             with self._lock:
                 connections = list(self._connections.values())
@@ -413,8 +499,9 @@ class ChannelServer:
                     ended = [conn.held.pop(k) for k in expired]
                 for held in ended:
                     held.end()
-                idle = IDLE_TIMEOUT if conn.open else self.timeout  # HELLO is due at once
-                if now - conn.last_used > idle and not conn.held:
+                # a HELLO or request begun and not whole by its deadline, or stalled
+                late = now > conn.due or (conn.due < math.inf and now - conn.heard > self.timeout)
+                if late or (now - conn.last_used > IDLE_TIMEOUT and not conn.held):
                     with contextlib.suppress(OSError):  # closed meanwhile by its peer
                         conn.sock.shutdown(socket.SHUT_RDWR)  # its next turn closes it
 
@@ -450,13 +537,14 @@ def _not_here(server: ChannelServer, conn: Connection, frame: Frame) -> None:
 
 
 def _refuse(sock: socket.socket, exc: KVStoreError) -> None:
+    """A refused HELLO's answer; the caller closes the socket (`_close` for a connection
+    in the table, so that its slot there and its host's count are given back)."""
     text = str(exc).encode()[:4096]
     try:
         sock.sendall(HELLO_REPLY.pack(HELLO_MAGIC, status_of(exc).value[0], len(text), b"", 0))
         sock.sendall(text)
     except OSError:  # the peer is gone already
         pass
-    sock.close()
 
 
 def _check_same_user(sock: socket.socket) -> None:
@@ -478,13 +566,20 @@ def _tls_pending(sock: socket.socket) -> bool:
     return isinstance(sock, ssl.SSLSocket) and sock.pending() > 0
 
 
-def _buffered(sock: socket.socket) -> bool:
-    """Whether the peer already sent more (a request right behind a release)."""
-    if _tls_pending(sock):
-        return True
-    poller = select.poll()  # not select(): descriptors may pass FD_SETSIZE here
-    poller.register(sock.fileno(), select.POLLIN)
-    return bool(poller.poll(0))
+def _recv_now(sock: socket.socket, most: int) -> bytes:
+    """Up to `most` bytes the peer sent already, b"" when none is here yet; ChannelError
+    once it closed. A TLS socket is non-blocking while it waits in epoll; a plain one stays
+    blocking for its handler, and this read alone does not wait."""
+    try:
+        if isinstance(sock, ssl.SSLSocket):
+            chunk = sock.recv(most)
+        else:
+            chunk = sock.recv(most, socket.MSG_DONTWAIT)
+    except (BlockingIOError, InterruptedError, ssl.SSLWantReadError):
+        return b""
+    if not chunk:
+        raise ChannelError("the peer closed the connection")
+    return chunk
 
 
 def _same_host(host: str) -> str:

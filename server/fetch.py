@@ -11,6 +11,11 @@ request is fetching wait for that fetch instead of starting a second.
 With `wait`, keys[0] gets that long to arrive (locally, or with `fetch` anywhere in the
 cluster); a put that was bringing it and fails ends the wait at once, and so does one
 that failed shortly before the wait began (the store remembers it: `Store.abandoned`).
+
+A fetch is bounded: it dials at most `MAX_HOLDERS` holders, passes over for `FAILED_FOR`
+seconds a holder that just failed, and stops by the caller's deadline and after
+`MAX_FETCH` seconds. Clients of holders are kept for `PEER_IDLE` seconds unused, and at
+most `MAX_PEERS` of them (the least recently used closed first).
 """
 
 from __future__ import annotations
@@ -18,11 +23,14 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
 
 from kvstore.errors import Busy, KVStoreError, Unavailable
-from kvstore.ingest import check_payload
+from kvstore.ingest import check_fits, check_payload, validate_block
 from kvstore.keys import BlockKey
 from kvstore.meta import BlockMeta
 from kvstore.server.cluster import Membership
@@ -34,6 +42,20 @@ MAX_WAIT = 300.0  # seconds a request may wait for blocks to arrive
 MAX_WAITING = 8  # requests waiting at once; more are refused (they hold serving threads)
 RUN = 256  # keys asked of a holder at once (their slots are reserved together)
 POLL = 0.02  # seconds between looks at the cluster while waiting with fetch
+MAX_HOLDERS = 3  # holders dialed per fetch: the best, and two to take over where one failed
+MAX_FETCH = 30.0  # seconds one fetch may take, whatever the caller's deadline
+FAILED_FOR = 5.0  # seconds a holder that just failed is passed over
+MAX_FAILED = 4096  # holders remembered as failed at once
+MAX_PEERS = 16  # holders this node keeps a client of (the least recently used closed first)
+PEER_IDLE = 60.0  # seconds a client of a holder is kept unused
+
+
+@dataclass(eq=False, slots=True)
+class _Peer:
+    client: object  # a kvstore.client.Client of the holder
+    used: float  # time.monotonic() of its last use
+    users: int = 0  # fetches using it now: it is closed only once they are done
+    evicted: bool = False
 
 
 class Fetcher:
@@ -51,11 +73,13 @@ class Fetcher:
         self._waiting = threading.BoundedSemaphore(MAX_WAITING)
         self._lock = threading.Lock()
         self._running: dict[BlockKey, threading.Event] = {}  # first key of a run being fetched
-        self._peers: dict[str, object] = {}
+        self._peers: OrderedDict[str, _Peer] = OrderedDict()  # least recently used first
+        self._failed: dict[str, float] = {}  # holder address -> until when it is passed over
         self._counts: dict[str, list[int]] = {}  # node id -> [blocks, bytes]
         self._background = ThreadPoolExecutor(4, thread_name_prefix="kvstore-prefetch")
         self._following: set[BlockKey] = set()  # first keys of prompts followed
         self._closing = threading.Event()
+        threading.Thread(target=self._sweep, name="kvstore-peers", daemon=True).start()
 
     def ensure(
         self,
@@ -63,13 +87,15 @@ class Fetcher:
         wait_ms: int,
         fetch: bool,
         alive: Callable[[], bool] = lambda: True,
+        answer_by: float | None = None,
     ) -> None:
         """Before a get, lease or lookup of `keys` is answered: fetch what the cluster has
         and this node lacks, and give keys[0] up to `wait_ms` to arrive; a caller that
-        is gone (`alive()` false) or a node that closes ends the wait."""
+        is gone (`alive()` false) or a node that closes ends the wait. `answer_by`
+        (time.monotonic()): the caller's deadline, which ends any fetch."""
         fetch = fetch and self.membership.index is not None
         if fetch:
-            self.fill(keys)
+            self.fill(keys, answer_by)
         if not wait_ms or self.store.contains(keys[0]):
             return
         if not self._waiting.acquire(blocking=False):
@@ -86,7 +112,7 @@ class Fetcher:
                 if not fetch:  # only a local put can bring it: wait for that
                     self.store.wait_present(keys[0], left, waiting)
                     return
-                if self.store.wait_present(keys[0], min(left, POLL)) or self.fill(keys):
+                if self.store.wait_present(keys[0], min(left, POLL)) or self.fill(keys, answer_by):
                     return
                 if self.store.abandoned(keys[0]):  # a put of it here died, and none is on
                     return
@@ -120,22 +146,25 @@ class Fetcher:
         self._background.submit(self._quietly, list(keys))
         return present, True
 
-    def fill(self, keys: Sequence[BlockKey]) -> int:
-        """Make the local prefix of `keys` as long as the cluster's; blocks fetched."""
+    def fill(self, keys: Sequence[BlockKey], answer_by: float | None = None) -> int:
+        """Make the local prefix of `keys` as long as the cluster's, within `MAX_FETCH`
+        seconds and by `answer_by` (time.monotonic()); blocks fetched."""
+        limit = time.monotonic() + MAX_FETCH
+        limit = limit if answer_by is None else min(limit, answer_by)
         fetched = 0
-        while (n := self.store.present(keys)) < len(keys):
+        while (n := self.store.present(keys)) < len(keys) and time.monotonic() < limit:
             run = keys[n]
             with self._lock:
                 running = self._running.get(run)
                 if running is None:
                     self._running[run] = threading.Event()
             if running is not None:  # another request fetches this run: wait for it
-                running.wait(self.timeout)
+                running.wait(max(0.0, min(self.timeout, limit - time.monotonic())))
                 if self.store.present(keys) == n:
                     return fetched
                 continue
             try:
-                got = self._fetch(keys[n:])
+                got = self._fetch(keys[n:], limit)
             finally:
                 with self._lock:
                     self._running.pop(run).set()
@@ -153,12 +182,12 @@ class Fetcher:
         self._closing.set()
         self._background.shutdown(wait=False, cancel_futures=True)
         with self._lock:
-            peers, self._peers = list(self._peers.values()), {}
-        for peer in peers:
-            peer.close()  # type: ignore[attr-defined]
+            idle = [self._evict(address) for address in list(self._peers)]
+        _close(idle)
 
-    def _fetch(self, keys: Sequence[BlockKey]) -> int:
-        """Pull the leading run of `keys` from the best holders; blocks landed here."""
+    def _fetch(self, keys: Sequence[BlockKey], limit: float) -> int:
+        """Pull the leading run of `keys` from the best holders (at most `MAX_HOLDERS`, and
+        none that just failed), until `limit` (time.monotonic()); blocks landed here."""
         index = self.membership.index
         if index is None:
             return 0
@@ -167,43 +196,114 @@ class Fetcher:
         except KVStoreError as exc:
             log.info("fetch-through: cannot locate holders: %s", exc)
             return 0
-        landed = 0
+        landed = tried = 0
         for holder in holders:  # best first; the next one takes over where one failed
-            if holder.matched <= landed:
+            if holder.matched <= landed or self._passed_over(holder.address):
                 continue
+            if tried == MAX_HOLDERS or time.monotonic() >= limit:
+                break
+            tried += 1
             try:
-                self._pull(holder.node_id, holder.address, keys[landed : holder.matched])
-            except KVStoreError as exc:
+                self._pull(holder.node_id, holder.address, keys[landed : holder.matched], limit)
+            except (KVStoreError, OSError) as exc:
                 log.warning("fetch-through from %s stopped: %s", holder.node_id, exc)
+                self._failed_now(holder.address)
             landed = self.store.present(keys)  # whole blocks stay, whatever stopped it
             if landed >= holders[0].matched:
                 break
         return landed
 
-    def _pull(self, node: str, address: str, keys: Sequence[BlockKey]) -> int:
-        peer = self._peer(address)
+    def _pull(self, node: str, address: str, keys: Sequence[BlockKey], limit: float) -> int:
         total = 0
-        for start in range(0, len(keys), RUN):
-            run = keys[start : start + RUN]
-            landing = _Landing(self.store, run, lambda size: self._count(node, size))
-            try:
-                got = peer.get_into(run, landing.place, landing.landed)  # type: ignore[attr-defined]
-            finally:
-                landing.abort_rest()
-            total += landing.done
-            if got < len(run):
-                break
+        with self._peer(address) as peer:
+            for start in range(0, len(keys), RUN):
+                if start and time.monotonic() >= limit:
+                    break
+                run = keys[start : start + RUN]
+                landing = _Landing(self.store, run, lambda size: self._count(node, size))
+                try:
+                    got = peer.get_into(run, landing.place, landing.landed)  # type: ignore[attr-defined]
+                finally:
+                    landing.abort_rest()
+                total += landing.done
+                if got < len(run):
+                    break
         return total
 
-    def _peer(self, address: str) -> object:
+    @contextmanager
+    def _peer(self, address: str) -> Iterator[object]:
+        """The client of the holder at `address` (made on first use; dropped if the call
+        fails, so the next one starts afresh)."""
         from kvstore.client import Client  # a node fetching is a client of the holder
 
         with self._lock:
-            if address not in self._peers:
-                self._peers[address] = Client(
+            peer = self._peers.get(address)
+            if peer is None:
+                client = Client(
                     address, transport="tcp", shm=False, timeout=self.timeout, **self.peer_options
                 )
-            return self._peers[address]
+                peer = self._peers[address] = _Peer(client, time.monotonic())
+            self._peers.move_to_end(address)
+            peer.users += 1
+            stale = self._stale(time.monotonic())
+        _close(stale)
+        ok = False
+        try:
+            yield peer.client
+            ok = True
+        finally:
+            with self._lock:
+                peer.users -= 1
+                peer.used = time.monotonic()
+                if not ok and self._peers.get(address) is peer:
+                    self._evict(address)
+                done = [peer] if peer.evicted and not peer.users else []
+            _close(done)
+
+    def _stale(self, now: float) -> list[_Peer]:
+        """Evict the clients unused for `PEER_IDLE` and those past `MAX_PEERS` (lock held);
+        those no fetch uses now, to be closed."""
+        idle = [a for a, p in self._peers.items() if not p.users and now - p.used > PEER_IDLE]
+        stale = [self._evict(address) for address in idle]
+        while len(self._peers) > MAX_PEERS:
+            stale.append(self._evict(next(iter(self._peers))))
+        return [peer for peer in stale if peer is not None]
+
+    def _evict(self, address: str) -> _Peer | None:
+        """Out of the cache (lock held): the peer, if no fetch uses it (close it then)."""
+        peer = self._peers.pop(address)
+        peer.evicted = True
+        return None if peer.users else peer
+
+    def _sweep(self) -> None:
+        while not self._closing.wait(PEER_IDLE / 4):
+            with self._lock:
+                stale = self._stale(time.monotonic())
+            _close(stale)
+
+    def peer_count(self) -> int:
+        """Clients of holders kept now."""
+        with self._lock:
+            return len(self._peers)
+
+    def _passed_over(self, address: str) -> bool:
+        """Whether the holder at `address` failed less than `FAILED_FOR` seconds ago."""
+        with self._lock:
+            until = self._failed.get(address)
+            if until is not None and until <= time.monotonic():
+                del self._failed[address]
+                until = None
+        return until is not None
+
+    def _failed_now(self, address: str) -> None:
+        with self._lock:
+            now = time.monotonic()
+            if len(self._failed) >= MAX_FAILED:
+                self._failed = {a: t for a, t in self._failed.items() if t > now}
+                while len(self._failed) >= MAX_FAILED:
+                    del self._failed[next(iter(self._failed))]
+            self._failed.pop(address, None)  # re-inserted last: the oldest go first
+            self._failed[address] = now + FAILED_FOR
 
     def _count(self, node: str, nbytes: int) -> None:
         with self._lock:
@@ -218,10 +318,19 @@ class Fetcher:
             log.exception("prefetch failed")
 
 
+def _close(peers: Sequence[_Peer | None]) -> None:
+    for peer in peers:
+        if peer is not None:
+            try:
+                peer.client.close()  # type: ignore[attr-defined]
+            except Exception:  # a client that cannot close cleanly is gone all the same
+                log.debug("closing a client of a holder failed", exc_info=True)
+
+
 class _Landing:
     """One run of fetched blocks: slots reserved for them as the holder answers, each
     published once whole and checked, those that never land freed. The holder's answer
-    must name exactly the keys asked, in order, with sizes the node would take in a put."""
+    must name exactly the keys asked, in order, with blocks the node would take in a put."""
 
     def __init__(
         self, store: Store, asked: Sequence[BlockKey], counted: Callable[[int], None]
@@ -236,12 +345,11 @@ class _Landing:
     def place(self, blocks: list[tuple[BlockKey, BlockMeta]]) -> list[memoryview]:
         if [key for key, _ in blocks] != list(self.asked[: len(blocks)]):
             raise Unavailable("the holder answered with keys it was not asked for")
+        seen: set[BlockKey] = set()
+        for i, (key, meta) in enumerate(blocks):  # what a put of these blocks must pass
+            validate_block(self.store, i, key, meta, seen)
         sizes = [meta.size for _, meta in blocks]
-        if (
-            max(sizes, default=0) > self.store.max_block_size
-            or sum(sizes) > self.store.host.capacity // 2
-        ):
-            raise Unavailable("the holder declared blocks larger than this node takes")
+        check_fits(self.store, sum(self.store.host.slot_cost(s) for s in sizes), len(blocks))
         self.slots = self.store.reserve_many(sizes)
         self.blocks = blocks
         return [slot.view for slot in self.slots]

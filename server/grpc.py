@@ -4,12 +4,18 @@ always works, wherever the client is."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import ExitStack
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import fields
 
 import grpc
 import numpy as np
 
+from kvstore.config import ServerConfig
 from kvstore.errors import InvalidArgument
 from kvstore.ingest import BlockIngest
 from kvstore.keys import block_keys, check_keys
@@ -24,6 +30,9 @@ from kvstore.store import Store
 from kvstore.tenants import Tenant, as_asked
 
 HEADERS_TAG = b"\x0a"  # field 1 (headers), length-delimited: a frame of block headers
+MIN_RATE = next(f.default for f in fields(ServerConfig) if f.name == "min_rate")
+
+log = logging.getLogger("kvstore.server")
 
 
 class GrpcPath:
@@ -34,21 +43,40 @@ class GrpcPath:
         transfers: TransferCounts,
         fetcher: Fetcher,
         auth: Auth,
+        min_rate: float = MIN_RATE,
     ) -> None:
         self.store = store
         self.auth = auth
         self.fetcher = fetcher
         self.chunk_size = chunk_size
         self.transfers = transfers
+        # a put stream's bounds, the data plane's: --data-timeout (which the fetcher holds)
+        # and --min-rate
+        self.timeout: float = fetcher.timeout
+        self.min_rate = min_rate
+        self._deadlines = _Watchdog()
 
     def put(self, frames: Iterator[bytes], context: grpc.ServicerContext, tenant: Tenant) -> bytes:
         tenant.may_write()
-        with self.transfers.running(), ExitStack() as held:
-            return self._put(frames, held, context.peer(), tenant)
+        peer = context.peer()
+        with (
+            self.transfers.running(),
+            self.transfers.arriving(peer) as arrived,
+            self._deadlines.watch(context, self.timeout, self.min_rate) as deadline,
+        ):
+            return self._put(deadline.frames(frames), arrived, deadline, peer, tenant)
 
-    def _put(self, frames: Iterator[bytes], held: ExitStack, peer: str, tenant: Tenant) -> bytes:
+    def _put(
+        self,
+        frames: Iterator[bytes],
+        arrived: Callable[[int], None],
+        deadline: _Deadline,
+        peer: str,
+        tenant: Tenant,
+    ) -> bytes:
         ingest: BlockIngest | None = None
         declared: list[tuple[bytes, int]] = []
+        sending = False  # its first bytes came
         try:
             for raw in frames:
                 if raw[:1] == HEADERS_TAG and len(raw) > MAX_HEADER_FRAME:
@@ -58,25 +86,36 @@ class GrpcPath:
                 frame = decode_frame(raw, pb.PutRequest)
                 if not isinstance(frame, memoryview) and frame.HasField("headers"):
                     if ingest is None:  # the first headers frame says how the put goes
-                        ingest = BlockIngest(self.store, durable=frame.headers.durable)
+                        ingest = BlockIngest(
+                            self.store,
+                            durable=frame.headers.durable,
+                            reserving=lambda size: self.transfers.waiting(size, peer),
+                        )
                     blocks = tenant.blocks(headers_from_proto(frame.headers.blocks))
                     declared += [(key, meta.size) for key, meta in blocks]
                     self.auth.check(tenant, sum(size for _, size in declared))
-                    ingest.declare(blocks)
                     nbytes = sum(meta.size for _, meta in blocks)
-                    held.enter_context(self.transfers.holding(nbytes, peer))
+                    # refused as if held, with what it declared before and still awaits;
+                    # but held only as its bytes come
+                    self.transfers.admit(ingest.pending_bytes + nbytes, peer)
+                    ingest.declare(blocks)
+                    deadline.declared += nbytes
                     continue
                 if ingest is None:
                     ingest = BlockIngest(self.store)
-                if isinstance(frame, memoryview):
-                    ingest.feed(frame)
-                elif frame.HasField("data"):
-                    ingest.feed(memoryview(frame.data))
-                else:
-                    raise InvalidArgument("frame", "PutRequest sets neither headers nor data")
+                if not isinstance(frame, memoryview):
+                    if not frame.HasField("data"):
+                        raise InvalidArgument("frame", "PutRequest sets neither headers nor data")
+                    frame = memoryview(frame.data)
+                if not sending:  # it begins: refused as at its headers, with what others
+                    # brought meanwhile (many may declare at once); nothing of it is stored
+                    self.transfers.admit(ingest.pending_bytes, peer)
+                    sending = True
+                arrived(len(frame))
+                ingest.feed(frame)
             ingest = ingest or BlockIngest(self.store)
             result = ingest.finish()
-        except BaseException:
+        except BaseException:  # refused, cut or past its deadline: its whole blocks stay
             if ingest is not None:
                 ingest.abort()
             raise
@@ -88,7 +127,9 @@ class GrpcPath:
         request = parse(raw, pb.GetRequest)
         asked = check_keys(request.keys, unique=True)
         keys = tenant.keys(asked)
-        self.fetcher.ensure(keys, request.wait_ms, request.fetch, context.is_active)
+        self.fetcher.ensure(
+            keys, request.wait_ms, request.fetch, context.is_active, _answer_by(context)
+        )
         with (
             self.transfers.running(),
             self.store.read(keys) as batch,
@@ -105,11 +146,25 @@ class GrpcPath:
                 yield frame
         self.transfers.add("get/grpc", sum(b.meta.size for b in batch.blocks))
 
-    def lookup(self, raw: bytes, context: grpc.ServicerContext, tenant: Tenant) -> bytes:
+    def lookup(
+        self,
+        raw: bytes,
+        context: grpc.ServicerContext,
+        tenant: Tenant,
+        gate: Callable[[], AbstractContextManager[object]],
+    ) -> bytes:
+        """A lookup that may block (`fetch`, or `wait` for a first key not here) does so in
+        `gate`, the bound on RPC threads that may block; a plain one never enters it."""
         request = parse(raw, pb.LookupRequest)
         keys = tenant.keys(self.lookup_keys(raw))
-        if request.HasField("keys"):
-            self.fetcher.ensure(keys, request.keys.wait_ms, request.keys.fetch, context.is_active)
+        ask = request.keys
+        if request.HasField("keys") and (
+            ask.fetch or (ask.wait_ms and not self.store.contains(keys[0]))
+        ):
+            with gate():
+                self.fetcher.ensure(
+                    keys, ask.wait_ms, ask.fetch, context.is_active, _answer_by(context)
+                )
         tiers = self.store.lookup(keys)
         return pb.LookupReply(found=len(tiers), tiers=tiers).SerializeToString()
 
@@ -122,6 +177,91 @@ class GrpcPath:
         if request.HasField("keys"):
             return check_keys(request.keys.keys, "keys.keys")
         raise InvalidArgument("query", "LookupRequest sets neither keys nor tokens")
+
+
+class _Deadline:
+    """A put stream's deadline, the data plane's: it may stall (the node waiting on the
+    client) for `timeout`, and must be done by `timeout` plus its bytes at `min_rate`."""
+
+    def __init__(self, context: grpc.ServicerContext, timeout: float, min_rate: float) -> None:
+        self.context = context
+        self.timeout = timeout
+        self.min_rate = min_rate
+        self.start = self.waiting_since = time.monotonic()
+        self.declared = 0  # bytes
+
+    def due(self) -> float:
+        overall = self.start + self.timeout + self.declared / self.min_rate
+        return min(self.waiting_since + self.timeout, overall)
+
+    def frames(self, frames: Iterator[bytes]) -> Iterator[bytes]:
+        """`frames`, each checked against the deadline as it comes. The node's own time
+        between them (waiting for room) is no stall of the client's."""
+        for raw in frames:
+            self.waiting_since = math.inf
+            if time.monotonic() > self.due():  # a trickle: it ends here, on its own thread
+                self.context.abort(
+                    grpc.StatusCode.DEADLINE_EXCEEDED,
+                    f"put too slow: {self.declared} bytes get {self.timeout} s plus "
+                    f"{self.min_rate:.0f} bytes/s (--data-timeout, --min-rate)",
+                )
+            yield raw
+            self.waiting_since = time.monotonic()
+        self.start = self.waiting_since = math.inf  # all came: what is left is the node's
+
+
+class _Watchdog:
+    """Ends put streams past their deadline. gRPC never times a stream out on the node's
+    side, and a handler waiting in the request iterator looks at no clock; so one thread
+    cancels the calls that are late (`RpcContext.cancel`, callable from any thread): their
+    iterator raises, the handler unwinds, and what the put reserved is freed."""
+
+    def __init__(self) -> None:
+        self._deadlines: set[_Deadline] = set()
+        self._changed = threading.Condition()
+        self._thread: threading.Thread | None = None
+
+    @contextmanager
+    def watch(
+        self, context: grpc.ServicerContext, timeout: float, min_rate: float
+    ) -> Iterator[_Deadline]:
+        deadline = _Deadline(context, timeout, min_rate)
+        with self._changed:
+            self._deadlines.add(deadline)
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="kvstore-put-deadlines", daemon=True
+                )
+                self._thread.start()
+            self._changed.notify()
+        try:
+            yield deadline
+        finally:
+            with self._changed:
+                self._deadlines.discard(deadline)
+
+    def _run(self) -> None:
+        while True:
+            with self._changed:
+                now = time.monotonic()
+                late = {d for d in self._deadlines if d.due() <= now}
+                self._deadlines -= late
+                if not late:  # a deadline may come nearer (a stall begins): look again soon
+                    soonest = min((d.due() for d in self._deadlines), default=math.inf)
+                    self._changed.wait(None if soonest == math.inf else min(soonest - now, 0.5))
+                    continue
+            for deadline in late:
+                log.info(
+                    "put from %s ended: stalled past --data-timeout, or too slow for --min-rate",
+                    deadline.context.peer(),
+                )
+                deadline.context.cancel()
+
+
+def _answer_by(context: grpc.ServicerContext) -> float | None:
+    """The caller's deadline (time.monotonic()), if it set one."""
+    left = context.time_remaining()
+    return None if left is None else time.monotonic() + left
 
 
 def token_keys(tokens: pb.TokenPrefix) -> list[bytes]:

@@ -181,6 +181,7 @@ class Daemon:
                 self.channel.unix_address if self.channel else "",
             ),
             dialable=_dialable(self.address, advertised),
+            min_rate=config.min_rate,
         )
         self.server.add_generic_rpc_handlers([servicer.handler()])
         self.metrics.watch(self)

@@ -3,8 +3,9 @@ path, translating frames to core calls and back, nothing more.
 
 Every handler receives the raw request bytes and parses them strictly, so a malformed
 frame or an unknown field is INVALID_ARGUMENT naming it, not a generic deserialization
-failure. Handlers that may wait (a stream, a put waiting for room, a push to another
-node) pass a gate that leaves RPC threads free, so health checks and Stats always answer.
+failure. Handlers that may hold an RPC thread for long (Put and Get streams, a push to
+another node, a lookup that waits or fetches, Watch) pass one gate, `workers -
+FREE_THREADS` wide, so health checks, Stats and plain lookups always find a thread.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from kvstore.proto.frames import parse
 from kvstore.server.auth import Auth
 from kvstore.server.cluster import Membership
 from kvstore.server.fetch import Fetcher
-from kvstore.server.grpc import GrpcPath
+from kvstore.server.grpc import MIN_RATE, GrpcPath
 from kvstore.server.push import PushPolicy, push
 from kvstore.server.status import TransferCounts, streaming, unary
 from kvstore.server.tickets import TicketBook
@@ -31,9 +32,9 @@ from kvstore.store import Store
 from kvstore.trust import CHALLENGE, DIALED
 
 SERVICE = "kvstore.v1.KVStore"
-FREE_THREADS = 4  # RPC threads never taken by transfers: health, Stats, Lookup always answer
+FREE_THREADS = 4  # RPC threads never taken by calls that may block: health, Stats, Lookup
 PUSH_TIMEOUT = 60.0  # seconds a push may take when its caller set no deadline
-MAX_WATCHERS = 8  # Watch streams at once (each holds an RPC thread for its life)
+MAX_WATCHERS = 8  # Watch streams at once (each holds an RPC thread for its life, in the gate)
 
 
 def peer_host(context: grpc.ServicerContext) -> str:
@@ -81,6 +82,7 @@ class KVStoreServicer:
         auth: Auth,
         info: Callable[[], tuple[str, str]] = lambda: ("", ""),
         dialable: frozenset[str] = frozenset(),
+        min_rate: float = MIN_RATE,
     ) -> None:
         self.auth = auth
         self.store = store
@@ -93,8 +95,9 @@ class KVStoreServicer:
         self.dialable = dialable  # HOST:PORT others may dial this node's gRPC at
         self.transfers = transfers
         self.watchers = Gate(MAX_WATCHERS, "watchers")
-        self.grpc = GrpcPath(store, chunk_size, self.transfers, fetcher, auth)
-        self.gate = Gate(max(workers - FREE_THREADS, 1))
+        self.grpc = GrpcPath(store, chunk_size, self.transfers, fetcher, auth, min_rate)
+        # everything that may block shares this one bound, so FREE_THREADS stay free
+        self.gate = Gate(max(workers - FREE_THREADS, 1), "transfers, waits and watches")
         self.push_policy = PushPolicy(push_allow)
 
     @unary
@@ -111,7 +114,7 @@ class KVStoreServicer:
 
     @unary
     def Lookup(self, raw: bytes, context: grpc.ServicerContext) -> bytes:
-        return self.grpc.lookup(raw, context, self.auth.of(context))
+        return self.grpc.lookup(raw, context, self.auth.of(context), self.gate.enter)
 
     @unary
     def Delete(self, raw: bytes, context: grpc.ServicerContext) -> bytes:
@@ -242,7 +245,7 @@ class KVStoreServicer:
     def Prefetch(self, raw: bytes, context: grpc.ServicerContext) -> bytes:
         tenant = self.auth.of(context)
         keys = tenant.keys(check_keys(parse(raw, pb.GetRequest).keys))
-        present, started = self.fetcher.prefetch(keys)
+        present, started = self.fetcher.prefetch(keys)  # never blocks: no gate (its own pool)
         return pb.PrefetchReply(present=present, started=started).SerializeToString()
 
     @unary
@@ -268,7 +271,7 @@ class KVStoreServicer:
         self.auth.of(context).may_see_all("Watch")
         request = parse(raw, pb.WatchRequest)
         start = request.from_sequence if request.HasField("from_sequence") else None
-        with self.watchers.enter():
+        with self.watchers.enter(), self.gate.enter():
             watch = self.membership.events.watch(start)
             context.add_callback(watch.cancel)  # the caller went away: stop waiting
             node = self.membership.node_id

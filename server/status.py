@@ -90,27 +90,70 @@ class TransferCounts:
             yield
             return
         with self._lock:
-            mine = self._by_connection.get(connection, 0)
-            if self.max_connection_bytes and mine + nbytes > self.max_connection_bytes:
-                raise ResourceExhausted(
-                    f"{mine + nbytes} bytes in flight on one connection, at most "
-                    f"{self.max_connection_bytes}: split the batch or wait for the others"
-                )
-            total = self.inflight_bytes
-            if self.max_bytes and total and total + nbytes > self.max_bytes:
-                raise Busy(
-                    f"{total} bytes of transfers in flight, at most {self.max_bytes}: retry shortly"
-                )
-            self.inflight_bytes += nbytes
-            self._by_connection[connection] = mine + nbytes
+            self._check(nbytes, connection)
+            self._take(nbytes, connection)
         try:
             yield
         finally:
+            self._give(nbytes, connection)
+
+    def admit(self, nbytes: int, connection: object) -> None:
+        """Refuse a transfer of `nbytes` as `holding` would, but hold nothing: its bytes
+        count as they arrive (`arriving`), so a stream that declares much and sends
+        nothing holds nothing, and delays no one."""
+        if nbytes > 0:
             with self._lock:
-                self.inflight_bytes -= nbytes
-                left = self._by_connection.pop(connection) - nbytes
-                if left:
-                    self._by_connection[connection] = left
+                self._check(nbytes, connection)
+
+    @contextmanager
+    def arriving(self, connection: object) -> Iterator[Callable[[int], None]]:
+        """A transfer whose bytes are in flight from when they arrive (call the function
+        yielded with each count) until it ends."""
+        held = 0
+
+        def arrived(nbytes: int) -> None:
+            nonlocal held
+            with self._lock:
+                self._take(nbytes, connection)
+            held += nbytes
+
+        try:
+            yield arrived
+        finally:
+            if held:
+                self._give(held, connection)
+
+    @contextmanager
+    def waiting(self, nbytes: int, connection: object) -> Iterator[None]:
+        """`nbytes` an admitted transfer is about to take (it waits for room for them): in
+        flight meanwhile, so that others are refused at once rather than wait behind it."""
+        with self.arriving(connection) as arrived:
+            arrived(nbytes)
+            yield
+
+    def _check(self, nbytes: int, connection: object) -> None:
+        mine = self._by_connection.get(connection, 0)
+        if self.max_connection_bytes and mine + nbytes > self.max_connection_bytes:
+            raise ResourceExhausted(
+                f"{mine + nbytes} bytes in flight on one connection, at most "
+                f"{self.max_connection_bytes}: split the batch or wait for the others"
+            )
+        total = self.inflight_bytes
+        if self.max_bytes and total and total + nbytes > self.max_bytes:
+            raise Busy(
+                f"{total} bytes of transfers in flight, at most {self.max_bytes}: retry shortly"
+            )
+
+    def _take(self, nbytes: int, connection: object) -> None:
+        self.inflight_bytes += nbytes
+        self._by_connection[connection] = self._by_connection.get(connection, 0) + nbytes
+
+    def _give(self, nbytes: int, connection: object) -> None:
+        with self._lock:
+            self.inflight_bytes -= nbytes
+            left = self._by_connection.pop(connection) - nbytes
+            if left:
+                self._by_connection[connection] = left
 
     def refused_busy(self) -> None:
         with self._lock:

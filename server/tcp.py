@@ -107,10 +107,10 @@ def _receive(server: ChannelServer, conn: Connection, ingest: BlockIngest) -> Pu
                 raise TimeoutError("transfer deadline passed: too slow for --min-rate")
         return ingest.finish()
     except InvalidArgument:  # a bad block (checksum): the rest still comes, and is dropped
-        ingest.abort()
+        ingest.abort()  # its whole blocks stay, and the error says so
         drain(server, conn, ingest.pending_bytes, deadline)
         raise
-    except BaseException:
+    except BaseException:  # refused (no room in time), cut, stalled or too slow
         ingest.abort()
         raise
 

@@ -48,9 +48,10 @@ def secret_file(secret: str | None = None) -> str:
     return str(path)
 
 
-# every daemon's and router's of the suite (subprocesses inherit it): one cluster, unless a
-# test says otherwise
+# every daemon's and router's of the suite, the benchmark's children's too (they inherit
+# it): one cluster, unless a test says otherwise
 CLUSTER_SECRET = os.environ.setdefault("KVSTORE_TEST_CLUSTER_SECRET", secret_file())
+os.environ["KVSTORE_CLUSTER_SECRET"] = CLUSTER_SECRET
 
 
 @dataclass
@@ -74,7 +75,7 @@ def running_daemon(
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env={**os.environ, "KVSTORE_CLUSTER_SECRET": CLUSTER_SECRET, **(env or {})},
+        env={**os.environ, **(env or {})},
         **popen,
     )
     line = proc.stdout.readline()  # the daemon prints its address once it serves

@@ -5,10 +5,13 @@ from collections.abc import Iterator
 import grpc
 import numpy as np
 import pytest
+import xxhash
 
+from conftest import raw_channel, read_answer, send_request
 from kvstore.errors import ResourceExhausted
 from kvstore.keys import block_keys
 from kvstore.proto import kvstore_pb2 as pb
+from kvstore.proto.channel import INLINE, PUT
 from kvstore.proto.frames import encode_data
 
 SERVICE = "/kvstore.v1.KVStore/"
@@ -83,8 +86,46 @@ def test_a_broken_put_leaves_no_partial_block(channel, client, salt, witness) ->
     ]
     error = put_raw(channel, frames)  # ends 6 bytes into block 1
     assert error.code() == INVALID
-    assert client.lookup(keys) == 1  # block 0 arrived whole; block 1 was never published
-    assert [bytes(b) for b in client.get(keys)] == [b"a" * 10]
+    assert "the 1 whole blocks before it are stored" in error.details()
+    assert client.lookup(keys) == 1  # block 0 arrived whole: it stays, as the error says
+
+
+@pytest.mark.parametrize("apart", [True, False], ids=["next-frame", "same-frame"])
+def test_a_put_with_bytes_beyond_its_blocks_says_what_it_stored(
+    channel, client, salt, witness, apart: bool
+) -> None:
+    keys = block_keys(np.arange(32), 16, salt)
+    data = [b"a" * 10, b"b" * 10]
+    frames = [headers((keys[0], 10), (keys[1], 10))]
+    frames += [encode_data(data), encode_data([b"xy"])] if apart else [encode_data([*data, b"xy"])]
+    error = put_raw(channel, frames)
+    assert error.code() == INVALID and "2 bytes beyond the declared blocks" in error.details()
+    if apart:  # the blocks were whole before the excess came: they stay, and it says so
+        assert "the 2 whole blocks before it are stored" in error.details()
+        assert client.lookup(keys) == 2
+    else:  # refused before any of the frame was copied
+        assert "stored" not in error.details() and client.lookup(keys) == 0
+
+
+def test_a_refused_tcp_put_says_what_it_stored(daemon, client, salt, witness) -> None:
+    keys = block_keys(np.arange(48), 16, salt)
+    good = pb.BlockHeader(key=keys[0], meta=pb.BlockMeta(size=4))
+    with raw_channel(daemon.address) as sock:
+        # bytes beyond the blocks: refused before any is read
+        request = pb.BlockHeaders(blocks=[good])
+        send_request(sock, PUT, request, flags=INLINE, data=b"good" + b"xy")
+        error = read_answer(sock)
+        assert error.kind == INVALID.value[0] and b"6 bytes follow" in error.meta
+        assert client.lookup(keys[:1]) == 0
+        # block 1 fails its checksum once block 0 arrived whole: block 0 stays, as it says
+        good.meta.checksum = xxhash.xxh3_64_intdigest(b"good")
+        bad = pb.BlockHeader(key=keys[1], meta=pb.BlockMeta(size=2, checksum=12345))
+        request = pb.BlockHeaders(blocks=[good, bad])
+        send_request(sock, PUT, request, flags=INLINE, data=b"good" + b"ok")
+        error = read_answer(sock)
+        assert error.kind == INVALID.value[0] and b"blocks[1].checksum" in error.meta
+        assert b"the 1 whole blocks before it are stored" in error.meta
+    assert client.lookup(keys[:2]) == 1
 
 
 def test_a_cancelled_put_leaves_no_partial_block(channel, client, salt, witness) -> None:

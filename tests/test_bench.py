@@ -224,3 +224,24 @@ def test_codecs_report_every_codec_on_real_kv(tmp_path: Path) -> None:
     auto = {r["link_gbit"]: r for r in links if r["codec"] == "auto"}
     assert auto[None]["chosen"] == "none" and auto[None]["ratio"] == 1
     assert auto[1.0]["chosen"] in CODECS and auto[1.0]["ratio"] > 1.3  # 1 Gbit/s: compress
+
+
+def test_crash_loops_check_every_acknowledged_block(tmp_path: Path) -> None:
+    out = tmp_path / "crash.json"
+    result = bench(
+        "crash", "--loops", "2", "--kill-after", "0.3,0.8", "--threads", "2", "--processes", "2",
+        "--block-sizes", "16KiB,64KiB", "--batch", "4", "--durable", "0.5", "--rate", "16MiB",
+        "--host-capacity", "32MiB", "--dir", str(tmp_path), "--json", str(out),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "kvstore-bench crash" in result.stdout
+    (row,) = json.loads(out.read_text())["results"]
+    assert row["scenario"] == "crash" and row["loops"] == 2 and len(row["per_loop"]) == 2
+    assert row["acknowledged"] > 0 and 0 < row["acknowledged_durable"] <= row["acknowledged"]
+    assert row["corrupt"] == row["phantom"] == row["durable_lost"] == row["earlier_lost"] == 0
+    assert row["errors"] == 0 and row["within_bound"] and row["loops_failed"] == []
+    assert row["loss_bound_bytes"] == (8 + 64) << 20 and row["lost_bytes_max"] >= 0
+    assert row["final_checked"] <= row["acknowledged"] and 0 < row["restart_s_median"] < 60
+    for loop in row["per_loop"]:
+        assert {"acknowledged", "in_flight", "lost", "bound_bytes", "restart_s"} <= set(loop)
+        assert loop["lost"] <= loop["acknowledged"] - loop["durable"]

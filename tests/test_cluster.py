@@ -17,7 +17,7 @@ import msgspec
 import numpy as np
 import pytest
 import zmq
-from test_cluster_index import RedisServer, poll
+from test_cluster_index import RedisServer, forge_holder, poll, raw_client
 
 from conftest import CLUSTER_SECRET, Daemon, running_daemon
 from kvstore.errors import PermissionDenied
@@ -191,6 +191,31 @@ def test_with_a_cluster_only_registered_nodes_are_pushed_to(redis_server) -> Non
         assert c.push(keys, dst.address).stored == 1  # registered: allowed
         with pytest.raises(PermissionDenied, match="neither a node of this cluster nor in"):
             c.push(keys, outsider.address)
+
+
+def test_records_that_do_not_decode_leave_the_cluster_answering(redis_server) -> None:
+    """A signed record whose `load` is not JSON, and one whose incarnation is not a number,
+    both holding the prompt: Locate, the router, fetch-through and Push answer as if
+    they were not there."""
+    keys = prompt(b"bad records", 4)
+    with node(redis_server.url, "a") as a, node(redis_server.url, "b") as b:
+        with a.client() as ca:
+            ca.put(keys, [b"a" * 1000] * 4)
+        with Router(redis_server.url, secret=CLUSTER_SECRET) as router:
+            poll(lambda: holdings(router.locate(keys)) == {"a": 4})
+            poll(lambda: {n.node_id for n in router.nodes()} == {"a", "b"})
+            r = raw_client(redis_server.url)
+            forge_holder(r, 9001, "bad-load", "127.0.0.1:9", keys, load="not json")
+            forge_holder(r, 9002, "bad-inc", "127.0.0.1:9", keys, inc="x")
+            r.close()
+            assert holdings(router.locate(keys)) == {"a": 4}
+            assert {n.node_id for n in router.nodes()} == {"a", "b"}
+            assert router.route(keys).node_id == "a"
+        with b.client() as cb, a.client() as ca:
+            assert holdings(cb.locate(keys)) == {"a": 4} and cb.local_only == ""
+            assert len(cb.get(keys, fetch=True)) == 4  # fetched from a
+            assert cb.stats().fetched_blocks == {"a": 4}
+            assert ca.push(keys, b.address).found == 4  # b is still known as a node
 
 
 # -- KV events ------------------------------------------------------------------------

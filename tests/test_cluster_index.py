@@ -337,6 +337,57 @@ def test_load_counts_and_the_registry_reports_usage(
         assert (records["idle"].address, records["idle"].incarnation) == ("idle.grpc:1", 1)
 
 
+def forge_holder(
+    r: redis.Redis | RedisCluster,
+    slot: int,
+    node_id: str,
+    address: str,
+    keys: list[bytes],
+    *,
+    inc: str = "1",
+    load: str = "[0, 0.0]",
+    data: str | None = None,
+) -> None:
+    """Write into Redis a node record signed with the suite's secret (the fields as
+    `Registry.heartbeat` signs them), holding `keys` in its host tier."""
+    layout = Layout()
+    data = address if data is None else data
+    expires = int(time.time()) + 600
+    sig = SECRET.mac(b"node-record", node_id, inc, slot, address, data, expires).hex()
+    record = {"id": node_id, "inc": inc, "tok": "t", "addr": address, "data": data}
+    record |= {"tiers": "[]", "load": load, "exp": expires, "sig": sig}
+    r.hset(layout.node(slot), mapping=record)
+    r.hset(layout.ids, node_id, slot)
+    for key in keys:
+        name = layout.block(key)
+        r.set(name, (r.get(name) or b"") + (slot * 4 + 1).to_bytes(4, "big"))
+
+
+def test_a_record_that_does_not_decode_is_as_if_absent(
+    url: str, make_node: Callable[..., Node], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A buggy node's record (signed, with a `load` that is not JSON) and one with an
+    incarnation that is not a number leave every answer for the good nodes whole."""
+    keys = chain(4)
+    good = make_node(url, "good", holding(keys))
+    with Router(url, secret=CLUSTER_SECRET) as router:
+        poll(lambda: ranking(router, keys) == [("good", 4)])
+        r = raw_client(url)
+        kind = url.partition(":")[0]  # each record is logged once per process: ids of its own
+        forge_holder(r, 9001, f"bad-load-{kind}", "10.0.0.1:1", keys, load="not json")
+        forge_holder(r, 9002, f"bad-inc-{kind}", "10.0.0.2:1", keys, inc="x")
+        r.close()
+        caplog.set_level(logging.WARNING, "kvstore.cluster")
+        for _ in range(3):
+            assert ranking(router, keys) == [("good", 4)]
+            assert ranking(good.index, keys) == [("good", 4)]
+            assert [n.node_id for n in router.nodes()] == ["good"]
+            assert [n.node_id for n in good.index.nodes()] == ["good"]
+        assert router.route(keys).node_id == "good"
+    logged = [r.getMessage() for r in caplog.records if "does not decode" in r.getMessage()]
+    assert len(logged) == 2 and "bad-load" in logged[0] + logged[1]  # once each
+
+
 def test_moves_removals_and_clear_reach_the_index(
     server: RedisServer, make_node: Callable[..., Node]
 ) -> None:

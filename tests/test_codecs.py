@@ -217,3 +217,18 @@ def test_a_block_beyond_the_scratch_budget_round_trips_and_keeps_the_budget(bloc
         assert np.array_equal(back.view(np.uint16), block.view(np.uint16))
     kept = codecs._local.__dict__.get("scratch", {})
     assert sum(b.nbytes for b in kept.values()) <= codecs.SCRATCH_BYTES
+
+
+@pytest.mark.parametrize("name", sorted(CODECS))
+def test_a_payload_that_does_not_decode_to_its_metadata_is_invalid(blocks, name: str) -> None:
+    """Cut, lengthened or empty, or declared of another size than its shape and dtype: a
+    payload fails its decode with InvalidArgument, never a bare numpy or codec error."""
+    block = blocks["bfloat16"][0][:16]
+    payload = bytes(CODECS[name].encode(block, LAYOUT))
+    for bad in (payload[:-1], payload + b"\0", payload[:3], b""):
+        with pytest.raises(InvalidArgument, match="payload"):
+            CODECS[name].decode(memoryview(bad), block.dtype, block.shape, LAYOUT)
+    with pytest.raises(InvalidArgument, match=f"raw_size: {block.nbytes // 2} bytes declared"):
+        CODECS[name].decode(
+            memoryview(payload), block.dtype, block.shape, LAYOUT, block.nbytes // 2
+        )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import queue
 import random
+import socket
 import threading
 import time
 from typing import Any
@@ -13,8 +14,10 @@ import numpy as np
 import pytest
 import zmq
 
+from conftest import running_daemon
 from kvstore import events as ev
 from kvstore.errors import InvalidArgument
+from kvstore.keys import block_keys
 
 # vLLM 0.32.0's published schema (vllm/distributed/kv_events.py), written here on its own so
 # that a change to kvstore.events cannot change what the tests expect.
@@ -108,34 +111,43 @@ def receive(sub: zmq.Socket) -> tuple[bytes, int, bytes]:
 
 
 def join_live(log: ev.EventLog, sub: zmq.Socket) -> int:
-    """Publish until `sub` gets a batch (PUB drops what it sends before a SUB has joined),
-    then read up to the newest batch; return its sequence."""
+    """Publish until `sub` gets the newest batch (PUB drops what it sends before a SUB has
+    joined, and what finds the SUB's queue full); return its sequence."""
     deadline = time.monotonic() + WAIT_MS / 1000
-    while not sub.poll(50):
-        assert time.monotonic() < deadline, "the subscriber never joined"
-        log.cleared()
-        log.flush()
-    seq, newest = receive(sub)[1], log.next_sequence - 1
-    while seq < newest:
-        seq = receive(sub)[1]
+    seq = newest = -1
+    while seq < 0 or seq < newest:
+        if sub.poll(50):
+            seq = receive(sub)[1]
+        else:
+            assert time.monotonic() < deadline, "the subscriber never caught up"
+            log.cleared()
+            log.flush()
+        newest = log.next_sequence - 1
     return seq
 
 
-def replay(ctx: zmq.Context, endpoint: str, start: int) -> list[tuple[bytes, int, bytes]]:
-    """vLLM's replay request from a DEALER, read up to the end marker."""
-    with ctx.socket(zmq.DEALER) as dealer:
-        dealer.connect(endpoint)
-        dealer.send_multipart([b"", start.to_bytes(8, "big")])
-        got = []
-        while True:
-            assert dealer.poll(WAIT_MS), "the replay stalled"
-            frames = dealer.recv_multipart()
-            if frames[2] == END_SEQ:
-                assert frames == [b"", b"", END_SEQ, b""]
-                return got
-            empty, topic, seq, payload = frames
-            assert empty == b""
-            got.append((topic, int.from_bytes(seq, "big"), payload))
+def replay(
+    ctx: zmq.Context, endpoint: str, start: int, *, busy_for: float = 0
+) -> list[tuple[bytes, int, bytes]]:
+    """vLLM's replay request from a DEALER, read up to the end marker; asked again while the
+    answer is "busy" (as many replays served already), for up to `busy_for` seconds."""
+    deadline = time.monotonic() + busy_for
+    while True:
+        with ctx.socket(zmq.DEALER) as dealer:
+            dealer.connect(endpoint)
+            dealer.send_multipart([b"", start.to_bytes(8, "big")])
+            got = []
+            while True:
+                assert dealer.poll(WAIT_MS), "the replay stalled"
+                frames = dealer.recv_multipart()
+                if frames[2] == END_SEQ:
+                    break
+                empty, topic, seq, payload = frames
+                assert empty == b""
+                got.append((topic, int.from_bytes(seq, "big"), payload))
+        if frames != [b"", b"", END_SEQ, b"busy"] or time.monotonic() > deadline:
+            assert frames == [b"", b"", END_SEQ, b""]
+            return got
 
 
 # the wire format
@@ -489,3 +501,166 @@ def test_a_failed_bind_leaves_nothing_open(log, ctx):
         ev.ZmqPublisher(log, "tcp://127.0.0.1:*", taken.getsockopt_string(zmq.LAST_ENDPOINT))
     with ev.ZmqPublisher(log, "tcp://127.0.0.1:*", topic=TOPIC) as pub:  # the log still works
         assert join_live(log, subscriber(ctx, pub.endpoint)) >= 0
+
+
+# slow readers: what they may cost the node
+
+
+def stalled_dealer(ctx: zmq.Context, endpoint: str, start: int = 0) -> zmq.Socket:
+    """A replay client that asks and never reads, taking as little as it can on its side."""
+    dealer = ctx.socket(zmq.DEALER)
+    dealer.setsockopt(zmq.RCVHWM, 1)
+    dealer.setsockopt(zmq.RCVBUF, 4096)
+    dealer.connect(endpoint)
+    dealer.send_multipart([b"", start.to_bytes(8, "big")])
+    return dealer
+
+
+def test_replays_past_the_limit_are_refused_with_an_end_marker(log, ctx):
+    keys = random_keys(2000)
+    for _ in range(200):  # 7 MiB: a client that does not read cannot have it all yet
+        log.stored(keys, "host")
+        log.flush()
+    opts = {"replay_clients": 2, "replay_hwm": 4, "replay_stall": 3600}
+    with ev.ZmqPublisher(log, "tcp://127.0.0.1:*", "tcp://127.0.0.1:*", TOPIC, **opts) as pub:
+        join_live(log, subscriber(ctx, pub.endpoint))  # every batch before it: replayable
+        stalled = [stalled_dealer(ctx, pub.replay_endpoint) for _ in range(2)]
+        for dealer in stalled:
+            assert dealer.poll(WAIT_MS)  # served: its first batch arrived
+        with ctx.socket(zmq.DEALER) as third:
+            third.connect(pub.replay_endpoint)
+            third.send_multipart([b"", (0).to_bytes(8, "big")])
+            assert third.poll(WAIT_MS)
+            assert third.recv_multipart() == [b"", b"", END_SEQ, b"busy"]
+        # the stalled ones read again: each gets its whole replay, paced by its queue
+        for dealer in stalled:
+            seqs = []
+            while True:
+                assert dealer.poll(WAIT_MS), "the replay stalled"
+                frames = dealer.recv_multipart()
+                if frames[2] == END_SEQ:
+                    assert frames == [b"", b"", END_SEQ, b""]
+                    break
+                seqs.append(int.from_bytes(frames[2], "big"))
+            assert seqs == list(range(len(seqs))) and len(seqs) >= 200
+            dealer.close(linger=0)
+        assert len(replay(ctx, pub.replay_endpoint, 0)) >= 200  # the slots are free again
+
+
+def test_a_replay_client_that_stops_reading_is_dropped(log, ctx):
+    keys = random_keys(2000)
+    for _ in range(200):  # 7 MiB: more than the sockets' buffers between the two ends hold
+        log.stored(keys, "host")
+        log.flush()
+    opts = {"replay_clients": 1, "replay_hwm": 4, "replay_stall": 0.2}
+    with ev.ZmqPublisher(log, "tcp://127.0.0.1:*", "tcp://127.0.0.1:*", TOPIC, **opts) as pub:
+        join_live(log, subscriber(ctx, pub.endpoint))
+        stalled = stalled_dealer(ctx, pub.replay_endpoint)
+        assert stalled.poll(WAIT_MS)
+        # its one slot frees once it has taken nothing for replay_stall seconds
+        assert len(replay(ctx, pub.replay_endpoint, 0, busy_for=WAIT_MS / 1000)) >= 200
+        seqs = []
+        while True:  # it reads again: a gap-free start, then the end marker saying why
+            assert stalled.poll(WAIT_MS)
+            frames = stalled.recv_multipart()
+            if frames[2] == END_SEQ:
+                assert frames == [b"", b"", END_SEQ, b"dropped"]
+                break
+            seqs.append(int.from_bytes(frames[2], "big"))
+        assert seqs == list(range(len(seqs))) and len(seqs) < 200
+        stalled.close(linger=0)
+
+
+def test_batches_are_bounded_by_keys(log):
+    with ev.EventLog(block_size=2, max_batch_keys=4, flush_interval=3600) as small:
+        keys = random_keys(10)
+        small.stored(keys, "host", parent=b"p" * 16, token_ids=list(range(20)))
+        small.removed(keys[:3], "host")
+        small.flush()
+        batches = small.retained(0)
+    assert [b.key_count for b in batches] == [4, 4, 2, 3]
+    stored = [VLLM.decode(b.payload).events[0] for b in batches[:3]]
+    assert [e.block_hashes for e in stored] == [keys[:4], keys[4:8], keys[8:]]
+    assert [e.parent_block_hash for e in stored] == [b"p" * 16, keys[3], keys[7]]  # a chain
+    assert [e.token_ids for e in stored] == [list(range(8)), list(range(8, 16)), [16, 17, 18, 19]]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as status:
+        line = next(line for line in status if line.startswith("VmRSS:"))
+    return int(line.split()[1]) / 1024
+
+
+def test_readers_that_never_read_cost_the_daemon_little_memory():
+    """20 replay clients and 5 subscribers that never read, against a daemon whose event log
+    holds ~20 MiB of batches. Unbounded, each replay client cost a copy of the log and each
+    subscriber every batch since it stopped: the daemon grew by ~370 MiB here. Bounded, 8
+    replays are served at once (the others refused) with 16 batches queued each, a subscriber
+    queues 128 batches, batches here are ~23 KiB: (5 * 128 + 8 * 17 + 12) * 23 KiB ~ 18 MiB,
+    plus the log's own growth by the last puts (~7 MiB); it grew by ~18 MiB."""
+    pub, rep = free_port(), free_port()
+    flags = (
+        "--host-capacity", "16MiB",  # puts evict: every put is a stored and a removed event
+        "--events-address", f"tcp://*:{pub}",  # "*": bound (without it, connected to)
+        "--events-replay", f"tcp://127.0.0.1:{rep}", "--events-topic", TOPIC,
+    )  # fmt: skip
+    ctx = zmq.Context()
+    rounds, more, per_put = 100, 20, 1000  # more: ~300 batches, past every queue's bound
+    puts = [block_keys(np.arange(per_put * 16), 16, b"put %d" % i) for i in range(rounds + more)]
+    with running_daemon(*flags) as daemon, daemon.client() as client:
+
+        def put(first: int, last: int) -> None:
+            for keys in puts[first:last]:
+                client.put(keys, [b"x"] * per_put)
+
+        def replay_has(last_keys: list[bytes]) -> list[tuple[bytes, int, bytes]]:
+            """A well-behaved replay from 0, asked until it holds the last put's keys."""
+            deadline = time.monotonic() + 60
+            while True:
+                got = replay(ctx, f"tcp://127.0.0.1:{rep}", 0, busy_for=60)
+                stored = {
+                    key
+                    for _, _, payload in got[-50:]
+                    for event in VLLM.decode(payload).events
+                    if type(event) is BlockStored
+                    for key in event.block_hashes
+                }
+                if set(last_keys) <= stored or time.monotonic() > deadline:
+                    return got
+
+        put(0, rounds)
+        before = replay_has(puts[rounds - 1])
+        assert sum(len(payload) for _, _, payload in before) > 16 << 20  # the log: > 16 MiB
+        baseline = rss_mib(daemon.process.pid)
+
+        subs = []
+        for _ in range(5):
+            sub = subscriber(ctx, f"tcp://127.0.0.1:{pub}")
+            sub.setsockopt(zmq.RCVHWM, 1)
+            subs.append(sub)
+        deadline = time.monotonic() + WAIT_MS / 1000
+        while not all(sub.poll(0) for sub in subs):  # joined: a batch waits, unread
+            assert time.monotonic() < deadline, "the subscribers never joined"
+            client.put(puts[0][:1], [b"y"])
+            client.delete(puts[0][:1])
+        dealers = [stalled_dealer(ctx, f"tcp://127.0.0.1:{rep}") for _ in range(20)]
+        put(rounds, rounds + more)  # live batches for the stopped subscribers' queues
+
+        got = replay_has(puts[-1])  # served after every stalled request, whole
+        grown = rss_mib(daemon.process.pid) - baseline
+        seqs = [seq for _, seq, _ in got]
+        assert seqs == list(range(len(seqs))) and len(seqs) > len(before)  # gap-free from 0
+        events = [e for _, _, payload in got for e in VLLM.decode(payload).events]
+        assert type(events[0]) is AllBlocksCleared  # the run's first batch: nothing lost
+        stored = {k for e in events if type(e) is BlockStored for k in e.block_hashes}
+        assert all(key in stored for keys in puts for key in keys)
+        assert grown < 64, f"the daemon grew by {grown:.0f} MiB"
+        for sock in subs + dealers:
+            sock.close(linger=0)
+    ctx.destroy(linger=0)

@@ -3,6 +3,7 @@ for what a producer is still writing."""
 
 from __future__ import annotations
 
+import selectors
 import shutil
 import signal
 import socket
@@ -10,13 +11,16 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from test_cluster_index import RedisServer, poll
+import redis
+from test_cluster_index import RedisServer, forge_holder, poll
 from test_metrics import scrape
 
 from conftest import (
@@ -28,10 +32,15 @@ from conftest import (
     send_request,
 )
 from kvstore.client import Client
+from kvstore.cluster import Load
+from kvstore.cluster.scoring import Location
 from kvstore.keys import block_keys
 from kvstore.proto import kvstore_pb2 as pb
 from kvstore.proto.channel import PUT, READY
 from kvstore.router import Router
+from kvstore.server import fetch
+from kvstore.store import Store
+from kvstore.tiers.host import HostTier
 
 pytestmark = pytest.mark.skipif(not shutil.which("redis-server"), reason="needs redis-server")
 MiB = 1 << 20
@@ -152,6 +161,100 @@ def test_a_holder_killed_during_a_fetch_leaves_whole_blocks_only(redis_server) -
             assert all(np.array_equal(g, p) for g, p in zip(got, payloads, strict=False))
             held = c.get(keys)
             assert all(np.array_equal(g, p) for g, p in zip(held, payloads, strict=False))
+
+
+@contextmanager
+def dead_holders(n: int) -> Iterator[tuple[list[str], list[int]]]:
+    """`n` addresses on loopback that accept a connection and close it at once (holders
+    that are gone, whose dials a test counts): the addresses, and which one each dial was
+    to, in order."""
+    listeners = [socket.create_server(("127.0.0.1", 0), backlog=64) for _ in range(n)]
+    dialed: list[int] = []
+    stop = threading.Event()
+    with selectors.DefaultSelector() as ready:
+        for i, listener in enumerate(listeners):
+            listener.setblocking(False)
+            ready.register(listener, selectors.EVENT_READ, i)
+
+        def serve() -> None:
+            while not stop.is_set():
+                for key, _ in ready.select(0.05):
+                    try:
+                        key.fileobj.accept()[0].close()  # type: ignore[union-attr]
+                    except BlockingIOError:
+                        continue
+                    dialed.append(key.data)
+
+        thread = threading.Thread(target=serve, daemon=True)
+        thread.start()
+        try:
+            yield [f"127.0.0.1:{s.getsockname()[1]}" for s in listeners], dialed
+        finally:
+            stop.set()
+            thread.join()
+            for listener in listeners:
+                listener.close()
+
+
+def settled(dialed: list[int]) -> int:
+    """How many dials so far, once the listeners have taken the last ones in."""
+    time.sleep(0.5)
+    return len(dialed)
+
+
+def test_sixty_dead_holders_cost_a_fetch_a_few_dials(redis_server) -> None:
+    """60 holders indexed for a prompt are all gone: a get with fetch dials a few of them
+    (not 60 one after another) and answers with nothing, well within its deadline; the
+    next request passes over those that just failed."""
+    keys = block_keys(np.arange(4 * 16), 16, b"dead holders")
+    with node(redis_server.url, "reader") as reader, dead_holders(60) as (addresses, dialed):
+        r = redis.Redis(port=redis_server.port)
+        for i, address in enumerate(addresses):
+            forge_holder(r, 5000 + i, f"dead-{i}", address, keys)
+        r.close()
+        with Router(redis_server.url, secret=CLUSTER_SECRET) as router:
+            assert len(router.locate(keys)) == 60
+        earlier: set[int] = set()
+        for transport in ("grpc", "auto"):  # the gRPC path, and the data plane's
+            before = settled(dialed)
+            with reader.client(transport=transport, timeout=20) as c:
+                assert c.get(keys, fetch=True) == []
+            tried = set(dialed[before : settled(dialed)])
+            assert 1 <= len(tried) <= fetch.MAX_HOLDERS, (transport, len(tried))
+            assert not tried & earlier  # those that just failed are passed over
+            earlier |= tried
+
+
+def test_a_node_keeps_few_clients_of_holders_and_passes_over_failed_ones(monkeypatch) -> None:
+    store = Store(HostTier(16 * MiB, prefault=False), max_block_size=MiB, reserve_timeout=1)
+    membership = SimpleNamespace(index=None, node_id="me")
+    fetcher = fetch.Fetcher(store, membership, 5.0)  # type: ignore[arg-type]
+    keys = block_keys(np.arange(2 * 16), 16, b"few clients")
+    try:
+        with dead_holders(40) as (addresses, dialed):
+            for address in addresses:  # fetches from 40 holders, one after another
+                with fetcher._peer(address):
+                    assert fetcher.peer_count() <= fetch.MAX_PEERS
+            assert fetcher.peer_count() == fetch.MAX_PEERS  # the least recently used closed
+            monkeypatch.setattr(fetch, "PEER_IDLE", 0.0)
+            time.sleep(0.01)
+            with fetcher._peer(addresses[0]):
+                assert fetcher.peer_count() == 1  # the idle ones closed
+            holders = [
+                Location(f"h{i}", a, a, 2, {"host": 2}, Load()) for i, a in enumerate(addresses)
+            ]
+            membership.index = SimpleNamespace(locate=lambda keys: holders)
+            assert fetcher.fill(keys) == 0
+            n = settled(dialed)
+            first = set(dialed[:n])
+            assert 1 <= len(first) <= fetch.MAX_HOLDERS
+            assert fetcher.fill(keys) == 0
+            second = set(dialed[n : settled(dialed)])  # those that just failed: passed over
+            assert 1 <= len(second) <= fetch.MAX_HOLDERS and not second & first
+            assert fetcher.peer_count() <= 1  # clients of holders that failed are dropped
+    finally:
+        fetcher.close()
+        store.close()
 
 
 def test_a_consumer_waits_for_a_producer_still_writing(daemon, salt) -> None:

@@ -33,7 +33,7 @@ from conftest import (
 )
 from kvstore.cluster.layout import Layout
 from kvstore.cluster.registry import trusted
-from kvstore.errors import PermissionDenied, Unauthenticated
+from kvstore.errors import KVStoreError, PermissionDenied, Unauthenticated
 from kvstore.keys import block_keys
 from kvstore.meta import BlockMeta
 from kvstore.proto import kvstore_pb2 as pb
@@ -456,7 +456,7 @@ def test_a_fetch_lands_only_the_keys_it_asked_for_within_the_sizes_it_takes() ->
             [(asked[0], BlockMeta(size=2 * MiB))],  # larger than the node takes
         ):
             landing = _Landing(store, asked, lambda size: None)
-            with pytest.raises(Exception, match="holder"):
+            with pytest.raises(KVStoreError):
                 landing.place(blocks)
             assert store.stats().tiers[0].blocks == 0
     finally:

@@ -17,7 +17,7 @@ from redis.exceptions import ResponseError
 
 from kvstore.cluster.connection import REDIS_ERRORS, Client, LazyClient
 from kvstore.cluster.layout import RECORD_FIELDS, TIERS, Layout, words
-from kvstore.cluster.registry import Load, trusted
+from kvstore.cluster.registry import Load, passed_over, trusted
 from kvstore.cluster.scoring import Location, Scorer, check_weights, rank
 from kvstore.cluster.scripts import LOCATE
 from kvstore.errors import Unavailable
@@ -72,17 +72,23 @@ class Locator:
     def _location(
         self, slot: int | bytes, record: Sequence, matched: int, counts: Sequence[int]
     ) -> Location | None:
-        """A holder, if its record is signed with the cluster's secret; else None."""
+        """A holder, if its record is signed with the cluster's secret and decodes; else
+        None (a record that does not decode is logged, once)."""
         node_id, address, data_address, load, incarnation, expires, sig = record
         if not trusted(
             self._secret, slot, node_id, incarnation, address, data_address, expires, sig
         ):
             return None
         tiers = {tier: n for tier, n in zip(TIERS, counts, strict=True) if n}
-        return Location(
-            node_id.decode(), address.decode(), data_address.decode(), matched, tiers,
-            Load.decode(load),
-        )  # fmt: skip
+        try:
+            int(incarnation)
+            return Location(
+                node_id.decode(), address.decode(), data_address.decode(), matched, tiers,
+                Load.decode(load),
+            )  # fmt: skip
+        except ValueError as exc:  # a bad load (BadRecord) or incarnation, a name not UTF-8
+            passed_over(slot, node_id, exc)
+            return None
 
     def _pipelined(self, redis: RedisCluster, names: list[bytes]) -> list[Location | None]:
         values = _by_shard(redis, [("GET", name) for name in names])

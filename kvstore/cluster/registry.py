@@ -8,13 +8,18 @@ node's previous slot, so a restarted node's old entries stop counting at once.
 Records are signed with the cluster's secret (`sig`, over the node's id,
 incarnation, slot, addresses and an expiry `exp` in wall-clock seconds, renewed
 by every heartbeat), and readers drop a record that fails it: writing Redis
-cannot register a node, nor replay an old record past its expiry.
+cannot register a node, nor replay an old record past its expiry. A record that does not
+decode (its unsigned `tiers` or `load` malformed, say, by a buggy node) is passed over
+too, as if absent, and logged once: one bad record never fails a read of the others.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import math
 import secrets
+import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -24,7 +29,13 @@ from kvstore.cluster.layout import Layout
 from kvstore.cluster.scripts import DEREGISTER, HEARTBEAT, REGISTER
 from kvstore.trust import ClusterSecret
 
+log = logging.getLogger("kvstore.cluster")
 SKEW = 30.0  # seconds a signed record outlives its TTL: clocks of nodes and routers differ
+MAX_REPORTED = 1024  # bad records remembered as logged already (then forgotten, logged again)
+
+
+class BadRecord(ValueError):
+    """A node record, or one of its fields, that does not decode."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,7 +56,11 @@ class Load:
 
     @classmethod
     def decode(cls, raw: bytes | None) -> Load:
-        return cls(*json.loads(raw)) if raw else cls()
+        """As `encode` wrote it (none: no load); BadRecord if it is not that."""
+        if not raw:
+            return cls()
+        inflight, rate = _json_list(raw, "load", 2)
+        return cls(_number(inflight, "load", int), _number(rate, "load", float))
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,15 +85,64 @@ class NodeRecord:
 
     @classmethod
     def decode(cls, raw: Mapping[bytes, bytes]) -> NodeRecord:
-        """A record as stored; check `trusted` first."""
-        tiers = tuple(TierUsage(*t) for t in json.loads(raw.get(b"tiers") or b"[]"))
-        return cls(
-            node_id=raw[b"id"].decode(),
-            incarnation=int(raw[b"inc"]),
-            address=raw[b"addr"].decode(),
-            data_address=raw[b"data"].decode(),
-            usage=NodeUsage(tiers, Load.decode(raw.get(b"load"))),
-        )
+        """A record as stored; check `trusted` first. BadRecord if it does not decode."""
+        tiers = []
+        for tier in _json_list(raw.get(b"tiers") or b"[]", "tiers"):
+            name, capacity, used, blocks = _json_list(tier, "tiers", 4)
+            if not isinstance(name, str):
+                raise BadRecord(f"tiers: a tier named {name!r}")
+            tiers.append(
+                TierUsage(name, *(_number(n, "tiers", int) for n in (capacity, used, blocks)))
+            )
+        try:
+            incarnation = int(raw[b"inc"])
+            node_id, address, data = (raw[f].decode() for f in (b"id", b"addr", b"data"))
+        except KeyError as exc:
+            raise BadRecord(f"no {exc.args[0].decode()}") from None
+        except ValueError as exc:  # a non-integer incarnation, a name that is not UTF-8
+            raise BadRecord(str(exc)) from None
+        usage = NodeUsage(tuple(tiers), Load.decode(raw.get(b"load")))
+        return cls(node_id, incarnation, address, data, usage)
+
+
+def _json_list(raw: object, name: str, size: int | None = None) -> list:
+    """A JSON list (of `size` items), decoded if `raw` is bytes; else BadRecord."""
+    try:
+        value = json.loads(raw) if isinstance(raw, bytes) else raw
+    except ValueError as exc:
+        raise BadRecord(f"{name}: not JSON ({exc})") from None
+    if not isinstance(value, list) or (size is not None and len(value) != size):
+        raise BadRecord(f"{name}: {str(value)[:100]!r} is not a list of {size or 'any'} items")
+    return value
+
+
+def _number(value: object, name: str, kind: type[int] | type[float]) -> int | float:
+    """A JSON number as `kind` (an int only if whole), finite; else BadRecord."""
+    if isinstance(value, float) and math.isfinite(value) and (kind is float or value.is_integer()):
+        return kind(value)
+    if isinstance(value, int) and not isinstance(value, bool) and (kind is int or value < 2**1000):
+        return kind(value)
+    raise BadRecord(f"{name}: {str(value)[:100]!r} is not a number of the kind it must be")
+
+
+_reported: set[tuple[str, bytes | None]] = set()
+_reported_lock = threading.Lock()
+
+
+def passed_over(slot: int | bytes, node_id: bytes | None, exc: Exception) -> None:
+    """Log, once per record, that a record read from Redis does not decode and is left out
+    (as if absent) of every answer."""
+    record = (slot.decode(errors="replace") if isinstance(slot, bytes) else str(slot), node_id)
+    with _reported_lock:
+        if record in _reported:
+            return
+        if len(_reported) >= MAX_REPORTED:
+            _reported.clear()
+        _reported.add(record)
+    log.warning(
+        "cluster index: the record of node %r (slot %s) does not decode and is left out: %s",
+        node_id[:100] if node_id else node_id, record[0][:20], exc,
+    )  # fmt: skip
 
 
 def _signed_fields(
@@ -175,11 +239,14 @@ class Registry:
         pipe = self._redis.pipeline(transaction=False)
         for slot in slots:
             pipe.hgetall(self._layout.node(slot))
-        records = [
-            NodeRecord.decode(raw)
-            for slot, raw in zip(slots, pipe.execute(), strict=True)
-            if raw and trusted(self._secret, slot, *(raw.get(f) for f in SIGNED_FIELDS))
-        ]
+        records = []
+        for slot, raw in zip(slots, pipe.execute(), strict=True):
+            if not raw or not trusted(self._secret, slot, *(raw.get(f) for f in SIGNED_FIELDS)):
+                continue
+            try:
+                records.append(NodeRecord.decode(raw))
+            except BadRecord as exc:  # a buggy node's: as if absent
+                passed_over(slot, raw.get(b"id"), exc)
         return sorted(records, key=lambda r: r.node_id)
 
 

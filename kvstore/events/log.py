@@ -55,11 +55,14 @@ class EventLog:
     """A thread-safe, bounded log of KV events, sealed into sequenced batches.
 
     Appends never wait on a reader: they take one short lock (no I/O, no encoding), and every
-    `max_batch_events`-th append seals a batch in place. A background thread seals whatever is
-    pending `flush_interval` seconds after its first event. Batches get gap-free sequence
-    numbers from 0. The newest `retained_batches` (holding at most `retained_keys` block
-    hashes) are kept for replay; older ones are dropped, never an append. After `close()`
-    appends are ignored: a put must never fail because the event stream is down.
+    `max_batch_events`-th append seals a batch in place, as does one that would take the batch
+    past `max_batch_keys` block hashes (`stored` and `removed` split longer lists into events
+    of at most that many, so a batch's payload stays small: about 100 KiB at the defaults,
+    without token ids). A background thread seals whatever is pending `flush_interval` seconds
+    after its first event. Batches get gap-free sequence numbers from 0. The newest
+    `retained_batches` (holding at most `retained_keys` block hashes) are kept for replay;
+    older ones are dropped, never an append. After `close()` appends are ignored: a put must
+    never fail because the event stream is down.
 
     `block_size` (tokens per block; 0 when unknown, as vLLM's offloading placeholders send) and
     `int_hashes` (keys as 64-bit integers: vLLM's default and what Dynamo requires; see
@@ -73,6 +76,7 @@ class EventLog:
         int_hashes: bool = False,
         flush_interval: float = 0.01,
         max_batch_events: int = 256,
+        max_batch_keys: int = 4096,
         retained_batches: int = 10_000,
         retained_keys: int = 1_000_000,
         data_parallel_rank: int | None = 0,
@@ -81,11 +85,12 @@ class EventLog:
     ) -> None:
         _check(block_size=block_size, flush_interval=flush_interval, minimum=0)
         _check(max_batch_events=max_batch_events, retained_batches=retained_batches, minimum=1)
-        _check(retained_keys=retained_keys, minimum=1)
+        _check(max_batch_keys=max_batch_keys, retained_keys=retained_keys, minimum=1)
         self.block_size = block_size
         self.int_hashes = int_hashes
         self.flush_interval = flush_interval
         self.max_batch_events = max_batch_events
+        self.max_batch_keys = max_batch_keys
         self.retained_batches = retained_batches
         self.retained_keys = retained_keys
         self.data_parallel_rank = data_parallel_rank
@@ -96,6 +101,7 @@ class EventLog:
         self._sealed = threading.Condition(self._lock)  # watchers wait here
         self._pending: list[KVCacheEvent] = []
         self._pending_since = 0.0
+        self._pending_keys = 0
         self._ring: deque[Batch] = deque()
         self._ring_keys = 0
         self._next = 0
@@ -114,14 +120,27 @@ class EventLog:
         parent: bytes | None = None,
         token_ids: Sequence[int] = (),
     ) -> None:
-        """Blocks `keys` are now readable in `tier`; `parent` is the key before `keys[0]`."""
-        if len(keys):
-            as_int = self.int_hashes
+        """Blocks `keys` are now readable in `tier`; `parent` is the key before `keys[0]`.
+
+        More than `max_batch_keys` keys become several events; with a `parent`, each names the
+        last key of the one before as its parent (the keys are a chain), and token ids are
+        split along (when they are `block_size` per key; otherwise they stay in one event).
+        """
+        n, as_int = len(keys), self.int_hashes
+        per_key = self.block_size if len(token_ids) == n * self.block_size > 0 else 0
+        step = self.max_batch_keys if per_key or not len(token_ids) else max(n, 1)
+        for start in range(0, n, step):
+            part = keys[start : start + step]
+            tokens = (
+                token_ids[start * per_key : (start + len(part)) * per_key] if per_key else token_ids
+            )
+            if start and parent is not None:
+                parent = keys[start - 1]
             self.append(
                 BlockStored(
-                    block_hashes=[wire_hash(k, as_int) for k in keys],
+                    block_hashes=[wire_hash(k, as_int) for k in part],
                     parent_block_hash=None if parent is None else wire_hash(parent, as_int),
-                    token_ids=_int_list(token_ids),
+                    token_ids=_int_list(tokens),
                     block_size=self.block_size,
                     lora_id=None,
                     medium=self.medium(tier),
@@ -131,8 +150,9 @@ class EventLog:
 
     def removed(self, keys: Sequence[bytes], tier: str) -> None:
         """Blocks `keys` are no longer in `tier` (evicted, demoted away, or deleted)."""
-        if len(keys):
-            hashes = [wire_hash(k, self.int_hashes) for k in keys]
+        for start in range(0, len(keys), self.max_batch_keys):
+            part = keys[start : start + self.max_batch_keys]
+            hashes = [wire_hash(k, self.int_hashes) for k in part]
             self.append(BlockRemoved(block_hashes=hashes, medium=self.medium(tier)))
 
     def cleared(self) -> None:
@@ -144,11 +164,17 @@ class EventLog:
         with self._lock:
             if self._closed:
                 return
+            keys = _key_count(event)
+            if self._pending and self._pending_keys + keys > self.max_batch_keys:
+                self._seal()  # the batch would grow past max_batch_keys: it leaves without it
             if not self._pending:
                 self._pending_since = time.monotonic()
                 self._pending_arrived.notify()
             self._pending.append(event)
-            if len(self._pending) >= self.max_batch_events:
+            self._pending_keys += keys
+            if len(self._pending) >= self.max_batch_events or (
+                self._pending_keys >= self.max_batch_keys
+            ):
                 self._seal()
 
     def medium(self, tier: str) -> str:
@@ -177,10 +203,13 @@ class EventLog:
                 )
         return Watch(self, start, timeout, skip_lost)
 
-    def retained(self, from_sequence: int, until: int | None = None) -> list[Batch]:
-        """The retained batches with `from_sequence <= sequence < until`, at once."""
+    def retained(
+        self, from_sequence: int, until: int | None = None, *, limit: int | None = None
+    ) -> list[Batch]:
+        """The retained batches with `from_sequence <= sequence < until`, at once; with
+        `limit`, the first `limit` of them only."""
         with self._lock:
-            return self._slice(from_sequence, until)
+            return self._slice(from_sequence, until, limit)
 
     def flush(self) -> Batch | None:
         """Seal the pending events into a batch now; None when nothing was pending."""
@@ -228,7 +257,7 @@ class EventLog:
 
     def _seal(self) -> Batch:
         events, self._pending = tuple(self._pending), []
-        keys = sum(len(e.block_hashes) for e in events if not isinstance(e, AllBlocksCleared))
+        keys, self._pending_keys = self._pending_keys, 0
         batch = Batch(self._next, self._clock(), events, self.data_parallel_rank, keys)
         self._next += 1
         self._ring.append(batch)
@@ -240,10 +269,12 @@ class EventLog:
         self._sealed.notify_all()
         return batch
 
-    def _slice(self, start: int, stop: int | None) -> list[Batch]:
+    def _slice(self, start: int, stop: int | None, limit: int | None = None) -> list[Batch]:
         first = self._oldest()
         start = max(start, first)
         stop = self._next if stop is None else min(stop, self._next)
+        if limit is not None:
+            stop = min(stop, start + limit)
         return list(islice(self._ring, start - first, stop - first)) if start < stop else []
 
     def _flush_loop(self) -> None:
@@ -316,6 +347,10 @@ class Watch:
     def cancel(self) -> None:
         """End the iteration now, waking the thread blocked in it."""
         self._log._cancel(self)
+
+
+def _key_count(event: KVCacheEvent) -> int:
+    return 0 if isinstance(event, AllBlocksCleared) else len(event.block_hashes)
 
 
 def _int_list(values: Sequence[int]) -> list[int]:

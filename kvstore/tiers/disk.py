@@ -24,10 +24,16 @@ alone loses nothing written, the kernel holds it):
   before its blocks count as on disk;
 - `interval`: the last second of writes;
 - `never`: whatever the kernel had not written back (typically up to 30 s).
+`persist` (a durable put) writes and syncs its blocks' records whatever the
+policy, except `never`, where written is all it promises. Each segment knows
+how far it is synced; a failed sync loses its records past that point from the
+index (their bytes may never reach the disk), so nothing unsynced passes for
+durable.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import logging
@@ -40,7 +46,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kvstore.errors import KVStoreError, ResourceExhausted
+from kvstore.errors import KVStoreError, ResourceExhausted, Unavailable
 from kvstore.keys import BlockKey
 from kvstore.meta import BlockMeta
 from kvstore.tiers import Changes, TierStats, present_count
@@ -62,6 +68,7 @@ COMPACT_BELOW = 0.5  # a segment whose live records fill less than this is compa
 COMPACT_WHEN_FULL = 0.875  # a full tier compacts before it evicts, up to 8 bytes copied per byte
 DEAD_SHARE = 0.25  # compact in the background once this share of the files is dead
 LOCK_FILE = "LOCK"
+FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)  # a write that failed for want of room
 
 
 class DirectoryInUse(OSError):
@@ -105,6 +112,7 @@ class _Segment:
     format: SegmentFormat
     direct: int = -1  # the same file opened for direct I/O, where the file system allows
     size: int = PAGE  # bytes of the file in use: its first page, then records
+    synced: int = PAGE  # bytes of it known to be on disk (fdatasync); records past it may not be
     live: int = 0  # bytes of live records
     keys: set[BlockKey] = field(default_factory=set)
     readers: int = 0
@@ -171,6 +179,7 @@ class DiskTier:
         self._stats = TierStats(self.name, capacity=capacity)
         self.changes = Changes(self.name)
         self._unsynced: set[_Segment] = set()
+        self._write_error: BaseException | None = None  # the last write or sync that failed
         self._head = _Scratch(1 << 16)  # header and metadata pages
         self._tail = _Scratch(PAGE)  # a payload's last, partial page
         self._carry = _Scratch(PAGE)  # records copied forward
@@ -259,12 +268,67 @@ class DiskTier:
                 try:
                     written += self._append(key, meta, payload)
                 except (OSError, KVStoreError) as exc:
+                    self._write_error = exc
                     self._fail(f"writing block {key.hex()}: {exc}")
             self._compact_dead()
             if self.fsync == "batch":
                 self.sync()
         self.changes.report()
         return written
+
+    def persist(
+        self,
+        blocks: Sequence[tuple[BlockKey, BlockMeta, memoryview]],
+        keys: Sequence[BlockKey],
+    ) -> None:
+        """What a durable put waits for: write those of `blocks` not here yet, then make
+        the record of every one of `keys` durable (synced; only written under `never`).
+        Raises, naming the directory, if any is not: ResourceExhausted when the disk
+        (or the tier) is full, Unavailable for any other failure."""
+        failures: list[BaseException] = []
+        with self._write:
+            for key, meta, payload in blocks:
+                if self.contains(key):
+                    continue
+                try:
+                    self._append(key, meta, payload)
+                except (OSError, KVStoreError) as exc:
+                    self._write_error = exc
+                    failures.append(exc)
+                    self._fail(f"writing block {key.hex()}: {exc}")
+            if self.fsync != "never":
+                with self._lock:
+                    behind = {
+                        entry.segment
+                        for key in keys
+                        if (entry := self._index.get(key)) is not None and not self._synced(entry)
+                    }
+                for segment in sorted(behind, key=lambda s: s.id):
+                    if (error := self._sync_segment(segment)) is not None:
+                        failures.append(error)
+            with self._lock:
+                missing = [
+                    key
+                    for key in keys
+                    if (entry := self._index.get(key)) is None or not self._synced(entry)
+                ]
+            cause = failures[-1] if failures else self._write_error
+        self.changes.report()
+        if missing:
+            full = isinstance(cause, ResourceExhausted) or (
+                isinstance(cause, OSError) and cause.errno in FULL
+            )
+            gone = f"no copy left to write (deleted, or lost to a failed write: {cause})"
+            why = str(failures[-1]) if failures else gone
+            message = (
+                f"disk tier {self.directory}: {len(missing)} of {len(keys)} blocks of a durable "
+                f"put are not on disk{' (full)' if full else ''}: {why}"
+            )
+            raise ResourceExhausted(message) if full else Unavailable(message)
+
+    def _synced(self, entry: _Entry) -> bool:
+        """Whether `entry`'s record is on disk as the policy has it (lock held)."""
+        return self.fsync == "never" or entry.offset + entry.length <= entry.segment.synced
 
     def maintain(self) -> None:
         """Give back space held by dead records (called when the daemon is idle)."""
@@ -484,6 +548,7 @@ class DiskTier:
             segment = _Segment(segment_id, path, fd, form)
             self._segments[segment_id] = segment
             self._scan(segment, os.fstat(fd).st_size)
+            segment.synced = segment.size  # it outlived the process that wrote it
             self._total += segment.size
             if not segment.keys:
                 self._drop_segment(segment)
@@ -530,6 +595,8 @@ class DiskTier:
         form, first_page = SegmentFormat.create()
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         os.pwrite(fd, first_page, 0)
+        if self.fsync != "never":  # the file's name too must survive a crash of the machine
+            _sync_directory(self.directory)
         try:
             direct = os.open(path, os.O_WRONLY | os.O_DIRECT) if hasattr(os, "O_DIRECT") else -1
         except OSError:  # a file system without direct I/O: write through the page cache
@@ -567,26 +634,54 @@ class DiskTier:
         if not segment.readers:
             segment.close()
 
-    def _sync_segment(self, segment: _Segment) -> None:
+    def _sync_segment(self, segment: _Segment) -> OSError | None:
+        """fdatasync one segment; returns the error if it failed. Then the records past
+        its last good sync may never reach the disk (the kernel may have dropped their
+        pages): they leave the index, and count as lost, not as durable."""
         if self.fsync == "never":
-            return
+            return None
         with self._lock:
             if segment.dropped:
-                return
+                return None
             segment.readers += 1
+            end = segment.size  # records written by now are covered by this sync
+        error: OSError | None = None
         try:
             os.fdatasync(segment.fd)
         except OSError as exc:
-            self._fail(f"syncing {segment.path.name}: {exc}")
+            error = exc
         finally:
+            lost = 0
             with self._lock:
+                if error is None:
+                    segment.synced = max(segment.synced, end)
+                elif not segment.dropped:
+                    lost = self._lose_unsynced(segment)
                 segment.readers -= 1
                 if segment.dropped and not segment.readers:
                     segment.close()
+        if error is not None:
+            self._write_error = error
+            self._fail(f"syncing {segment.path.name}: {error} ({lost} unsynced blocks lost)")
+        return error
+
+    def _lose_unsynced(self, segment: _Segment) -> int:
+        """Forget the records of `segment` past its last good sync (lock held)."""
+        lost = [
+            (key, entry)
+            for key in segment.keys
+            if (entry := self._index[key]).offset + entry.length > segment.synced
+        ]
+        for key, entry in lost:
+            self._forget(key, entry)
+        segment.synced = segment.size  # later writes follow the error: a later sync covers them
+        self._drop_if_empty(segment)
+        return len(lost)
 
     def _sync_every_second(self) -> None:
         while not self._stop.wait(1.0):
             self.sync()
+            self.changes.report()  # records a failed sync lost
 
     def _fail(self, error: str, drop: _Entry | None = None) -> None:
         log.error("disk tier: %s", error)
@@ -596,6 +691,16 @@ class DiskTier:
             if drop is not None and self._index.get(drop.key) is drop:
                 self._forget(drop.key, drop)
                 self._drop_if_empty(drop.segment)
+
+
+def _sync_directory(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    except OSError as exc:  # a segment named but not synced: its records will not be durable
+        log.warning("disk tier: syncing %s: %s", directory, exc)
+    finally:
+        os.close(fd)
 
 
 def _lock_directory(directory: Path) -> int:
