@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -37,12 +36,12 @@ def _field(value: bytes | str | int) -> bytes:
 
 
 class ClusterSecret:
-    """The cluster's secrets, first the one in use; thread-safe, `load` again to rotate."""
+    """The cluster's secrets, first the one in use; `load` again to rotate (the list is
+    replaced whole, so readers on other threads see the old or the new one)."""
 
     def __init__(self, secrets: Sequence[str], path: str = "") -> None:
         self.path = path
-        self._keys = _keys(secrets, path or "cluster secret")
-        self._lock = threading.Lock()
+        self._keys = _keys(secrets, path or "cluster secret")  # replaced whole by `load`
 
     @classmethod
     def read(cls, path: str | Path) -> ClusterSecret:
@@ -54,9 +53,7 @@ class ClusterSecret:
 
     def load(self) -> None:
         """Read the file again; on any error the secrets stay as they were, and it raises."""
-        keys = _keys(_read(self.path), self.path)
-        with self._lock:
-            self._keys = keys
+        self._keys = _keys(_read(self.path), self.path)
 
     def mac(self, purpose: bytes, *fields: bytes | str | int) -> bytes:
         """A MAC of `fields` for `purpose`, with the secret in use."""

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from concurrent import futures
 from contextlib import contextmanager
@@ -131,8 +132,36 @@ def send_request(
     sock.sendall(encode(REQUEST_MAGIC, op, flags, meta, len(data)) + data)
 
 
+def drip(sock: socket.socket, data: bytes, pause: float) -> int:
+    """Send `data` a byte at a time, `pause` seconds apart, until the node closes the
+    connection: how many bytes went before it did (len(data): it never did)."""
+    for sent in range(len(data)):
+        try:
+            sock.sendall(data[sent : sent + 1])
+            if sock.recv(1, socket.MSG_DONTWAIT) == b"":
+                return sent
+        except BlockingIOError:
+            pass
+        except OSError:
+            return sent
+        time.sleep(pause)  # the drip itself
+    return len(data)
+
+
 def read_answer(sock: socket.socket) -> Frame:
     return read_frame(sock, REPLY_MAGIC)
+
+
+@contextmanager
+def serving(handler: grpc.GenericRpcHandler) -> Iterator[str]:
+    """A gRPC server on a free loopback port, answering with `handler`: its address."""
+    server = grpc.server(futures.ThreadPoolExecutor(4), handlers=[handler])
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        server.stop(None)
 
 
 @contextmanager
@@ -166,14 +195,10 @@ def fake_node(info: pb.NodeInfo, unix_fd: int | None = None) -> Iterator[str]:
             lambda request, context: info.SerializeToString()
         )
     }
-    server = grpc.server(futures.ThreadPoolExecutor(4))
-    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(SERVICE, handlers)])
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
     try:
-        yield f"127.0.0.1:{port}"
+        with serving(grpc.method_handlers_generic_handler(SERVICE, handlers)) as address:
+            yield address
     finally:
-        server.stop(None)
         if unix is not None:
             with contextlib.suppress(OSError):
                 unix.shutdown(socket.SHUT_RDWR)  # wakes its accept, which holds the name

@@ -1,7 +1,6 @@
 """The request channel on the wire: tickets, framing, partial and slow transfers, limits."""
 
 import socket
-import time
 from collections.abc import Iterator
 
 import grpc
@@ -9,6 +8,7 @@ import numpy as np
 import pytest
 
 from conftest import (
+    drip,
     hello,
     hello_reply,
     raw_channel,
@@ -199,20 +199,8 @@ def test_a_dripping_writer_is_dropped_at_its_deadline(strict_daemon) -> None:
     with raw_channel(strict_daemon.address) as sock:
         send_request(sock, PUT, headers(keys[:1], [12 * MiB]))
         assert read_answer(sock).flags & READY
-        sent = 0
-        while sent < 12 * MiB:  # at this pace the bytes would take days
-            try:
-                sock.sendall(b"x")
-                sent += 1
-                closed = sock.recv(1, socket.MSG_DONTWAIT) == b""
-            except BlockingIOError:
-                closed = False
-            except OSError:
-                closed = True
-            if closed:
-                break
-            time.sleep(0.1)  # the drip itself: well under --data-timeout per byte
-        assert sent < 12 * MiB
+        # at this pace the bytes would take days; well under --data-timeout per byte
+        assert drip(sock, bytes(12 * MiB), 0.1) < 12 * MiB
     with strict_daemon.client() as client:
         assert client.put(keys[1:], [np.zeros(12 * MiB, np.uint8)]).stored == 1
 

@@ -16,7 +16,7 @@ import pytest
 import test_tls
 from test_tls import Pki, hello_tls
 
-from conftest import Daemon, hello, hello_reply, running_daemon
+from conftest import Daemon, drip, hello, hello_reply, running_daemon
 from kvstore.client import Client
 from kvstore.keys import block_keys
 from kvstore.proto import kvstore_pb2 as pb
@@ -112,19 +112,9 @@ def test_a_dripping_request_header_is_closed_at_its_deadline() -> None:
         assert hello_reply(sock)[0] == 0
         sock.settimeout(None)  # so that MSG_DONTWAIT alone decides: no poll() first
         started = time.monotonic()
-        closed = False
-        for byte in HEADER[:-1]:  # at this pace the frame would take 3 x --data-timeout
-            try:
-                sock.sendall(bytes([byte]))
-                closed = sock.recv(1, socket.MSG_DONTWAIT) == b""
-            except BlockingIOError:
-                closed = False
-            except OSError:
-                closed = True
-            if closed:
-                break
-            time.sleep(3 * timeout / len(HEADER))  # the drip itself
-        assert closed and time.monotonic() - started < timeout + SLACK
+        # at this pace the frame would take 3 x --data-timeout
+        assert drip(sock, HEADER[:-1], 3 * timeout / len(HEADER)) < len(HEADER) - 1
+        assert time.monotonic() - started < timeout + SLACK
 
 
 def test_a_tls_node_is_not_stopped_by_one_byte_connections(tls_node, pki: Pki) -> None:

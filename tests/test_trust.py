@@ -12,7 +12,6 @@ import signal
 import socket
 import time
 from collections.abc import Iterator
-from concurrent import futures
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
@@ -30,6 +29,7 @@ from conftest import (
     hello_reply,
     running_daemon,
     secret_file,
+    serving,
 )
 from kvstore.cluster.layout import Layout
 from kvstore.cluster.registry import trusted
@@ -71,18 +71,6 @@ def auth_file(tmp_path: Path) -> Path:
 
 def keys_for(salt: bytes, n: int) -> list[bytes]:
     return block_keys(np.arange(n * 16), 16, salt)
-
-
-@contextmanager
-def serving(handler: grpc.GenericRpcHandler) -> Iterator[str]:
-    """A gRPC server on a free loopback port, answering with `handler`: its address."""
-    server = grpc.server(futures.ThreadPoolExecutor(4), handlers=[handler])
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    try:
-        yield f"127.0.0.1:{port}"
-    finally:
-        server.stop(None)
 
 
 @contextmanager

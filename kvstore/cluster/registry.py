@@ -30,6 +30,7 @@ from kvstore.cluster.scripts import DEREGISTER, HEARTBEAT, REGISTER
 from kvstore.trust import ClusterSecret
 
 log = logging.getLogger("kvstore.cluster")
+RECORD = b"node-record"  # what a record's MAC is for (kvstore/trust.py)
 SKEW = 30.0  # seconds a signed record outlives its TTL: clocks of nodes and routers differ
 MAX_REPORTED = 1024  # bad records remembered as logged already (then forgotten, logged again)
 
@@ -145,18 +146,6 @@ def passed_over(slot: int | bytes, node_id: bytes | None, exc: Exception) -> Non
     )  # fmt: skip
 
 
-def _signed_fields(
-    slot: int | bytes,
-    node_id: str | bytes,
-    incarnation: int | bytes,
-    address: str | bytes,
-    data_address: str | bytes,
-    expires: int | bytes,
-) -> list:
-    return [b"node-record", *(x if isinstance(x, bytes) else str(x).encode() for x in
-            (node_id, incarnation, slot, address, data_address, expires))]  # fmt: skip
-
-
 def trusted(
     secret: ClusterSecret,
     slot: int | bytes,
@@ -177,8 +166,8 @@ def trusted(
         mac = bytes.fromhex(sig.decode())  # type: ignore[union-attr]
     except ValueError:
         return False
-    purpose, *fields = _signed_fields(slot, node_id, incarnation, address, data_address, expires)  # type: ignore[arg-type]
-    return secret.accepts(mac, purpose, *fields) is not None
+    fields = (node_id, incarnation, slot, address, data_address, expires)
+    return secret.accepts(mac, RECORD, *fields) is not None  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True, slots=True)
@@ -222,10 +211,8 @@ class Registry:
         (register again)."""
         expires = int(time.time() + ttl_ms / 1000 + SKEW)
         node_id, address, data_address = reg.node
-        purpose, *fields = _signed_fields(
-            reg.slot, node_id, reg.incarnation, address, data_address, expires
-        )
-        sig = self._secret.mac(purpose, *fields).hex()
+        fields = (node_id, reg.incarnation, reg.slot, address, data_address, expires)
+        sig = self._secret.mac(RECORD, *fields).hex()  # as `trusted` checks it
         signed = {b"exp": str(expires), b"sig": sig}
         args = [reg.token, ttl_ms, *_flat({**usage.fields(), **signed})]
         return bool(self._heartbeat(keys=[self._layout.node(reg.slot)], args=args))
