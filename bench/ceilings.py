@@ -46,6 +46,7 @@ def start_server(processes: Processes, kind: str) -> int:
     proc = processes.spawn(
         [sys.executable, "-m", "kvstore.bench.ceilings", kind], stdout=subprocess.PIPE, text=True
     )
+    assert proc.stdout is not None  # piped
     return int(proc.stdout.readline())
 
 
@@ -61,7 +62,7 @@ def raw_tcp(port: int, work: Workload, source: np.ndarray, direction: str) -> Ru
             sock.sendall(_HEADER.pack(b"P" if direction == "put" else b"G", nbytes, size))
             if direction == "put":
                 for i in batch:
-                    sock.sendall(source[i * size : (i + 1) * size])
+                    sock.sendall(source[i * size : (i + 1) * size].data)
                 _recv_exact(sock, memoryview(bytearray(1)))
             else:
                 for _ in batch:

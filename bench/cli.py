@@ -308,7 +308,7 @@ class Transfer:
             work = self.workload(size, self.args.batch[0])
             self.ceilings(work)
             if self.redis_url:
-                self.redis(work)
+                self.redis(work, self.redis_url)
         add_ratios(self.rows)
         return self.rows
 
@@ -441,20 +441,18 @@ class Transfer:
             return ceilings.raw_tcp(self.ports[kind], work, self.source, direction)
         return ceilings.grpc_bare(self.ports[kind], work, direction)
 
-    def redis(self, work: Workload) -> None:
+    def redis(self, work: Workload, url: str) -> None:
         for pipelined in (False, True):
             path = "redis_pipelined" if pipelined else "redis"
             puts, gets = [], []
             warm = warmup(work)
             keys = bench_keys(warm, "redis/warmup")
-            workloads.redis_put(self.redis_url, warm, self.source, keys, pipelined)
-            workloads.redis_get(self.redis_url, warm, keys, pipelined, self.verifier(warm))
+            workloads.redis_put(url, warm, self.source, keys, pipelined)
+            workloads.redis_get(url, warm, keys, pipelined, self.verifier(warm))
             for rep in range(self.args.repeat):
                 keys = bench_keys(work, f"redis/{rep}")
-                puts.append(workloads.redis_put(self.redis_url, work, self.source, keys, pipelined))
-                gets.append(
-                    workloads.redis_get(self.redis_url, work, keys, pipelined, self.verifier(work))
-                )
+                puts.append(workloads.redis_put(url, work, self.source, keys, pipelined))
+                gets.append(workloads.redis_get(url, work, keys, pipelined, self.verifier(work)))
             for scenario, runs in (("put", puts), ("get", gets)):
                 self.rows.append(
                     Row.of(scenario, path, work.block_size, median(runs), batch=work.batch)

@@ -24,6 +24,7 @@ import statistics
 import subprocess
 import sys
 import time
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -100,7 +101,7 @@ def locate_rows(procs: Processes, url: str, calls: int) -> list[Row]:
             for tokens in (1024, 32768, 131072):
                 prefix = keys[: tokens // 256]
                 for path, call in (("router", router.locate), ("rpc", client.locate)):
-                    samples = cluster_index_bench.timed(lambda c=call, p=prefix: c(p), calls)
+                    samples = cluster_index_bench.timed(partial(call, prefix), calls)
                     p50, p99 = _ms(samples)
                     rows.append(
                         _row("locate", path, p50, p99, prompt_tokens=tokens, nodes=16,
@@ -163,13 +164,18 @@ def absence_row(procs: Processes, url: str) -> Row:
                  "--cluster", url, "--node-id", f"doomed{run}", *FAST],
                 stdout=subprocess.PIPE, text=True,
             )  # fmt: skip
+            assert proc.stdout is not None  # piped
             address = proc.stdout.readline().split("listening on ")[1].split()[0]
             with Client(address) as c:
                 c.put(keys, [b"x"] * 4)
-            cluster_index_bench.until(lambda k=keys: router.locate(k), 30)
+            cluster_index_bench.until(partial(router.locate, keys), 30)
             proc.send_signal(signal.SIGKILL)
             proc.wait()
-            seconds.append(cluster_index_bench.until(lambda k=keys: not router.locate(k), 30))
+
+            def absent(keys: list[bytes] = keys) -> bool:
+                return not router.locate(keys)
+
+            seconds.append(cluster_index_bench.until(absent, 30))
             keys = block_keys(np.arange(4 * 16), 16, f"absence{run}".encode())
     return _row("absence", "daemon", statistics.median(seconds) * 1e3, max(seconds) * 1e3,
                 heartbeat_s=0.2, node_ttl_s=1.0, seconds=seconds)  # fmt: skip
@@ -205,7 +211,7 @@ def fetch_rows(procs: Processes, url: str, total: int, seed: int) -> list[Row]:
                         [keys[j] for j in part], [source[j * size : (j + 1) * size] for j in part]
                     )
                 with Router(url, secret=cluster_secret()) as router:
-                    cluster_index_bench.until(lambda k=keys: router.locate(k[-1:]), 30)
+                    cluster_index_bench.until(partial(router.locate, keys[-1:]), 30)
                 latencies = []
                 start = time.perf_counter()
                 for i in range(0, n, work.batch):
@@ -217,6 +223,7 @@ def fetch_rows(procs: Processes, url: str, total: int, seed: int) -> list[Row]:
                         assert ca.push(batch, b, "tcp").stored == len(batch)
                     latencies.append(time.perf_counter() - t)
                 row = Row.of(path, "tcp", size, Run(total, time.perf_counter() - start, latencies))
+                assert row.gbps is not None  # total > 0 bytes moved
                 row.ratios["raw_tcp"] = round(row.gbps / ceiling.gbps, 3)
                 rows.append(row)
         rows.append(Row.of("put", "raw_tcp", size, ceiling))

@@ -26,6 +26,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -84,6 +85,7 @@ class RedisServer:
         client.close()
 
     def kill(self) -> None:
+        assert self.proc is not None
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait()
 
@@ -144,7 +146,7 @@ def node_set(url: str, holdings: list[list[tuple[bytes, str]]], **kw) -> list[Cl
             url,
             f"node{i}",
             f"10.0.0.{i}:7600",
-            lambda h=h: h,
+            partial(iter, h),
             **kw,
             secret=ClusterSecret.read(cluster_secret()),
         )
@@ -174,9 +176,9 @@ def bench_locate(url: str, n: int) -> list[dict]:
             for n_tokens in (1024, 32768, 131072):
                 prefix = keys[: n_tokens // 256]
                 raw.config_resetstat()
-                locate = timed(lambda p=prefix: router.locate(p), n)
+                locate = timed(partial(router.locate, prefix), n)
                 stats = raw.info("commandstats").get("cmdstat_evalsha", {})
-                hashed = timed(lambda t=tokens[:n_tokens]: router.locate_tokens(t, 256), n // 4)
+                hashed = timed(partial(router.locate_tokens, tokens[:n_tokens], 256), n // 4)
                 rows.append(
                     {
                         "layout": layout,
@@ -221,7 +223,7 @@ def bench_cluster_locate(procs: Processes, n: int) -> list[dict]:
     with Router(url, seed=0, secret=cluster_secret()) as router:
         for n_tokens in (1024, 32768, 131072):
             prefix = keys[: n_tokens // 256]
-            samples = timed(lambda p=prefix: router.locate(p), n)
+            samples = timed(partial(router.locate, prefix), n)
             rows.append(
                 {
                     "layout": "overlapping",
@@ -251,7 +253,8 @@ def bench_memory(url: str, blocks: int) -> list[dict]:
         nodes = node_set(url, held, ttl_s=600, heartbeat_s=60)
         entries = sum(map(len, held))
         used = _settled_memory(raw) - base
-        sample = [raw.memory_usage(b"kv:b" + k, samples=0) for k in keys[:1000]]
+        sizes = (raw.memory_usage(b"kv:b" + k, samples=0) for k in keys[:1000])
+        sample = [n for n in sizes if n is not None]  # None: a missing key
         rows.append(
             {
                 "holders": holders,
@@ -296,6 +299,7 @@ def bench_absence(procs: Processes, url: str, runs: int) -> dict:
                 stdout=subprocess.PIPE,
                 text=True,
             )
+            assert proc.stdin is not None and proc.stdout is not None  # piped
             proc.stdin.write(" ".join(k.hex() for k in keys) + "\n")
             proc.stdin.flush()
             assert proc.stdout.readline().strip() == "ready"

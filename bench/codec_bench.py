@@ -45,7 +45,9 @@ def codec_rows(blocks: dict[str, list[np.ndarray]], names: list[str], repeat: in
                     payload = codec.encode(array, LAYOUT)
                     enc.append(time.perf_counter() - t)
                     t = time.perf_counter()
-                    back = codec.decode(memoryview(payload), array.dtype, array.shape, LAYOUT)
+                    # numpy's stubs give an ndarray the buffer protocol on Python 3.12+ only
+                    view = memoryview(payload)  # type: ignore[arg-type]
+                    back = codec.decode(view, array.dtype, array.shape, LAYOUT)
                     dec.append(time.perf_counter() - t)
                 stored += len(payload)
                 x, y = array.astype(np.float32), back.astype(np.float32)
@@ -106,6 +108,7 @@ def link_rows(
                 ratio=round(raw / wire, 4),
                 chosen=chosen,
             )
+            assert row.gbps is not None  # raw > 0 bytes moved
             base = base or row.gbps
             row.ratios["none"] = round(row.gbps / base, 3)
             rows.append(row)

@@ -160,7 +160,7 @@ def walk(client: Client, keys: list[bytes], per_get: int) -> Iterator[Any]:
         except CorruptBlock:  # which ones: one at a time
             for key in part:
                 try:
-                    yield (client.get([key]) or [None])[0]
+                    yield next(iter(client.get([key])), None)
                 except CorruptBlock:
                     yield CORRUPT
             i += len(part)
@@ -275,7 +275,8 @@ class Crash:
         self.disk.mkdir(parents=True, exist_ok=True)
         self.bound = int(args.dirty_ratio * args.host_capacity) + DEMOTE_BATCH
         self.checker = Checker(self.load)
-        self.kill_after = np.random.default_rng(args.seed).uniform(*args.kill_after, args.loops)
+        low, high = args.kill_after
+        self.kill_after = np.random.default_rng(args.seed).uniform(low, high, args.loops)
 
     def start(self, loop: int) -> tuple[str, subprocess.Popen, float]:
         a = self.args
@@ -357,7 +358,7 @@ class Crash:
         surplus = new_blocks - present
         log = self.scratch / f"node-{loop}.log"  # the killed node's: what it logged
         logged = [line for line in log.read_text().splitlines() if line.strip()]
-        entry = {
+        entry: dict[str, Any] = {
             "loop": loop,
             "kill_after_s": round(float(self.kill_after[loop]), 3),
             "acknowledged": own.acknowledged,

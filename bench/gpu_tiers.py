@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -73,7 +74,7 @@ def move_rows(
                 }
             )
         check = np.empty(size, np.uint8)
-        tier.read_batch(keys[-1:], [memoryview(check)])
+        tier.read_batch(keys[-1:], [check.data])
         assert np.array_equal(check, np.frombuffer(views[-1], np.uint8)), "bytes differ"
         del tier
         torch.cuda.empty_cache()
@@ -93,8 +94,10 @@ def main() -> None:
     host = torch.empty(2 * total, dtype=torch.uint8, pin_memory=True)
     host.random_(0, 256)
     bulk = bulk_rates(host[:total], args.repeat)
-    rows = [{"scenario": "bulk", "direction": d, "gbps": round(g, 2)} for d, g in bulk.items()]
-    memory = memoryview(host.numpy())
+    rows: list[dict[str, Any]] = [
+        {"scenario": "bulk", "direction": d, "gbps": round(g, 2)} for d, g in bulk.items()
+    ]
+    memory = host.numpy().data
     for size in (parse_size(s) for s in args.block_sizes.split(",")):
         rows += move_rows(memory, total, size, bulk, args.repeat)
     for row in rows:

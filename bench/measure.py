@@ -45,7 +45,7 @@ class Run:
         return float(np.percentile(self.latencies, q) * 1e3) if self.latencies else 0.0
 
 
-def timed_batches(work: Workload, request: Callable[[range], None]) -> Run:
+def timed_batches(work: Workload, request: Callable[[range], object]) -> Run:
     """Run `request` for every batch of `work`; time each and the whole."""
     latencies = []
     start = time.perf_counter()

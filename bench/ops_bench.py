@@ -29,7 +29,7 @@ SIZES = (4 << 10, 64 << 10, 1 << 20)
 MGET = (16, 4 << 20)  # blocks per call, block size
 
 
-def timed(calls: int, call: Callable[[int], None], nbytes: int) -> Run:
+def timed(calls: int, call: Callable[[int], object], nbytes: int) -> Run:
     """`calls` calls after a tenth as many untimed; latency of each."""
     for i in range(max(calls // 10, 5)):
         call(calls + i)

@@ -77,6 +77,7 @@ class Processes(ExitStack):
             stderr=subprocess.PIPE,
             text=True,
         )
+        assert proc.stdout is not None and proc.stderr is not None  # piped
         line = proc.stdout.readline()
         match = re.search(r"listening on (\S+)", line)
         if not match:
@@ -85,40 +86,62 @@ class Processes(ExitStack):
 
     def redis(self) -> str | None:
         """Start `redis-server` on a free port if it is installed; return its URL."""
+        server = self.redis_server()
+        return server.url if server else None
+
+    def redis_server(self) -> RedisServer | None:
+        """Start `redis-server` on a free port if it is installed (None if not)."""
         binary = shutil.which("redis-server")
         if binary is None:
             return None
         workdir = self.enter_context(tempfile.TemporaryDirectory(prefix="kvstore-bench-redis-"))
-        port = free_port()
-        self.spawn(
-            [
-                binary,
-                "--port",
-                str(port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                workdir,
-                "--protected-mode",
-                "no",
-                "--proto-max-bulk-len",
-                "1gb",
-                "--client-query-buffer-limit",
-                "1gb",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        url = f"redis://127.0.0.1:{port}/0"
-        _wait_for_redis(url)
-        return url
+        return RedisServer(self, binary, free_port(), workdir).start()
 
     def tempdir(self) -> Path:
         return Path(self.enter_context(tempfile.TemporaryDirectory(prefix="kvstore-bench-")))
+
+
+class RedisServer:
+    """A redis-server that keeps nothing on disk, and the faults a chaos run gives it."""
+
+    def __init__(self, procs: Processes, binary: str, port: int, workdir: str) -> None:
+        self.procs, self.binary, self.port, self.workdir = procs, binary, port, workdir
+        self.url = f"redis://127.0.0.1:{port}/0"
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> RedisServer:
+        """Start (again) on the same port, empty."""
+        flags = ["--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly"]
+        flags += ["no", "--dir", self.workdir, "--protected-mode", "no"]
+        flags += ["--proto-max-bulk-len", "1gb", "--client-query-buffer-limit", "1gb"]
+        self.process = self.procs.spawn(
+            [self.binary, *flags], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        _wait_for_redis(self.url)
+        return self
+
+    def restart_empty(self) -> None:
+        """SIGKILL, then start again with nothing: every node record and entry is gone."""
+        assert self.process is not None
+        self.process.kill()
+        self.process.wait()
+        self.start()
+
+    def stall(self, seconds: float) -> threading.Timer:
+        """SIGSTOP now, SIGCONT after `seconds`: connections stay open and go unanswered."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGSTOP)
+        timer = threading.Timer(seconds, self.process.send_signal, (signal.SIGCONT,))
+        timer.daemon = True
+        timer.start()
+        self.procs.callback(_resume, self.process, timer)
+        return timer
+
+
+def _resume(proc: subprocess.Popen, timer: threading.Timer) -> None:
+    timer.cancel()
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGCONT)  # a stopped child would not take the SIGTERM
 
 
 def _wait_for_redis(url: str, timeout: float = 20.0) -> None:

@@ -65,13 +65,16 @@ def add_ratios(rows: list[Row]) -> None:
             other = index.get((direction, name, row.block_size))
             if other and other.gbps:
                 row.ratios[name] = round(row.gbps / other.gbps, 3)
-        redis = [
-            index[(direction, p, row.block_size)].gbps
-            for p in PEERS
-            if (direction, p, row.block_size) in index
-        ]
-        if redis and max(redis):
-            row.ratios["redis"] = round(row.gbps / max(redis), 3)
+        redis = max(
+            (
+                index[(direction, p, row.block_size)].gbps or 0.0
+                for p in PEERS
+                if (direction, p, row.block_size) in index
+            ),
+            default=0.0,
+        )
+        if redis:
+            row.ratios["redis"] = round(row.gbps / redis, 3)
 
 
 def machine() -> dict[str, Any]:
@@ -103,7 +106,8 @@ def write_json(
         entry = asdict(row)
         entry.update(entry.pop("extra"))
         results.append(entry)
-    path.write_text(json.dumps({"machine": info, "params": params, "results": results}, indent=2))
+    document = {"machine": info, "params": params, "results": results}
+    path.write_text(json.dumps(document, indent=2, default=str))  # str: a parsed value
 
 
 def table(rows: list[Row], title: str) -> Any:

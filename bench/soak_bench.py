@@ -249,6 +249,7 @@ def start_node(procs: Processes, log: Path, *flags: str) -> tuple[str, subproces
     cmd = [sys.executable, "-m", "kvstore.server", "--address", "127.0.0.1:0", *flags]
     with log.open("w") as stderr:
         proc = procs.spawn(cmd, stdout=subprocess.PIPE, stderr=stderr, text=True)
+    assert proc.stdout is not None  # piped
     line = proc.stdout.readline()
     if "listening on " not in line:
         proc.wait(timeout=30)
@@ -430,6 +431,7 @@ def compare(args: argparse.Namespace, procs: Processes, progress: Any, task: Any
         for variant in variants[rep % len(variants) :] + variants[: rep % len(variants)]:
             if variant.error:
                 continue
+            assert variant.client is not None  # opened, or it has its error
             try:
                 runs = timed_round(variant.client, work, source, f"{variant.name}/{rep}")
             except Exception as exc:  # the interface may not be there yet: say so, go on
@@ -447,15 +449,17 @@ def compare(args: argparse.Namespace, procs: Processes, progress: Any, task: Any
     add_ratios(rows)
     plain = {r.scenario: r.gbps for r in rows if r.extra.get("variant") == "plain"}
     for row in rows:
-        if row.gbps and plain.get(row.scenario) and row.extra.get("variant") not in (None, "plain"):
-            row.ratios["plain"] = round(row.gbps / plain[row.scenario], 3)
+        base = plain.get(row.scenario)
+        if row.gbps and base and row.extra.get("variant") not in (None, "plain"):
+            row.ratios["plain"] = round(row.gbps / base, 3)
     return rows
 
 
 def open_variant(procs: Processes, scratch: Path, variant: Variant, total: int) -> None:
     """Start the variant's node and connect its client; a failure is kept as its error."""
     flags = ["--host-capacity", str(total + (256 << 20)), "--log-level", "warning"]
-    options: dict[str, str] = {}
+    token: str | None = None
+    tls_ca = ""
     if variant.auth:
         tenants = scratch / "tenants.toml"
         quota = format_size(4 * total)
@@ -464,19 +468,19 @@ def open_variant(procs: Processes, scratch: Path, variant: Variant, total: int) 
             f'[[tenant]]\nname = "soak"\ntoken = "{TOKEN}"\nquota = "{quota}"\n'
         )
         flags += ["--auth-file", str(tenants)]
-        options["token"] = TOKEN
+        token = TOKEN
     if variant.tls:
         cert, key = certificate(scratch)
         flags += ["--tls-cert", str(cert), "--tls-key", str(key)]
-        options["tls_ca"] = str(cert)
+        tls_ca = str(cert)
     try:
         address, _ = start_node(procs, scratch / f"node-{variant.name}.log", *flags)
-        variant.client = Client(address, transport="tcp", timeout=120, **options)
+        variant.client = Client(address, transport="tcp", timeout=120, token=token, tls_ca=tls_ca)
     except Exception as exc:
         variant.error = f"{type(exc).__name__}: {exc}"
 
 
-def timed_round(client: Client, work: Workload, source: np.ndarray, tag: str) -> tuple[Run, Run]:
+def timed_round(client: Client, work: Workload, source: np.ndarray, tag: str) -> tuple[Run, ...]:
     """Every batch put, then every batch got into one reused buffer and compared with the
     source outside the timing; the keys deleted after."""
     size = work.block_size

@@ -37,7 +37,7 @@ def disk_rows(directory: Path, work: Workload, seed: int, repeat: int) -> list[R
     of other bytes reaches.)"""
     source = source_bytes(work.total, seed)
     size = work.block_size
-    views = [memoryview(source[i * size : (i + 1) * size]) for i in range(work.blocks)]
+    views = [source[i * size : (i + 1) * size].data for i in range(work.blocks)]
     keys = block_keys(np.arange(work.blocks), 1, b"disk-bench")
     meta = BlockMeta(size, "uint8", (size,))
     dest = memoryview(bytearray(size))
@@ -59,7 +59,7 @@ def disk_rows(directory: Path, work: Workload, seed: int, repeat: int) -> list[R
                 segments = sorted(Path(tier_dir).glob("seg-*.kvs"))
 
                 def tier_get() -> None:
-                    read = lambda batch: [tier.read_into(keys[i], dest) for i in batch]  # noqa: E731
+                    read = lambda b: tier.read_into([keys[i] for i in b], [dest] * len(b))  # noqa: E731
                     record("get", "disk_tier", timed_batches(work, read))
                     assert bytes(dest) == bytes(views[-1]), "the disk tier read other bytes"
 

@@ -34,7 +34,15 @@ from kvstore.bench.trace_format import (
     with_shared_prefix,
 )
 from kvstore.bench.trace_refs import Hits, belady, lru, unbounded
-from kvstore.bench.trace_replay import BlockBytes, Outcome, Replay
+from kvstore.bench.trace_replay import (
+    KILL,
+    REDIS_RESTART,
+    REDIS_STALL,
+    BlockBytes,
+    Fault,
+    Outcome,
+    Replay,
+)
 from kvstore.client import Client
 from kvstore.cluster.scoring import POLICIES
 from kvstore.config import parse_size
@@ -53,6 +61,31 @@ def _shares(text: str) -> list[float]:
     if not shares or not all(0 < s <= 1 for s in shares):
         raise argparse.ArgumentTypeError(f"shares must be in (0, 1]: {text!r}")
     return shares
+
+
+def _faults(text: str) -> list[Fault]:
+    """`kill@500,redis-restart@1000,redis-stall@1500:3`, in request order."""
+    faults = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        kind, _, rest = part.partition("@")
+        at, _, seconds = rest.partition(":")
+        try:
+            fault = Fault(kind, int(at), float(seconds or 0))
+        except ValueError:
+            fault = None
+        if (
+            fault is None
+            or kind not in (KILL, REDIS_RESTART, REDIS_STALL)
+            or fault.at < 1
+            or (kind == REDIS_STALL) != (fault.seconds > 0)
+        ):
+            raise argparse.ArgumentTypeError(
+                f"expected kill@N, redis-restart@N or redis-stall@N:SECONDS (N >= 1): {part!r}"
+            )
+        faults.append(fault)
+    if len({f.at for f in faults}) < len(faults):
+        raise argparse.ArgumentTypeError(f"one fault a request: {text!r}")
+    return sorted(faults, key=lambda f: f.at)
 
 
 def add_arguments(parser: argparse.ArgumentParser, choices: Any, ints: Any, sizes: Any) -> None:
@@ -85,6 +118,14 @@ def add_arguments(parser: argparse.ArgumentParser, choices: Any, ints: Any, size
     a("--shared-prefix", action="store_true", help="one block prepended to every request")
     a("--kill-at", type=int, help="SIGKILL a node at this request (and replay without, too)")
     a("--dirty-ratio", type=float, help="the daemons' --dirty-ratio (with a disk tier)")
+    a(
+        "--chaos",
+        type=_faults,
+        metavar="FAULTS",
+        help="faults at given requests, e.g. kill@500,redis-restart@1000,redis-stall@1500:3 "
+        "(a killed node starts again, empty); compared with the model of the same faults",
+    )
+    a("--deadline", type=float, default=5.0, help="seconds a request may take (default 5)")
 
 
 def check(args: argparse.Namespace) -> str:
@@ -97,11 +138,11 @@ def check(args: argparse.Namespace) -> str:
     if args.redis:
         given = [
             name
-            for name in ("capacity_blocks", "sweep", "nodes_sweep", "kill_at")
+            for name in ("capacity_blocks", "sweep", "nodes_sweep", "kill_at", "chaos")
             if getattr(args, name)
         ]
         if given or args.disk_capacity_blocks or args.nodes != 4:
-            return "--redis replays through the nodes already up: no capacity, node or kill flags"
+            return "--redis replays through the nodes already up: no capacity, node or fault flags"
     if args.fetch_through and "fetch" not in inspect.signature(Client.get).parameters:
         return "--fetch-through is not yet possible: this client's get cannot fetch"
     if args.capacity_blocks is not None and args.sweep:
@@ -110,8 +151,15 @@ def check(args: argparse.Namespace) -> str:
         return "--nodes and --block-bytes must be at least 1"
     if args.kill_at is not None and not 0 < args.kill_at < len(requests):
         return f"--kill-at must be within the {len(requests)} requests replayed"
+    if args.chaos:
+        if args.kill_at is not None or args.disk_capacity_blocks:
+            return "--chaos takes no --kill-at or disk tier (the model has no disk)"
+        if args.chaos[-1].at >= len(requests):
+            return f"--chaos faults must be within the {len(requests)} requests replayed"
     if args.speed is not None and args.speed <= 0:
         return "--speed must be > 0"
+    if args.deadline <= 0:
+        return "--deadline must be > 0"
     if args.redis:  # the nodes are sized already: `run` reads their shape from the registry
         return ""
     for nodes, capacity in _configs(args, requests):
@@ -145,12 +193,14 @@ def run(
             live = Live(args, requests, nodes, capacity, policy)
             row = live.row(live.replay(procs, progress, task), references[capacity])
             if args.kill_at is not None:
-                killed = live.outcome_killed
-                live.kill_at = None
+                killed = live.outcome
+                live.faults = []
                 baseline = live.replay(procs, progress, task)
                 row.extra.update(
                     _failover(requests, killed, baseline, nodes, capacity, policy, args)
                 )
+            if args.chaos:
+                row.extra.update(_chaos(requests, live.outcome, nodes, capacity, policy, args))
             row.extra.update(_simulated(requests, nodes, capacity, policy, args))
             rows.append(row)
     console = progress.console
@@ -175,9 +225,10 @@ class Live:
     policy: str
 
     def __post_init__(self) -> None:
-        self.kill_at = self.args.kill_at
-        self.outcome_killed: Outcome | None = None
-        self.cluster: trace_cluster.TraceCluster | None = None
+        a = self.args
+        kill = [Fault(KILL, a.kill_at, restart=False)] if a.kill_at is not None else []
+        self.faults: list[Fault] = kill + (a.chaos or [])
+        self.outcome = Outcome()
 
     def replay(self, procs: Processes, progress: Any, task: Any) -> Outcome:
         a = self.args
@@ -194,15 +245,17 @@ class Live:
                         BlockBytes(salt, a.block_bytes),
                         tiers_known=bool(a.disk_capacity_blocks) or a.fetch_through,
                         fetch_through=a.fetch_through,
-                        kill_at=self.kill_at,
+                        faults=self.faults,
+                        procs=own,
+                        deadline_s=a.deadline,
                         speed=a.speed,
                     )
                     out = replay.run(self.requests, lambda n: progress.update(task, advance=n))
                 self._finish(cluster, out)
             finally:
                 cluster.close()
-        if self.kill_at is not None:
-            self.outcome_killed = out
+        if self.faults:
+            self.outcome = out
         return out
 
     def _cluster(self, own: Processes, salt: bytes) -> trace_cluster.TraceCluster:
@@ -219,6 +272,7 @@ class Live:
             a.block_bytes,
             disk_blocks=a.disk_capacity_blocks,
             flags=tuple(flags),
+            timeout_s=a.deadline,
         )
         _check_hosts(own, cluster, a.block_bytes, salt)
         return cluster
@@ -365,14 +419,7 @@ def _failover(
     request), which loses the same blocks: what no router can win back is in both."""
     k = args.kill_at
     model = trace_sim.replay(
-        requests,
-        capacity,
-        nodes,
-        policy,
-        args.seed,
-        args.fetch_through,
-        kill_at=k,
-        kill_node=killed.killed_index,
+        requests, capacity, nodes, policy, args.seed, args.fetch_through, faults=_model(killed)
     )
     vs_baseline = _recovery(killed.blocks, killed.hits, baseline.blocks, baseline.hits, k)
     vs_model = _recovery(killed.blocks, killed.hits, model.blocks, model.hits, k)
@@ -388,6 +435,49 @@ def _failover(
             round(x, 4) for x in trace_metrics.hit_ratio_over_time(baseline.blocks, baseline.hits)
         ],
         "sim_kill_hit_ratio_over_time": [
+            round(x, 4) for x in trace_metrics.hit_ratio_over_time(model.blocks, model.hits)
+        ],
+    }
+
+
+def _model(out: Outcome) -> trace_sim.Faults:
+    """The faults of a live replay, as the model takes them."""
+    return trace_sim.Faults(dict(out.kills), dict(out.backs), frozenset(out.blind))
+
+
+def _chaos(
+    requests: Sequence[Request],
+    out: Outcome,
+    nodes: int,
+    capacity: int,
+    policy: str,
+    args: argparse.Namespace,
+) -> dict[str, Any]:
+    """The run under faults against the exact model of the same faults: the same nodes
+    killed at the same requests and back at the same requests, the same requests routed
+    while Redis was away. What the model cannot know is how long the index lagged."""
+    model = trace_sim.replay(
+        requests, capacity, nodes, policy, args.seed, args.fetch_through, faults=_model(out)
+    )
+    live = sum(out.hits) / sum(out.blocks)
+    mine = trace_metrics.sliding_hit_ratio(out.blocks, out.hits, RECOVERY_WINDOW)
+    theirs = trace_metrics.sliding_hit_ratio(model.blocks, model.hits, RECOVERY_WINDOW)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        vs = np.where(theirs > 0, mine / theirs, 1.0)
+    return {
+        "faults": [str(f) for f in args.chaos],
+        "deadline_s": args.deadline,
+        "late": out.late,
+        "slowest_s": {
+            str(i): round(out.latency_s[i], 3) for i in np.argsort(out.latency_s)[::-1][:5]
+        },
+        "blind_routed": len(out.blind),
+        "nodes_back": {str(at): back for at, back in out.backs.items()},
+        "chaos_model_hit_ratio": round(model.ratio, 5),
+        "hit_ratio_vs_chaos_model": round(live / model.ratio, 4) if model.ratio else None,
+        "worst_window_vs_chaos_model": round(float(vs.min()), 4),
+        "worst_window_starts_at": int(vs.argmin()),
+        "chaos_model_hit_ratio_over_time": [
             round(x, 4) for x in trace_metrics.hit_ratio_over_time(model.blocks, model.hits)
         ],
     }

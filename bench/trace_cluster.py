@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from kvstore.arena import aligned
-from kvstore.bench.procs import Processes, cluster_secret
+from kvstore.bench.procs import Processes, RedisServer, cluster_secret
 from kvstore.bench.trace_refs import node_capacities
 from kvstore.client import Client
 from kvstore.errors import KVStoreError
@@ -58,11 +58,19 @@ class Node:
     process: subprocess.Popen | None = None
     client: Client | None = None
     alive: bool = True
+    flags: tuple[str, ...] = ()  # what it was started with, to start it again
+    timeout_s: float | None = None  # the deadline of each call its client makes
 
     def connect(self) -> Client:
         if self.client is None:
-            self.client = Client(self.address)
+            self.client = Client(self.address, timeout=self.timeout_s)
         return self.client
+
+    def replaced(self, process: subprocess.Popen, address: str) -> None:
+        """Started again (empty, at `address`): calls go to the new process from now on."""
+        if self.client is not None:
+            self.client.close()
+        self.process, self.address, self.client, self.alive = process, address, None, True
 
 
 @dataclass
@@ -72,6 +80,8 @@ class TraceCluster:
     started: bool  # by the bench (so it may size, check and kill its nodes)
     redis_baseline: int = 0  # Redis's used_memory before any node published
     disk_dirs: list[Path] = field(default_factory=list)
+    redis: RedisServer | None = None  # the Redis the bench started (a chaos run's faults)
+    restarted: list[tuple[Node, subprocess.Popen, str]] = field(default_factory=list)
 
     def node(self, node_id: str) -> Node:
         return next(n for n in self.nodes if n.node_id == node_id)
@@ -83,6 +93,17 @@ class TraceCluster:
             node.process.kill()
             node.process.wait()
         node.alive = False
+
+    def restart(self, procs: Processes, node_id: str) -> None:
+        """Start a killed node again, empty, under the same id; return once it is
+        registered under a new incarnation (RuntimeError after 30 s). Safe from a thread
+        of its own: the node's process and client are swapped only by `Node.replaced`,
+        which the caller runs (`restarted` hands over what to run)."""
+        node = self.node(node_id)
+        proc = _spawn(procs, list(node.flags))
+        address = _address(proc)
+        _registered(self.redis_url, {node_id}, address=address)
+        self.restarted.append((node, proc, address))
 
     def close(self) -> None:
         for node in self.nodes:
@@ -99,9 +120,12 @@ def start(
     disk_blocks: int = 0,
     flags: tuple[str, ...] = (),
     redis_url: str | None = None,
+    timeout_s: float | None = None,
 ) -> TraceCluster:
-    """A Redis (unless `redis_url`) and `nodes` daemons registered in it, started at once."""
-    url = redis_url or procs.redis()
+    """A Redis (unless `redis_url`) and `nodes` daemons registered in it, started at once;
+    `timeout_s`: the deadline of each call the bench makes to a node."""
+    server = None if redis_url else procs.redis_server()
+    url = redis_url or (server.url if server else None)
     if url is None:
         raise RuntimeError("kvstore-bench trace needs redis-server on PATH (or --redis)")
     baseline = _used_memory(url)
@@ -132,22 +156,34 @@ def start(
             "--node-ttl",
             str(NODE_TTL_S),
         ]
-        waiting.append(_spawn(procs, [*node_flags, *cluster_flags, *flags]))
-        members.append(Node(node_id, "", host, disk, waiting[-1]))
+        all_flags = (*node_flags, *cluster_flags, *flags)
+        waiting.append(_spawn(procs, list(all_flags)))
+        members.append(Node(node_id, "", host, disk, waiting[-1], None, True, all_flags, timeout_s))
     for member, proc in zip(members, waiting, strict=True):
         member.address = _address(proc)
     _registered(url, {m.node_id for m in members})
-    return TraceCluster(url, members, True, baseline, dirs)
+    return TraceCluster(url, members, True, baseline, dirs, server)
 
 
-def _registered(url: str, node_ids: set[str], timeout_s: float = 30.0) -> None:
-    """Wait until every node is in the registry: a node registers from a thread of its own,
-    after it prints its address, and a router routes only to registered nodes."""
+def _registered(
+    url: str, node_ids: set[str], timeout_s: float = 30.0, address: str | None = None
+) -> None:
+    """Wait until every node is in the registry (at `address`, if given): a node registers
+    from a thread of its own, after it prints its address, and a router routes only to
+    registered nodes. Redis may be away for a while meanwhile (a chaos run)."""
+    from kvstore.errors import Unavailable
     from kvstore.router import Router
 
     deadline = time.monotonic() + timeout_s
     with Router(url, secret=cluster_secret()) as router:
-        while not node_ids <= {record.node_id for record in router.nodes()}:
+        while True:
+            try:
+                records = router.nodes()
+            except Unavailable:
+                records = []
+            seen = {r.node_id for r in records if address is None or r.address == address}
+            if node_ids <= seen:
+                return
             if time.monotonic() > deadline:
                 raise RuntimeError(f"nodes {sorted(node_ids)} did not register within {timeout_s}s")
             time.sleep(0.02)
@@ -246,6 +282,7 @@ def _spawn(procs: Processes, flags: list[str]) -> subprocess.Popen:
 
 
 def _address(proc: subprocess.Popen) -> str:
+    assert proc.stdout is not None and proc.stderr is not None  # piped
     line = proc.stdout.readline()
     match = re.search(r"listening on (\S+)", line)
     if not match:

@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import threading
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from kvstore.bench.procs import Processes
 from kvstore.bench.trace_cluster import Node, TraceCluster, put_part
 from kvstore.bench.trace_format import Request
 from kvstore.errors import KVStoreError, Unavailable
@@ -50,6 +52,23 @@ class BlockBytes:
         )
 
 
+KILL, REDIS_RESTART, REDIS_STALL = "kill", "redis-restart", "redis-stall"
+
+
+@dataclass(frozen=True)
+class Fault:
+    """Before request `at`: SIGKILL the node it is routed to (started again, empty, unless
+    `restart` is False), restart Redis empty, or stop Redis for `seconds`."""
+
+    kind: str
+    at: int
+    seconds: float = 0.0
+    restart: bool = True
+
+    def __str__(self) -> str:
+        return f"{self.kind}@{self.at}" + (f":{self.seconds:g}" if self.kind == REDIS_STALL else "")
+
+
 @dataclass
 class Outcome:
     """Per request (trace order): node index, blocks, hits served, hits Locate predicted,
@@ -69,8 +88,12 @@ class Outcome:
     failovers: int = 0
     bytes_moved: int = 0
     seconds: float = 0.0
-    killed: str = ""  # the node killed, and its index in the cluster
+    killed: str = ""  # the first node killed, and its index in the cluster
     killed_index: int | None = None
+    kills: dict[int, int] = field(default_factory=dict)  # request -> node index killed
+    backs: dict[int, list[int]] = field(default_factory=lambda: defaultdict(list))
+    blind: set[int] = field(default_factory=set)  # requests routed while Redis was away
+    late: int = 0  # requests that took longer than the deadline
 
     def work(self) -> list[int]:
         return [b - h for b, h in zip(self.blocks, self.hits, strict=True)]
@@ -83,13 +106,17 @@ class Replay:
     data: BlockBytes
     tiers_known: bool = False  # ask each node where the blocks it will serve are (disk tier)
     fetch_through: bool = False  # the node pulls what it lacks from the nodes holding it
-    kill_at: int | None = None  # SIGKILL the node request kill_at is routed to, before its get
+    faults: Sequence[Fault] = ()
+    procs: Processes | None = None  # where killed nodes start again
+    deadline_s: float | None = None  # a request that takes longer is late
     speed: float | None = None  # follow the timestamps this many times faster
     outcome: Outcome = field(default_factory=Outcome)
 
     def __post_init__(self) -> None:
         self._index = {n.node_id: i for i, n in enumerate(self.cluster.nodes)}
         self._out: np.ndarray | None = None
+        self._due = {f.at: f for f in self.faults}
+        self._restarts: list[threading.Thread] = []
 
     def run(self, requests: Sequence[Request], advance: Callable[[int], None]) -> Outcome:
         start = time.perf_counter()
@@ -103,12 +130,20 @@ class Replay:
             if i % 25 == 24 or i == len(requests) - 1:
                 advance(i % 25 + 1)
         self.outcome.seconds = time.perf_counter() - start
+        for thread in self._restarts:
+            thread.join()
         return self.outcome
 
     def request(self, i: int, r: Request) -> None:
         out, ids = self.outcome, r.hash_ids
         keys = [self.data.key(b) for b in ids]
         began = time.perf_counter()
+        self._back(i)
+        fault = self._due.pop(i, None)
+        if fault and fault.kind == REDIS_RESTART:
+            self._redis().restart_empty()
+        elif fault and fault.kind == REDIS_STALL:
+            self._redis().stall(fault.seconds)
         exclude: set[str] = set()
         while True:
             t = time.perf_counter()
@@ -120,9 +155,10 @@ class Replay:
                 out.errors += 1
                 return
             out.locate_s.append(time.perf_counter() - t)
-            if i == self.kill_at and not out.killed:
-                self.cluster.kill(route.node_id)
-                out.killed, out.killed_index = route.node_id, self._index[route.node_id]
+            if not route.indexed:
+                out.blind.add(i)
+            if fault and fault.kind == KILL and i not in out.kills:
+                self._kill(i, route.node_id, fault.restart)
             node = self.cluster.node(route.node_id)
             try:
                 hits = self.serve(node, route, ids, keys)
@@ -174,6 +210,36 @@ class Replay:
             chosen = order[start : start + part]
             client.put([keys[j] for j in chosen], [self.data.payload(ids[j]) for j in chosen])
 
+    def _kill(self, i: int, node_id: str, restart: bool) -> None:
+        out = self.outcome
+        self.cluster.kill(node_id)
+        out.kills[i] = self._index[node_id]
+        if not out.killed:
+            out.killed, out.killed_index = node_id, self._index[node_id]
+        if restart:
+            thread = threading.Thread(target=self._restart, args=(node_id,), daemon=True)
+            thread.start()
+            self._restarts.append(thread)
+
+    def _restart(self, node_id: str) -> None:
+        assert self.procs is not None, "a replay that restarts nodes needs `procs`"
+        try:
+            self.cluster.restart(self.procs, node_id)
+        except RuntimeError as exc:
+            log.error("%s did not start again: %s", node_id, exc)
+
+    def _back(self, i: int) -> None:
+        """Nodes started again since the last request take requests from this one on."""
+        while self.cluster.restarted:
+            node, proc, address = self.cluster.restarted.pop(0)
+            node.replaced(proc, address)
+            self.outcome.backs[i].append(self._index[node.node_id])
+
+    def _redis(self):
+        if self.cluster.redis is None:
+            raise RuntimeError("Redis faults need a Redis the bench started")
+        return self.cluster.redis
+
     def _buffer(self, blocks: int) -> np.ndarray:
         need = blocks * self.data.size
         if self._out is None or len(self._out) < need:
@@ -187,3 +253,5 @@ class Replay:
         out.hits.append(hits)
         out.predicted.append(predicted)
         out.latency_s.append(time.perf_counter() - began)
+        if self.deadline_s is not None and out.latency_s[-1] > self.deadline_s:
+            out.late += 1

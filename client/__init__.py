@@ -2,6 +2,6 @@
 
 from kvstore.client.aio import AsyncClient
 from kvstore.client.client import Client
-from kvstore.ingest import PutResult
+from kvstore.results import PutResult
 
 __all__ = ["AsyncClient", "Client", "PutResult"]

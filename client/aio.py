@@ -15,15 +15,12 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from kvstore.client.client import Client, NodeInfo, PushResult
+from kvstore.client.client import Client
 from kvstore.client.pipeline import Payload
 from kvstore.client.shm import Fill, Lease
 from kvstore.client.transport import Out
-from kvstore.cluster import Location
-from kvstore.events import Batch
-from kvstore.ingest import PutResult
 from kvstore.keys import BlockKey
-from kvstore.store import StoreStats
+from kvstore.results import Batch, Location, NodeInfo, PushResult, PutResult, StoreStats
 
 T = TypeVar("T")
 CALLS_AT_ONCE = 8  # calls of one AsyncClient that run concurrently

@@ -136,7 +136,7 @@ class Channels:
             link.broken = True
             link.sock.close()
 
-    def send(self, link: Link, views: Sequence[memoryview]) -> None:
+    def send(self, link: Link, views: Sequence[memoryview | bytes]) -> None:
         """Send payloads the node asked for; if it closed the connection instead, read
         why (its refusal) rather than report a broken pipe."""
         try:

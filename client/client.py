@@ -10,7 +10,8 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import replace
+from functools import partial
 from operator import methodcaller
 from typing import TypeVar
 
@@ -18,6 +19,7 @@ import grpc
 import numpy as np
 
 from kvstore import codecs
+from kvstore.arena import aligned
 from kvstore.client import tcp
 from kvstore.client.channel import Channels, NodeChanged
 from kvstore.client.grpc import CHANNEL_OPTIONS, SERVICE, GrpcTransport
@@ -36,8 +38,7 @@ from kvstore.client.security import NodeCaller, Security
 from kvstore.client.shm import Fill, Lease, ShmTransport
 from kvstore.client.status import error_from_rpc
 from kvstore.client.tcp import Place, TcpTransport
-from kvstore.client.transport import Ask, Out, Transport
-from kvstore.cluster import Load, Location
+from kvstore.client.transport import Arrived, Ask, Out, Transport
 from kvstore.errors import (
     Busy,
     InvalidArgument,
@@ -46,16 +47,21 @@ from kvstore.errors import (
     Unavailable,
     Unsupported,
 )
-from kvstore.events import Batch, decode_batch
-from kvstore.ingest import PutResult
 from kvstore.keys import BlockKey, check_keys, check_tokens
-from kvstore.limits import MAX_BLOCKS, MAX_TOKENS
+from kvstore.limits import BLOCK_OVERHEAD, MAX_BLOCKS, MAX_TOKENS
 from kvstore.meta import BlockMeta
 from kvstore.proto import kvstore_pb2 as pb
 from kvstore.proto.channel import ChannelError
-from kvstore.store import StoreStats
-from kvstore.tiers import TierStats
-from kvstore.tiers.host import HostTier
+from kvstore.results import (
+    Batch,
+    Load,
+    Location,
+    NodeInfo,
+    PushResult,
+    PutResult,
+    StoreStats,
+    TierStats,
+)
 from kvstore.trust import CHALLENGE, DIALED, ClusterSecret
 
 log = logging.getLogger("kvstore.client")
@@ -66,27 +72,6 @@ REPROBE_AFTER = 30.0  # seconds before a path that failed is tried again
 BUSY_BACKOFF = (0.05, 0.1, 0.2, 0.4, 0.8, 1.6)  # seconds before each retry of a busy refusal
 IN_PLACE_PART = 256 << 20  # bytes per part of an in-place put
 IN_PLACE_AHEAD = 2  # parts whose copies may still run while the next part opens
-
-
-@dataclass(frozen=True, slots=True)
-class NodeInfo:
-    """What a node says of itself (gRPC `Hello`)."""
-
-    node_id: str  # its id in the cluster: the same over restarts
-    instance: str  # this run of the daemon: a restart is another
-    data_address: str
-    unix_address: str
-    capacity: int  # bytes of all its tiers
-    host_capacity: int
-    max_block_size: int
-    max_blocks: int  # keys or blocks in one request
-
-
-@dataclass(frozen=True, slots=True)
-class PushResult:
-    found: int  # leading keys the pushing node held and sent
-    stored: int  # newly stored at the target
-    existed: int  # already at the target
 
 
 class Client:
@@ -182,6 +167,9 @@ class Client:
 
     def put_blocks(self, blocks: Sequence[Block], views: Sequence[memoryview]) -> PutResult:
         """Put blocks whose metadata is already built (a node forwarding its own)."""
+        sent, declared = sum(len(v) for v in views), sum(meta.size for _, meta in blocks)
+        if sent != declared:  # refused alike on every path, before anything is sent
+            raise InvalidArgument("data", f"{sent} bytes follow, the blocks declare {declared}")
         result = PutResult(0, 0)
         for part in batches([len(v) for v in views], 1 << 62):
             result += self._put(list(blocks[part]), list(views[part]))
@@ -251,20 +239,13 @@ class Client:
         decoder = Decoder(self._pool, self.checksum)
         got = Received()
         used = 0  # bytes of `out` filled so far
-        backoff = iter(BUSY_BACKOFF)
         for ask, last in self._asks(keys, wait, fetch, got.blocks.__len__):
             rest = None if out is None else _flat(out)[used:]
-            received: Received = self._run(methodcaller("get", ask, rest, decoder.arrived))
+            part = partial(_get_part, ask, rest, decoder.arrived, len(got.blocks))
+            received: Received = self._run(part)
             got.arrays.extend(received.arrays)
             got.blocks.extend(received.blocks)
             used += sum(meta.size for _, meta in received.blocks)
-            if received.truncated and not received.blocks:  # busy: ask again, later
-                if (pause := next(backoff, None)) is None:
-                    raise Busy(
-                        f"the node holds block {len(got.blocks)} but had no room in DRAM to "
-                        "serve it (its host tier is full of pinned blocks): retry"
-                    )
-                time.sleep(pause * random.uniform(0.5, 1.0))
             short = len(received.blocks) < len(ask.keys) and not received.truncated
             if short and (last() or not received.blocks):
                 break  # a missing key ends the prefix (or nothing came in time)
@@ -382,6 +363,8 @@ class Client:
         """This node's KV event batches (vLLM's stream), in order with no gaps, from
         `from_sequence` on (None: from now); ends when the call is cancelled or the node
         goes. `SequenceTooOld` (an `OutOfRange`) when the node no longer holds it."""
+        from kvstore.events.schema import decode_batch  # msgspec and the event types: here only
+
         request = pb.WatchRequest()
         if from_sequence is not None:
             request.from_sequence = from_sequence
@@ -472,17 +455,12 @@ class Client:
         """Run a block operation on the current path. If the path itself fails (refused,
         unreachable, a connection lost), log it once, count it, and run the operation
         again on the next path: every block operation is safe to repeat. A busy node's
-        refusal is retried on the same path after a growing pause."""
+        refusal is retried on the same path (`busy_retried`)."""
         restarted = retried = False
-        backoff = iter(BUSY_BACKOFF)
         while True:
             transport = self._transport()
             try:
-                return operation(transport)
-            except Busy:  # refused before any byte was taken: the same request, later
-                if (pause := next(backoff, None)) is None:
-                    raise
-                time.sleep(pause * random.uniform(0.5, 1.0))  # spread the retries
+                return busy_retried(partial(operation, transport))
             except NodeChanged:
                 if restarted:
                     raise
@@ -622,8 +600,9 @@ class Client:
         return self._run(methodcaller("put", blocks, views, durable))
 
     def _check_fits(self, sizes: Sequence[int]) -> None:
-        """A put must fit the node whole, or its last blocks would evict its first."""
-        need = sum(HostTier.slot_cost(size) for size in sizes)
+        """A put must fit the node whole, or its last blocks would evict its first. Each
+        block takes a page-aligned slot and its index entry (`HostTier.slot_cost`)."""
+        need = sum(aligned(size) + BLOCK_OVERHEAD for size in sizes)
         capacity = self._node().capacity
         if need > capacity:
             raise ResourceExhausted(
@@ -649,10 +628,41 @@ class Client:
             self._node()  # the peer proves itself before any call
         if hasattr(request, "SerializeToString"):
             request = request.SerializeToString()
+
+        def call() -> bytes:
+            try:
+                return self._unary[name](
+                    request, timeout=self.timeout, metadata=self.security.metadata
+                )
+            except grpc.RpcError as exc:
+                raise error_from_rpc(exc) from None
+
+        return busy_retried(call)
+
+
+def busy_retried(call: Callable[[], T]) -> T:
+    """`call`, made again after a growing pause each time the node refuses it as `Busy`
+    (refused before it took anything: the same request may pass once the node has room),
+    up to `len(BUSY_BACKOFF)` times. The one layer that retries a refusal: any other,
+    a quota's included, reaches the caller at once."""
+    for pause in BUSY_BACKOFF:
         try:
-            return self._unary[name](request, timeout=self.timeout, metadata=self.security.metadata)
-        except grpc.RpcError as exc:
-            raise error_from_rpc(exc) from None
+            return call()
+        except Busy:
+            time.sleep(pause * random.uniform(0.5, 1.0))  # jittered: refused callers spread out
+    return call()
+
+
+def _get_part(ask: Ask, out: Out, arrived: Arrived, had: int, transport: Transport) -> Received:
+    """One request of a get. A node that holds the next block but brought none up (its DRAM
+    full of pinned blocks) is busy: retried as any busy refusal."""
+    received = transport.get(ask, out, arrived)
+    if received.truncated and not received.blocks:
+        raise Busy(
+            f"the node holds block {had} but had no room in DRAM to serve it (its host tier "
+            "is full of pinned blocks): retry"
+        )
+    return received
 
 
 def _millis(seconds: float | None) -> int:

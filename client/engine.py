@@ -16,30 +16,41 @@ Two cache shapes are supported:
   block_size`.
 On a GPU, gather and scatter run on the device. With the node on the same host,
 the device copies blocks straight into their slots of the node's shared arena
-(page-locked once, here) and loads them straight from there: one DMA per run of
+(page-locked once) and loads them straight from there: one DMA per run of
 adjacent blocks, no host copy. Otherwise the host side is one batched copy
-through a pinned staging buffer in each direction.
+through a pinned staging buffer in each direction. Both paths are the engine adapters'
+shared GPU staging (`kvstore.integrations.common`).
 """
 
 from __future__ import annotations
 
-import logging
-import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from kvstore.client.client import IN_PLACE_PART, Client
 from kvstore.errors import InvalidArgument
-from kvstore.ingest import PutResult
+from kvstore.integrations.common import (
+    HostStaging,
+    arena_fill,
+    as_tensor,
+    check_blocks,
+    copy_from_arena,
+    locked_arena,
+    numpy_dtype,
+)
 from kvstore.keys import block_keys, namespace_salt
+from kvstore.results import PutResult
 from kvstore.weights import local_checkpoint, model_identity
 
+if TYPE_CHECKING:
+    from transformers import DynamicCache, PreTrainedConfig, PreTrainedModel
+
 LAYOUT = "tokens,layers,kv,heads,dim"
-log = logging.getLogger("kvstore.engine")
 
 
 @dataclass(frozen=True)
@@ -57,7 +68,7 @@ class KVSpec:
     @classmethod
     def of(
         cls,
-        model: torch.nn.Module,
+        model: PreTrainedModel,
         model_id: str,
         block_size: int = 256,
         weights_id: str | None = None,
@@ -89,7 +100,7 @@ class KVSpec:
         return (self.block_size, self.layers, 2, self.kv_heads, self.head_dim)
 
 
-def weights_identity(model: torch.nn.Module, weights_id: str | None = None) -> str:
+def weights_identity(model: PreTrainedModel, weights_id: str | None = None) -> str:
     """What identifies a `transformers` model's computation (`kvstore.weights.model_identity`,
     as vLLM's connector does): the fingerprint of the checkpoint it was loaded from
     (`config._name_or_path`, a local directory or the hub cache's snapshot), else its hub
@@ -115,7 +126,7 @@ class KVAdapter:
         self.client = client
         self.spec = spec
         self.codec = codec
-        self._staging = torch.empty(0, dtype=torch.uint8)  # reused host memory, see _host_buffer
+        self._staging = HostStaging()
 
     def keys(self, token_ids: Sequence[int] | np.ndarray) -> list[bytes]:
         return block_keys(np.asarray(token_ids), self.spec.block_size, self.spec.salt)
@@ -127,18 +138,26 @@ class KVAdapter:
 
     # -- transformers caches ---------------------------------------------------------
 
-    def store_cache(self, token_ids: Sequence[int] | np.ndarray, cache: object) -> PutResult | None:
+    def store_cache(
+        self, token_ids: Sequence[int] | np.ndarray, cache: DynamicCache
+    ) -> PutResult | None:
         """Store the full blocks of `cache`, which holds the KV of `token_ids` (from the start)."""
-        kv = torch.stack([torch.stack([layer.keys[0], layer.values[0]]) for layer in cache.layers])
-        tokens = kv.permute(3, 0, 1, 2, 4)  # [tokens, layers, kv, heads, dim]
+        from transformers.cache_utils import CacheLayerMixin
+
+        kv = []
+        for layer in cache.layers:  # a linear-attention layer has no K and V to store
+            if not isinstance(layer, CacheLayerMixin) or layer.keys is None or layer.values is None:
+                raise InvalidArgument("cache", "every layer must hold attention keys and values")
+            kv.append(torch.stack([layer.keys[0], layer.values[0]]))
+        tokens = torch.stack(kv).permute(3, 0, 1, 2, 4)  # [tokens, layers, kv, heads, dim]
         return self._store(token_ids, tokens)
 
     def load_cache(
         self,
         token_ids: Sequence[int] | np.ndarray,
-        config: object,
+        config: PreTrainedConfig,
         device: str | torch.device = "cpu",
-    ) -> tuple[object | None, int]:
+    ) -> tuple[DynamicCache | None, int]:
         """A `DynamicCache` of the longest stored prefix of the prompt, and its length."""
         from transformers import DynamicCache
 
@@ -177,11 +196,7 @@ class KVAdapter:
     def to_host(self, tokens: torch.Tensor) -> np.ndarray:
         """`tokens` copied once, in one batch, into the reused host staging buffer (pinned
         for a GPU), as numpy without a further copy. Valid until the next call."""
-        tokens = tokens.contiguous()
-        staging = self._host_buffer(tokens.numel() * tokens.element_size(), tokens.device)
-        host = staging.view(tokens.dtype).view(tokens.shape)
-        host.copy_(tokens)
-        return _as_numpy(host)
+        return self._staging.to_host(tokens)
 
     def load_pages(
         self,
@@ -212,38 +227,20 @@ class KVAdapter:
             return None
         size = self.spec.block_size
         tokens = tokens[: len(keys) * size]
-        if tokens.is_cuda and not self.codec and (arena := self._arena()) is not None:
-            return self._store_in_place(keys, tokens, arena)
+        if tokens.is_cuda and not self.codec and (arena := locked_arena(self.client)) is not None:
+            fill = arena_fill(tokens, len(keys), arena)
+            dtype = numpy_dtype(self.spec.dtype)
+            return self.client.put_in_place(keys, dtype, self.spec.block_shape, fill, layout=LAYOUT)
         host = self.to_host(tokens)  # one copy for all blocks
         blocks = [host[i * size : (i + 1) * size] for i in range(len(keys))]
         return self.client.put(keys, blocks, codec=self.codec, layout=LAYOUT)
-
-    def _store_in_place(
-        self, keys: list[bytes], tokens: torch.Tensor, arena: np.ndarray
-    ) -> PutResult:
-        """The device writes each run of adjacent slots in the node's arena in one DMA."""
-        flat = tokens.contiguous().view(-1).view(torch.uint8)
-        per_block = flat.numel() // len(keys)
-
-        def fill(indexes: list[int], slots: list[np.ndarray]) -> Callable[[], None]:
-            for first, count, run in _runs(arena, slots):
-                start = indexes[first] * per_block
-                torch.frombuffer(run, dtype=torch.uint8).copy_(
-                    flat[start : start + count * per_block], non_blocking=True
-                )
-            copied = torch.cuda.Event()
-            copied.record()
-            return copied.synchronize  # the client publishes the part after this
-
-        dtype = _numpy_dtype(self.spec.dtype)
-        return self.client.put_in_place(keys, dtype, self.spec.block_shape, fill, layout=LAYOUT)
 
     def _load_in_place(
         self, keys: list[bytes], device: torch.device, arena: np.ndarray
     ) -> torch.Tensor | None:
         """Each run of adjacent blocks in the node's arena goes to the device in one DMA.
         Blocks are leased in parts, so one part's copies overlap the next part's lease."""
-        block_bytes = int(np.prod(self.spec.block_shape)) * _numpy_dtype(self.spec.dtype).itemsize
+        block_bytes = int(np.prod(self.spec.block_shape)) * numpy_dtype(self.spec.dtype).itemsize
         part = max(1, IN_PLACE_PART // block_bytes)
         kv = torch.empty(len(keys) * block_bytes, dtype=torch.uint8, device=device)
         at = 0
@@ -251,9 +248,7 @@ class KVAdapter:
             for start in range(0, len(keys), part):
                 lease = leases.enter_context(self.client.lease(keys[start : start + part]))
                 self._check(lease.blocks, start)
-                for _, _, run in _runs(arena, lease.blocks):
-                    kv[at : at + run.nbytes].copy_(torch.from_numpy(run), non_blocking=True)
-                    at += run.nbytes
+                at = copy_from_arena(arena, lease.blocks, kv, at)
                 if len(lease.blocks) < part:
                     break
             torch.cuda.synchronize(device)  # before the leases let the node reuse the slots
@@ -261,25 +256,8 @@ class KVAdapter:
             return None
         return kv[:at].view(self.spec.dtype).view(-1, *self.spec.block_shape[1:])
 
-    def _arena(self) -> np.ndarray | None:
-        """The node's arena as mapped here, page-locked once if CUDA allows (copies then
-        run as DMA), or None (another host, no CUDA: those take the staging path)."""
-        if not torch.cuda.is_available():
-            return None
-        arena = self.client.shared_arena()
-        if arena is not None:
-            _page_lock(arena)
-        return arena
-
     def _check(self, blocks: Sequence[np.ndarray], first: int = 0) -> None:
-        expected = _numpy_dtype(self.spec.dtype)
-        for i, block in enumerate(blocks, first):
-            if block.shape != self.spec.block_shape or block.dtype != expected:
-                raise InvalidArgument(
-                    f"blocks[{i}]",
-                    f"stored as {block.dtype}{list(block.shape)}, this model "
-                    f"needs {expected}{list(self.spec.block_shape)}: another model or layout",
-                )
+        check_blocks(blocks, numpy_dtype(self.spec.dtype), self.spec.block_shape, first)
 
     def _load(
         self, token_ids: Sequence[int] | np.ndarray, device: str | torch.device
@@ -288,10 +266,10 @@ class KVAdapter:
         if not keys:
             return None
         device = torch.device(device)
-        if device.type == "cuda" and (arena := self._arena()) is not None:
+        if device.type == "cuda" and (arena := locked_arena(self.client)) is not None:
             return self._load_in_place(keys, device, arena)
-        block_bytes = int(np.prod(self.spec.block_shape)) * _numpy_dtype(self.spec.dtype).itemsize
-        staging = self._host_buffer(len(keys) * block_bytes, torch.device(device))
+        block_bytes = int(np.prod(self.spec.block_shape)) * numpy_dtype(self.spec.dtype).itemsize
+        staging = self._staging.take(len(keys) * block_bytes, device)
         out = staging.numpy()
         blocks = self.client.get(keys, out=out)  # received straight into place
         if not blocks:
@@ -300,83 +278,7 @@ class KVAdapter:
         if np.shares_memory(blocks[0], out):  # back to back in the staging buffer
             kv = staging[: len(blocks) * block_bytes].view(self.spec.dtype)
         else:  # decoded blocks are arrays of their own
-            kv = _from_numpy(np.concatenate(blocks), self.spec.dtype)
+            kv = as_tensor(np.concatenate(blocks), self.spec.dtype)
         kv = kv.view(-1, *self.spec.block_shape[1:])
         # blocking: the staging buffer is reused by the next call, so the copy must be done
         return kv.to(device) if kv.device != torch.device(device) else kv
-
-    def _host_buffer(self, nbytes: int, device: torch.device) -> torch.Tensor:
-        """Host memory reused across calls; pinned when the KV lives on a GPU, so the copy
-        to or from the device is one DMA at full speed."""
-        pinned = device.type == "cuda"
-        if self._staging.numel() < nbytes or self._staging.is_pinned() != pinned:
-            self._staging = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pinned)
-        return self._staging[:nbytes]
-
-
-_LOCKED: dict[int, int] = {}  # id -> address of each arena mapping page-locked here
-
-
-def _page_lock(arena: np.ndarray) -> None:
-    """Page-lock a mapping of the node's arena once, so copies to and from it are DMA, and
-    unlock it when the mapping goes: a later mapping at the same address must not find a
-    stale registration. A failure only makes copies slower (the driver stages them)."""
-    if id(arena) in _LOCKED:
-        return
-    cudart, address = torch.cuda.cudart(), arena.ctypes.data
-    code = int(cudart.cudaHostRegister(address, arena.nbytes, 0))
-    if code != 0:
-        cudart.cudaGetLastError()  # clear it, or the next kernel launch reports it
-        log.warning("could not page-lock the node's arena (CUDA error %d)", code)
-        return
-    _LOCKED[id(arena)] = address
-    weakref.finalize(arena, _page_unlock, id(arena), address)
-
-
-def _page_unlock(key: int, address: int) -> None:
-    _LOCKED.pop(key, None)
-    cudart = torch.cuda.cudart()
-    if int(cudart.cudaHostUnregister(address)) != 0:
-        cudart.cudaGetLastError()
-
-
-def _runs(arena: np.ndarray, blocks: Sequence[np.ndarray]) -> list[tuple[int, int, np.ndarray]]:
-    """(first block, block count, writable bytes) of each run of blocks lying back to back
-    in `arena`; a block elsewhere (e.g. decoded) is a run of its own."""
-    base, end = arena.ctypes.data, arena.ctypes.data + arena.nbytes
-    runs: list[list] = []  # [first, count, start address, length]
-    for i, block in enumerate(blocks):
-        address = block.ctypes.data
-        last = runs[-1] if runs else None
-        if last and last[2] >= 0 and last[2] + last[3] == address and address + block.nbytes <= end:
-            last[1] += 1
-            last[3] += block.nbytes
-        else:
-            inside = base <= address < end
-            runs.append([i, 1, address if inside else -1, block.nbytes, block])
-    return [
-        (first, count, arena[start - base : start - base + length] if start >= 0 else
-         np.ascontiguousarray(rest[0]).reshape(-1).view(np.uint8))
-        for first, count, start, length, *rest in runs
-    ]  # fmt: skip
-
-
-def _numpy_dtype(dtype: torch.dtype) -> np.dtype:
-    if dtype == torch.bfloat16:
-        import ml_dtypes
-
-        return np.dtype(ml_dtypes.bfloat16)
-    return torch.empty(0, dtype=dtype).numpy().dtype
-
-
-def _as_numpy(tensor: torch.Tensor) -> np.ndarray:
-    """A CPU tensor as numpy without a copy (bfloat16 through ml_dtypes)."""
-    if tensor.dtype == torch.bfloat16:
-        return tensor.view(torch.int16).numpy().view(_numpy_dtype(torch.bfloat16))
-    return tensor.numpy()
-
-
-def _from_numpy(array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
-    if dtype == torch.bfloat16:
-        return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
-    return torch.from_numpy(array)

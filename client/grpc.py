@@ -15,18 +15,20 @@ from kvstore.client.pipeline import Block, Received, block_slices
 from kvstore.client.status import error_from_rpc
 from kvstore.client.transport import Arrived, Ask, Out
 from kvstore.errors import KVStoreError, Unavailable
-from kvstore.ingest import PutResult
 from kvstore.proto import kvstore_pb2 as pb
 from kvstore.proto.convert import headers_from_proto, headers_to_proto
 from kvstore.proto.frames import data_frames, decode_frame
+from kvstore.results import PutResult
 
 SERVICE = "/kvstore.v1.KVStore/"
 HEADERS_PER_FRAME = 4096
 MAX_MESSAGE = 256 << 20
-# A node draining or out of room for now answers UNAVAILABLE or RESOURCE_EXHAUSTED: gRPC
-# itself tries again, with backoff. Not client streams (Put): gRPC replays only the first
-# 256 KiB of one, and grpc-core 1.85 aborts the process ("ILLEGAL STATE: FORWARDED_BATCH")
-# retrying one refused while its data still flows. A refused put raises, as on the data plane.
+# A node that cannot be reached for now answers UNAVAILABLE: gRPC itself tries unary calls
+# again, with backoff. Not streams: gRPC replays only the first 256 KiB of a client stream
+# (Put), and grpc-core 1.85 aborts the process ("ILLEGAL STATE: FORWARDED_BATCH") retrying
+# one refused while its data still flows; a server stream (Get, Watch) cut by its node's
+# death, retried, outlives its deadline. A busy refusal (RESOURCE_EXHAUSTED) is the
+# client's to retry (`busy_retried`), and no other is retried.
 _METHODS = pb.DESCRIPTOR.services_by_name["KVStore"].methods
 RETRY_POLICY = {
     "methodConfig": [
@@ -34,14 +36,14 @@ RETRY_POLICY = {
             "name": [
                 {"service": "kvstore.v1.KVStore", "method": m.name}
                 for m in _METHODS
-                if not m.client_streaming
+                if not (m.client_streaming or m.server_streaming)
             ],
             "retryPolicy": {
                 "maxAttempts": 4,
                 "initialBackoff": "0.1s",
                 "maxBackoff": "2s",
                 "backoffMultiplier": 2,
-                "retryableStatusCodes": ["UNAVAILABLE", "RESOURCE_EXHAUSTED"],
+                "retryableStatusCodes": ["UNAVAILABLE"],
             },
         }
     ]

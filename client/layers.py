@@ -24,9 +24,9 @@ from kvstore.client.pipeline import Payload
 from kvstore.client.shm import Fill
 from kvstore.client.transport import Out
 from kvstore.errors import Unavailable
-from kvstore.ingest import PutResult
 from kvstore.keys import KEY_BYTES, BlockKey
 from kvstore.limits import MAX_BLOCKS
+from kvstore.results import PutResult
 
 _PERSON = b"kvstore/layer"  # keeps layer keys apart from any chained block key
 TIER_ORDER = ("device", "host", "disk")  # nearest first; a block is as far as its farthest layer

@@ -94,7 +94,7 @@ def as_bytes(payload: Payload) -> tuple[memoryview, str, tuple[int, ...]]:
     """A flat byte view of a payload (no copy when contiguous) and its dtype and shape."""
     if isinstance(payload, np.ndarray):
         array = np.ascontiguousarray(payload)  # copies only a non-contiguous array
-        view = memoryview(array.reshape(-1).view(np.uint8))
+        view = array.reshape(-1).view(np.uint8).data
         return view, codecs.dtype_name(array.dtype), array.shape
     view = memoryview(payload)
     if not view.c_contiguous:
@@ -124,7 +124,8 @@ def encoded_parts(
         if codec is not None:
             array = payload if isinstance(payload, np.ndarray) else np.frombuffer(view, np.uint8)
             raw_size, name = len(view), codec.name
-            view = memoryview(codec.pack(np.ascontiguousarray(array), encoding.layout))
+            packed = codec.pack(np.ascontiguousarray(array), encoding.layout)
+            view = packed.data if isinstance(packed, np.ndarray) else memoryview(packed)
         checksum = xxhash.xxh3_64_intdigest(view) if encoding.checksum else 0
         meta = BlockMeta(len(view), dtype, tuple(shape), encoding.layout, name, raw_size, checksum)
         return view, meta
@@ -204,7 +205,7 @@ def finished(array: np.ndarray, key: BlockKey, meta: BlockMeta, verify: bool) ->
 def check(array: np.ndarray, key: BlockKey, meta: BlockMeta) -> None:
     """CorruptBlock unless `array` matches its checksum (a block put with checksums off
     has none, and is taken as it is)."""
-    if meta.checksum and xxhash.xxh3_64_intdigest(array) != meta.checksum:
+    if meta.checksum and xxhash.xxh3_64_intdigest(array.data) != meta.checksum:
         raise CorruptBlock(f"block {key.hex()} failed its checksum")
 
 
@@ -219,12 +220,9 @@ def shaped(block: np.ndarray, meta: BlockMeta) -> np.ndarray:
         if dtype is None:
             raise InvalidArgument("dtype", f"{meta.dtype!r} is no dtype a codec decodes to")
         shape = tuple(meta.shape) if meta.dtype else (meta.raw_size,)
-        return codec.decode(memoryview(block), dtype, shape, meta.layout, meta.raw_size)
-    if not meta.dtype:
-        return block
-    try:
-        dtype = np.dtype(meta.dtype)
-    except TypeError:
+        return codec.decode(block.data, dtype, shape, meta.layout, meta.raw_size)
+    dtype = codecs.parse_dtype(meta.dtype) if meta.dtype else None
+    if dtype is None:
         return block
     shape = tuple(meta.shape)
     if math.prod(shape) * dtype.itemsize != block.nbytes:

@@ -23,10 +23,10 @@ from kvstore.client.channel import Channels, Link
 from kvstore.client.pipeline import Block, Received, batches, block_slices, check, shaped
 from kvstore.client.transport import Arrived, Ask, Out
 from kvstore.errors import LeaseExpired
-from kvstore.ingest import PutResult
 from kvstore.proto import kvstore_pb2 as pb
 from kvstore.proto.channel import COMMIT, GET, PUT, SHM, TRUNCATED
 from kvstore.proto.convert import headers_from_proto, headers_to_proto
+from kvstore.results import PutResult
 
 # fill(block indexes, their slots) writes the slots, or starts to and returns a wait
 Fill = Callable[[list[int], list[np.ndarray]], Callable[[], None] | None]

@@ -13,10 +13,10 @@ from collections.abc import Callable, Sequence
 from kvstore.client.channel import Channels
 from kvstore.client.pipeline import Block, Received, batches, block_slices
 from kvstore.client.transport import Arrived, Ask, Out
-from kvstore.ingest import PutResult
 from kvstore.proto import kvstore_pb2 as pb
 from kvstore.proto.channel import GET, INLINE, LOOKUP, MAX_INLINE, PUT, TRUNCATED, recv_exact
 from kvstore.proto.convert import headers_from_proto, headers_to_proto
+from kvstore.results import PutResult
 
 Place = Callable[[list[Block]], list[memoryview]]  # where each block of an answer goes
 RECEIVE_PART = 16 << 20  # bytes received before the blocks so far go to be decoded
@@ -77,13 +77,13 @@ def get(
         blocks = headers_from_proto(pb.GetAnswer.FromString(frame.meta).blocks)
         span, arrays = block_slices([meta for _, meta in blocks], out)
         if arrived is None or len(span) <= RECEIVE_PART:
-            recv_exact(link.sock, memoryview(span))  # one copy: kernel -> destination
+            recv_exact(link.sock, span.data)  # one copy: kernel -> destination
         else:
             sizes = [meta.size for _, meta in blocks]
             start = 0
             for part in batches(sizes, RECEIVE_PART):
                 end = start + sum(sizes[part])
-                recv_exact(link.sock, memoryview(span)[start:end])
+                recv_exact(link.sock, span.data[start:end])
                 start = end
                 arrived(arrays[part], blocks[part])
     return Received(arrays, blocks, bool(frame.flags & TRUNCATED))

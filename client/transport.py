@@ -11,9 +11,9 @@ from typing import Protocol
 import numpy as np
 
 from kvstore.client.pipeline import Block, Received
-from kvstore.ingest import PutResult
 from kvstore.keys import BlockKey
 from kvstore.proto import kvstore_pb2 as pb
+from kvstore.results import PutResult
 
 Out = memoryview | np.ndarray | None
 

@@ -32,16 +32,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import lz4.block
-import ml_dtypes
 import numpy as np
 import zstandard
 
 from kvstore.errors import InvalidArgument
 
-BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
-FP8 = np.dtype(ml_dtypes.float8_e4m3fn)
-FLOAT16 = np.dtype("<f2")
-FLOATS = (FLOAT16, BFLOAT16, np.dtype("<f4"), np.dtype("<f8"))
+FLOATS = ("float16", "bfloat16", "float32", "float64")
 LOSSY_BOUNDS = {"int8": 0.01, "fp8": 0.05, "int4": 0.25}
 """Mean relative error (||x - x'|| / ||x||) per block on real KV, enforced by tests."""
 
@@ -55,7 +51,7 @@ class Codec:
     lossy: bool
     pack: Callable[[np.ndarray, str], Buffer]  # (array, layout) -> payload
     unpack: Callable[[memoryview, np.dtype, tuple[int, ...], str], np.ndarray]
-    dtypes: tuple[np.dtype, ...] = ()  # what it encodes; empty: anything
+    dtypes: tuple[str, ...] = ()  # the names of what it encodes; empty: anything
     bound: Callable[[tuple[int, ...], str], int] | None = None
     """The most bytes its payload takes for an array of this shape and layout (what
     zstd stacked on it may decompress to at most); None: not stackable."""
@@ -108,13 +104,32 @@ def parse_dtype(name: str) -> np.dtype | None:
     try:
         return np.dtype(name)
     except TypeError:
+        pass
+    try:
+        return ml_dtype(name)
+    except TypeError:
         return None
+
+
+def ml_dtype(name: str) -> np.dtype:
+    """A type numpy knows through ml_dtypes (bfloat16, float8_e4m3fn): imported on first
+    need, as it takes ~0.4 s, which a client that never meets these types never pays."""
+    import ml_dtypes  # noqa: F401  (registers its types with numpy by name)
+
+    return np.dtype(name)
+
+
+def __getattr__(name: str) -> np.dtype:
+    """`BFLOAT16`, resolved on first use as `ml_dtype` is."""
+    if name == "BFLOAT16":
+        return ml_dtype("bfloat16")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # ---- byte codecs ---------------------------------------------------------------------
 
 
-def _zstd(data: memoryview | bytes) -> bytes:
+def _zstd(data: Buffer) -> bytes:
     if not hasattr(_local, "c"):
         _local.c = zstandard.ZstdCompressor(level=1, write_checksum=False)
     return _local.c.compress(data)
@@ -313,7 +328,7 @@ def _bf16_decode(payload: memoryview, count: int) -> np.ndarray:
     return words
 
 
-def _fp16_encode(words: np.ndarray) -> bytes:
+def _fp16_encode(words: np.ndarray) -> np.ndarray:
     """A float16 word's high byte is sign, 5 exponent bits and 2 mantissa bits; its low
     byte is mantissa noise and goes raw. The exponent becomes a nibble around its
     channel's mean, the sign is flipped where the channel is mostly negative, and the
@@ -360,7 +375,7 @@ def _split_encoder(entropy_coded: bool) -> Callable[[np.ndarray, str], Buffer]:
         if array.size == 0:
             return b""
         words = np.ascontiguousarray(array).view(np.uint16)
-        if array.dtype == BFLOAT16:
+        if array.dtype == "bfloat16":
             return _bf16_encode(words, entropy_coded)
         return _fp16_encode(words)
 
@@ -419,7 +434,7 @@ def _quantizer(levels: int, bits: int, fp8: bool = False):
             top = np.abs(part).max(axis=axis, keepdims=True)
             scale = np.where(top > 0, top / levels, 1).astype(np.float32)
             if fp8:
-                codes = (part / scale).astype(FP8).view(np.uint8)
+                codes = (part / scale).astype(ml_dtype("float8_e4m3fn")).view(np.uint8)
             else:
                 codes = np.clip(np.rint(part / scale), -levels, levels).astype(np.int8)
                 if bits == 4:
@@ -447,7 +462,7 @@ def _quantizer(levels: int, bits: int, fp8: bool = False):
             raw = np.frombuffer(payload[pos : pos + n_codes], np.uint8)
             pos += n_codes
             if fp8:
-                values = raw.view(FP8).astype(np.float32)
+                values = raw.view(ml_dtype("float8_e4m3fn")).astype(np.float32)
             elif bits == 4:
                 pairs = np.empty((len(raw), 2), np.int8)
                 pairs[:, 0] = (raw.astype(np.int8) << 4) >> 4  # sign-extend the low nibble
@@ -531,7 +546,9 @@ def _int8_encode(array: np.ndarray, layout: str) -> bytes:
     np.clip(x, -127, 127, out=x)
     codes = x.astype(np.int8).T[np.argsort(rank, kind="stable")]
     head = struct.pack(INT8_HEAD, INT8_MODE, len(step), len(outside))
-    return b"".join([head, step, zero, rank, outside, exceptions, codes])
+    return b"".join(
+        [head, step.data, zero.data, rank.data, outside.data, exceptions.data, codes.data]
+    )
 
 
 def _int8_bound(shape: tuple[int, ...], layout: str) -> int:
@@ -584,12 +601,14 @@ def _int8_decode(payload: memoryview, dtype: np.dtype, shape: tuple[int, ...], l
 
 def _stacked(codec: Codec) -> Codec:
     """`codec` then zstd over its output (quantized codes compress further)."""
+    bound = codec.bound
+    assert bound is not None, f"{codec.name} is not stackable"
     return Codec(
         f"{codec.name}+zstd",
         codec.lossy,
         lambda array, layout: _zstd(codec.pack(array, layout)),
         lambda payload, dtype, shape, layout: codec.unpack(
-            memoryview(_unzstd(payload, codec.bound(shape, layout), exact=False)),
+            memoryview(_unzstd(payload, bound(shape, layout), exact=False)),
             dtype,
             shape,
             layout,
@@ -604,8 +623,8 @@ def _registry() -> dict[str, Codec]:
         _bytes_codec("zstd", _zstd, _unzstd, shuffle=False),
         _bytes_codec("shuffle-lz4", _lz4, _unlz4, shuffle=True),
         _bytes_codec("shuffle-zstd", _zstd, _unzstd, shuffle=True),
-        Codec("split-zstd", False, _split_encoder(True), _split_decode, (FLOAT16, BFLOAT16)),
-        Codec("split", False, _split_encoder(False), _split_decode, (BFLOAT16,)),
+        Codec("split-zstd", False, _split_encoder(True), _split_decode, ("float16", "bfloat16")),
+        Codec("split", False, _split_encoder(False), _split_decode, ("bfloat16",)),
     ]
     int8 = Codec("int8", True, _int8_encode, _int8_decode, FLOATS, _int8_bound)
     codecs += [int8, _stacked(int8)]
@@ -644,7 +663,9 @@ def choose(sample: np.ndarray, layout: str, link_gbps: float | None, cores: int)
         codec.encode(sample[:1], layout)  # first calls set up contexts: not timed
         start = time.perf_counter()
         payload = codec.encode(sample, layout)
-        codec.decode(memoryview(payload), sample.dtype, sample.shape, layout)
+        # numpy's stubs give an ndarray the buffer protocol on Python 3.12 and later only
+        view = memoryview(payload)  # type: ignore[arg-type]
+        codec.decode(view, sample.dtype, sample.shape, layout)
         end = time.perf_counter()
         ratio = sample.nbytes / len(payload)
         return (end - start) / cores / sample.nbytes + 2 / (wire * ratio)

@@ -18,6 +18,7 @@ from typing import Any
 
 from kvstore.tiers.disk import FSYNC_POLICIES
 
+MIN_RATE = 32 << 20  # bytes per second a transfer must average (--min-rate)
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
 
@@ -87,7 +88,7 @@ class ServerConfig:
         30.0, "seconds a data connection may stall before its transfer is dropped", float
     )
     min_rate: int = _opt(
-        32 << 20,
+        MIN_RATE,
         "bytes per second a transfer must average: a slower one is dropped once it is "
         "--data-timeout behind, and what it reserved is freed",
         parse_size,

@@ -1,7 +1,8 @@
 """One exception hierarchy for the whole project.
 
-The server maps each class to one gRPC status (server/status.py) and the client
-maps statuses back, so a caller catches the same exception in-process and remotely.
+One table (kvstore/proto/status.py) maps each class to its gRPC status and back, for
+the node and the client alike, so a caller catches the same exception in process and
+remotely.
 """
 
 from __future__ import annotations

@@ -13,8 +13,7 @@ told they exist, so they are never taken back), and a refusal says how many ther
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import xxhash
@@ -23,19 +22,11 @@ from kvstore.errors import InvalidArgument, ResourceExhausted, Unsupported
 from kvstore.keys import BlockKey, check_key
 from kvstore.limits import MAX_BLOCKS
 from kvstore.meta import BlockMeta
+from kvstore.results import PutResult
 from kvstore.store import Store
 from kvstore.tiers import Reservation
 
 _SCRATCH = 1 << 20
-
-
-@dataclass(frozen=True, slots=True)
-class PutResult:
-    stored: int
-    existed: int
-
-    def __add__(self, other: PutResult) -> PutResult:
-        return PutResult(self.stored + other.stored, self.existed + other.existed)
 
 
 @dataclass(slots=True)
@@ -61,15 +52,12 @@ class BlockIngest:
         *,
         omit_present: bool = False,
         durable: bool = False,
-        reserving: Callable[[int], AbstractContextManager[object]] | None = None,
     ) -> None:
-        """`durable`: `finish` returns only once every block is on disk (see Store).
-        `reserving(size)`: entered while a block's slot is reserved (maybe waiting for room)."""
+        """`durable`: `finish` returns only once every block is on disk (see Store)."""
         if durable and store.disk is None:
             raise Unsupported("durable puts need a disk tier (--disk-dir)")
         self._store = store
         self._omit_present = omit_present
-        self._reserving = reserving or (lambda size: nullcontext())
         self._durable = durable
         self._declared: deque[tuple[int, BlockKey, BlockMeta]] = deque()
         self._seen: set[BlockKey] = set()
@@ -113,6 +101,7 @@ class BlockIngest:
     def advance(self, n: int) -> None:
         """`n` bytes were written at the start of `target()`."""
         current = self._current
+        assert current is not None, "advance() before target()"
         current.filled += n
         self.pending_bytes -= n
         self.received += n
@@ -174,8 +163,7 @@ class BlockIngest:
         try:
             slot = None
             if not self._store.contains(key):
-                with self._reserving(meta.size):
-                    slot = self._store.reserve(meta.size)
+                slot = self._store.reserve(meta.size)
         except BaseException:  # no room in time: this key will not come (`abort` the rest)
             self._store.not_coming([key], failed=True)
             raise

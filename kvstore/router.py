@@ -40,15 +40,20 @@ from kvstore.errors import InvalidArgument, Unavailable
 from kvstore.keys import BlockKey, block_keys
 from kvstore.trust import ClusterSecret
 
+KEEP_NODES_S = 30.0  # routing goes on by the last node list read this long while Redis is away
+RETRY_REDIS_S = 1.0  # after Redis failed a call, routes do not wait on it again for this long
+
 
 @dataclass(frozen=True, slots=True)
 class Route:
     """Where a request goes: `location`, the chosen node's holdings (`score` = -cost);
-    `ranked`, every node considered, best first; `blocks`, the request's blocks."""
+    `ranked`, every node considered, best first; `blocks`, the request's blocks;
+    `indexed`, False when Redis was away and the node was chosen by load alone."""
 
     location: Location
     ranked: tuple[Location, ...]
     blocks: int
+    indexed: bool = True
 
     @property
     def node_id(self) -> str:
@@ -70,6 +75,10 @@ class Router:
     cluster's secret (a `ClusterSecret`, or the path of the file every node is given with
     `--cluster-secret`), with which it believes only the node records the nodes signed.
     Tenants who route for themselves ask a node's `Locate` instead.
+
+    While Redis is away (down, stalled, or restarted empty until the nodes register
+    again), `route` still answers for `KEEP_NODES_S`: from the last node list it read,
+    by load alone (`Route.indexed` is False), asking Redis again once a second.
 
     `policy` (for `route`): "cost" (the default, see `kvstore.cluster.scoring`),
     "prefix" (the longest held prefix) or "random"; `seed` makes its ties, and
@@ -108,6 +117,7 @@ class Router:
         self._nodes_ttl_s = nodes_ttl_s
         self._live: tuple[float, dict[str, NodeRecord]] = (-math.inf, {})  # when read, what
         self._down: dict[str, int | None] = {}  # node id -> the incarnation that failed
+        self._retry_at, self._away = 0.0, ""  # Redis failed: not asked again before then, why
 
     def locate(self, keys: Sequence[BlockKey]) -> list[Location]:
         """Per node holding keys[0]: how many leading keys it holds, by tier, scored; best first.
@@ -134,13 +144,14 @@ class Router:
         as a partial last block that has no key), charged to it as blocks - matched.
 
         Live nodes that hold nothing of it are candidates too; nodes in `exclude` and
-        nodes `failed` since their registration are not. Raises Unavailable when Redis
-        is, or when no node is left.
+        nodes `failed` since their registration are not. Raises Unavailable when no node
+        is left, or when Redis is away and no node list was read in the last
+        `KEEP_NODES_S`.
         """
         blocks = len(keys) if blocks is None else blocks
         if blocks < len(keys):
             raise InvalidArgument("blocks", f"{blocks} is fewer than the {len(keys)} keys")
-        held = self.locate(keys)
+        held = self._held(keys)
         live = self._live_nodes()
         with self._lock:
             candidates = self._candidates(held, live, set(exclude))
@@ -157,7 +168,7 @@ class Router:
             )
             best = ranked[0]
             self._sent.routed(best.node_id, blocks - best.matched)
-        return Route(best, tuple(ranked), blocks)
+        return Route(best, tuple(ranked), blocks, held is not None)
 
     def route_tokens(
         self,
@@ -205,33 +216,59 @@ class Router:
         self.close()
 
     def _candidates(
-        self, held: list[Location], live: dict[str, NodeRecord], exclude: set[str]
+        self, held: list[Location] | None, live: dict[str, NodeRecord], exclude: set[str]
     ) -> list[Location]:
         """Holders as located, then every other live node with nothing matched (lock held)."""
-        found = {loc.node_id: loc for loc in held}
+        found = {loc.node_id: loc for loc in held or ()}
         for record in live.values():
             if record.node_id not in found:
                 found[record.node_id] = Location(
                     record.node_id, record.address, record.data_address, 0, {}, _load(record)
                 )
         for node_id, incarnation in list(self._down.items()):
-            record = live.get(node_id)
-            if record is None:
+            current = live.get(node_id)
+            if current is None:
                 continue
             if incarnation is None:  # failed before this router had seen its record
-                self._down[node_id] = record.incarnation
-            elif record.incarnation != incarnation:
+                self._down[node_id] = current.incarnation
+            elif current.incarnation != incarnation:
                 del self._down[node_id]  # registered again: it came back
         return [loc for n, loc in found.items() if n not in exclude and n not in self._down]
 
+    def _registry(self) -> dict[str, NodeRecord] | None:
+        """The live nodes by id, or None if Redis failed (then not asked for a second)."""
+        try:
+            return {record.node_id: record for record in self.nodes()}
+        except Unavailable as exc:
+            self._retry_at, self._away = time.monotonic() + RETRY_REDIS_S, str(exc)
+            return None
+
+    def _held(self, keys: Sequence[BlockKey]) -> list[Location] | None:
+        """`locate(keys)`, or None while Redis is away."""
+        if time.monotonic() < self._retry_at:
+            return None
+        try:
+            return self.locate(keys)
+        except Unavailable as exc:
+            self._retry_at, self._away = time.monotonic() + RETRY_REDIS_S, str(exc)
+            return None
+
     def _live_nodes(self) -> dict[str, NodeRecord]:
-        """The registry, read again once `nodes_ttl_s` old (outside the lock: it is I/O)."""
+        """The registry, read again once `nodes_ttl_s` old (outside the lock: it is I/O).
+        While Redis is away or lists no node, the last list read in `KEEP_NODES_S`."""
         read_at, live = self._live
         now = time.monotonic()
-        if now - read_at >= self._nodes_ttl_s:
-            live = {record.node_id: record for record in self.nodes()}
-            self._live = (now, live)  # one assignment: readers see the old or the new
-        return live
+        if now - read_at < self._nodes_ttl_s:
+            return live
+        fresh = self._registry() if now >= self._retry_at else None
+        if fresh is None:
+            if live and now - read_at < KEEP_NODES_S:
+                return live
+            raise Unavailable(self._away)
+        if fresh or not live or now - read_at >= KEEP_NODES_S:
+            self._live = (now, fresh)  # one assignment: readers see the old or the new
+            return fresh
+        return live  # Redis restarted empty: the nodes register again within a heartbeat
 
 
 def _load(record: NodeRecord) -> Load:

@@ -1,16 +1,18 @@
 """The Store: what the server calls. It owns policy (placement, demotion,
 promotion, lookups); tiers own bytes.
 
-Puts arrive in the host tier, where the network writes them in place. With a
-device tier on top, each is then moved up while the device has room (its least
-recently used blocks are moved down to the host tier to make it, when the host
-has room at once), and a get of a device block copies it down for the transfer.
-With a disk tier below, the host tier writes back: a demoter thread copies the oldest
-blocks down once more than `dirty_ratio` of the host tier is not yet on disk,
-or at once when a put finds no room; only blocks with a copy below are evicted,
-so a full host tier slows puts down and never drops data. A get that misses the
-host tier reads the block from disk into a host slot, kept there (promoted)
-or freed when the transfer ends.
+Its tiers are one list, fastest first (kvstore/tiers/base.py): an accelerator tier,
+the host tier, backing tiers; blocks move between neighbours in that list. Puts arrive
+in the host tier, where the network writes them in place. With an accelerator tier on
+top, each is then moved up while it has room (its least recently used blocks are moved
+down to the host tier to make it, when the host has room at once), and a get of an
+accelerator block copies it down for the transfer. With backing tiers below, the host
+tier writes back: a demoter thread copies the oldest blocks to the first backing tier
+once more than `dirty_ratio` of the host tier has no copy there, or at once when a put
+finds no room; only blocks with a copy below are evicted, so a full host tier slows puts
+down and never drops data. A get that misses the host tier reads the run of blocks it
+needs from the fastest backing tier holding it, in one batch on a promotion thread, into
+host slots, kept there (promoted) or freed when the transfer ends.
 """
 
 from __future__ import annotations
@@ -20,41 +22,25 @@ import threading
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 
 from kvstore.arena import aligned
 from kvstore.errors import ResourceExhausted, Unsupported
 from kvstore.keys import BlockKey
 from kvstore.meta import BlockMeta
-from kvstore.tiers import Listener, PinnedBlock, Reservation, Tier, TierStats
-from kvstore.tiers.device import DeviceTier
-from kvstore.tiers.disk import DiskTier
-from kvstore.tiers.host import HostTier
+from kvstore.results import StoreStats
+from kvstore.tiers import Listener, PinnedBlock, Reservation
+from kvstore.tiers.base import AcceleratorTier, BackingTier, MemoryTier, Tier
 
 log = logging.getLogger("kvstore.store")
 
 DEMOTE_BATCH = 64 << 20  # bytes written per demotion batch (and per fsync under `batch`)
-MAINTAIN_EVERY = 1.0  # seconds without demotion before the disk tier compacts
+MAINTAIN_EVERY = 1.0  # seconds without demotion before the backing tiers compact
+PROMOTERS = 4  # threads reading runs of blocks up from the backing tiers for gets
+READ_TIMEOUT = 30.0  # seconds a get waits for such a read (beyond waiting for room)
 FAILED_FOR = 30.0  # seconds a put that died is remembered by the keys it did not bring
 FAILED_KEYS = 1 << 16  # such keys remembered at most (the oldest are forgotten first)
-
-
-@dataclass(frozen=True, slots=True)
-class StoreStats:
-    tiers: tuple[TierStats, ...]
-    puts: int
-    gets: int
-    lookups: int
-    uptime_s: float
-    transfers: dict[str, int] = field(default_factory=dict)  # by "put/PATH"; filled by the server
-    fallbacks: dict[str, int] = field(default_factory=dict)  # paths a client left; by the client
-    fetched_blocks: dict[str, int] = field(default_factory=dict)  # pulled from other nodes, by id
-    fetched_bytes: dict[str, int] = field(default_factory=dict)
-    tenant: str = ""  # with tenants: the caller's, and its own usage and quota (0: none)
-    tenant_blocks: int = 0
-    tenant_bytes: int = 0
-    quota: int = 0
 
 
 class ReadBatch:
@@ -85,29 +71,28 @@ class ReadBatch:
         self._held.clear()
 
 
+Found = list[tuple[PinnedBlock, Callable[[], None]]]  # blocks pinned for a read, and releases
+
+
 class Store:
     def __init__(
         self,
-        host: HostTier,
+        tiers: Sequence[Tier],
         *,
         max_block_size: int,
         reserve_timeout: float,
-        disk: DiskTier | None = None,
-        device: DeviceTier | None = None,
         dirty_ratio: float = 0.5,
         promote: bool = True,
     ) -> None:
-        if disk is not None and not host.write_back:
-            raise ValueError("a host tier above a disk tier must write back")
-        self.host = host
-        self.disk = disk
-        self.device = device
-        self.tiers: tuple[Tier, ...] = tuple(t for t in (device, host, disk) if t is not None)
-        self._moves = threading.Lock()  # one device move at a time
+        """`tiers`: fastest first; see kvstore/tiers/base.py."""
+        self.tiers = tuple(tiers)
+        self.host, self._upper, self._below = _roles(self.tiers)
+        self.disk = self._below[0] if self._below else None  # written back to, made durable in
+        self._moves = threading.Lock()  # one accelerator move at a time
         self.max_block_size = max_block_size
         self.reserve_timeout = reserve_timeout
         self.promote = promote
-        self.dirty_limit = int(dirty_ratio * host.capacity)
+        self.dirty_limit = int(dirty_ratio * self.host.capacity)
         self._started = time.monotonic()
         self._listeners: list[Listener] = []
         self._arrivals = threading.Condition()  # notified when blocks arrive, or will not
@@ -115,15 +100,18 @@ class Store:
         self._failed: OrderedDict[BlockKey, float] = OrderedDict()  # key -> when its put died
         for tier in self.tiers:
             tier.changes.listener = self._changed
-        self._counts = {"puts": 0, "gets": 0, "lookups": 0, "promotions": 0}
+        self._counts = {"puts": 0, "gets": 0, "lookups": 0}
+        self._promoted: Counter[Tier] = Counter()  # blocks brought up from each backing tier
         self._counts_lock = threading.Lock()
         self._demoter: threading.Thread | None = None
+        # threads start on the first promotion: none without a backing tier
+        self._promoter = ThreadPoolExecutor(PROMOTERS, thread_name_prefix="kvstore-promote")
         self._writing: Counter[BlockKey] = Counter()  # keys taken to be written to disk now
         self._written = threading.Condition()  # notified when such a write ends
         self._wake = threading.Condition()
         self._pressure = self._stopping = False
-        if disk is not None:
-            host.on_pressure = self._on_pressure
+        if self._below:
+            self.host.on_pressure = self._on_pressure
             self._demoter = threading.Thread(
                 target=self._demote_loop, name="kvstore-demoter", daemon=True
             )
@@ -238,15 +226,15 @@ class Store:
 
     def commit(self, key: BlockKey, meta: BlockMeta, reservation: Reservation) -> bool:
         """Make a whole block visible; False if the key was already present."""
-        if self.device is not None:
-            if self.device.contains(key):
+        if self._upper is not None:
+            if self._upper.contains(key):
                 self.host.abort(reservation)
                 return False
-            if self._up_to_device(key, meta, reservation):
+            if self._up(key, meta, reservation):
                 self.host.abort(reservation)
                 self._count("puts", 1)
                 return True
-        stored = self.host.commit(key, meta, reservation, clean=self._on_disk(key))
+        stored = self.host.commit(key, meta, reservation, clean=self._held_below(key))
         self._count("puts", int(stored))
         if self.host.dirty_bytes > self.dirty_limit:
             self._kick()
@@ -258,10 +246,12 @@ class Store:
 
     def commit_many(self, blocks: Sequence[tuple[BlockKey, BlockMeta, Reservation]]) -> int:
         """`commit` for a batch; returns how many were new."""
-        if self.device is not None:
+        if self._upper is not None:
             return sum(self.commit(*block) for block in blocks)
         stored = sum(
-            self.host.commit_many([(k, meta, slot, self._on_disk(k)) for k, meta, slot in blocks])
+            self.host.commit_many(
+                [(k, meta, slot, self._held_below(k)) for k, meta, slot in blocks]
+            )
         )
         self._count("puts", stored)
         if self.host.dirty_bytes > self.dirty_limit:
@@ -285,17 +275,15 @@ class Store:
     def pin(self, keys: Sequence[BlockKey]) -> ReadBatch:
         """Pin the present prefix of `keys`; the caller must close the batch."""
         blocks = self.host.pin_prefix(keys)
-        if self.disk is not None and blocks:
-            self.disk.touch([b.key for b in blocks])  # hot: outlives its disk segment
+        for tier in self._below if blocks else ():
+            tier.touch([b.key for b in blocks])  # hot: outlives its disk segment
         releases: list[Callable[[], None]] = [self._unpinner(b) for b in blocks]
         while len(blocks) < len(keys) and len(self.tiers) > 1:
-            key = keys[len(blocks)]
-            if pinned := self.host.pin_prefix([key]):
-                found = [(pinned[0], self._unpinner(pinned[0]))]
-            elif not (found := self._from_device(keys[len(blocks) :])):
-                if (one := self._from_disk(key)) is None:
-                    break
-                found = [one]
+            rest = keys[len(blocks) :]
+            arrived = [(b, self._unpinner(b)) for b in self.host.pin_prefix(rest[:1])]
+            found = arrived or self._from_upper(rest) or self._from_below(rest)
+            if not found:
+                break
             blocks += [block for block, _ in found]
             releases += [release for _, release in found]
         self._count("gets", len(blocks))
@@ -319,9 +307,9 @@ class Store:
 
     def make_durable(self, keys: Sequence[BlockKey]) -> None:
         """What a durable put waits for before it is acknowledged: every one of `keys` has
-        its record on disk, synced under the fsync policy (`DiskTier.persist`). Blocks
+        its record in the first backing tier, synced under its policy (`persist`). Blocks
         the demoter is writing are waited for, then checked; those still only in DRAM or
-        on the device (dirty, or a write that failed) are written here. Raises
+        on the accelerator (dirty, or a write that failed) are written here. Raises
         ResourceExhausted (disk full) or Unavailable, naming the disk, if any is not."""
         if self.disk is None:
             raise Unsupported("durable puts need a disk tier (--disk-dir)")
@@ -351,14 +339,14 @@ class Store:
     def _durable_copy(
         self, key: BlockKey
     ) -> tuple[tuple[BlockKey, BlockMeta, memoryview], list[PinnedBlock]] | None:
-        """`key`'s bytes from DRAM (pinned: unpin them after) or the device, or None."""
+        """`key`'s bytes from DRAM (pinned: unpin them after) or the accelerator, or None."""
         if pinned := self.host.pin_prefix([key]):
             return (key, pinned[0].meta, pinned[0].view), pinned
-        if self.device is None:
+        if self._upper is None:
             return None
-        if copy := self._device_copy(key):
+        if copy := self._upper_copy(key):
             return copy, []
-        if pinned := self.host.pin_prefix([key]):  # moved down from the device meanwhile
+        if pinned := self.host.pin_prefix([key]):  # moved down from the accelerator meanwhile
             return (key, pinned[0].meta, pinned[0].view), pinned
         return None
 
@@ -378,17 +366,22 @@ class Store:
 
     def stats(self) -> StoreStats:
         with self._counts_lock:
-            counts = dict(self._counts)
+            counts, promoted = dict(self._counts), dict(self._promoted)
         tiers = tuple(tier.stats() for tier in self.tiers)
-        promotions = counts.pop("promotions")
-        if self.disk is not None:
-            tiers[-1].promotions = promotions
-        return StoreStats(tiers=tiers, uptime_s=time.monotonic() - self._started, **counts)
+        for tier, stats in zip(self.tiers, tiers, strict=True):
+            stats.promotions += promoted.get(tier, 0)
+        return StoreStats(
+            tiers=tiers,
+            puts=counts["puts"],
+            gets=counts["gets"],
+            lookups=counts["lookups"],
+            uptime_s=time.monotonic() - self._started,
+        )
 
     def close(self, *, persist: bool = False) -> None:
-        """Stop demoting; with `persist`, first write every device and host block to disk."""
-        if persist and self.device is not None and self.disk is not None:
-            self._device_to_disk()
+        """Stop demoting; with `persist`, first write every accelerator and host block down."""
+        if persist and self._upper is not None and self.disk is not None:
+            self._upper_to_disk()
         if self._demoter is None:
             return
         with self._wake:
@@ -399,7 +392,9 @@ class Store:
         if persist:
             while self._demote_batch():
                 pass
-        self.disk.close()
+        self._promoter.shutdown()
+        for tier in self._below:
+            tier.close()
 
     # -- demotion and promotion -------------------------------------------
 
@@ -423,15 +418,17 @@ class Store:
                 self._pressure = False
             if due:
                 self._demote_batch()
-            else:  # idle: give back the disk space of deleted blocks
-                self.disk.maintain()
+            else:  # idle: give back the space of deleted blocks
+                for tier in self._below:
+                    tier.maintain()
 
     def _must_demote(self) -> bool:
         dirty = self.host.dirty_bytes
         return dirty > self.dirty_limit or (self._pressure and dirty > 0)
 
     def _demote_batch(self) -> bool:
-        """Copy the oldest dirty host blocks to disk; False when there were none."""
+        """Copy the oldest dirty host blocks down; False when there were none."""
+        assert self.disk is not None  # the demoter runs only above a backing tier
         blocks = self.host.take_dirty(DEMOTE_BATCH)
         if not blocks:
             return False
@@ -445,38 +442,39 @@ class Store:
             self.disk.delete([b.key for b in gone if not self.host.contains(b.key)])
         return True
 
-    def _up_to_device(self, key: BlockKey, meta: BlockMeta, reservation: Reservation) -> bool:
-        """Move a just-received block up to the device, if room can be made without waiting."""
-        if meta.size > self.device.capacity or self.contains(key):
+    def _up(self, key: BlockKey, meta: BlockMeta, reservation: Reservation) -> bool:
+        """Move a just-received block up, if room can be made without waiting."""
+        assert self._upper is not None
+        if meta.size > self._upper.capacity or self.contains(key):
             return False
         with self._moves:
-            victims = self.device.victims(meta.size)
-            if victims and not self._device_to_host(victims):
+            victims = self._upper.victims(meta.size)
+            if victims and not self._upper_to_host(victims):
                 return False
             try:
-                return self.device.put_batch([(key, meta, reservation.view)]) == 1
+                return self._upper.put_batch([(key, meta, reservation.view)]) == 1
             except ResourceExhausted:  # fragmented: the block stays in the host tier
                 return False
 
-    def _device_to_host(self, victims: list[tuple[BlockKey, BlockMeta]]) -> bool:
-        """Move blocks down into DRAM to make room on the device; False if no room now."""
+    def _upper_to_host(self, victims: list[tuple[BlockKey, BlockMeta]]) -> bool:
+        """Move blocks down into DRAM to make room above; False if no room now."""
+        assert self._upper is not None
         moved = self._copy_down([k for k, _ in victims], [m.size for _, m in victims], hit=False)
         if moved is None:
             return False
         for (key, _), (meta, slot) in zip(victims, moved, strict=False):
-            self.host.commit(key, meta, slot, clean=self._on_disk(key))
-        self.device.delete([k for k, _ in victims], demoted=True)
+            self.host.commit(key, meta, slot, clean=self._held_below(key))
+        self._upper.delete([k for k, _ in victims], demoted=True)
         return True
 
-    def _from_device(
-        self, keys: Sequence[BlockKey]
-    ) -> list[tuple[PinnedBlock, Callable[[], None]]]:
-        """Copy the run of device blocks leading `keys` down into host slots for a transfer."""
-        if self.device is None:
+    def _from_upper(self, keys: Sequence[BlockKey]) -> Found:
+        """Copy the run of accelerator blocks leading `keys` down into host slots for a
+        transfer."""
+        if self._upper is None:
             return []
         sizes: list[int] = []
-        for key in keys[: self.device.present_prefix(keys)]:
-            meta = self.device.meta(key)
+        for key in keys[: self._upper.present_prefix(keys)]:
+            meta = self._upper.meta(key)
             if meta is None or (sizes and sum(sizes) + meta.size > self.host.capacity // 4):
                 break  # the rest on a later turn: a transfer must not need all of DRAM
             sizes.append(meta.size)
@@ -490,76 +488,116 @@ class Store:
     def _copy_down(
         self, keys: Sequence[BlockKey], sizes: list[int], *, hit: bool
     ) -> list[tuple[BlockMeta, Reservation]] | None:
-        """Device blocks copied into one fresh host extent (one copy when the device side
-        is contiguous): (meta, slot) of those still there, or None if DRAM has no room now."""
+        """Accelerator blocks copied into one fresh host extent (one copy when the blocks lie
+        together above): (meta, slot) of those still there, or None if DRAM has no room now."""
+        assert self._upper is not None
         try:
             slots = self._host_slots(sizes)
         except ResourceExhausted:
             return None
-        metas = self.device.read_batch(keys, [s.view for s in slots], hit=hit)
+        metas = self._upper.read_batch(keys, [s.view for s in slots], hit=hit)
         for slot in slots[len(metas) :]:
             self.host.abort(slot)
         return list(zip(metas, slots, strict=False))
 
-    def _on_disk(self, key: BlockKey) -> bool:
-        return self.disk is not None and self.disk.contains(key)
+    def _held_below(self, key: BlockKey) -> bool:
+        return any(tier.contains(key) for tier in self._below)
 
     def _host_slots(self, sizes: list[int]) -> list[Reservation]:
         """One host extent for `sizes`, cut into back-to-back slots; raises if no room now."""
         whole = self.host.reserve(sum(aligned(size) for size in sizes), 0)
         slots, at = [], 0
         for size in sizes:
-            slots.append(
-                Reservation(whole.offset + at, size, self.host.arena.view(whole.offset + at, size))
-            )
+            slots.append(Reservation(whole.offset + at, size, whole.view[at : at + size]))
             at += aligned(size)
         return slots
 
-    def _device_to_disk(self) -> None:
-        """On a persisting shutdown: write every device block down to disk."""
-        for key in self.device.listing():
-            self._device_block_to_disk(key)
+    def _upper_to_disk(self) -> None:
+        """On a persisting shutdown: write every accelerator block down to the backing tier."""
+        assert self._upper is not None and self.disk is not None
+        for key in self._upper.listing():
+            if (copy := self._upper_copy(key)) is not None:
+                self.disk.append([copy])
 
-    def _device_block_to_disk(self, key: BlockKey) -> None:
-        if (copy := self._device_copy(key)) is not None:
-            self.disk.append([copy])
-
-    def _device_copy(self, key: BlockKey) -> tuple[BlockKey, BlockMeta, memoryview] | None:
-        """A copy of a device block in fresh memory, or None if it is not there."""
-        meta = self.device.meta(key)
+    def _upper_copy(self, key: BlockKey) -> tuple[BlockKey, BlockMeta, memoryview] | None:
+        """A copy of an accelerator block in fresh memory, or None if it is not there."""
+        assert self._upper is not None
+        meta = self._upper.meta(key)
         if meta is None:
             return None
         buffer = memoryview(bytearray(meta.size))
-        if not self.device.read_batch([key], [buffer], hit=False):
+        if not self._upper.read_batch([key], [buffer], hit=False):
             return None
         return key, meta, buffer
 
     def _aborter(self, slot: Reservation) -> Callable[[], None]:
         return lambda: self.host.abort(slot)
 
-    def _from_disk(self, key: BlockKey) -> tuple[PinnedBlock, Callable[[], None]] | None:
-        """Read `key` from disk into a host slot and pin it there, or None if absent."""
-        meta = self.disk.meta(key)
-        if meta is None:
-            return None
-        # Wait only for dirty blocks to be written down: what else blocks room
-        # may be this very batch's pins.
-        timeout = self.reserve_timeout if self.host.dirty_bytes else 0
+    def _from_below(self, keys: Sequence[BlockKey]) -> Found:
+        """The run of blocks leading `keys` in the fastest backing tier holding it, read up
+        in one batch on a promotion thread; [] if none is held, there is no room, or the
+        read outlasts the wait (its blocks are then released when it ends)."""
+        for tier in self._below:
+            if metas := self._run(tier, keys):
+                break
+        else:
+            return []
+        # Wait for room only while dirty blocks are written down: what else holds it may
+        # be this very batch's pins.
+        room_wait = self.reserve_timeout if self.host.dirty_bytes else 0
+        sizes = [meta.size for meta in metas]
+        read = self._promoter.submit(self._read_up, tier, keys[: len(metas)], sizes, room_wait)
         try:
-            slot = self.host.reserve(meta.size, timeout)
-        except ResourceExhausted:
-            return None
-        meta = self.disk.read_into(key, slot.view)
-        if meta is None:
+            return read.result(timeout=room_wait + READ_TIMEOUT)
+        except TimeoutError:
+            read.add_done_callback(_release_all)
+            return []
+
+    def _run(self, tier: BackingTier, keys: Sequence[BlockKey]) -> list[BlockMeta]:
+        """Metadata of the blocks leading `keys` held in `tier` and in no faster tier, up to a
+        quarter of DRAM (a transfer must not need all of it)."""
+        faster = self.tiers[: self.tiers.index(tier)]
+        room = self.host.capacity // 4
+        metas: list[BlockMeta] = []
+        for key in keys[: max(1, tier.present_prefix(keys))]:
+            if metas and any(t.contains(key) for t in faster):
+                break
+            meta = tier.meta(key)  # None for an absent first key: this tier's miss
+            if meta is None or (metas and meta.size > room):
+                break
+            metas.append(meta)
+            room -= meta.size
+        return metas
+
+    def _read_up(
+        self, tier: BackingTier, keys: Sequence[BlockKey], sizes: list[int], room_wait: float
+    ) -> Found:
+        """Read a run of `tier`'s blocks into host slots and pin them there: committed
+        (promoted), or with `promote` off, private slots freed on release."""
+        slots = self._room(sizes, room_wait)
+        metas = tier.read_into(keys[: len(slots)], [slot.view for slot in slots])
+        for slot in slots[len(metas) :]:
             self.host.abort(slot)
-            return None
+        read = list(zip(keys, metas, slots, strict=False))
         if not self.promote:
-            block = PinnedBlock(key, meta, slot.view[: meta.size], slot.offset)
-            return block, lambda: self.host.abort(slot)
-        self.host.commit(key, meta, slot, clean=True)
-        self._count("promotions", 1)
-        pinned = self.host.pin_prefix([key])  # a racing put may have won: pin whichever is there
-        return (pinned[0], self._unpinner(pinned[0])) if pinned else None
+            return [
+                (PinnedBlock(key, meta, slot.view[: meta.size], slot.offset), self._aborter(slot))
+                for key, meta, slot in read
+            ]
+        self.host.commit_many([(key, meta, slot, True) for key, meta, slot in read])
+        with self._counts_lock:
+            self._promoted[tier] += len(read)
+        # a racing put may have won: pin whichever copy is there
+        return [(b, self._unpinner(b)) for b in self.host.pin_prefix(keys[: len(read)])]
+
+    def _room(self, sizes: list[int], timeout: float) -> list[Reservation]:
+        """Host slots for as many leading `sizes` as find room, halving the run on refusal."""
+        while sizes:
+            try:
+                return self.host.reserve_many(sizes, timeout)
+            except ResourceExhausted:
+                sizes, timeout = sizes[: len(sizes) // 2], 0
+        return []
 
     def _unpinner(self, block: PinnedBlock) -> Callable[[], None]:
         return lambda: self.host.unpin(block)
@@ -567,3 +605,31 @@ class Store:
     def _count(self, name: str, n: int) -> None:
         with self._counts_lock:
             self._counts[name] += n
+
+
+def _release_all(read: Future[Found]) -> None:
+    """Release what a read that its get stopped waiting for pinned."""
+    if read.exception() is None:
+        for _, release in read.result():
+            release()
+
+
+def _roles(
+    tiers: tuple[Tier, ...],
+) -> tuple[MemoryTier, AcceleratorTier | None, tuple[BackingTier, ...]]:
+    """The host tier, the accelerator tier above it (or None) and the backing tiers below
+    it. ValueError unless `tiers` lists them in that order."""
+    hosts = [(i, tier) for i, tier in enumerate(tiers) if isinstance(tier, MemoryTier)]
+    if len(hosts) != 1:
+        raise ValueError(f"tiers: expected one host tier, got {len(hosts)}")
+    [(at, host)] = hosts
+    above = [tier for tier in tiers[:at] if isinstance(tier, AcceleratorTier)]
+    below = tuple(tier for tier in tiers[at + 1 :] if isinstance(tier, BackingTier))
+    if len(above) != at or at > 1 or len(below) != len(tiers) - at - 1:
+        raise ValueError(
+            "tiers: expected, fastest first, at most one accelerator tier, the host tier, "
+            "then backing tiers"
+        )
+    if below and not host.write_back:
+        raise ValueError("a host tier above a backing tier must write back")
+    return host, (above[0] if above else None), below

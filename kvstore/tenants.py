@@ -29,8 +29,10 @@ from kvstore.keys import KEY_BYTES, BlockKey
 from kvstore.meta import BlockMeta
 from kvstore.store import Store
 
-_FIELDS = {"name": str, "token": str, "quota": (str, int), "read_only": bool, "shm": bool,
-           "push": bool, "admin": bool}  # fmt: skip
+_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "name": str, "token": str, "quota": (str, int), "read_only": bool, "shm": bool,
+    "push": bool, "admin": bool,
+}  # fmt: skip
 MIN_SECRET = 32  # characters of the auth file's `secret`
 Header = tuple[BlockKey, BlockMeta]
 

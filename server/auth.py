@@ -10,8 +10,6 @@ import logging
 import threading
 from collections.abc import Callable, Iterable, Sequence
 
-import grpc
-
 from kvstore.errors import Unauthenticated
 from kvstore.keys import BlockKey
 from kvstore.store import Store
@@ -36,10 +34,6 @@ class Auth:
     @property
     def on(self) -> bool:
         return self.tenants is not None
-
-    def of(self, context: grpc.ServicerContext) -> Tenant:
-        """The calling tenant; Unauthenticated without a known token."""
-        return self.caller(context.invocation_metadata())
 
     def caller(self, metadata: Iterable[tuple[str, str | bytes]]) -> Tenant:
         """The tenant (or node) a call's metadata proves; Unauthenticated if none."""

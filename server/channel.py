@@ -30,16 +30,14 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from kvstore.errors import (
-    Busy,
     InvalidArgument,
     KVStoreError,
     PermissionDenied,
     ResourceExhausted,
 )
-from kvstore.ingest import SlotPut
 from kvstore.keys import check_keys
 from kvstore.proto import kvstore_pb2 as pb
 from kvstore.proto.channel import (
@@ -66,12 +64,9 @@ from kvstore.proto.channel import (
     unpack_header,
 )
 from kvstore.proto.frames import FrameError, parse
+from kvstore.proto.status import status_of
 from kvstore.server import shm, tcp
-from kvstore.server.auth import Auth
-from kvstore.server.fetch import Fetcher
-from kvstore.server.status import TransferCounts, status_of
-from kvstore.server.tickets import TicketBook
-from kvstore.store import ReadBatch, Store
+from kvstore.server.policy import Ask, Caller, PutSlots, Reading, RequestPolicy
 from kvstore.tenants import OPEN, Tenant
 
 log = logging.getLogger("kvstore.dataplane")
@@ -88,14 +83,11 @@ _PEERCRED = struct.Struct("3i")  # pid, uid, gid
 class Held:
     """What a connection holds between requests: a lease's pins or a put's slots."""
 
-    what: ReadBatch | SlotPut
+    what: Reading | PutSlots
     expires: float
 
     def end(self) -> None:
-        if isinstance(self.what, ReadBatch):
-            self.what.close()
-        else:
-            self.what.abort()
+        self.what.end()
 
 
 @dataclass(eq=False)
@@ -119,7 +111,12 @@ class Connection:
     meta_got: int = 0
     heard: float = field(default_factory=time.monotonic)  # when the last of it came
 
-    def hold(self, what: ReadBatch | SlotPut, ttl: float) -> int:
+    def caller(self) -> Caller:
+        """Its requests' caller, as the request policy knows it ("shm": its Unix socket)."""
+        path = "shm" if self.kind == "unix" else "tcp"
+        return Caller(self.tenant, path, self, lambda: _peer_there(self.sock))
+
+    def hold(self, what: Reading | PutSlots, ttl: float) -> int:
         hold_id = int.from_bytes(os.urandom(8), "big") or 1
         with self.lock:
             self.held[hold_id] = Held(what, time.monotonic() + ttl)
@@ -139,10 +136,7 @@ class Connection:
 class ChannelServer:
     def __init__(
         self,
-        store: Store,
-        tickets: TicketBook,
-        transfers: TransferCounts,
-        auth: Auth,
+        policy: RequestPolicy,
         *,
         instance: bytes,
         tcp_address: str | None,
@@ -156,10 +150,8 @@ class ChannelServer:
         tls: ssl.SSLContext | None = None,
     ) -> None:
         self.tls = tls  # TCP connections speak TLS (the Unix socket never leaves the host)
-        self.store = store
-        self.tickets = tickets
-        self.transfers = transfers
-        self.auth = auth
+        self.policy = policy
+        self.store = policy.store  # its host arena: what the Unix socket's clients map
         self.instance = instance
         self.timeout = timeout
         self.hello_timeout = min(timeout, HELLO_TIMEOUT)
@@ -167,7 +159,6 @@ class ChannelServer:
         self.lease_ttl = lease_ttl
         self.max_connections = max_connections
         self.max_per_host = max_per_host
-        self.fetcher: Fetcher | None = None  # set by the daemon: fetch-through and waits
         self._poll = select.epoll()
         self._listeners: dict[int, tuple[socket.socket, str]] = {}
         self._connections: dict[int, Connection] = {}
@@ -181,7 +172,7 @@ class ChannelServer:
             listener = socket.create_server((host.strip("[]"), int(port)), backlog=512)
             self.address = f"{host}:{listener.getsockname()[1]}"
             self._listen(listener, "tcp")
-        if unix and store.host.arena.segment_fd >= 0:
+        if unix and self.store.host.arena.segment_fd >= 0:
             name = f"\0kvstore-{instance.hex()}"
             listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             listener.bind(name)
@@ -317,7 +308,7 @@ class ChannelServer:
             tls = isinstance(conn.sock, ssl.SSLSocket)
             if tls:  # served as plain sockets are: blocking, each call bounded (stall_timeout)
                 conn.sock.setblocking(True)
-            keep = self._request(conn, got) if conn.open else self._hello(conn, got)
+            keep = self._request(conn, got) if isinstance(got, Frame) else self._hello(conn, got)
             if not keep:
                 return 0
             if tls:
@@ -403,9 +394,8 @@ class ChannelServer:
                 raise InvalidArgument("hello", f"channel version {version}; this node: {VERSION}")
             if conn.kind == "unix":
                 _check_same_user(conn.sock)
-            tenant = self.tickets.redeem(ticket, None if conn.kind == "unix" else conn.host, proof)
-            if conn.kind == "unix" and not tenant.shm:
-                raise PermissionDenied(f"tenant {tenant.name!r} may not map this node's memory")
+            local = conn.kind == "unix"
+            tenant = self.policy.opened(ticket, None if local else conn.host, proof, shm=local)
         except KVStoreError as exc:
             _refuse(conn.sock, exc)
             return False
@@ -429,10 +419,7 @@ class ChannelServer:
         try:
             if handler is None:
                 raise InvalidArgument("op", f"unknown operation {op}")
-            # gets and puts are transfers (refused while the node drains); the rest end them
-            running = self.transfers.running() if op in (GET, PUT) else contextlib.nullcontext()
-            with running:
-                handler(self, conn, frame)
+            handler(self, conn, frame)
         except ChannelError:
             raise  # the connection is out of step or gone: it closes
         except (KVStoreError, FrameError) as exc:
@@ -458,31 +445,20 @@ class ChannelServer:
             RENEW: renew,
         }.get(op)
 
-    def wanted(
-        self, conn: Connection, meta: bytes, *, unique: bool = True
-    ) -> tuple[list[bytes], list[bytes]]:
-        """The keys a get, lease or lookup names, as the caller names them and as the node
-        does, once fetched and waited for as it asks."""
+    def ask(self, meta: bytes) -> Ask:
+        """What a get, lease or lookup asks for; its answer is due within the data plane's
+        allowance, plus the wait it asks."""
         request = parse(meta, pb.GetRequest)
-        asked = check_keys(request.keys, unique=unique)
-        keys = conn.tenant.keys(asked)
-        if self.fetcher is not None:
-            answer_by = self.deadline(0) + request.wait_ms / 1000  # the request's allowance
-            self.fetcher.ensure(
-                keys, request.wait_ms, request.fetch, lambda: _peer_there(conn.sock), answer_by
-            )
-        return asked, keys
+        answer_by = self.deadline(0) + request.wait_ms / 1000
+        return Ask(request.keys, request.wait_ms, request.fetch, answer_by)
 
     def reply(self, conn: Connection, message: bytes, *, flags: int = 0, data_len: int = 0) -> None:
         conn.sock.sendall(encode(REPLY_MAGIC, 0, flags, message, data_len))
 
     def reply_error(self, conn: Connection, exc: Exception) -> None:
         text = (str(exc) or type(exc).__name__).encode()
-        busy = isinstance(exc, Busy)
-        if busy:
-            self.transfers.refused_busy()
-        status = status_of(exc).value[0]
-        conn.sock.sendall(encode(REPLY_MAGIC, status, BUSY if busy else 0, text))
+        code, busy = status_of(exc)  # a busy refusal was counted where it was made
+        conn.sock.sendall(encode(REPLY_MAGIC, code.value[0], BUSY if busy else 0, text))
 
     # -- expiry -----------------------------------------------------------------
 
@@ -510,8 +486,8 @@ class ChannelServer:
 
 
 def lookup(server: ChannelServer, conn: Connection, frame: Frame) -> None:
-    _, keys = server.wanted(conn, frame.meta, unique=False)
-    tiers = server.store.lookup(keys)
+    ask = server.ask(frame.meta)
+    tiers = server.policy.lookup(conn.caller(), replace(ask, keys=check_keys(ask.keys)))
     server.reply(conn, pb.LookupReply(found=len(tiers), tiers=tiers).SerializeToString())
 
 
@@ -541,7 +517,7 @@ def _refuse(sock: socket.socket, exc: KVStoreError) -> None:
     in the table, so that its slot there and its host's count are given back)."""
     text = str(exc).encode()[:4096]
     try:
-        sock.sendall(HELLO_REPLY.pack(HELLO_MAGIC, status_of(exc).value[0], len(text), b"", 0))
+        sock.sendall(HELLO_REPLY.pack(HELLO_MAGIC, status_of(exc)[0].value[0], len(text), b"", 0))
         sock.sendall(text)
     except OSError:  # the peer is gone already
         pass

@@ -34,6 +34,7 @@ from kvstore.ingest import check_fits, check_payload, validate_block
 from kvstore.keys import BlockKey
 from kvstore.meta import BlockMeta
 from kvstore.server.cluster import Membership
+from kvstore.server.tls import PeerOptions
 from kvstore.store import Store
 from kvstore.tiers import Reservation
 
@@ -64,7 +65,7 @@ class Fetcher:
         store: Store,
         membership: Membership,
         timeout: float,
-        peer_options: dict[str, str] | None = None,
+        peer_options: PeerOptions | None = None,
     ) -> None:
         self.store = store
         self.peer_options = peer_options or {}  # how this node calls others: token, TLS

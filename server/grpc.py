@@ -10,141 +10,71 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
-from dataclasses import fields
 
 import grpc
 import numpy as np
 
-from kvstore.config import ServerConfig
+from kvstore.config import MIN_RATE
 from kvstore.errors import InvalidArgument
-from kvstore.ingest import BlockIngest
 from kvstore.keys import block_keys, check_keys
 from kvstore.limits import MAX_BLOCKS, MAX_HEADER_FRAME, MAX_SALT, MAX_TOKENS
 from kvstore.proto import kvstore_pb2 as pb
 from kvstore.proto.convert import headers_from_proto, headers_to_proto
 from kvstore.proto.frames import data_frames, decode_frame, parse
-from kvstore.server.auth import Auth
-from kvstore.server.fetch import Fetcher
-from kvstore.server.status import TransferCounts
-from kvstore.store import Store
-from kvstore.tenants import Tenant, as_asked
+from kvstore.server.policy import Ask, Caller, RequestPolicy
+from kvstore.tenants import Tenant
 
 HEADERS_TAG = b"\x0a"  # field 1 (headers), length-delimited: a frame of block headers
-MIN_RATE = next(f.default for f in fields(ServerConfig) if f.name == "min_rate")
 
 log = logging.getLogger("kvstore.server")
 
 
 class GrpcPath:
     def __init__(
-        self,
-        store: Store,
-        chunk_size: int,
-        transfers: TransferCounts,
-        fetcher: Fetcher,
-        auth: Auth,
-        min_rate: float = MIN_RATE,
+        self, policy: RequestPolicy, chunk_size: int, timeout: float, min_rate: float = MIN_RATE
     ) -> None:
-        self.store = store
-        self.auth = auth
-        self.fetcher = fetcher
+        self.policy = policy
         self.chunk_size = chunk_size
-        self.transfers = transfers
-        # a put stream's bounds, the data plane's: --data-timeout (which the fetcher holds)
-        # and --min-rate
-        self.timeout: float = fetcher.timeout
+        # a put stream's bounds, the data plane's: --data-timeout and --min-rate
+        self.timeout = timeout
         self.min_rate = min_rate
         self._deadlines = _Watchdog()
 
     def put(self, frames: Iterator[bytes], context: grpc.ServicerContext, tenant: Tenant) -> bytes:
-        tenant.may_write()
-        peer = context.peer()
         with (
-            self.transfers.running(),
-            self.transfers.arriving(peer) as arrived,
+            self.policy.put(_caller(context, tenant)) as put,
             self._deadlines.watch(context, self.timeout, self.min_rate) as deadline,
         ):
-            return self._put(deadline.frames(frames), arrived, deadline, peer, tenant)
-
-    def _put(
-        self,
-        frames: Iterator[bytes],
-        arrived: Callable[[int], None],
-        deadline: _Deadline,
-        peer: str,
-        tenant: Tenant,
-    ) -> bytes:
-        ingest: BlockIngest | None = None
-        declared: list[tuple[bytes, int]] = []
-        sending = False  # its first bytes came
-        try:
-            for raw in frames:
+            for raw in deadline.frames(frames):
                 if raw[:1] == HEADERS_TAG and len(raw) > MAX_HEADER_FRAME:
                     raise InvalidArgument(
                         "headers", f"a frame of {len(raw)} bytes: at most {MAX_HEADER_FRAME}"
                     )
                 frame = decode_frame(raw, pb.PutRequest)
-                if not isinstance(frame, memoryview) and frame.HasField("headers"):
-                    if ingest is None:  # the first headers frame says how the put goes
-                        ingest = BlockIngest(
-                            self.store,
-                            durable=frame.headers.durable,
-                            reserving=lambda size: self.transfers.waiting(size, peer),
-                        )
-                    blocks = tenant.blocks(headers_from_proto(frame.headers.blocks))
-                    declared += [(key, meta.size) for key, meta in blocks]
-                    self.auth.check(tenant, sum(size for _, size in declared))
-                    nbytes = sum(meta.size for _, meta in blocks)
-                    # refused as if held, with what it declared before and still awaits;
-                    # but held only as its bytes come
-                    self.transfers.admit(ingest.pending_bytes + nbytes, peer)
-                    ingest.declare(blocks)
-                    deadline.declared += nbytes
-                    continue
-                if ingest is None:
-                    ingest = BlockIngest(self.store)
                 if not isinstance(frame, memoryview):
+                    if frame.HasField("headers"):  # the first one says whether it is durable
+                        blocks = headers_from_proto(frame.headers.blocks)
+                        put.declare(blocks, frame.headers.durable)
+                        deadline.declared += sum(meta.size for _, meta in blocks)
+                        continue
                     if not frame.HasField("data"):
                         raise InvalidArgument("frame", "PutRequest sets neither headers nor data")
                     frame = memoryview(frame.data)
-                if not sending:  # it begins: refused as at its headers, with what others
-                    # brought meanwhile (many may declare at once); nothing of it is stored
-                    self.transfers.admit(ingest.pending_bytes, peer)
-                    sending = True
-                arrived(len(frame))
-                ingest.feed(frame)
-            ingest = ingest or BlockIngest(self.store)
-            result = ingest.finish()
-        except BaseException:  # refused, cut or past its deadline: its whole blocks stay
-            if ingest is not None:
-                ingest.abort()
-            raise
-        self.auth.charge(tenant, declared)
-        self.transfers.add("put/grpc", ingest.received)
+                put.feed(frame)
+            result = put.finish()
         return pb.PutReply(stored=result.stored, existed=result.existed).SerializeToString()
 
     def get(self, raw: bytes, context: grpc.ServicerContext, tenant: Tenant) -> Iterator[bytes]:
         request = parse(raw, pb.GetRequest)
-        asked = check_keys(request.keys, unique=True)
-        keys = tenant.keys(asked)
-        self.fetcher.ensure(
-            keys, request.wait_ms, request.fetch, context.is_active, _answer_by(context)
-        )
-        with (
-            self.transfers.running(),
-            self.store.read(keys) as batch,
-            self.transfers.holding(sum(b.meta.size for b in batch.blocks), context.peer()),
-        ):
-            self.auth.read(tenant, len(keys), [(b.key, b.meta.size) for b in batch.blocks])
-            headers = headers_to_proto(as_asked(asked, ((b.key, b.meta) for b in batch.blocks)))
-            reply = pb.GetReply(headers=pb.BlockHeaders(blocks=headers, truncated=batch.truncated))
-            if batch.truncated and not batch.blocks:
-                self.transfers.refused_busy()  # no room to bring a stored block up: busy
-            yield reply.SerializeToString()
+        ask = Ask(request.keys, request.wait_ms, request.fetch, _answer_by(context))
+        with self.policy.get(_caller(context, tenant), ask) as found:
+            headers = pb.BlockHeaders(
+                blocks=headers_to_proto(found.headers), truncated=found.truncated
+            )
+            yield pb.GetReply(headers=headers).SerializeToString()
             # pinned to the end, released together (last first: see ReadBatch.close)
-            for frame, _ in data_frames([b.view for b in batch.blocks], self.chunk_size):
+            for frame, _ in data_frames(found.views, self.chunk_size):
                 yield frame
-        self.transfers.add("get/grpc", sum(b.meta.size for b in batch.blocks))
 
     def lookup(
         self,
@@ -156,16 +86,9 @@ class GrpcPath:
         """A lookup that may block (`fetch`, or `wait` for a first key not here) does so in
         `gate`, the bound on RPC threads that may block; a plain one never enters it."""
         request = parse(raw, pb.LookupRequest)
-        keys = tenant.keys(self.lookup_keys(raw))
-        ask = request.keys
-        if request.HasField("keys") and (
-            ask.fetch or (ask.wait_ms and not self.store.contains(keys[0]))
-        ):
-            with gate():
-                self.fetcher.ensure(
-                    keys, ask.wait_ms, ask.fetch, context.is_active, _answer_by(context)
-                )
-        tiers = self.store.lookup(keys)
+        keys = self.lookup_keys(raw)
+        ask = Ask(keys, request.keys.wait_ms, request.keys.fetch, _answer_by(context))
+        tiers = self.policy.lookup(_caller(context, tenant), ask, gate)
         return pb.LookupReply(found=len(tiers), tiers=tiers).SerializeToString()
 
     @staticmethod
@@ -256,6 +179,11 @@ class _Watchdog:
                     deadline.context.peer(),
                 )
                 deadline.context.cancel()
+
+
+def _caller(context: grpc.ServicerContext, tenant: Tenant) -> Caller:
+    """A gRPC call's bytes in flight are bounded per peer (its HTTP/2 connection)."""
+    return Caller(tenant, "grpc", context.peer(), context.is_active)
 
 
 def _answer_by(context: grpc.ServicerContext) -> float | None:

@@ -28,6 +28,7 @@ from kvstore.server.channel import ChannelServer
 from kvstore.server.cluster import Membership, check_cluster_url, node_id
 from kvstore.server.fetch import Fetcher
 from kvstore.server.metrics import Metrics
+from kvstore.server.policy import RequestPolicy
 from kvstore.server.preauth import PreAuth, token_check
 from kvstore.server.servicer import SERVICE, KVStoreServicer
 from kvstore.server.status import TransferCounts
@@ -117,16 +118,14 @@ class Daemon:
         self.transfers = TransferCounts(
             config.max_inflight_bytes or self.store.host.capacity, config.max_connection_bytes
         )
+        self.policy = RequestPolicy(self.store, self.auth, self.transfers, self.tickets)
         if config.data_address != "off":
             data_address = config.data_address
             if data_address == "auto":
                 data_address = f"{host_name}:0"
             try:
                 self.channel = ChannelServer(
-                    self.store,
-                    self.tickets,
-                    self.transfers,
-                    self.auth,
+                    self.policy,
                     instance=self.instance,
                     tls=tls.data_context(config),
                     tcp_address=data_address,
@@ -163,10 +162,9 @@ class Daemon:
             config.data_timeout,
             tls.peer_options(config) | {"cluster_secret": cluster},
         )
-        if self.channel:
-            self.channel.fetcher = self.fetcher
+        self.policy.fetcher = self.fetcher
         servicer = KVStoreServicer(
-            self.store,
+            self.policy,
             config.chunk_size,
             self.tickets,
             membership=self.membership,
@@ -174,8 +172,6 @@ class Daemon:
             instance=self.instance.hex(),
             workers=config.workers,
             push_allow=config.push_allow,
-            transfers=self.transfers,
-            auth=self.auth,
             info=lambda: (
                 self.channel.address if self.channel else "",
                 self.channel.unix_address if self.channel else "",
@@ -255,9 +251,7 @@ def _store(config: ServerConfig) -> Store:
             disk.close()
         raise
     return Store(
-        host,
-        disk=disk,
-        device=device,
+        [tier for tier in (device, host, disk) if tier is not None],
         max_block_size=config.max_block_size,
         reserve_timeout=config.reserve_timeout,
         dirty_ratio=config.dirty_ratio,
@@ -353,14 +347,15 @@ def parser() -> argparse.ArgumentParser:
         default = getattr(defaults, f.name)
         if f.metadata["parse"] is parse_size:
             default = format_size(default)
-        switch = {"nargs": "?", "const": "true"} if f.metadata["parse"] is parse_bool else {}
+        switch = f.metadata["parse"] is parse_bool  # a bare --flag means true
         ap.add_argument(
             f"--{f.name.replace('_', '-')}",
             dest=f.name,
             default=None,
             metavar=f.name.upper(),
             help=f"{f.metadata['help']} (default: {default})".replace("%", "%%"),
-            **switch,
+            nargs="?" if switch else None,
+            const="true" if switch else None,
         )
     ap.add_argument(
         "--config",

@@ -15,9 +15,10 @@ import socket
 from collections.abc import Callable, Sequence
 
 from kvstore.errors import InvalidArgument, KVStoreError, PermissionDenied, Unavailable
-from kvstore.ingest import PutResult
 from kvstore.keys import BlockKey
 from kvstore.meta import BlockMeta
+from kvstore.results import PutResult
+from kvstore.server.tls import PeerOptions
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -43,7 +44,7 @@ class PushPolicy:
         if host.lower() in self.names:
             return
         try:
-            resolved = {info[4][0] for info in socket.getaddrinfo(host, int(port))}
+            resolved = {str(info[4][0]) for info in socket.getaddrinfo(host, int(port))}
         except OSError:
             raise Unavailable(f"push target {host} does not resolve") from None
         for ip in resolved:
@@ -63,7 +64,7 @@ def push(
     views: Sequence[memoryview],
     timeout: float | None,
     chunk_size: int,
-    peer_options: dict[str, str],
+    peer_options: PeerOptions,
 ) -> PutResult:
     from kvstore.client import Client  # a node pushing is a client of the other node
 

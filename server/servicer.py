@@ -16,19 +16,20 @@ from contextlib import contextmanager
 
 import grpc
 
+from kvstore.config import MIN_RATE
 from kvstore.errors import Busy, InvalidArgument, PermissionDenied
 from kvstore.keys import check_keys
 from kvstore.limits import MAX_BLOCKS
 from kvstore.proto import kvstore_pb2 as pb
 from kvstore.proto.frames import parse
-from kvstore.server.auth import Auth
 from kvstore.server.cluster import Membership
 from kvstore.server.fetch import Fetcher
-from kvstore.server.grpc import MIN_RATE, GrpcPath
+from kvstore.server.grpc import GrpcPath
+from kvstore.server.policy import RequestPolicy
 from kvstore.server.push import PushPolicy, push
-from kvstore.server.status import TransferCounts, streaming, unary
+from kvstore.server.status import streaming, unary
 from kvstore.server.tickets import TicketBook
-from kvstore.store import Store
+from kvstore.tenants import Tenant
 from kvstore.trust import CHALLENGE, DIALED
 
 SERVICE = "kvstore.v1.KVStore"
@@ -47,16 +48,19 @@ def peer_host(context: grpc.ServicerContext) -> str:
 
 
 class Gate:
-    """At most `limit` handlers that may wait run at once; the next is refused at once."""
+    """At most `limit` handlers that may wait run at once; the next is refused at once (as
+    busy, and `refused` counts it)."""
 
-    def __init__(self, limit: int, what: str = "transfers") -> None:
+    def __init__(self, limit: int, what: str, refused: Callable[[], None]) -> None:
         self.limit = limit
         self.what = what
+        self.refused = refused
         self._free = threading.BoundedSemaphore(limit)
 
     @contextmanager
     def enter(self) -> Iterator[None]:
         if not self._free.acquire(blocking=False):
+            self.refused()
             raise Busy(
                 f"{self.limit} {self.what} already run on this node's RPC threads: retry shortly"
             )
@@ -69,7 +73,7 @@ class Gate:
 class KVStoreServicer:
     def __init__(
         self,
-        store: Store,
+        policy: RequestPolicy,
         chunk_size: int,
         tickets: TicketBook,
         *,
@@ -78,14 +82,14 @@ class KVStoreServicer:
         instance: str,
         workers: int,
         push_allow: str,
-        transfers: TransferCounts,
-        auth: Auth,
         info: Callable[[], tuple[str, str]] = lambda: ("", ""),
         dialable: frozenset[str] = frozenset(),
         min_rate: float = MIN_RATE,
     ) -> None:
-        self.auth = auth
-        self.store = store
+        self.policy = policy
+        self.auth = policy.auth
+        self.store = policy.store
+        self.transfers = policy.transfers
         self.chunk_size = chunk_size
         self.tickets = tickets
         self.membership = membership
@@ -93,39 +97,42 @@ class KVStoreServicer:
         self.instance = instance
         self.info = info  # (data address, unix address), known once the channel listens
         self.dialable = dialable  # HOST:PORT others may dial this node's gRPC at
-        self.transfers = transfers
-        self.watchers = Gate(MAX_WATCHERS, "watchers")
-        self.grpc = GrpcPath(store, chunk_size, self.transfers, fetcher, auth, min_rate)
+        self.watchers = Gate(MAX_WATCHERS, "watchers", self.transfers.refused_busy)
+        self.grpc = GrpcPath(policy, chunk_size, fetcher.timeout, min_rate)
         # everything that may block shares this one bound, so FREE_THREADS stay free
-        self.gate = Gate(max(workers - FREE_THREADS, 1), "transfers, waits and watches")
+        self.gate = Gate(
+            max(workers - FREE_THREADS, 1),
+            "transfers, waits and watches",
+            self.transfers.refused_busy,
+        )
         self.push_policy = PushPolicy(push_allow)
 
     @unary
     def Put(self, frames: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
-        tenant = self.auth.of(context)
+        tenant = self._tenant(context)
         with self.gate.enter():
             return self.grpc.put(frames, context, tenant)
 
     @streaming
     def Get(self, raw: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
-        tenant = self.auth.of(context)
+        tenant = self._tenant(context)
         with self.gate.enter():
             yield from self.grpc.get(raw, context, tenant)
 
     @unary
     def Lookup(self, raw: bytes, context: grpc.ServicerContext) -> bytes:
-        return self.grpc.lookup(raw, context, self.auth.of(context), self.gate.enter)
+        return self.grpc.lookup(raw, context, self._tenant(context), self.gate.enter)
 
     @unary
     def Delete(self, raw: bytes, context: grpc.ServicerContext) -> bytes:
-        tenant = self.auth.of(context)
+        tenant = self._tenant(context)
         keys = tenant.keys(check_keys(parse(raw, pb.DeleteRequest).keys))
         tenant.may_write()
         return pb.DeleteReply(deleted=self.store.delete(keys)).SerializeToString()
 
     @unary
     def Stats(self, raw: bytes, context: grpc.ServicerContext) -> bytes:
-        tenant = self.auth.of(context)
+        tenant = self._tenant(context)
         parse(raw, pb.StatsRequest)
         stats = self.store.stats()
         blocks, nbytes = self.auth.usage(tenant)
@@ -158,7 +165,7 @@ class KVStoreServicer:
         if challenge is not None:
             return self._prove(str(challenge), context)
         parse(raw, pb.HelloRequest)
-        tenant = self.auth.of(context)
+        tenant = self._tenant(context)
         data_address, unix_address = self.info()
         if not tenant.shm:
             unix_address = ""  # its memory map would show every tenant's bytes
@@ -201,7 +208,7 @@ class KVStoreServicer:
 
     @unary
     def Push(self, raw: bytes, context: grpc.ServicerContext) -> bytes:
-        tenant = self.auth.of(context)
+        tenant = self._tenant(context)
         request = parse(raw, pb.PushRequest)
         keys = tenant.keys(check_keys(request.keys, unique=True))
         tenant.may_push()
@@ -243,14 +250,14 @@ class KVStoreServicer:
 
     @unary
     def Prefetch(self, raw: bytes, context: grpc.ServicerContext) -> bytes:
-        tenant = self.auth.of(context)
+        tenant = self._tenant(context)
         keys = tenant.keys(check_keys(parse(raw, pb.GetRequest).keys))
         present, started = self.fetcher.prefetch(keys)  # never blocks: no gate (its own pool)
         return pb.PrefetchReply(present=present, started=started).SerializeToString()
 
     @unary
     def Locate(self, raw: bytes, context: grpc.ServicerContext) -> bytes:
-        keys = self.auth.of(context).keys(self.grpc.lookup_keys(raw))
+        keys = self._tenant(context).keys(self.grpc.lookup_keys(raw))
         found, local_only = self.membership.locate(keys)
         nodes = [
             pb.NodeLocation(
@@ -268,7 +275,7 @@ class KVStoreServicer:
 
     @streaming
     def Watch(self, raw: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
-        self.auth.of(context).may_see_all("Watch")
+        self._tenant(context).may_see_all("Watch")
         request = parse(raw, pb.WatchRequest)
         start = request.from_sequence if request.HasField("from_sequence") else None
         with self.watchers.enter(), self.gate.enter():
@@ -280,6 +287,9 @@ class KVStoreServicer:
                     sequence=batch.sequence, payload=batch.payload, node_id=node,
                     instance=self.instance,
                 ).SerializeToString()  # fmt: skip
+
+    def _tenant(self, context: grpc.ServicerContext) -> Tenant:
+        return self.policy.tenant(context.invocation_metadata())
 
     def handler(self) -> grpc.GenericRpcHandler:
         """Every method takes and returns raw bytes: framing is done above."""

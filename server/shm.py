@@ -9,45 +9,38 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from kvstore.errors import Unauthenticated
-from kvstore.ingest import SlotPut
 from kvstore.proto import kvstore_pb2 as pb
 from kvstore.proto.channel import READY, TRUNCATED, Frame
 from kvstore.proto.convert import headers_from_proto, headers_to_proto
 from kvstore.proto.frames import parse
-from kvstore.tenants import as_asked
+from kvstore.server.policy import PutSlots
 
 if TYPE_CHECKING:
     from kvstore.server.channel import ChannelServer, Connection
 
 
 def get(server: ChannelServer, conn: Connection, frame: Frame) -> None:
-    asked, keys = server.wanted(conn, frame.meta)
-    batch = server.store.pin(keys)
-    server.auth.read(conn.tenant, len(keys), [(b.key, b.meta.size) for b in batch.blocks])
+    lease = server.policy.lease(conn.caller(), server.ask(frame.meta))
     answer = pb.GetAnswer(
-        blocks=headers_to_proto(as_asked(asked, ((b.key, b.meta) for b in batch.blocks))),
-        truncated=batch.truncated,
-        offsets=[server.store.host.segment_offset(b.offset) for b in batch.blocks],
+        blocks=headers_to_proto(lease.headers),
+        truncated=lease.truncated,
+        offsets=[server.store.host.segment_offset(b.offset) for b in lease.blocks],
         expires_in_s=server.lease_ttl,
     )
-    if batch.blocks:
-        answer.lease = conn.hold(batch, server.lease_ttl)
+    if lease.blocks:
+        answer.lease = conn.hold(lease, server.lease_ttl)
     else:
-        batch.close()
-    if batch.truncated and not batch.blocks:
-        server.transfers.refused_busy()  # no room to bring a stored block up: busy
-    server.reply(conn, answer.SerializeToString(), flags=TRUNCATED if batch.truncated else 0)
-    server.transfers.add("get/shm", sum(b.meta.size for b in batch.blocks))
+        lease.end()
+    server.reply(conn, answer.SerializeToString(), flags=TRUNCATED if lease.truncated else 0)
 
 
 def put(server: ChannelServer, conn: Connection, frame: Frame) -> None:
     headers = parse(frame.meta, pb.BlockHeaders)
-    blocks = conn.tenant.blocks(headers_from_proto(headers.blocks))
-    server.auth.check(conn.tenant, sum(meta.size for _, meta in blocks))
-    slots = SlotPut(server.store, blocks, headers.durable)  # may wait for room
+    blocks = headers_from_proto(headers.blocks)
+    slots = server.policy.reserve(conn.caller(), blocks, headers.durable)  # may wait for room
     answer = pb.PutAnswer(
         present=slots.present,
-        offsets=[server.store.host.segment_offset(s.offset) for *_, s in slots.slots],
+        offsets=[server.store.host.segment_offset(s.offset) for s in slots.reservations],
         expires_in_s=server.lease_ttl,
     )
     answer.put = conn.hold(slots, server.lease_ttl)
@@ -57,11 +50,10 @@ def put(server: ChannelServer, conn: Connection, frame: Frame) -> None:
 def commit(server: ChannelServer, conn: Connection, frame: Frame) -> None:
     request = parse(frame.meta, pb.Commit)
     held = conn.take(request.put)
-    if held is None or not isinstance(held.what, SlotPut):
+    if held is None or not isinstance(held.what, PutSlots):
+        if held is not None:
+            held.end()  # a lease named as a put: taken all the same, so not left pinned
         raise Unauthenticated("put unknown, already committed, or expired")
-    blocks = [(key, meta.size) for _, key, meta, _ in held.what.slots]
-    result = held.what.commit(list(request.checksums))  # all or none, as checked
-    server.auth.charge(conn.tenant, blocks)
-    server.transfers.add("put/shm", sum(size for _, size in blocks))
+    result = server.policy.commit(conn.caller(), held.what, request.checksums)
     reply = pb.PutReply(stored=result.stored, existed=result.existed).SerializeToString()
     server.reply(conn, reply)

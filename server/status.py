@@ -1,4 +1,5 @@
-"""The one place core exceptions become gRPC statuses."""
+"""Core exceptions become gRPC statuses (the table is kvstore/proto/status.py); and the
+node's count of transfers in flight, which refuses those past its bounds."""
 
 from __future__ import annotations
 
@@ -12,36 +13,12 @@ from typing import Any
 
 import grpc
 
-from kvstore.errors import (
-    Busy,
-    CorruptBlock,
-    InvalidArgument,
-    KVStoreError,
-    NotFound,
-    OutOfRange,
-    PermissionDenied,
-    ResourceExhausted,
-    Unauthenticated,
-    Unavailable,
-    Unsupported,
-)
+from kvstore.errors import Busy, KVStoreError, ResourceExhausted, Unavailable
 from kvstore.proto.channel import BUSY_TRAILER
 from kvstore.proto.frames import FrameError
+from kvstore.proto.status import status_of
 
 log = logging.getLogger("kvstore.server")
-
-STATUS: dict[type[Exception], grpc.StatusCode] = {
-    InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
-    FrameError: grpc.StatusCode.INVALID_ARGUMENT,
-    ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    NotFound: grpc.StatusCode.NOT_FOUND,
-    CorruptBlock: grpc.StatusCode.DATA_LOSS,
-    Unavailable: grpc.StatusCode.UNAVAILABLE,
-    Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
-    PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
-    OutOfRange: grpc.StatusCode.OUT_OF_RANGE,
-    Unsupported: grpc.StatusCode.FAILED_PRECONDITION,
-}
 
 
 class TransferCounts:
@@ -98,38 +75,11 @@ class TransferCounts:
             self._give(nbytes, connection)
 
     def admit(self, nbytes: int, connection: object) -> None:
-        """Refuse a transfer of `nbytes` as `holding` would, but hold nothing: its bytes
-        count as they arrive (`arriving`), so a stream that declares much and sends
-        nothing holds nothing, and delays no one."""
+        """Refuse a transfer of `nbytes` as `holding` would, but hold nothing (yet): a
+        stream that declares much and sends nothing delays no one."""
         if nbytes > 0:
             with self._lock:
                 self._check(nbytes, connection)
-
-    @contextmanager
-    def arriving(self, connection: object) -> Iterator[Callable[[int], None]]:
-        """A transfer whose bytes are in flight from when they arrive (call the function
-        yielded with each count) until it ends."""
-        held = 0
-
-        def arrived(nbytes: int) -> None:
-            nonlocal held
-            with self._lock:
-                self._take(nbytes, connection)
-            held += nbytes
-
-        try:
-            yield arrived
-        finally:
-            if held:
-                self._give(held, connection)
-
-    @contextmanager
-    def waiting(self, nbytes: int, connection: object) -> Iterator[None]:
-        """`nbytes` an admitted transfer is about to take (it waits for room for them): in
-        flight meanwhile, so that others are refused at once rather than wait behind it."""
-        with self.arriving(connection) as arrived:
-            arrived(nbytes)
-            yield
 
     def _check(self, nbytes: int, connection: object) -> None:
         mine = self._by_connection.get(connection, 0)
@@ -178,18 +128,11 @@ class TransferCounts:
         return inflight, (moved - before) / (now - then) if now > then else 0.0
 
 
-def status_of(exc: Exception) -> grpc.StatusCode:
-    return next(
-        (code for cls, code in STATUS.items() if isinstance(exc, cls)), grpc.StatusCode.INTERNAL
-    )
-
-
-def _abort(context: grpc.ServicerContext, exc: Exception, servicer: Any) -> None:
-    code = status_of(exc)
+def _abort(context: grpc.ServicerContext, exc: Exception) -> None:
+    code, busy = status_of(exc)
     if code is grpc.StatusCode.INTERNAL:
         log.exception("internal error")
-    if isinstance(exc, Busy):
-        servicer.transfers.refused_busy()
+    if busy:  # counted where it was refused (server/policy.py, the servicer's gates)
         context.set_trailing_metadata((BUSY_TRAILER,))
     context.abort(code, str(exc) or type(exc).__name__)
 
@@ -202,7 +145,7 @@ def unary(method: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return method(self, request, context)
         except (KVStoreError, FrameError) as exc:
-            _abort(context, exc, self)
+            _abort(context, exc)
 
     return handler
 
@@ -215,6 +158,6 @@ def streaming(method: Callable[..., Iterator[Any]]) -> Callable[..., Iterator[An
         try:
             yield from method(self, request, context)
         except (KVStoreError, FrameError) as exc:
-            _abort(context, exc, self)
+            _abort(context, exc)
 
     return handler

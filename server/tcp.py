@@ -5,11 +5,9 @@ reserved slots, one copy each way, in the kernel."""
 from __future__ import annotations
 
 import time
-from contextlib import ExitStack
 from typing import TYPE_CHECKING
 
 from kvstore.errors import InvalidArgument
-from kvstore.ingest import BlockIngest, PutResult
 from kvstore.proto import kvstore_pb2 as pb
 from kvstore.proto.channel import (
     INLINE,
@@ -25,31 +23,23 @@ from kvstore.proto.channel import (
 )
 from kvstore.proto.convert import headers_from_proto, headers_to_proto
 from kvstore.proto.frames import parse
-from kvstore.tenants import as_asked
+from kvstore.results import PutResult
 
 if TYPE_CHECKING:
     from kvstore.server.channel import ChannelServer, Connection
+    from kvstore.server.policy import Put
 
 _DRAIN = 1 << 20
 
 
 def get(server: ChannelServer, conn: Connection, frame: Frame) -> None:
-    asked, keys = server.wanted(conn, frame.meta)
-    with server.store.read(keys) as batch:
-        server.auth.read(conn.tenant, len(keys), [(b.key, b.meta.size) for b in batch.blocks])
+    with server.policy.get(conn.caller(), server.ask(frame.meta)) as found:
         answer = pb.GetAnswer(
-            blocks=headers_to_proto(as_asked(asked, ((b.key, b.meta) for b in batch.blocks))),
-            truncated=batch.truncated,
+            blocks=headers_to_proto(found.headers), truncated=found.truncated
         ).SerializeToString()
-        size = sum(b.meta.size for b in batch.blocks)
-        flags = TRUNCATED if batch.truncated else 0
-        if batch.truncated and not batch.blocks:
-            server.transfers.refused_busy()  # no room to bring a stored block up: busy
-        head = encode(REPLY_MAGIC, 0, flags, answer, size)
-        views = [head, *(b.view for b in batch.blocks)]
-        with server.transfers.holding(size, conn):
-            send_views(conn.sock, views, server.deadline(size))  # straight from pinned slots
-    server.transfers.add(f"get/{_path(conn)}", size)
+        head = encode(REPLY_MAGIC, 0, TRUNCATED if found.truncated else 0, answer, found.nbytes)
+        deadline = server.deadline(found.nbytes)
+        send_views(conn.sock, [head, *found.views], deadline)  # straight from pinned slots
 
 
 def put(server: ChannelServer, conn: Connection, frame: Frame) -> None:
@@ -62,56 +52,47 @@ def put(server: ChannelServer, conn: Connection, frame: Frame) -> None:
         )
         server.reply_error(conn, refused)
         raise ChannelError(str(refused))
-    held = ExitStack()  # the request's bytes, counted in flight until it ends
-    ingest: BlockIngest | None = None
+    sending = False  # the caller was told to send, or its inline bytes are taken
     try:
-        headers = parse(frame.meta, pb.BlockHeaders)
-        blocks = conn.tenant.blocks(headers_from_proto(headers.blocks))
-        server.auth.check(conn.tenant, sum(meta.size for _, meta in blocks))
-        ingest = BlockIngest(server.store, omit_present=not inline, durable=headers.durable)
-        present = ingest.declare(blocks)
-        if inline and ingest.pending_bytes != frame.data_len:
-            raise InvalidArgument(
-                "data", f"{frame.data_len} bytes follow, the blocks declare {ingest.pending_bytes}"
-            )
-        held.enter_context(server.transfers.holding(ingest.pending_bytes, conn))
+        with server.policy.put(conn.caller(), omit_present=not inline) as put:
+            headers = parse(frame.meta, pb.BlockHeaders)
+            present = put.declare(headers_from_proto(headers.blocks), headers.durable)
+            if inline and put.pending != frame.data_len:
+                raise InvalidArgument(
+                    "data", f"{frame.data_len} bytes follow, the blocks declare {put.pending}"
+                )
+            put.begin()
+            sending = True
+            if not inline:
+                answer = pb.PutAnswer(present=present).SerializeToString()
+                conn.sock.sendall(encode(REPLY_MAGIC, 0, READY, answer))
+            result = _receive(server, conn, put)
     except Exception:
-        if ingest is not None:
-            ingest.abort()
-        drain(server, conn, frame.data_len if inline else 0)
+        if not sending:  # refused: its inline bytes are read and dropped, to stay in step
+            drain(server, conn, frame.data_len if inline else 0)
         raise
-    with held:
-        if not inline:
-            answer = pb.PutAnswer(present=present).SerializeToString()
-            conn.sock.sendall(encode(REPLY_MAGIC, 0, READY, answer))
-        result = _receive(server, conn, ingest)
-    server.auth.charge(conn.tenant, ((key, meta.size) for key, meta in blocks))
-    server.transfers.add(f"put/{_path(conn)}", sum(meta.size for _, meta in blocks))
     reply = pb.PutReply(stored=result.stored, existed=result.existed).SerializeToString()
     server.reply(conn, reply)
 
 
-def _receive(server: ChannelServer, conn: Connection, ingest: BlockIngest) -> PutResult:
+def _receive(server: ChannelServer, conn: Connection, put: Put) -> PutResult:
     """A put's payloads, from the socket straight into their slots, within its deadline."""
-    deadline = server.deadline(ingest.pending_bytes)
+    deadline = server.deadline(put.pending)
     try:
-        while ingest.pending_bytes:
+        while put.pending:
             try:
-                n = conn.sock.recv_into(ingest.target())  # one copy: socket -> arena slot
+                n = conn.sock.recv_into(put.target())  # one copy: socket -> arena slot
             except BlockingIOError:  # stalled past --data-timeout
-                raise TimeoutError(f"stalled with {ingest.pending_bytes} bytes due") from None
+                raise TimeoutError(f"stalled with {put.pending} bytes due") from None
             if n == 0:
-                raise ConnectionError(f"closed with {ingest.pending_bytes} bytes still due")
-            ingest.advance(n)
-            if ingest.pending_bytes and time.monotonic() > deadline:
+                raise ConnectionError(f"closed with {put.pending} bytes still due")
+            put.advance(n)
+            if put.pending and time.monotonic() > deadline:
                 raise TimeoutError("transfer deadline passed: too slow for --min-rate")
-        return ingest.finish()
+        return put.finish()
     except InvalidArgument:  # a bad block (checksum): the rest still comes, and is dropped
-        ingest.abort()  # its whole blocks stay, and the error says so
-        drain(server, conn, ingest.pending_bytes, deadline)
-        raise
-    except BaseException:  # refused (no room in time), cut, stalled or too slow
-        ingest.abort()
+        put.abort()  # its whole blocks stay, and the error says so
+        drain(server, conn, put.pending, deadline)
         raise
 
 
@@ -125,7 +106,3 @@ def drain(
         n = min(nbytes, _DRAIN)
         recv_exact(conn.sock, scratch[:n], deadline)
         nbytes -= n
-
-
-def _path(conn: Connection) -> str:
-    return "shm" if conn.kind == "unix" else "tcp"

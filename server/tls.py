@@ -5,10 +5,21 @@ from __future__ import annotations
 
 import ssl
 from pathlib import Path
+from typing import TypedDict
 
 import grpc
 
 from kvstore.config import ServerConfig
+from kvstore.trust import ClusterSecret
+
+
+class PeerOptions(TypedDict, total=False):
+    """`kvstore.client.Client` options for this node's calls to other nodes."""
+
+    tls_ca: str
+    tls_cert: str
+    tls_key: str
+    cluster_secret: ClusterSecret | None
 
 
 def grpc_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
@@ -34,15 +45,14 @@ def data_context(config: ServerConfig) -> ssl.SSLContext | None:
     return context
 
 
-def peer_options(config: ServerConfig) -> dict[str, object]:
+def peer_options(config: ServerConfig) -> PeerOptions:
     """Client options for this node's calls to others (fetch, push), besides the cluster's
     secret: with TLS this node's certificate, trusting the client CA (else its own
     certificate, one shared by every node, as its CA)."""
-    options: dict[str, object] = {}
-    if config.tls_cert:
-        options |= {
-            "tls_ca": config.tls_client_ca or config.tls_cert,
-            "tls_cert": config.tls_cert,
-            "tls_key": config.tls_key,
-        }
-    return options
+    if not config.tls_cert:
+        return {}
+    return {
+        "tls_ca": config.tls_client_ca or config.tls_cert,
+        "tls_cert": config.tls_cert,
+        "tls_key": config.tls_key,
+    }

@@ -254,15 +254,17 @@ def test_idle_connections_cost_no_threads_and_are_bounded_per_host() -> None:
                 sock.close()
 
 
-def test_a_put_under_exhaustion_is_resource_exhausted_on_every_path(small_daemon) -> None:
-    """The tier is full of pinned blocks: the put fails as RESOURCE_EXHAUSTED, never as a
-    broken connection, and the connection serves the next request."""
+def test_a_put_under_exhaustion_is_resource_exhausted_on_every_path() -> None:
+    """The tier is full of pinned blocks (a lease's, in flight within the node's bound): the
+    put fails as RESOURCE_EXHAUSTED, never as a broken connection, and the connection
+    serves the next request."""
     keys = keys_for(b"full", 4)
-    with small_daemon.client(transport="shm") as holder:
+    flags = ("--host-capacity", "16MiB", "--reserve-timeout", "2", "--max-inflight-bytes", "64MiB")
+    with running_daemon(*flags) as node, node.client(transport="shm") as holder:
         holder.put(keys[:1], [np.ones(15 * MiB, np.uint8)])
         with holder.lease(keys[:1]):
             for transport in ("tcp", "grpc", "shm"):
-                with small_daemon.client(transport=transport) as client:
+                with node.client(transport=transport) as client:
                     with pytest.raises(ResourceExhausted, match="no room"):
                         client.put(keys[1:2], [np.zeros(8 * MiB, np.uint8)])
                     assert client.lookup(keys[:1]) == 1

@@ -93,14 +93,11 @@ def test_device_host_and_disk_work_as_one_hierarchy(device: str, tmp_path: Path,
     A block the device must make room for stays in DRAM when DRAM has none free at once."""
     size = blocks[0].nbytes
     host = HostTier(2 * MiB, prefault=False, write_back=True)
+    accelerator = DeviceTier(8 * size, device)
+    accelerator.register_host(host.arena.memory)
     store = Store(
-        host,
-        device=DeviceTier(8 * size, device),
-        disk=DiskTier(tmp_path, 64 * MiB),
-        max_block_size=MiB,
-        reserve_timeout=30,
+        [accelerator, host, DiskTier(tmp_path, 64 * MiB)], max_block_size=MiB, reserve_timeout=30
     )
-    store.device.register_host(host.arena.memory)
     keys = block_keys(np.arange(64), 4, b"three")
     try:
         for k, b in zip(keys, blocks[:16], strict=False):

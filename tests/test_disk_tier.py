@@ -35,7 +35,7 @@ def meta_of(payload: memoryview) -> BlockMeta:
 
 def read(tier: DiskTier, key: bytes, size: int) -> bytes | None:
     out = bytearray(size)
-    return bytes(out) if tier.read_into(key, memoryview(out)) else None
+    return bytes(out) if tier.read_into([key], [memoryview(out)]) else None
 
 
 def segments(directory: Path) -> list[Path]:
@@ -126,8 +126,7 @@ def test_a_small_host_tier_demotes_to_disk_and_loses_nothing(tmp_path: Path, pay
     """Every put succeeds through a host tier a quarter of their size; every block reads back."""
     host = HostTier(4 * MiB, prefault=False, write_back=True)
     store = Store(
-        host,
-        disk=DiskTier(tmp_path, 64 * MiB, segment_size=4 * MiB),
+        [host, DiskTier(tmp_path, 64 * MiB, segment_size=4 * MiB)],
         max_block_size=MiB,
         reserve_timeout=30,
         dirty_ratio=0.5,
@@ -155,7 +154,7 @@ def test_a_small_host_tier_demotes_to_disk_and_loses_nothing(tmp_path: Path, pay
 def test_persist_writes_every_host_block_down(tmp_path: Path, payloads) -> None:
     host = HostTier(16 * MiB, prefault=False, write_back=True)
     disk = DiskTier(tmp_path, 64 * MiB)
-    store = Store(host, disk=disk, max_block_size=MiB, reserve_timeout=5, dirty_ratio=1.0)
+    store = Store([host, disk], max_block_size=MiB, reserve_timeout=5, dirty_ratio=1.0)
     ks = keys(4)
     for k, p in zip(ks, payloads, strict=False):
         slot = store.reserve(len(p))

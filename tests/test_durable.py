@@ -146,8 +146,7 @@ def test_make_durable_waits_for_the_demoters_write_of_its_block(tmp_path, rng) -
     not return until that write is done (then the record is in the file), nor hang."""
     disk = DiskTier(tmp_path, 64 * MiB)
     store = Store(
-        HostTier(16 * MiB, prefault=False, write_back=True),
-        disk=disk,
+        [HostTier(16 * MiB, prefault=False, write_back=True), disk],
         max_block_size=MiB,
         reserve_timeout=5,
         dirty_ratio=0,
@@ -226,7 +225,7 @@ def test_a_failed_sync_fails_the_durable_put_and_a_retry_writes_again(
     disk.close()
     again = DiskTier(tmp_path, 64 * MiB)
     out = bytearray(len(payload))
-    assert again.read_into(key, memoryview(out)) and out == payload
+    assert again.read_into([key], [memoryview(out)]) and out == payload
     again.close()
 
 
@@ -235,9 +234,11 @@ def test_a_durable_put_writes_a_block_held_on_the_device(tmp_path, rng) -> None:
     from kvstore.tiers.device import DeviceTier
 
     store = Store(
-        HostTier(16 * MiB, prefault=False, write_back=True),
-        disk=DiskTier(tmp_path, 64 * MiB),
-        device=DeviceTier(4 * MiB, "cpu"),
+        [
+            DeviceTier(4 * MiB, "cpu"),
+            HostTier(16 * MiB, prefault=False, write_back=True),
+            DiskTier(tmp_path, 64 * MiB),
+        ],
         max_block_size=MiB,
         reserve_timeout=5,
         dirty_ratio=1,

@@ -166,3 +166,16 @@ def test_an_explicit_weights_id_replaces_the_fingerprint(tmp_path) -> None:
     assert pinned == KVAdapter(None, KVSpec.of(b, "tiny", BLOCK, weights_id="v1")).keys(ids)
     assert pinned != KVAdapter(None, KVSpec.of(a, "tiny", BLOCK)).keys(ids)
     assert pinned != KVAdapter(None, KVSpec.of(a, "tiny", BLOCK, weights_id="v2")).keys(ids)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float8_e4m3fn", "float16", "float32"])
+def test_tensor_views_share_memory_both_ways(dtype: str) -> None:
+    from kvstore.integrations.common import as_numpy, as_tensor, numpy_dtype
+
+    tensor = torch.linspace(-4, 4, 24).to(getattr(torch, dtype)).reshape(2, 3, 4)
+    array = as_numpy(tensor)
+    assert array.dtype == numpy_dtype(tensor.dtype) and array.shape == (2, 3, 4)
+    assert array.ctypes.data == tensor.data_ptr()  # a view, not a copy
+    assert np.array_equal(array.astype(np.float32), tensor.float().numpy())
+    back = as_tensor(array, tensor.dtype)
+    assert back.data_ptr() == tensor.data_ptr() and torch.equal(back, tensor)

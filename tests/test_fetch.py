@@ -226,7 +226,7 @@ def test_sixty_dead_holders_cost_a_fetch_a_few_dials(redis_server) -> None:
 
 
 def test_a_node_keeps_few_clients_of_holders_and_passes_over_failed_ones(monkeypatch) -> None:
-    store = Store(HostTier(16 * MiB, prefault=False), max_block_size=MiB, reserve_timeout=1)
+    store = Store([HostTier(16 * MiB, prefault=False)], max_block_size=MiB, reserve_timeout=1)
     membership = SimpleNamespace(index=None, node_id="me")
     fetcher = fetch.Fetcher(store, membership, 5.0)  # type: ignore[arg-type]
     keys = block_keys(np.arange(2 * 16), 16, b"few clients")

@@ -1,6 +1,6 @@
-"""gRPC put streams are held to the data plane's bounds: their bytes count in flight as
-they arrive, not as declared, and the node ends a stream that stalls past --data-timeout
-or trickles below --min-rate, freeing what it held."""
+"""gRPC put streams are held to the data plane's bounds: their bytes count in flight once
+they begin to come, not as declared, and the node ends a stream that stalls past
+--data-timeout or trickles below --min-rate, freeing what it held."""
 
 from __future__ import annotations
 

@@ -104,7 +104,7 @@ def test_health_and_reflection_need_no_token(node) -> None:
 
 
 def test_the_gate_reads_credentials_as_the_handlers_do(auth_file: Path) -> None:
-    store = Store(HostTier(4 * MiB, prefault=False), max_block_size=MiB, reserve_timeout=1)
+    store = Store([HostTier(4 * MiB, prefault=False)], max_block_size=MiB, reserve_timeout=1)
     cluster = ClusterSecret([os.urandom(24).hex()])
     try:
         check = token_check(Auth(str(auth_file), store, cluster, "instance").caller)

@@ -256,3 +256,28 @@ def test_sent_work_decays_per_routed_request() -> None:
     sent.correct("a", -10)
     assert sent["a"] == 0
     assert 0 < BALANCE < 1
+
+
+def test_routing_goes_on_by_load_while_redis_is_away(
+    server: RedisServer, nodes: Callable[..., Node]
+) -> None:
+    """A stopped or emptied Redis does not stop requests: the router keeps the nodes it last
+    read and chooses by load alone, saying so, until Redis and the nodes' records are back."""
+    keys = chain(6)
+    nodes("a", holding(keys))
+    nodes("b")
+    with Router(server.url, seed=0, nodes_ttl_s=0, secret=CLUSTER_SECRET) as router:
+        registered(router, 2)
+        poll(lambda: len(router.locate(keys)) == 1)
+        assert router.route(keys).indexed
+        server.kill()
+        away = [router.route(keys) for _ in range(4)]
+        assert not any(r.indexed for r in away) and {r.matched for r in away} == {0}
+        assert {r.node_id for r in away} == {"a", "b"}  # load alone spreads them
+        server.start()  # empty: until the nodes register again, the last list still routes
+        assert router.route(keys).node_id in {"a", "b"}
+        poll(lambda: (r := router.route(keys)).indexed and r.node_id == "a" and r.matched == 6)
+    with Router(server.url, secret=CLUSTER_SECRET) as fresh:
+        server.kill()  # nothing read yet: nothing to route by
+        with pytest.raises(Unavailable, match="cluster index"):
+            fresh.route(keys)

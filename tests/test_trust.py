@@ -434,7 +434,7 @@ def test_a_fetch_lands_only_the_keys_it_asked_for_within_the_sizes_it_takes() ->
     from kvstore.store import Store
     from kvstore.tiers.host import HostTier
 
-    store = Store(HostTier(16 * MiB, prefault=False), max_block_size=MiB, reserve_timeout=1)
+    store = Store([HostTier(16 * MiB, prefault=False)], max_block_size=MiB, reserve_timeout=1)
     try:
         asked = keys_for(b"asked", 2)
         other = keys_for(b"not asked", 1)

@@ -224,6 +224,7 @@ class ClusterIndex:
 
     def _republish(self) -> None:
         """Register under a new slot, then write everything listing() yields."""
+        assert self._registry is not None  # made by the round
         try:
             reg = self._registry.register(*self._node, self._usage_now(), self._ttl_ms)
             self._registration = reg
@@ -255,6 +256,7 @@ class ClusterIndex:
 
     def _write(self, changes: Sequence[Change], sweep: int | None = None) -> bool:
         """Write a batch, then heartbeat if one is due; False if the registration is gone."""
+        assert self._writer is not None and self._registration is not None  # registered first
         if not self._writer.write(self._registration, changes, sweep):
             self._lost()
             return False
@@ -273,6 +275,7 @@ class ClusterIndex:
 
     def _beat_if_due(self) -> bool:
         """Heartbeat if one is due; False if the registration is gone (a re-publish is due)."""
+        assert self._registry is not None and self._registration is not None  # registered first
         now = time.monotonic()
         if now < self._next_beat:
             return True
@@ -283,6 +286,7 @@ class ClusterIndex:
         return False
 
     def _lost(self) -> None:
+        assert self._registration is not None
         log.warning(
             "cluster index: the record of %s (slot %d) is gone from %s; re-publishing",
             self._node[0],

@@ -9,7 +9,7 @@ With the default prefix `kv:`:
     {kv:}inc           hash    node id -> incarnation, bumped at every registration
     {kv:}slot          string  the last slot handed out (INCR)
 
-A word is `slot * 4 + tier code` (0 device, 1 host, 2 disk), big-endian: 2^30
+A word is `slot * 4 + tier code` (kvstore/tiers/registry.py), big-endian: 2^30
 registrations per Redis lifetime (the scripts fail loudly past that). A slot
 is a small integer naming one registration of one node: a node takes a new
 slot whenever it (re)registers, so an entry counts only while the record of its
@@ -39,9 +39,10 @@ from dataclasses import dataclass
 
 from kvstore.errors import InvalidArgument
 from kvstore.keys import KEY_BYTES, check_key
+from kvstore.tiers.registry import TIER_REGISTRY
 
-TIERS = ("device", "host", "disk")
-TIER_CODES = {name: code for code, name in enumerate(TIERS)}
+TIER_CODES = {tier.name: tier.code for tier in TIER_REGISTRY}
+TIERS = tuple(sorted(TIER_CODES, key=TIER_CODES.__getitem__))  # by code
 # what a locate returns per node (the last three to check its signature)
 RECORD_FIELDS = (b"id", b"addr", b"data", b"load", b"inc", b"exp", b"sig")
 

@@ -13,14 +13,16 @@ import random
 from collections.abc import Mapping, Sequence
 
 from redis.cluster import ClusterNode, RedisCluster
+from redis.commands.core import Script
 from redis.exceptions import ResponseError
 
 from kvstore.cluster.connection import REDIS_ERRORS, Client, LazyClient
 from kvstore.cluster.layout import RECORD_FIELDS, TIERS, Layout, words
-from kvstore.cluster.registry import Load, passed_over, trusted
-from kvstore.cluster.scoring import Location, Scorer, check_weights, rank
+from kvstore.cluster.registry import decode_load, passed_over, trusted
+from kvstore.cluster.scoring import Scorer, check_weights, rank
 from kvstore.cluster.scripts import LOCATE
 from kvstore.errors import Unavailable
+from kvstore.results import Location
 from kvstore.trust import ClusterSecret
 
 
@@ -40,7 +42,7 @@ class Locator:
         self._weights = check_weights(weights)
         self._scorer = scorer
         self._rng = random.Random(seed)  # breaks ties between equal scores
-        self._script = None
+        self._script: Script | None = None
 
     def locate(self, keys: Sequence[bytes]) -> list[Location]:
         """Nodes holding a prefix of `keys`, best first; nodes holding nothing are left out.
@@ -52,7 +54,7 @@ class Locator:
             return []
         try:
             redis = self._client.get()
-            if self._client.target.cluster:
+            if isinstance(redis, RedisCluster):
                 found = self._pipelined(redis, names)
             else:
                 found = self._scripted(redis, names)
@@ -84,7 +86,7 @@ class Locator:
             int(incarnation)
             return Location(
                 node_id.decode(), address.decode(), data_address.decode(), matched, tiers,
-                Load.decode(load),
+                decode_load(load),
             )  # fmt: skip
         except ValueError as exc:  # a bad load (BadRecord) or incarnation, a name not UTF-8
             passed_over(slot, node_id, exc)

@@ -23,16 +23,19 @@ import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from kvstore.cluster.connection import Client
 from kvstore.cluster.layout import Layout
 from kvstore.cluster.scripts import DEREGISTER, HEARTBEAT, REGISTER
+from kvstore.results import Load
 from kvstore.trust import ClusterSecret
 
 log = logging.getLogger("kvstore.cluster")
 RECORD = b"node-record"  # what a record's MAC is for (kvstore/trust.py)
 SKEW = 30.0  # seconds a signed record outlives its TTL: clocks of nodes and routers differ
 MAX_REPORTED = 1024  # bad records remembered as logged already (then forgotten, logged again)
+Number = TypeVar("Number", int, float)
 
 
 class BadRecord(ValueError):
@@ -48,23 +51,6 @@ class TierUsage:
 
 
 @dataclass(frozen=True, slots=True)
-class Load:
-    inflight: int = 0  # transfers in progress
-    bytes_per_s: float = 0.0
-
-    def encode(self) -> str:
-        return json.dumps([self.inflight, self.bytes_per_s])
-
-    @classmethod
-    def decode(cls, raw: bytes | None) -> Load:
-        """As `encode` wrote it (none: no load); BadRecord if it is not that."""
-        if not raw:
-            return cls()
-        inflight, rate = _json_list(raw, "load", 2)
-        return cls(_number(inflight, "load", int), _number(rate, "load", float))
-
-
-@dataclass(frozen=True, slots=True)
 class NodeUsage:
     """What a node reports at every heartbeat."""
 
@@ -73,7 +59,8 @@ class NodeUsage:
 
     def fields(self) -> dict[bytes, str]:
         tiers = [[t.name, t.capacity, t.used, t.blocks] for t in self.tiers]
-        return {b"tiers": json.dumps(tiers), b"load": self.load.encode()}
+        load = [self.load.inflight, self.load.bytes_per_s]
+        return {b"tiers": json.dumps(tiers), b"load": json.dumps(load)}
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,8 +89,16 @@ class NodeRecord:
             raise BadRecord(f"no {exc.args[0].decode()}") from None
         except ValueError as exc:  # a non-integer incarnation, a name that is not UTF-8
             raise BadRecord(str(exc)) from None
-        usage = NodeUsage(tuple(tiers), Load.decode(raw.get(b"load")))
+        usage = NodeUsage(tuple(tiers), decode_load(raw.get(b"load")))
         return cls(node_id, incarnation, address, data, usage)
+
+
+def decode_load(raw: bytes | None) -> Load:
+    """A load as `NodeUsage.fields` wrote it (none: no load); BadRecord if it is not that."""
+    if not raw:
+        return Load()
+    inflight, rate = _json_list(raw, "load", 2)
+    return Load(_number(inflight, "load", int), _number(rate, "load", float))
 
 
 def _json_list(raw: object, name: str, size: int | None = None) -> list:
@@ -117,7 +112,7 @@ def _json_list(raw: object, name: str, size: int | None = None) -> list:
     return value
 
 
-def _number(value: object, name: str, kind: type[int] | type[float]) -> int | float:
+def _number(value: object, name: str, kind: type[Number]) -> Number:
     """A JSON number as `kind` (an int only if whole), finite; else BadRecord."""
     if isinstance(value, float) and math.isfinite(value) and (kind is float or value.is_integer()):
         return kind(value)
@@ -222,7 +217,8 @@ class Registry:
 
     def live_nodes(self) -> list[NodeRecord]:
         """Every node whose current registration is alive and signed, by node id."""
-        slots = list(self._redis.hgetall(self._layout.ids).values())
+        # redis-py types replies as bytes | str; this client's are bytes (no decode_responses)
+        slots: list[bytes] = list(self._redis.hgetall(self._layout.ids).values())  # type: ignore[arg-type]
         pipe = self._redis.pipeline(transaction=False)
         for slot in slots:
             pipe.hgetall(self._layout.node(slot))
@@ -240,5 +236,5 @@ class Registry:
 SIGNED_FIELDS = (b"id", b"inc", b"addr", b"data", b"exp", b"sig")  # as `trusted` takes them
 
 
-def _flat(fields: Mapping[bytes, object]) -> list[object]:
+def _flat(fields: Mapping[bytes, str]) -> list[bytes | str]:
     return [x for pair in fields.items() for x in pair]

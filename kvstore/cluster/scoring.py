@@ -18,13 +18,14 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 from kvstore.cluster.layout import TIERS
-from kvstore.cluster.registry import Load
 from kvstore.errors import InvalidArgument
+from kvstore.results import Location
+from kvstore.tiers.registry import TIER_REGISTRY
 
-DEFAULT_WEIGHTS: Mapping[str, float] = {"device": 1.0, "host": 0.8, "disk": 0.5}
+DEFAULT_WEIGHTS: Mapping[str, float] = {tier.name: tier.weight for tier in TIER_REGISTRY}
 LOAD_PENALTY = 0.1  # score per transfer in flight: ten of them weigh one device block
 # route(): a node is passed over once its recent prefill work exceeds another's by more
 # than 10 times the host blocks it would save (0.8 / BALANCE), so a prefix that every
@@ -32,19 +33,6 @@ LOAD_PENALTY = 0.1  # score per transfer in flight: ten of them weigh one device
 BALANCE = 0.08
 HALF_LIFE = 50.0  # routed requests: the sent work forgets half of itself in this many
 POLICIES = ("cost", "prefix", "random")
-
-
-@dataclass(frozen=True, slots=True)
-class Location:
-    """One node's share of a prompt: `matched` leading blocks, `tiers` of them per tier."""
-
-    node_id: str
-    address: str
-    data_address: str
-    matched: int
-    tiers: Mapping[str, int]
-    load: Load
-    score: float = 0.0
 
 
 Scorer = Callable[[Location, Mapping[str, float]], float]

@@ -6,8 +6,6 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
-from functools import cached_property
 from itertools import islice
 
 from kvstore.errors import InvalidArgument, OutOfRange
@@ -17,9 +15,9 @@ from kvstore.events.schema import (
     BlockRemoved,
     BlockStored,
     KVCacheEvent,
-    encode_batch,
     wire_hash,
 )
+from kvstore.results import Batch
 
 
 class SequenceTooOld(OutOfRange):
@@ -35,22 +33,6 @@ class SequenceTooOld(OutOfRange):
         self.oldest = oldest
 
 
-@dataclass(frozen=True)
-class Batch:
-    """One sealed batch. Its payload is encoded on first use; every reader gets those bytes."""
-
-    sequence: int
-    ts: float
-    events: tuple[KVCacheEvent, ...]
-    data_parallel_rank: int | None = 0
-    key_count: int = field(default=0, compare=False)
-
-    @cached_property
-    def payload(self) -> bytes:
-        """The msgpack bytes vLLM would publish for this batch."""
-        return encode_batch(self.ts, list(self.events), self.data_parallel_rank)
-
-
 class EventLog:
     """A thread-safe, bounded log of KV events, sealed into sequenced batches.
 
@@ -61,8 +43,10 @@ class EventLog:
     without token ids). A background thread seals whatever is pending `flush_interval` seconds
     after its first event. Batches get gap-free sequence numbers from 0. The newest
     `retained_batches` (holding at most `retained_keys` block hashes) are kept for replay;
-    older ones are dropped, never an append. After `close()` appends are ignored: a put must
-    never fail because the event stream is down.
+    older ones are dropped, never an append. The defaults keep seconds of a busy node's
+    history in about 10 MiB, so the ring fills, and the node's memory levels off, within a
+    minute. After `close()` appends are ignored: a put must never fail because the event
+    stream is down.
 
     `block_size` (tokens per block; 0 when unknown, as vLLM's offloading placeholders send) and
     `int_hashes` (keys as 64-bit integers: vLLM's default and what Dynamo requires; see
@@ -77,8 +61,8 @@ class EventLog:
         flush_interval: float = 0.01,
         max_batch_events: int = 256,
         max_batch_keys: int = 4096,
-        retained_batches: int = 10_000,
-        retained_keys: int = 1_000_000,
+        retained_batches: int = 1_000,
+        retained_keys: int = 131_072,
         data_parallel_rank: int | None = 0,
         mediums: Mapping[str, str] = MEDIUMS,
         clock: Callable[[], float] = time.time,
@@ -350,7 +334,7 @@ class Watch:
 
 
 def _key_count(event: KVCacheEvent) -> int:
-    return 0 if isinstance(event, AllBlocksCleared) else len(event.block_hashes)
+    return len(event.block_hashes) if isinstance(event, BlockStored | BlockRemoved) else 0
 
 
 def _int_list(values: Sequence[int]) -> list[int]:

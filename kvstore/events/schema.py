@@ -13,10 +13,12 @@ from typing import Any
 
 import msgspec
 
+from kvstore.tiers.registry import TIER_REGISTRY
+
 BlockHash = bytes | int  # vLLM's ExternalBlockHash
 
 # vLLM's mediums are MEDIUM_GPU, MEDIUM_CPU and MEDIUM_STORAGE; other tiers are upper-cased.
-MEDIUMS: Mapping[str, str] = {"device": "GPU", "host": "CPU", "disk": "STORAGE"}
+MEDIUMS: Mapping[str, str] = {tier.name: tier.medium for tier in TIER_REGISTRY}
 
 
 class EventBatch(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
@@ -64,7 +66,7 @@ class KVEventBatch(EventBatch):
 
 def encode_batch(ts: float, events: list[KVCacheEvent], data_parallel_rank: int | None) -> bytes:
     """The msgpack payload vLLM would publish for these events."""
-    return msgspec.msgpack.encode(KVEventBatch(ts, events, data_parallel_rank))
+    return msgspec.msgpack.encode(EventBatch(ts, events, data_parallel_rank))
 
 
 def decode_batch(payload: bytes) -> KVEventBatch:

@@ -1,11 +1,11 @@
-"""Tiers own bytes; the Store owns policy: device (GPU), host (DRAM), disk (NVMe)."""
+"""Tiers own bytes; the Store owns policy: device (GPU), host (DRAM), disk (NVMe).
+What the Store asks of each kind is in kvstore/tiers/base.py."""
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Container, Sequence
-from dataclasses import dataclass, replace
-from typing import Protocol
+from dataclasses import dataclass
 
 from kvstore.keys import BlockKey
 from kvstore.meta import BlockMeta
@@ -28,26 +28,6 @@ class PinnedBlock:
     meta: BlockMeta
     view: memoryview
     offset: int  # which copy: a key deleted and put again while pinned has two
-
-
-@dataclass(slots=True)
-class TierStats:
-    name: str
-    blocks: int = 0
-    bytes: int = 0  # of capacity the blocks take: slots or records, with their metadata
-    capacity: int = 0
-    hits: int = 0
-    misses: int = 0
-    evictions: int = 0
-    demotions: int = 0
-    promotions: int = 0
-    errors: int = 0  # failed writes, corrupt or unreadable blocks
-    last_error: str = ""
-    payload_bytes: int = 0  # of the payloads themselves, as stored (encoded)
-
-    def snapshot(self) -> TierStats:
-        """A copy that later counting leaves alone (the tier holds its lock)."""
-        return replace(self)
 
 
 Listener = Callable[[str, list[BlockKey], list[BlockKey]], None]  # tier, stored, removed
@@ -92,18 +72,3 @@ def present_count(keys: Sequence[BlockKey], index: Container[BlockKey]) -> int:
             break
         n += 1
     return n
-
-
-class Tier(Protocol):
-    """What every tier answers; each adds its own way in and out (the Store knows them)."""
-
-    name: str
-    capacity: int
-
-    changes: Changes
-
-    def contains(self, key: BlockKey) -> bool: ...
-    def present_prefix(self, keys: Sequence[BlockKey]) -> int: ...
-    def listing(self) -> list[BlockKey]: ...
-    def delete(self, keys: Sequence[BlockKey]) -> int: ...
-    def stats(self) -> TierStats: ...

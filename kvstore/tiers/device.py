@@ -30,7 +30,8 @@ from kvstore.errors import ResourceExhausted
 from kvstore.keys import BlockKey
 from kvstore.lru import LRU
 from kvstore.meta import BlockMeta
-from kvstore.tiers import Changes, TierStats, present_count
+from kvstore.results import TierStats
+from kvstore.tiers import Changes, present_count
 
 
 @dataclass(slots=True)
@@ -179,12 +180,12 @@ class DeviceTier:
         if start is not None:
             return list(accumulate(spans[:-1], initial=start))
         offsets = [self._extents.alloc(size) for size in sizes]
-        if None in offsets:
-            for offset, size in zip(offsets, sizes, strict=True):
-                if offset is not None:
-                    self._extents.release(offset, size)
+        placed = [(o, size) for o, size in zip(offsets, sizes, strict=True) if o is not None]
+        if len(placed) < len(sizes):
+            for offset, size in placed:
+                self._extents.release(offset, size)
             raise ResourceExhausted("no room in the device tier for this batch")
-        return offsets
+        return [offset for offset, _ in placed]
 
     def _move(
         self, hosts: Sequence[memoryview], offsets: list[int], sizes: list[int], *, up: bool

@@ -49,7 +49,8 @@ import numpy as np
 from kvstore.errors import KVStoreError, ResourceExhausted, Unavailable
 from kvstore.keys import BlockKey
 from kvstore.meta import BlockMeta
-from kvstore.tiers import Changes, TierStats, present_count
+from kvstore.results import TierStats
+from kvstore.tiers import Changes, present_count
 from kvstore.tiers.segments import (
     DEAD,
     HEADER,
@@ -85,7 +86,7 @@ def decode_meta(raw: bytes, size: int) -> BlockMeta:
     return BlockMeta(size, dtype, tuple(shape), layout_, codec, raw_size, checksum)
 
 
-def _pwrite_all(fd: int, buffers: list[bytes | memoryview], offset: int) -> None:
+def _pwrite_all(fd: int, buffers: Sequence[bytes | memoryview], offset: int) -> None:
     """pwritev until every byte is written; a short write is retried, so a full disk
     surfaces as its OSError (ENOSPC, EFBIG) rather than a count."""
     views = [memoryview(b).cast("B") for b in buffers if len(b)]
@@ -208,19 +209,27 @@ class DiskTier:
                 self._stats.misses += 1
             return entry.meta if entry else None
 
-    def read_into(self, key: BlockKey, out: memoryview) -> BlockMeta | None:
-        """Read `key`'s payload into `out`; None if absent or found corrupt (then dropped)."""
+    def read_into(self, keys: Sequence[BlockKey], outs: Sequence[memoryview]) -> list[BlockMeta]:
+        """Read the payloads of `keys` into `outs` (one each, at least the block's size) and
+        check each; returns the metadata of those read whole, a prefix of `keys`: it stops at
+        a block that is absent or found corrupt (then dropped)."""
+        entries: list[_Entry] = []
         with self._lock:
-            entry = self._index.get(key)
-            if entry is None or len(out) < entry.meta.size:
-                return None
-            entry.hit = True
-        if self._read_payload(entry, out[: entry.meta.size]):
-            with self._lock:
-                self._stats.hits += 1
-            return entry.meta
-        self.changes.report()  # found corrupt: dropped
-        return None
+            for key, out in zip(keys, outs, strict=False):
+                entry = self._index.get(key)
+                if entry is None or len(out) < entry.meta.size:
+                    break
+                entry.hit = True
+                entries.append(entry)
+        read = []
+        for entry, out in zip(entries, outs, strict=False):
+            if not self._read_payload(entry, out[: entry.meta.size]):
+                self.changes.report()  # found corrupt: dropped
+                break
+            read.append(entry.meta)
+        with self._lock:
+            self._stats.hits += len(read)
+        return read
 
     def touch(self, keys: Sequence[BlockKey]) -> None:
         """Blocks read from a copy above: they count as read here too (second chance)."""

@@ -30,7 +30,8 @@ from kvstore.keys import BlockKey
 from kvstore.limits import BLOCK_OVERHEAD, MAX_WAITING
 from kvstore.lru import LRU
 from kvstore.meta import BlockMeta
-from kvstore.tiers import Changes, PinnedBlock, Reservation, TierStats, present_count
+from kvstore.results import TierStats
+from kvstore.tiers import Changes, PinnedBlock, Reservation, present_count
 
 
 @dataclass(slots=True)

@@ -9,6 +9,7 @@ from typing import Any
 
 from kvstore import codecs, weights
 from kvstore.client.client import TRANSPORTS
+from kvstore.integrations.common import NodeGuard
 from kvstore.keys import block_keys, namespace_salt
 
 LOAD_MODES = ("layer", "all", "async")
@@ -70,6 +71,13 @@ class ConnectorConfig:
         if unknown:
             raise ValueError(f"kv_connector_extra_config: unknown {', '.join(unknown)}")
         return cls(**extra)
+
+    def node_guard(self, side: str, timeout_s: float) -> NodeGuard:
+        """The node as one side of the connector calls it, each call within `timeout_s`."""
+        options = {"timeout": timeout_s, "checksum": self.checksum, "codec": self.codec}
+        return NodeGuard(
+            self.address, side, self.retry_after_s, transport=self.transport, **options
+        )
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from kvstore.errors import Unsupported
+from kvstore.integrations.common import as_numpy, verified_prefix
 
 
 class Pages:
@@ -33,7 +34,7 @@ class Pages:
                 )
             layer = layer_index(name)
             self.by_name[name] = layer
-            self._arrays[layer] = _as_numpy(tensor)
+            self._arrays[layer] = as_numpy(tensor)
         first = next(iter(self._arrays.values()))
         self.dtype: np.dtype = first.dtype
         self.shape: tuple[int, ...] = tuple(first.shape[1:])
@@ -60,23 +61,7 @@ class Pages:
         not a page of this cache (another dtype or shape: never loaded as garbage); returns
         how many were copied."""
         pages = self._arrays[layer]
-        for i, array in enumerate(arrays[: len(block_ids)]):
-            if array.dtype != self.dtype or array.shape != self.shape:
-                return i
-            np.copyto(pages[block_ids[i]], array)  # one copy: node (or staging) -> page
-        return min(len(arrays), len(block_ids))
-
-
-def _as_numpy(tensor: torch.Tensor) -> np.ndarray:
-    """A CPU tensor as numpy over the same memory; 16- and 8-bit floats through ml_dtypes."""
-    import ml_dtypes
-
-    special = {
-        torch.bfloat16: (torch.int16, ml_dtypes.bfloat16),
-        torch.float8_e4m3fn: (torch.uint8, ml_dtypes.float8_e4m3fn),
-        torch.float8_e5m2: (torch.uint8, ml_dtypes.float8_e5m2),
-    }
-    if tensor.dtype in special:
-        carrier, dtype = special[tensor.dtype]
-        return tensor.view(carrier).numpy().view(dtype)
-    return tensor.numpy()
+        good = verified_prefix(arrays[: len(block_ids)], self.dtype, self.shape)
+        for block_id, array in zip(block_ids, arrays[:good], strict=False):
+            np.copyto(pages[block_id], array)  # one copy: node (or staging) -> page
+        return good

@@ -19,11 +19,12 @@ from dataclasses import dataclass, field
 from vllm.distributed.kv_events import BlockStored, KVCacheEvent
 
 from kvstore.client.layers import LayeredKV
-from kvstore.integrations.vllm.guard import NodeGuard, unpin_thread
+from kvstore.integrations.common import NodeGuard, unpin_thread
 from kvstore.integrations.vllm.pages import Pages
 from kvstore.integrations.vllm.plans import SavePlan
+from kvstore.tiers.registry import TIER_REGISTRY
 
-MEDIUMS = {"device": "GPU", "host": "CPU", "disk": "STORAGE"}  # as kvstore's own KV events
+MEDIUMS = {tier.name: tier.medium for tier in TIER_REGISTRY}  # as kvstore's own KV events
 
 
 @dataclass(eq=False)
@@ -155,7 +156,9 @@ class Saver:
     def _finish(self, job: SaveJob) -> None:
         if job.ok:
             self.counts["saved_blocks"] += len(job.keys)
-            tiers = self._guard.call("save", lambda: self._layered.lookup_tiers(job.keys), [])
+            tiers: list[str] = self._guard.call(
+                "save", lambda: self._layered.lookup_tiers(job.keys), []
+            )
             events = stored_events(job.plan, tiers, self._block_size)
         else:
             self.counts["save_failed_blocks"] += len(job.keys)

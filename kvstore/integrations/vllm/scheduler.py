@@ -23,16 +23,12 @@ from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
 from kvstore.client.layers import LayeredKV
 from kvstore.integrations.vllm.config import ConnectorConfig, Namespace, lora_identity
-from kvstore.integrations.vllm.guard import NodeGuard
 from kvstore.integrations.vllm.plans import KVStoreEvents, KVStoreMetadata, LoadPlan, SavePlan
+from kvstore.tiers.registry import TIER_REGISTRY
 
 log = logging.getLogger("vllm.kvstore")
 
-SOURCES = {
-    "device": CacheHitSource.DEVICE,
-    "host": CacheHitSource.HOST,
-    "disk": CacheHitSource.DISK,
-}
+SOURCES = {tier.name: CacheHitSource(tier.hit_source) for tier in TIER_REGISTRY}
 
 
 @dataclass(eq=False)
@@ -64,7 +60,7 @@ class SchedulerSide:
         self.namespace = namespace
         self.consumer = consumer
         self.producer = producer
-        self._guard = NodeGuard(config, config.lookup_timeout_s, "scheduler")
+        self._guard = config.node_guard("scheduler", config.lookup_timeout_s)
         self._layered: LayeredKV | None = None
         self._requests: dict[str, Tracked] = {}
         self._loads: list[LoadPlan] = []

@@ -16,8 +16,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 
 from kvstore.client.layers import LayeredKV
+from kvstore.integrations.common import unpin_thread
 from kvstore.integrations.vllm.config import ConnectorConfig, Namespace
-from kvstore.integrations.vllm.guard import NodeGuard, unpin_thread
 from kvstore.integrations.vllm.loads import Load, Staging
 from kvstore.integrations.vllm.pages import Pages
 from kvstore.integrations.vllm.plans import KVStoreMetadata, KVStoreStats, LoadPlan
@@ -31,7 +31,7 @@ class WorkerSide:
         self.config = config
         self.namespace = namespace
         self.rank = rank
-        self._guard = NodeGuard(config, config.timeout_s, "worker")
+        self._guard = config.node_guard("worker", config.timeout_s)
         self._io = ThreadPoolExecutor(
             max(2, config.ahead), thread_name_prefix="kvstore-io", initializer=unpin_thread
         )
