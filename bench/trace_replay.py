@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from kvstore.bench.procs import Processes
+from kvstore.bench.procs import Processes, RedisServer
 from kvstore.bench.trace_cluster import Node, TraceCluster, put_part
 from kvstore.bench.trace_format import Request
 from kvstore.errors import KVStoreError, Unavailable
@@ -235,7 +235,7 @@ class Replay:
             node.replaced(proc, address)
             self.outcome.backs[i].append(self._index[node.node_id])
 
-    def _redis(self):
+    def _redis(self) -> RedisServer:
         if self.cluster.redis is None:
             raise RuntimeError("Redis faults need a Redis the bench started")
         return self.cluster.redis

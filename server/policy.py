@@ -55,21 +55,24 @@ class Ask:
 
 class Reading:
     """The present prefix of a get's keys, named as the caller named them: pinned, and its
-    bytes held in flight, until `end`."""
+    bytes held in flight on `caller`'s connection, until `end`."""
 
-    def __init__(self, headers: list[Header], batch: ReadBatch, held: ExitStack) -> None:
+    def __init__(
+        self, headers: list[Header], batch: ReadBatch, transfers: TransferCounts, caller: Caller
+    ) -> None:
         self.headers = headers
         self.blocks = batch.blocks
         self.truncated = batch.truncated  # stopped before a stored block: ask again
         self.nbytes = sum(b.meta.size for b in batch.blocks)
-        self._held = held
+        self._batch, self._transfers, self._connection = batch, transfers, caller.connection
 
     @property
     def views(self) -> list[memoryview]:
         return [b.view for b in self.blocks]
 
     def end(self) -> None:
-        self._held.close()
+        self._transfers.give(self.nbytes, self._connection)
+        self._batch.close()
 
 
 class PutSlots:
@@ -169,8 +172,9 @@ class Put:
         return self._ingest
 
     def _hold(self, nbytes: int) -> None:
-        transfers = self._policy.transfers
-        self._held.enter_context(transfers.holding(nbytes, self._caller.connection))
+        transfers, connection = self._policy.transfers, self._caller.connection
+        transfers.hold(nbytes, connection)
+        self._held.callback(transfers.give, nbytes, connection)
 
 
 class RequestPolicy:
@@ -187,6 +191,8 @@ class RequestPolicy:
         self.transfers = transfers
         self.tickets = tickets
         self.fetcher = fetcher  # set by the daemon once the cluster is joined
+        self._transfer = _CountsBusy(transfers, transfers.running())
+        self._counted = _CountsBusy(transfers, nullcontext())
 
     # -- who calls ----------------------------------------------------------------
 
@@ -278,33 +284,53 @@ class RequestPolicy:
 
     # -- within -------------------------------------------------------------------
 
-    @contextmanager
-    def _serving(self, transfer: bool = True) -> Iterator[None]:
+    def _serving(self, transfer: bool = True) -> AbstractContextManager[object]:
         """One request (a transfer, refused while the node drains); its refusals as busy
         counted."""
-        try:
-            with self.transfers.running() if transfer else nullcontext():
-                yield
-        except Busy:
-            self.transfers.refused_busy()
-            raise
+        return self._transfer if transfer else self._counted
 
     def _read(self, caller: Caller, ask: Ask) -> Reading:
         asked = check_keys(ask.keys, unique=True)
         keys = caller.tenant.keys(asked)
         self._ensure(caller, keys, ask)
-        with ExitStack() as held:
-            batch = held.enter_context(self.store.read(keys))
+        batch = self.store.pin(keys)
+        try:
             found = [(b.key, b.meta.size) for b in batch.blocks]
-            held.enter_context(
-                self.transfers.holding(sum(size for _, size in found), caller.connection)
-            )
+            self.transfers.hold(sum(size for _, size in found), caller.connection)
+        except BaseException:
+            batch.close()
+            raise
+        reading = Reading(
+            as_asked(asked, ((b.key, b.meta) for b in batch.blocks)), batch, self.transfers, caller
+        )
+        try:
             self.auth.read(caller.tenant, len(keys), found)
-            if batch.truncated and not batch.blocks:
-                self.transfers.refused_busy()  # no room to bring a stored block up: busy
-            headers = as_asked(asked, ((b.key, b.meta) for b in batch.blocks))
-            return Reading(headers, batch, held.pop_all())
+        except BaseException:
+            reading.end()
+            raise
+        if batch.truncated and not batch.blocks:
+            self.transfers.refused_busy()  # no room to bring a stored block up: busy
+        return reading
 
     def _ensure(self, caller: Caller, keys: list[BlockKey], ask: Ask) -> None:
         if self.fetcher is not None:
             self.fetcher.ensure(keys, ask.wait_ms, ask.fetch, caller.alive, ask.answer_by)
+
+
+class _CountsBusy:
+    """Counts the `Busy` refusals leaving its block, then lets them go on (`enter`: a
+    context entered first, such as a transfer in flight). A class, not a generator: every
+    request enters one."""
+
+    __slots__ = ("enter", "transfers")
+
+    def __init__(self, transfers: TransferCounts, enter: AbstractContextManager[object]) -> None:
+        self.transfers, self.enter = transfers, enter
+
+    def __enter__(self) -> None:
+        self.enter.__enter__()
+
+    def __exit__(self, kind: type[BaseException] | None, *rest: object) -> None:
+        self.enter.__exit__(kind, *rest)
+        if kind is not None and issubclass(kind, Busy):
+            self.transfers.refused_busy()

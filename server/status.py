@@ -38,6 +38,7 @@ class TransferCounts:
         self._bytes_by: dict[str, int] = {}
         self.busy = 0  # requests refused as `Busy` (a retry may pass), on every path
         self._last = (time.monotonic(), 0)
+        self._running = _Running(self)  # one for every request: it holds no state of its own
 
     def add(self, name: str, nbytes: int) -> None:
         with self._lock:
@@ -45,34 +46,37 @@ class TransferCounts:
             self._bytes_by[name] = self._bytes_by.get(name, 0) + nbytes
             self._bytes += nbytes
 
-    @contextmanager
-    def running(self) -> Iterator[None]:
-        """A transfer in flight (refused while the node drains)."""
-        with self._lock:
-            if self.draining:
-                raise Unavailable("the node is shutting down: retry on another node")
-            self.inflight += 1
-        try:
-            yield
-        finally:
-            with self._lock:
-                self.inflight -= 1
+    def running(self) -> _Running:
+        """A transfer in flight while in its block (refused while the node drains)."""
+        return self._running
 
     @contextmanager
     def holding(self, nbytes: int, connection: object) -> Iterator[None]:
-        """`nbytes` of payload in flight on `connection`: refused when that would pass the
-        node's or the connection's bound. A transfer alone passes the node's (no block is
-        ever too large to move), not the connection's: that one says "split the batch"."""
-        if nbytes <= 0:  # nothing to hold: an empty batch, a get that found nothing
-            yield
-            return
-        with self._lock:
-            self._check(nbytes, connection)
-            self._take(nbytes, connection)
+        """`hold` for the block's duration."""
+        self.hold(nbytes, connection)
         try:
             yield
         finally:
-            self._give(nbytes, connection)
+            self.give(nbytes, connection)
+
+    def hold(self, nbytes: int, connection: object) -> None:
+        """`nbytes` of payload in flight on `connection` until `give`: refused when that
+        would pass the node's or the connection's bound. A transfer alone passes the node's
+        (no block is ever too large to move), not the connection's: that one says "split
+        the batch"."""
+        if nbytes > 0:  # nothing to hold: an empty batch, a get that found nothing
+            with self._lock:
+                self._check(nbytes, connection)
+                self.inflight_bytes += nbytes
+                self._by_connection[connection] = self._by_connection.get(connection, 0) + nbytes
+
+    def give(self, nbytes: int, connection: object) -> None:
+        if nbytes > 0:
+            with self._lock:
+                self.inflight_bytes -= nbytes
+                left = self._by_connection.pop(connection) - nbytes
+                if left:
+                    self._by_connection[connection] = left
 
     def admit(self, nbytes: int, connection: object) -> None:
         """Refuse a transfer of `nbytes` as `holding` would, but hold nothing (yet): a
@@ -93,17 +97,6 @@ class TransferCounts:
             raise Busy(
                 f"{total} bytes of transfers in flight, at most {self.max_bytes}: retry shortly"
             )
-
-    def _take(self, nbytes: int, connection: object) -> None:
-        self.inflight_bytes += nbytes
-        self._by_connection[connection] = self._by_connection.get(connection, 0) + nbytes
-
-    def _give(self, nbytes: int, connection: object) -> None:
-        with self._lock:
-            self.inflight_bytes -= nbytes
-            left = self._by_connection.pop(connection) - nbytes
-            if left:
-                self._by_connection[connection] = left
 
     def refused_busy(self) -> None:
         with self._lock:
@@ -126,6 +119,26 @@ class TransferCounts:
             self._last = (now, moved)
             inflight = self.inflight
         return inflight, (moved - before) / (now - then) if now > then else 0.0
+
+
+class _Running:
+    """`TransferCounts.running()`: a class, not a generator, since every request enters one."""
+
+    __slots__ = ("counts",)
+
+    def __init__(self, counts: TransferCounts) -> None:
+        self.counts = counts
+
+    def __enter__(self) -> None:
+        counts = self.counts
+        with counts._lock:
+            if counts.draining:
+                raise Unavailable("the node is shutting down: retry on another node")
+            counts.inflight += 1
+
+    def __exit__(self, *exc: object) -> None:
+        with self.counts._lock:
+            self.counts.inflight -= 1
 
 
 def _abort(context: grpc.ServicerContext, exc: Exception) -> None:
