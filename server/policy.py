@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
+from types import TracebackType
 
 from kvstore.errors import Busy, PermissionDenied
 from kvstore.ingest import BlockIngest, SlotPut
@@ -330,7 +331,12 @@ class _CountsBusy:
     def __enter__(self) -> None:
         self.enter.__enter__()
 
-    def __exit__(self, kind: type[BaseException] | None, *rest: object) -> None:
-        self.enter.__exit__(kind, *rest)
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        value: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.enter.__exit__(kind, value, traceback)
         if kind is not None and issubclass(kind, Busy):
             self.transfers.refused_busy()
