@@ -460,10 +460,7 @@ def _chaos(
         requests, capacity, nodes, policy, args.seed, args.fetch_through, faults=_model(out)
     )
     live = sum(out.hits) / sum(out.blocks)
-    mine = trace_metrics.sliding_hit_ratio(out.blocks, out.hits, RECOVERY_WINDOW)
-    theirs = trace_metrics.sliding_hit_ratio(model.blocks, model.hits, RECOVERY_WINDOW)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        vs = np.where(theirs > 0, mine / theirs, 1.0)
+    vs = _windows_vs(out.blocks, out.hits, model.blocks, model.hits)
     return {
         "faults": [str(f) for f in args.chaos],
         "deadline_s": args.deadline,
@@ -494,18 +491,25 @@ def _recovery(
     0.8 of the reference's same windows and stays there to the end: the end of the first
     window of that run, None if the last window fails; the worst window's ratio). Only
     windows that start at or after the kill count, so the first ends 199 after it."""
-    size = RECOVERY_WINDOW
-    mine = trace_metrics.sliding_hit_ratio(blocks, hits, size)
-    theirs = trace_metrics.sliding_hit_ratio(ref_blocks, ref_hits, size)
-    ok = mine >= RECOVERY_SHARE * theirs
+    vs = _windows_vs(blocks, hits, ref_blocks, ref_hits)
     after = None
-    for start in range(len(ok) - 1, kill_at - 1, -1):  # the good run, from the end back
-        if not ok[start]:
+    for start in range(len(vs) - 1, kill_at - 1, -1):  # the good run, from the end back
+        if not vs[start] >= RECOVERY_SHARE:
             break
-        after = start + size - 1 - kill_at
-    with np.errstate(divide="ignore", invalid="ignore"):
-        vs = np.where(theirs[kill_at:] > 0, mine[kill_at:] / theirs[kill_at:], 1.0)
+        after = start + RECOVERY_WINDOW - 1 - kill_at
+    vs = vs[kill_at:]
     return after, (round(float(vs.min()), 4) if len(vs) else None)
+
+
+def _windows_vs(
+    blocks: Sequence[int], hits: Sequence[int], ref_blocks: Sequence[int], ref_hits: Sequence[int]
+) -> np.ndarray:
+    """Per 200-request window (by its first request), the hit ratio over the reference's
+    in the same window; 1 where the reference hit nothing."""
+    mine = trace_metrics.sliding_hit_ratio(blocks, hits, RECOVERY_WINDOW)
+    theirs = trace_metrics.sliding_hit_ratio(ref_blocks, ref_hits, RECOVERY_WINDOW)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(theirs > 0, mine / theirs, 1.0)
 
 
 def _check_hosts(

@@ -240,7 +240,7 @@ class Router:
         try:
             return {record.node_id: record for record in self.nodes()}
         except Unavailable as exc:
-            self._retry_at, self._away = time.monotonic() + RETRY_REDIS_S, str(exc)
+            self._gone(exc)
             return None
 
     def _held(self, keys: Sequence[BlockKey]) -> list[Location] | None:
@@ -250,8 +250,12 @@ class Router:
         try:
             return self.locate(keys)
         except Unavailable as exc:
-            self._retry_at, self._away = time.monotonic() + RETRY_REDIS_S, str(exc)
+            self._gone(exc)
             return None
+
+    def _gone(self, exc: Unavailable) -> None:
+        """Redis failed a call: none waits on it for `RETRY_REDIS_S`; `exc` says why."""
+        self._retry_at, self._away = time.monotonic() + RETRY_REDIS_S, str(exc)
 
     def _live_nodes(self) -> dict[str, NodeRecord]:
         """The registry, read again once `nodes_ttl_s` old (outside the lock: it is I/O).
