@@ -154,13 +154,17 @@ class Channels:
         flags: int = 0,
         views: Sequence[memoryview] = (),
         data_len: int = 0,
+        waiting: Callable[[socket.socket], None] | None = None,
     ) -> Frame:
         """Send one request (after what is owed on `link`) and read its answer's header and
-        metadata; an error answer raises its kvstore exception."""
+        metadata; an error answer raises its kvstore exception. `waiting(sock)`: what to do
+        until the answer is there to read (make NIXL progress)."""
         with self._lock:  # releases may be owed from other threads meanwhile
             frames = link.owed()
         frames.append(encode(REQUEST_MAGIC, op, flags, meta, data_len))
         self.send(link, [*frames, *views])
+        if waiting is not None:
+            waiting(link.sock)
         return self.answer(link)
 
     def answer(self, link: Link) -> Frame:

@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from functools import partial
 from operator import methodcaller
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import grpc
 import numpy as np
@@ -64,10 +64,13 @@ from kvstore.results import (
 )
 from kvstore.trust import CHALLENGE, DIALED, ClusterSecret
 
+if TYPE_CHECKING:
+    from kvstore.client.nixl import NixlTransport
+
 log = logging.getLogger("kvstore.client")
 T = TypeVar("T")
 DEFAULT_CHUNK = 1 << 20
-TRANSPORTS = ("auto", "shm", "tcp", "grpc")
+TRANSPORTS = ("auto", "shm", "nixl", "tcp", "grpc")
 REPROBE_AFTER = 30.0  # seconds before a path that failed is tried again
 BUSY_BACKOFF = (0.05, 0.1, 0.2, 0.4, 0.8, 1.6)  # seconds before each retry of a busy refusal
 IN_PLACE_PART = 256 << 20  # bytes per part of an in-place put
@@ -122,7 +125,7 @@ class Client:
         self.link_gbps = link_gbps
         self.transport = transport
         self._candidates = (
-            tuple(p for p in ("shm", "tcp", "grpc") if shm or p != "shm")
+            tuple(p for p in TRANSPORTS[1:] if shm or p != "shm")
             if transport == "auto"
             else (transport,)
         )
@@ -260,12 +263,16 @@ class Client:
         """The present prefix of `keys` received straight into memory `place(blocks)` hands
         out (one writable buffer per block, given their keys and metadata), `landed(i)`
         called as block i is whole, in order. Returns how many landed: a connection lost
-        half way leaves those before it landed, whole. Checksums are the caller's to check.
-        TCP or shared memory only (the paths that write straight into place)."""
+        half way leaves those before it landed, whole. Checksums are the caller's to check
+        (over NIXL, the node checks blocks bound for GPU memory). TCP, shared memory or
+        NIXL (the paths that write straight into place); over NIXL every place must lie in
+        memory this client registered (`register`)."""
         keys = check_keys(keys, unique=True)
         transport = self._transport()
+        if transport.name == "nixl":  # `place` hands out registered memory (`register`)
+            return self._nixl().get_into(Ask(keys), place, landed)
         if not isinstance(transport, TcpTransport | ShmTransport):
-            raise Unsupported("get_into needs the node's data plane (tcp or shm)")
+            raise Unsupported("get_into needs the node's data plane (tcp, shm or nixl)")
         return tcp.get_into(transport.channels, Ask(keys), place, landed)
 
     def prefetch(self, keys: Sequence[BlockKey]) -> int:
@@ -283,6 +290,12 @@ class Client:
         request). `lease.truncated`: the node stopped short of a stored block."""
         keys = check_keys(keys, unique=True)
         return self._shm().lease(Ask(keys, _millis(wait), fetch))
+
+    def register(self, buffer: object) -> None:
+        """Register memory an engine reuses (a contiguous host buffer, or a CUDA tensor) with
+        this client's NIXL agent, once: gets into it (`out=`) and puts of views of it then
+        move straight between it and the node, with no copy in this process. NIXL only."""
+        self._nixl().register(buffer)
 
     def shared_arena(self) -> np.ndarray | None:
         """The node's arena as mapped here, or None when the node is not on this host."""
@@ -512,6 +525,12 @@ class Client:
         channels = Channels(kind, self._hello, info, host, self.timeout, self.security)
         if name == "shm":
             return ShmTransport(channels, self.checksum, self._pool)
+        if name == "nixl":
+            if not info.nixl:
+                raise Unsupported("the node offers no NIXL (--nixl off, or not installed there)")
+            from kvstore.client.nixl import NixlTransport  # NIXL is optional: loaded here only
+
+            return NixlTransport(channels, info.max_block_size, info.host_capacity)
         return TcpTransport(channels)
 
     def _leave(self, name: str, exc: Exception) -> None:
@@ -531,18 +550,28 @@ class Client:
         """The shared-memory path, which leases and in-place puts need."""
         if "shm" not in self._candidates:
             raise Unsupported("shared memory needs transport auto or shm, with shm=True")
+        return self._path("shm", "shared memory needs a node on this host")  # type: ignore[return-value]
+
+    def _nixl(self) -> NixlTransport:
+        """The NIXL path, which registered memory needs."""
+        if "nixl" not in self._candidates:
+            raise Unsupported("registered memory needs transport auto or nixl")
+        return self._path("nixl", "registered memory needs NIXL")  # type: ignore[return-value]
+
+    def _path(self, name: str, needs: str) -> Transport:
+        """Path `name`, open (opened now if need be) whichever path the client takes."""
         with self._lock:
-            if "shm" in self._paths:
-                return self._paths["shm"]  # type: ignore[return-value]
+            if name in self._paths:
+                return self._paths[name]
         try:
-            opened = self._open("shm")
+            opened = self._open(name)
         except (Unsupported, Unavailable) as exc:
-            raise Unsupported(f"shared memory needs a node on this host: {exc}") from None
+            raise Unsupported(f"{needs}: {exc}") from None
         with self._lock:
-            existing = self._paths.setdefault("shm", opened)
+            existing = self._paths.setdefault(name, opened)
         if existing is not opened:
             opened.close()
-        return existing  # type: ignore[return-value]
+        return existing
 
     def _forget_node(self) -> None:
         with self._lock:

@@ -94,6 +94,11 @@ class ServerConfig:
         parse_size,
     )
     data_workers: int = _opt(16, "threads serving data-plane requests", int)
+    nixl: str = _opt(
+        "auto",
+        "move payloads through NIXL too (RDMA, EFA, GPU memory; DATAPLANE.md): on, off, or "
+        "auto (on where NIXL is installed, off with --tls-cert: NIXL traffic is not encrypted)",
+    )
     max_connections: int = _opt(1024, "data-plane connections served at once", int)
     max_host_connections: int = _opt(256, "data-plane connections from one host", int)
     push_allow: str = _opt(
@@ -231,6 +236,10 @@ class ServerConfig:
         for name in ("min_rate", "data_workers", "max_connections", "max_host_connections"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be at least 1, got {getattr(self, name)}")
+        if self.nixl not in ("auto", "on", "off"):
+            raise ValueError(f"nixl: expected auto, on or off, got {self.nixl!r}")
+        if self.nixl == "on" and self.data_address == "off":
+            raise ValueError("nixl: on needs the data plane (--data-address)")
         if self.fsync not in FSYNC_POLICIES:
             raise ValueError(
                 f"fsync: expected one of {', '.join(FSYNC_POLICIES)}, got {self.fsync!r}"

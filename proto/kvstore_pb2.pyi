@@ -208,7 +208,7 @@ class HelloRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class NodeInfo(_message.Message):
-    __slots__ = ("node_id", "data_address", "unix_address", "ticket", "ticket_ttl_s", "capacity", "host_capacity", "max_block_size", "max_blocks", "instance", "proof")
+    __slots__ = ("node_id", "data_address", "unix_address", "ticket", "ticket_ttl_s", "capacity", "host_capacity", "max_block_size", "max_blocks", "instance", "proof", "nixl")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     DATA_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     UNIX_ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -220,6 +220,7 @@ class NodeInfo(_message.Message):
     MAX_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     INSTANCE_FIELD_NUMBER: _ClassVar[int]
     PROOF_FIELD_NUMBER: _ClassVar[int]
+    NIXL_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     data_address: str
     unix_address: str
@@ -231,7 +232,8 @@ class NodeInfo(_message.Message):
     max_blocks: int
     instance: str
     proof: bytes
-    def __init__(self, node_id: _Optional[str] = ..., data_address: _Optional[str] = ..., unix_address: _Optional[str] = ..., ticket: _Optional[bytes] = ..., ticket_ttl_s: _Optional[float] = ..., capacity: _Optional[int] = ..., host_capacity: _Optional[int] = ..., max_block_size: _Optional[int] = ..., max_blocks: _Optional[int] = ..., instance: _Optional[str] = ..., proof: _Optional[bytes] = ...) -> None: ...
+    nixl: bool
+    def __init__(self, node_id: _Optional[str] = ..., data_address: _Optional[str] = ..., unix_address: _Optional[str] = ..., ticket: _Optional[bytes] = ..., ticket_ttl_s: _Optional[float] = ..., capacity: _Optional[int] = ..., host_capacity: _Optional[int] = ..., max_block_size: _Optional[int] = ..., max_blocks: _Optional[int] = ..., instance: _Optional[str] = ..., proof: _Optional[bytes] = ..., nixl: _Optional[bool] = ...) -> None: ...
 
 class NodeLoad(_message.Message):
     __slots__ = ("inflight", "bytes_per_s")
@@ -293,18 +295,20 @@ class EventBatch(_message.Message):
     def __init__(self, sequence: _Optional[int] = ..., payload: _Optional[bytes] = ..., node_id: _Optional[str] = ..., instance: _Optional[str] = ...) -> None: ...
 
 class GetAnswer(_message.Message):
-    __slots__ = ("blocks", "truncated", "lease", "offsets", "expires_in_s")
+    __slots__ = ("blocks", "truncated", "lease", "offsets", "expires_in_s", "inline")
     BLOCKS_FIELD_NUMBER: _ClassVar[int]
     TRUNCATED_FIELD_NUMBER: _ClassVar[int]
     LEASE_FIELD_NUMBER: _ClassVar[int]
     OFFSETS_FIELD_NUMBER: _ClassVar[int]
     EXPIRES_IN_S_FIELD_NUMBER: _ClassVar[int]
+    INLINE_FIELD_NUMBER: _ClassVar[int]
     blocks: _containers.RepeatedCompositeFieldContainer[BlockHeader]
     truncated: bool
     lease: int
     offsets: _containers.RepeatedScalarFieldContainer[int]
     expires_in_s: float
-    def __init__(self, blocks: _Optional[_Iterable[_Union[BlockHeader, _Mapping]]] = ..., truncated: _Optional[bool] = ..., lease: _Optional[int] = ..., offsets: _Optional[_Iterable[int]] = ..., expires_in_s: _Optional[float] = ...) -> None: ...
+    inline: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, blocks: _Optional[_Iterable[_Union[BlockHeader, _Mapping]]] = ..., truncated: _Optional[bool] = ..., lease: _Optional[int] = ..., offsets: _Optional[_Iterable[int]] = ..., expires_in_s: _Optional[float] = ..., inline: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class PutAnswer(_message.Message):
     __slots__ = ("present", "put", "offsets", "expires_in_s")
@@ -331,6 +335,70 @@ class Commit(_message.Message):
     put: int
     checksums: _containers.RepeatedScalarFieldContainer[int]
     def __init__(self, put: _Optional[int] = ..., checksums: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class NixlRegion(_message.Message):
+    __slots__ = ("addr", "size", "vram", "device")
+    ADDR_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    VRAM_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    addr: int
+    size: int
+    vram: bool
+    device: int
+    def __init__(self, addr: _Optional[int] = ..., size: _Optional[int] = ..., vram: _Optional[bool] = ..., device: _Optional[int] = ...) -> None: ...
+
+class NixlSession(_message.Message):
+    __slots__ = ("session", "metadata", "regions")
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    METADATA_FIELD_NUMBER: _ClassVar[int]
+    REGIONS_FIELD_NUMBER: _ClassVar[int]
+    session: int
+    metadata: bytes
+    regions: _containers.RepeatedCompositeFieldContainer[NixlRegion]
+    def __init__(self, session: _Optional[int] = ..., metadata: _Optional[bytes] = ..., regions: _Optional[_Iterable[_Union[NixlRegion, _Mapping]]] = ...) -> None: ...
+
+class NixlSessionReply(_message.Message):
+    __slots__ = ("session", "agent")
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    AGENT_FIELD_NUMBER: _ClassVar[int]
+    session: int
+    agent: str
+    def __init__(self, session: _Optional[int] = ..., agent: _Optional[str] = ...) -> None: ...
+
+class NixlGet(_message.Message):
+    __slots__ = ("ask", "session", "into")
+    ASK_FIELD_NUMBER: _ClassVar[int]
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    INTO_FIELD_NUMBER: _ClassVar[int]
+    ask: GetRequest
+    session: int
+    into: NixlRegion
+    def __init__(self, ask: _Optional[_Union[GetRequest, _Mapping]] = ..., session: _Optional[int] = ..., into: _Optional[_Union[NixlRegion, _Mapping]] = ...) -> None: ...
+
+class NixlPlaces(_message.Message):
+    __slots__ = ("addrs", "vram", "device")
+    ADDRS_FIELD_NUMBER: _ClassVar[int]
+    VRAM_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    addrs: _containers.RepeatedScalarFieldContainer[int]
+    vram: bool
+    device: int
+    def __init__(self, addrs: _Optional[_Iterable[int]] = ..., vram: _Optional[bool] = ..., device: _Optional[int] = ...) -> None: ...
+
+class NixlPut(_message.Message):
+    __slots__ = ("headers", "session", "addrs", "vram", "device")
+    HEADERS_FIELD_NUMBER: _ClassVar[int]
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    ADDRS_FIELD_NUMBER: _ClassVar[int]
+    VRAM_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    headers: BlockHeaders
+    session: int
+    addrs: _containers.RepeatedScalarFieldContainer[int]
+    vram: bool
+    device: int
+    def __init__(self, headers: _Optional[_Union[BlockHeaders, _Mapping]] = ..., session: _Optional[int] = ..., addrs: _Optional[_Iterable[int]] = ..., vram: _Optional[bool] = ..., device: _Optional[int] = ...) -> None: ...
 
 class PushRequest(_message.Message):
     __slots__ = ("keys", "target", "transport")

@@ -49,6 +49,9 @@ from kvstore.proto.channel import (
     HELLO_MAGIC,
     HELLO_REPLY,
     LOOKUP,
+    NIXL_GET,
+    NIXL_PUT,
+    NIXL_SESSION,
     NO_REPLY,
     PUT,
     RELEASE,
@@ -65,7 +68,8 @@ from kvstore.proto.channel import (
 )
 from kvstore.proto.frames import FrameError, parse
 from kvstore.proto.status import status_of
-from kvstore.server import shm, tcp
+from kvstore.server import nixl, shm, tcp
+from kvstore.server.nixl import NixlNode
 from kvstore.server.policy import Ask, Caller, PutSlots, Reading, RequestPolicy
 from kvstore.tenants import OPEN, Tenant
 
@@ -110,6 +114,7 @@ class Connection:
     meta: list[bytes] = field(default_factory=list)
     meta_got: int = 0
     heard: float = field(default_factory=time.monotonic)  # when the last of it came
+    nixl: set[int] = field(default_factory=set)  # the NIXL sessions it opened: they end with it
 
     def caller(self) -> Caller:
         """Its requests' caller, as the request policy knows it ("shm": its Unix socket)."""
@@ -148,7 +153,9 @@ class ChannelServer:
         max_connections: int = 1024,
         max_per_host: int = 256,
         tls: ssl.SSLContext | None = None,
+        nixl: NixlNode | None = None,
     ) -> None:
+        self.nixl = nixl  # payloads through NIXL too (server/nixl.py)
         self.tls = tls  # TCP connections speak TLS (the Unix socket never leaves the host)
         self.policy = policy
         self.store = policy.store  # its host arena: what the Unix socket's clients map
@@ -382,6 +389,8 @@ class ChannelServer:
                 self._poll.unregister(conn.fd)
         conn.sock.close()
         conn.release_all()  # pins and slots of a client gone: free at once
+        if self.nixl is not None:
+            self.nixl.closed(conn)  # and its NIXL sessions, once it used them alone
 
     # -- opening ----------------------------------------------------------------
 
@@ -443,6 +452,9 @@ class ChannelServer:
             LOOKUP: lookup,
             RELEASE: release,
             RENEW: renew,
+            NIXL_SESSION: nixl.session,
+            NIXL_GET: nixl.get,
+            NIXL_PUT: nixl.put,
         }.get(op)
 
     def ask(self, meta: bytes) -> Ask:
@@ -477,7 +489,8 @@ class ChannelServer:
                     held.end()
                 # a HELLO or request begun and not whole by its deadline, or stalled
                 late = now > conn.due or (conn.due < math.inf and now - conn.heard > self.timeout)
-                if late or (now - conn.last_used > IDLE_TIMEOUT and not conn.held):
+                idle = now - conn.last_used > IDLE_TIMEOUT and not conn.held and not conn.nixl
+                if late or idle:
                     with contextlib.suppress(OSError):  # closed meanwhile by its peer
                         conn.sock.shutdown(socket.SHUT_RDWR)  # its next turn closes it
 

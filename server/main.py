@@ -21,6 +21,7 @@ from grpc_reflection.v1alpha import reflection
 
 from kvstore import __version__
 from kvstore.config import ServerConfig, format_size, parse_bool, parse_size
+from kvstore.errors import Unsupported
 from kvstore.limits import MAX_HEADER_FRAME, MAX_TOKENS
 from kvstore.server import tls
 from kvstore.server.auth import Auth
@@ -28,6 +29,7 @@ from kvstore.server.channel import ChannelServer
 from kvstore.server.cluster import Membership, check_cluster_url, node_id
 from kvstore.server.fetch import Fetcher
 from kvstore.server.metrics import Metrics
+from kvstore.server.nixl import NixlNode
 from kvstore.server.policy import RequestPolicy
 from kvstore.server.preauth import PreAuth, token_check
 from kvstore.server.servicer import SERVICE, KVStoreServicer
@@ -119,6 +121,8 @@ class Daemon:
             config.max_inflight_bytes or self.store.host.capacity, config.max_connection_bytes
         )
         self.policy = RequestPolicy(self.store, self.auth, self.transfers, self.tickets)
+        self.node_id = node_id(config.node_id, config.disk_dir)
+        self.nixl = _nixl(config, self.store, f"kvstore-node-{self.node_id}-{self.instance.hex()}")
         if config.data_address != "off":
             data_address = config.data_address
             if data_address == "auto":
@@ -136,6 +140,7 @@ class Daemon:
                     workers=config.data_workers,
                     max_connections=config.max_connections,
                     max_per_host=config.max_host_connections,
+                    nixl=self.nixl,
                 )
             except OSError as exc:
                 raise OSError(f"cannot listen on {data_address}: {exc.strerror or exc}") from None
@@ -144,7 +149,7 @@ class Daemon:
         data = _advertised(config.advertise, self.channel.address) if self.channel else ""
         self.membership = Membership(
             self.store,
-            node_id=node_id(config.node_id, config.disk_dir),
+            node_id=self.node_id,
             address=advertised,
             data_address=data,
             cluster=config.cluster,
@@ -176,6 +181,7 @@ class Daemon:
                 self.channel.address if self.channel else "",
                 self.channel.unix_address if self.channel else "",
             ),
+            nixl=self.nixl is not None,
             dialable=_dialable(self.address, advertised),
             min_rate=config.min_rate,
         )
@@ -291,6 +297,27 @@ def _loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False  # a name: it may resolve anywhere
+
+
+def _nixl(config: ServerConfig, store: Store, name: str) -> NixlNode | None:
+    """The node's NIXL agent, or None, saying at start which and why."""
+    if config.nixl == "off" or config.data_address == "off":
+        log.info("NIXL off (--nixl off, or no data plane)")
+        return None
+    if config.nixl == "auto" and config.tls_cert:
+        log.info(
+            "NIXL off: its traffic is not encrypted and TLS is on (--nixl on for a trusted fabric)"
+        )
+        return None
+    try:
+        node = NixlNode(store, name)
+    except Unsupported as exc:
+        if config.nixl == "on":
+            raise
+        log.info("NIXL off: %s", exc)
+        return None
+    log.info("NIXL on: agent %s, the host arena registered", name)
+    return node
 
 
 def _warn_exposed(config: ServerConfig) -> None:

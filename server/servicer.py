@@ -83,6 +83,7 @@ class KVStoreServicer:
         workers: int,
         push_allow: str,
         info: Callable[[], tuple[str, str]] = lambda: ("", ""),
+        nixl: bool = False,
         dialable: frozenset[str] = frozenset(),
         min_rate: float = MIN_RATE,
     ) -> None:
@@ -96,6 +97,7 @@ class KVStoreServicer:
         self.fetcher = fetcher
         self.instance = instance
         self.info = info  # (data address, unix address), known once the channel listens
+        self.nixl = nixl  # the request channel moves payloads through NIXL too
         self.dialable = dialable  # HOST:PORT others may dial this node's gRPC at
         self.watchers = Gate(MAX_WATCHERS, "watchers", self.transfers.refused_busy)
         self.grpc = GrpcPath(policy, chunk_size, fetcher.timeout, min_rate)
@@ -182,6 +184,7 @@ class KVStoreServicer:
             host_capacity=self.store.host.capacity,
             max_block_size=self.store.max_block_size,
             max_blocks=MAX_BLOCKS,
+            nixl=self.nixl and bool(data_address),
         ).SerializeToString()
 
     def _prove(self, challenge: str, context: grpc.ServicerContext) -> bytes:

@@ -26,7 +26,7 @@ from kvstore.meta import BlockMeta
 from kvstore.results import PutResult
 from kvstore.tiers.device import device_available
 
-PATHS = ("shm", "tcp", "grpc")  # every client path: a new one ("nixl") is one more entry
+PATHS = ("shm", "nixl", "tcp", "grpc")  # every client path: a new one is one more entry
 KINDS = ("device", "host", "disk")  # the tier a node serves its blocks from
 MiB = 1 << 20
 MAX_BLOCK = 4 * MiB  # every node's --max-block-size
