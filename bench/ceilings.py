@@ -1,27 +1,34 @@
 """Ceilings: what the socket, memory, disk and a bare gRPC stream do with the same bytes,
 in the same process layout as kvstore (a server process, the client in the benchmark).
 
-Run as `python -m kvstore.bench.ceilings tcp|grpc` to serve the far side of a ceiling.
+Run as `python -m kvstore.bench.ceilings tcp|grpc|nixl` to serve the far side of a ceiling.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
+import select
 import socket
 import struct
 import subprocess
 import sys
+import time
 from concurrent import futures
 from pathlib import Path
 
 import grpc
 import numpy as np
 
+from kvstore import fabric
 from kvstore.bench.measure import Run, Workload, timed_batches
 from kvstore.bench.procs import Processes
 from kvstore.proto.frames import encode_data
 
 _HEADER = struct.Struct("!cQQ")  # op (P: client sends, G: server sends), bytes, block size
+_NIXL_HEADER = struct.Struct("!cQQQ")  # op (P: node READs, G: node WRITEs), bytes, block, where
+_LENGTH = struct.Struct("!Q")
+_agents = itertools.count()
 _RAW = {"request_deserializer": None, "response_serializer": None}
 _OPTIONS = [
     ("grpc.max_receive_message_length", 256 << 20),
@@ -68,6 +75,37 @@ def raw_tcp(port: int, work: Workload, source: np.ndarray, direction: str) -> Ru
                 for _ in batch:
                     _recv_exact(sock, dest)
 
+        return timed_batches(work, request)
+
+
+def raw_nixl(port: int, work: Workload, source: np.ndarray, direction: str) -> Run:
+    """Two bare NIXL agents, moving blocks as the nixl path does: the far process (the
+    node) WRITEs its registered buffer into this one's registered memory (get) or READs
+    this one's into it (put), one descriptor per block and one transfer per batch, built
+    per transfer; neither agent runs a progress thread, and this side makes progress
+    while it waits for the node's answer on the socket (as the nixl path's client does)."""
+    agent = fabric.Agent(f"kvstore-bench-{os.getpid()}-{next(_agents)}")
+    size = work.block_size
+    memory = source if direction == "put" else np.empty(work.batch * size, np.uint8)
+    base = fabric.address(memory).addr
+    agent.register(fabric.address(memory))
+    answer = memoryview(bytearray(1))
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        metadata = agent.metadata()
+        sock.sendall(_LENGTH.pack(len(metadata)) + metadata)
+        poller = select.poll()
+        poller.register(sock, select.POLLIN)
+
+        def request(batch: range) -> None:
+            at = base + batch.start * size if direction == "put" else base
+            op = b"P" if direction == "put" else b"G"
+            sock.sendall(_NIXL_HEADER.pack(op, len(batch) * size, size, at))
+            while not poller.poll(0):
+                agent.progress()
+            _recv_exact(sock, answer)
+
+        request(next(work.batches()))  # untimed: the agents' wire-up, as in a warm-up
         return timed_batches(work, request)
 
 
@@ -142,6 +180,40 @@ def _serve_tcp() -> None:
                         conn.sendall(b"k")
 
 
+def _serve_nixl() -> None:
+    agent = fabric.Agent(f"kvstore-bench-node-{os.getpid()}")
+    buffers = [np.empty(0, np.uint8)]  # registered; each kept while the agent lives
+    header = memoryview(bytearray(_NIXL_HEADER.size))
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        print(server.getsockname()[1], flush=True)
+        while True:  # one connection (one client agent) per measurement
+            conn, _ = server.accept()
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            with conn:
+                length = memoryview(bytearray(_LENGTH.size))
+                _recv_exact(conn, length)
+                metadata = memoryview(bytearray(_LENGTH.unpack(length)[0]))
+                _recv_exact(conn, metadata)
+                peer = agent.add_peer(bytes(metadata))
+                while True:
+                    try:
+                        _recv_exact(conn, header)
+                    except ConnectionError:
+                        break
+                    op, nbytes, size, at = _NIXL_HEADER.unpack(header)
+                    if buffers[-1].nbytes < nbytes:  # registered in the warm-up
+                        buffers.append(np.empty(nbytes, np.uint8))
+                        agent.register(fabric.address(buffers[-1]))
+                    base = fabric.address(buffers[-1]).addr
+                    local = [(base + offset, size) for offset in range(0, nbytes, size)]
+                    remote = [(at + offset, size) for offset in range(0, nbytes, size)]
+                    verb = "READ" if op == b"P" else "WRITE"
+                    deadline = time.monotonic() + 60
+                    agent.move(verb, local, remote, fabric.Region(0, 0), peer, deadline)
+                    conn.sendall(b"k")
+                agent.remove_peer(peer)
+
+
 def _serve_grpc() -> None:
     frames: dict[int, bytes] = {}
 
@@ -173,4 +245,4 @@ def _serve_grpc() -> None:
 
 
 if __name__ == "__main__":
-    {"tcp": _serve_tcp, "grpc": _serve_grpc}[sys.argv[1]]()
+    {"tcp": _serve_tcp, "grpc": _serve_grpc, "nixl": _serve_nixl}[sys.argv[1]]()

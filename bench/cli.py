@@ -2,6 +2,7 @@
 measured in the same run on the same bytes.
 
     kvstore-bench [transfer] [--quick] [--json FILE] [--plot FILE.png] ...
+    kvstore-bench transfer --paths nixl,nixl_staged,tcp [--ucx-tls tcp] [--crossover] [--idle 10]
     kvstore-bench lookup [--prompt-tokens 1024,131072] ...
     kvstore-bench ops [--paths shm,tcp,grpc] [--calls 2000] ...
     kvstore-bench tiers [--dir DIR] [--host-capacity 1GiB] ...
@@ -11,6 +12,7 @@ measured in the same run on the same bytes.
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 import tempfile
@@ -20,12 +22,14 @@ from pathlib import Path
 
 import numpy as np
 
-from kvstore import codecs
+from kvstore import codecs, fabric
 from kvstore.bench import (
     ceilings,
     cluster_bench,
     codec_bench,
     crash_bench,
+    nixl_gpu,
+    nixl_rows,
     ops_bench,
     soak_bench,
     tier_bench,
@@ -37,7 +41,7 @@ from kvstore.bench import (
 from kvstore.bench.measure import Run, Workload, median, source_bytes
 from kvstore.bench.procs import Processes
 from kvstore.bench.report import CEILINGS, Row, add_ratios, plot, table, write_json
-from kvstore.bench.workloads import Verifier, bench_keys
+from kvstore.bench.workloads import Verifier, bench_keys, get_buffers
 from kvstore.client import Client
 from kvstore.config import format_size, parse_size
 from kvstore.keys import block_keys
@@ -48,6 +52,7 @@ SCENARIOS = ("put", "get", "handoff", "push")
 PLUGINS = {
     "cluster": cluster_bench,
     "crash": crash_bench,
+    "nixl-gpu": nixl_gpu,
     "ops": ops_bench,
     "soak": soak_bench,
     "trace": trace,
@@ -55,6 +60,7 @@ PLUGINS = {
 }
 DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
 PATHS = ("shm", "lease", "tcp", "grpc")
+NIXL_PATHS = ("nixl", "nixl_staged")  # from registered memory, and through staging
 QUICK = {
     "block_sizes": [256 << 10, 4 << 20],
     "total": 256 << 20,
@@ -126,9 +132,10 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--scenarios", type=_choices(SCENARIOS), default=["put", "get", "handoff"])
     t.add_argument(
         "--paths",
-        type=_choices(PATHS),
+        type=_choices(PATHS + NIXL_PATHS),
         default=list(PATHS),
-        help="transfer paths: the raw TCP data plane, the gRPC stream",
+        help="transfer paths (nixl: puts from and gets into registered memory; nixl_staged: "
+        "unregistered memory, one copy)",
     )
     t.add_argument("--block-sizes", type=_sizes, default=_sizes("64KiB,256KiB,1MiB,4MiB"))
     t.add_argument("--total", type=parse_size, default=1 << 30, help="bytes per measurement")
@@ -148,7 +155,31 @@ def parser() -> argparse.ArgumentParser:
         help="client processes sharing a put/get workload (sweep)",
     )
     t.add_argument("--chunk", type=parse_size, default=1 << 20, help="data frame size of puts")
-    t.add_argument("--ceilings", type=_choices(CEILINGS), default=list(CEILINGS))
+    t.add_argument(
+        "--ceilings",
+        type=_choices(CEILINGS),
+        help="default: all but raw_nixl, which is added when a nixl path is measured",
+    )
+    t.add_argument(
+        "--ucx-tls",
+        help="UCX_TLS for every process the benchmark starts (tcp: UCX over TCP only); "
+        "default: the environment's, else UCX's own choice (CMA on one host)",
+    )
+    t.add_argument(
+        "--crossover",
+        type=_sizes,
+        nargs="?",
+        const=nixl_rows.CROSSOVER_SIZES,
+        help="one-block put and get latency over nixl and tcp, with small blocks on the "
+        "socket, through NIXL, and as shipped (default sizes 4KiB..1MiB)",
+    )
+    t.add_argument(
+        "--idle",
+        type=float,
+        default=0,
+        metavar="SECONDS",
+        help="CPU used by an idle node and client with a NIXL session open, over SECONDS",
+    )
     t.add_argument(
         "--redis-url",
         help="a running Redis to compare with (default: start one if redis-server is on PATH)",
@@ -238,6 +269,16 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
             ap.error("--batch must be >= 0, --streams and --procs >= 1")
         if not 4096 <= args.chunk <= 64 << 20:
             ap.error("--chunk must be 4KiB..64MiB")
+        if args.ucx_tls == "" or args.idle < 0:
+            ap.error("--ucx-tls must name transports (omit it for UCX's own choice); --idle >= 0")
+        if args.ucx_tls:  # before UCX starts here; every process started later inherits it
+            os.environ["UCX_TLS"] = args.ucx_tls
+        args.ucx_tls = os.environ.get("UCX_TLS")  # what the figures were measured with
+        nixl = bool(set(args.paths) & set(NIXL_PATHS) or args.crossover or args.idle)
+        if args.ceilings is None:
+            args.ceilings = [c for c in CEILINGS if c != "raw_nixl" or nixl]
+        if (nixl or "raw_nixl" in args.ceilings) and (why := fabric.why_not()):
+            ap.error(why)
     elif args.command == "ttft":
         if args.block_size < 1 or min(args.prompt_tokens) < 2 or args.new_tokens < 1:
             ap.error("--block-size, --new-tokens >= 1 and --prompt-tokens >= 2")
@@ -282,6 +323,7 @@ class Transfer:
         self.source = source_bytes(args.total, args.seed)
         self.ports: dict[str, int] = {}
         self._clients: dict[tuple[str, int], list[Client]] = {}
+        self._buffers: dict[tuple[str, int], list[np.ndarray]] = {}
         self._nodes: dict[str, str] = {}
         self.rows: list[Row] = []
 
@@ -295,7 +337,7 @@ class Transfer:
             + 2 * len(a.ceilings)
             + (4 if self.redis_url else 0)
         )
-        return per_size * len(a.block_sizes)
+        return per_size * len(a.block_sizes) + (1 if a.crossover else 0) + (1 if a.idle else 0)
 
     def run(self) -> list[Row]:
         for size in self.args.block_sizes:
@@ -309,6 +351,12 @@ class Transfer:
             self.ceilings(work)
             if self.redis_url:
                 self.redis(work, self.redis_url)
+        if self.args.crossover:
+            self.rows += nixl_rows.crossover(self.procs, self.args.crossover, self.args.repeat)
+            self.advance("small blocks: nixl against tcp")
+        if self.args.idle:
+            self.rows += nixl_rows.idle(self.procs, self.args.idle)
+            self.advance("idle CPU with NIXL loaded")
         add_ratios(self.rows)
         return self.rows
 
@@ -329,9 +377,11 @@ class Transfer:
 
     def clients(self, path: str, streams: int) -> list[Client]:
         if (path, streams) not in self._clients:
-            self._clients[path, streams] = workloads.clients(
-                self.address, path, streams, self.args.chunk
-            )
+            made = workloads.clients(self.address, path, streams, self.args.chunk, self.source)
+            self._clients[path, streams] = made
+            largest = max(self.workload(s, b).batch * s for s in self.args.block_sizes
+                          for b in self.args.batch)  # fmt: skip
+            self._buffers[path, streams] = get_buffers(made, path, largest)
         return self._clients[path, streams]
 
     def close(self) -> None:
@@ -347,15 +397,16 @@ class Transfer:
         warm = warmup(work)
         keys = bench_keys(warm, f"warmup/{path}/{work}/{streams}")
         clients = self.clients(path, streams)
+        buffers = self._buffers[path, streams]
         workloads.kvstore_put(clients, warm, self.source, keys)
-        workloads.kvstore_get(clients, path, warm, keys, self.verifier(warm))
+        workloads.kvstore_get(clients, path, warm, keys, self.verifier(warm), buffers)
         self.delete(keys)
         for rep in range(self.args.repeat):
             keys = bench_keys(work, f"{path}/{work}/{streams}/{rep}/{self.args.seed}")
             put = workloads.kvstore_put(clients, work, self.source, keys)
             runs.setdefault("put", []).append(put)
             # get (timed) or, for put alone, an untimed check of what was stored
-            get = workloads.kvstore_get(clients, path, work, keys, self.verifier(work))
+            get = workloads.kvstore_get(clients, path, work, keys, self.verifier(work), buffers)
             runs.setdefault("get", []).append(get)
             self.delete(keys)
             if "push" in runs:
@@ -434,11 +485,13 @@ class Transfer:
             return ceilings.memcpy(work, self.source)
         if name == "file_io":
             return ceilings.file_io(self.procs.tempdir(), work, self.source, direction)
-        kind = "tcp" if name == "raw_tcp" else "grpc"
+        kind = {"raw_tcp": "tcp", "raw_nixl": "nixl"}.get(name, "grpc")
         if kind not in self.ports:
             self.ports[kind] = ceilings.start_server(self.procs, kind)
         if name == "raw_tcp":
             return ceilings.raw_tcp(self.ports[kind], work, self.source, direction)
+        if name == "raw_nixl":
+            return ceilings.raw_nixl(self.ports[kind], work, self.source, direction)
         return ceilings.grpc_bare(self.ports[kind], work, direction)
 
     def redis(self, work: Workload, url: str) -> None:

@@ -14,7 +14,7 @@ from typing import Any
 from kvstore.bench.measure import Run
 from kvstore.config import format_size
 
-CEILINGS = ("raw_tcp", "memcpy", "grpc_bare", "file_io")
+CEILINGS = ("raw_tcp", "memcpy", "grpc_bare", "file_io", "raw_nixl")
 PEERS = ("redis", "redis_pipelined", "grpc_unary")
 
 
@@ -113,7 +113,7 @@ def write_json(
 def table(rows: list[Row], title: str) -> Any:
     from rich.table import Table
 
-    names = (*CEILINGS, "redis", "grpc_unary", "none", "empty_host")
+    names = (*CEILINGS, "redis", "grpc_unary", "none", "empty_host", "tcp")
     ratio_names = [n for n in names if any(n in r.ratios for r in rows)]
     codec_rows = any(r.scenario.startswith("codec") for r in rows)
     crash_rows = any(r.scenario == "crash" for r in rows)
@@ -132,6 +132,8 @@ def table(rows: list[Row], title: str) -> Any:
         e = r.extra
         if r.scenario in ("lookup", "ttft") and e.get("prompt_tokens"):
             label = f"{e.get('prompt_tokens')} tok"
+        elif r.scenario == "idle":
+            label = f"{e['process']}, {e['seconds']:g} s"
         else:
             label = format_size(r.block_size)
         path = r.path
@@ -147,6 +149,8 @@ def table(rows: list[Row], title: str) -> Any:
             speed = f"x{e['speedup']:g} ttft"
         elif "ops_per_s" in e:
             speed = f"{e['ops_per_s']:.0f}/s"
+        elif "core_fraction" in e:
+            speed = f"{e['core_fraction']:.2%} core"
         else:
             speed = ""
         cells = [r.scenario, path, label, speed, f"{r.p50_ms:.2f}", f"{r.p99_ms:.2f}"]

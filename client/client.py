@@ -3,6 +3,7 @@ pipeline; the paths themselves move blocks (kvstore/client/transport.py)."""
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import random
@@ -17,6 +18,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 import grpc
 import numpy as np
+import xxhash
 
 from kvstore import codecs
 from kvstore.arena import aligned
@@ -47,6 +49,7 @@ from kvstore.errors import (
     Unavailable,
     Unsupported,
 )
+from kvstore.fabric import Region, address
 from kvstore.keys import BlockKey, check_keys, check_tokens
 from kvstore.limits import BLOCK_OVERHEAD, MAX_BLOCKS, MAX_TOKENS
 from kvstore.meta import BlockMeta
@@ -214,6 +217,25 @@ class Client:
         for commit in pending:
             result += commit()
         return result
+
+    def put_from(
+        self, keys: Sequence[BlockKey], sources: Sequence[object], *, layout: str = ""
+    ) -> PutResult:
+        """Store one block per key, each read by the node where it lies: contiguous torch
+        tensors (CUDA ones too) or numpy arrays in memory this client registered
+        (`register`); dtype and shape recorded, no codec. NIXL only. A GPU source is not
+        hashed here (that would take a copy out of GPU memory): the node computes its
+        checksum once the bytes are in its slots, so every read verifies it as usual."""
+        keys = check_keys(keys, unique=True, limit=len(keys))
+        if len(sources) != len(keys):
+            raise InvalidArgument("sources", f"got {len(sources)} for {len(keys)} keys")
+        regions = [address(source) for source in sources]
+        self._check_fits([region.size for region in regions])
+        blocks = [
+            (key, _source_meta(i, source, region, layout, self.checksum))
+            for i, (key, source, region) in enumerate(zip(keys, sources, regions, strict=True))
+        ]
+        return self._nixl().put_from(blocks, regions)
 
     # -- blocks out ---------------------------------------------------------------
 
@@ -530,7 +552,7 @@ class Client:
                 raise Unsupported("the node offers no NIXL (--nixl off, or not installed there)")
             from kvstore.client.nixl import NixlTransport  # NIXL is optional: loaded here only
 
-            return NixlTransport(channels, info.max_block_size, info.host_capacity)
+            return NixlTransport(channels, info.host_capacity)
         return TcpTransport(channels)
 
     def _leave(self, name: str, exc: Exception) -> None:
@@ -696,6 +718,22 @@ def _get_part(ask: Ask, out: Out, arrived: Arrived, had: int, transport: Transpo
 
 def _millis(seconds: float | None) -> int:
     return max(0, min(int((seconds or 0) * 1000), 1 << 31))
+
+
+def _source_meta(
+    index: int, source: object, region: Region, layout: str, checksum: bool
+) -> BlockMeta:
+    """A `put_from` source's metadata: numpy's name for its dtype (torch's bfloat16 is
+    ml_dtypes' bfloat16), its shape, and an xxh3 of host memory (GPU memory: the node's)."""
+    torch_dtype = str(getattr(source, "dtype", "")).removeprefix("torch.")
+    dtype = source.dtype if isinstance(source, np.ndarray) else codecs.parse_dtype(torch_dtype)
+    if dtype is None or not hasattr(source, "shape"):
+        raise InvalidArgument(f"sources[{index}]", "not a numpy array or torch tensor")
+    digest = 0
+    if checksum and not region.vram:
+        digest = xxhash.xxh3_64_intdigest((ctypes.c_ubyte * region.size).from_address(region.addr))
+    shape = tuple(source.shape)  # type: ignore[attr-defined]
+    return BlockMeta(region.size, codecs.dtype_name(dtype), shape, layout, checksum=digest)
 
 
 def _flat(out: memoryview | np.ndarray) -> np.ndarray:

@@ -12,22 +12,25 @@ TCP path; a get's small blocks come back on the socket after its answer.
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import math
 import select
 import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 import numpy as np
 
 from kvstore.client import tcp
-from kvstore.client.channel import Channels
+from kvstore.client.channel import Channels, Link, NodeChanged
 from kvstore.client.pipeline import Block, Received, batches, block_slices
 from kvstore.client.tcp import Place
 from kvstore.client.transport import Arrived, Ask, Out
-from kvstore.errors import InvalidArgument
+from kvstore.errors import InvalidArgument, Unavailable
 from kvstore.fabric import Agent, Region, address
 from kvstore.proto import kvstore_pb2 as pb
 from kvstore.proto.channel import (
@@ -35,7 +38,9 @@ from kvstore.proto.channel import (
     NIXL_PUT,
     NIXL_SESSION,
     REQUEST_MAGIC,
+    SESSION_ENDED,
     TRUNCATED,
+    ChannelError,
     Frame,
     encode,
     recv_exact,
@@ -44,13 +49,14 @@ from kvstore.proto.convert import headers_from_proto, headers_to_proto
 from kvstore.results import PutResult
 
 SMALL_PUT = 256 << 10  # a put of fewer bytes goes over the socket (the crossover)
-STAGE = 64 << 20  # bytes of a staging buffer; a get into one asks for at most this much
+STAGE = 64 << 20  # bytes of a staging buffer, at least
+MAX_STAGE = 256 << 20  # a get through staging takes at most this much at once
 
 
 class NixlTransport:
     name = "nixl"
 
-    def __init__(self, channels: Channels, max_block_size: int, host_capacity: int) -> None:
+    def __init__(self, channels: Channels, host_capacity: int) -> None:
         self.channels = channels
         self._part = host_capacity // 4  # bytes of a put's slots reserved at once
         self._lock = threading.Lock()  # the session's connection; registrations
@@ -58,7 +64,6 @@ class NixlTransport:
         opened = self._session(pb.NixlSession())
         self.session = opened.session
         self.agent = Agent(opened.agent)  # the name the node gave it
-        self._stage = max(STAGE, max_block_size)  # any one block fits a staging buffer
         self._regions: tuple[tuple[Region, object], ...] = ()  # and what keeps each alive
         self._free: list[np.ndarray] = []  # staging buffers not in use
         self._give(self._staging(STAGE))  # the session has memory from the start
@@ -100,6 +105,26 @@ class NixlTransport:
                     staging[at : at + len(view)] = np.frombuffer(view, np.uint8)
                     places[i] = Region(address(staging).addr + at, len(view))
                     at += len(view)
+        try:
+            return self._put_at(blocks, places, durable)
+        finally:
+            if staging is not None:
+                self._give(staging)
+
+    def put_from(self, blocks: Sequence[Block], sources: Sequence[Region]) -> PutResult:
+        """`Client.put_from`: the node reads each block where it lies, in memory this
+        client registered (host or one GPU's), with no copy here."""
+        if any(self._registered(source) is None for source in sources):
+            raise InvalidArgument("sources", "every source must lie in registered memory")
+        result = PutResult(0, 0)
+        for part in batches([source.size for source in sources], self._part):
+            result += self._put_at(blocks[part], sources[part], False)
+        return result
+
+    def _put_at(
+        self, blocks: Sequence[Block], places: Sequence[Region], durable: bool
+    ) -> PutResult:
+        """One request: the node reads each block at its place, in registered memory."""
         kinds = {(p.vram, p.device) for p in places}
         if len(kinds) > 1:
             raise InvalidArgument(
@@ -113,59 +138,75 @@ class NixlTransport:
             vram=vram,
             device=device,
         )
-        try:
-            reply = pb.PutReply.FromString(self._request(NIXL_PUT, request).meta)
-        finally:
-            if staging is not None:
-                self._give(staging)
+        reply = pb.PutReply.FromString(self._request(NIXL_PUT, request).meta)
         return PutResult(reply.stored, reply.existed)
 
     def get(self, ask: Ask, out: Out, arrived: Arrived | None) -> Received:
-        """Into `out` where it is registered; else through staging, one copy."""
-        staging = None
-        into = address(out) if out is not None else None
-        if into is None or self._registered(into) is None:
-            size = into.size if into is not None else self._stage
-            staging = self._staging(size)
-            into = Region(address(staging).addr, min(size, staging.nbytes))
-        request = pb.NixlGet(
-            ask=pb.GetRequest(keys=ask.keys, wait_ms=ask.wait_ms, fetch=ask.fetch),
-            session=self.session,
-            into=pb.NixlRegion(addr=into.addr, size=into.size, vram=into.vram, device=into.device),
-        )
+        """Straight into `out` where it is registered memory; else into staging sized to
+        what the node found (two phases), then one copy into place."""
+        if out is not None and self._registered(address(out)) is not None:
+            return self._get_span(ask, out)
+        staging: list[np.ndarray] = []
+
+        def place(blocks: list[Block]) -> list[np.ndarray]:
+            sizes = list(itertools.accumulate(meta.size for _, meta in blocks))
+            taken = max(1, bisect.bisect_right(sizes, MAX_STAGE))  # the rest: asked again
+            staging.append(self._staging(sizes[taken - 1]))
+            return block_slices([meta for _, meta in blocks[:taken]], staging[0])[1]
+
         try:
-            with self.channels.link() as link:
-                frame = self.channels.request(
-                    link, NIXL_GET, request.SerializeToString(), waiting=self._progress
-                )
-                answer = pb.GetAnswer.FromString(frame.meta)
-                blocks = headers_from_proto(answer.blocks)
-                _, arrays = block_slices([meta for _, meta in blocks], out)
-                for i in answer.inline:  # small blocks: on the socket, straight into place
-                    recv_exact(link.sock, memoryview(arrays[i]))
-            if staging is not None:
-                inline, at = set(answer.inline), 0
-                for i, array in enumerate(arrays):
-                    if i not in inline:
-                        array[:] = staging[at : at + array.nbytes]
-                    at += array.nbytes
+            blocks, _, truncated = self._get_placed(ask, place)
+            span, arrays = block_slices([meta for _, meta in blocks], out)
+            if blocks:
+                span[:] = staging[0][: len(span)]  # the one copy
         finally:
-            if staging is not None:
-                self._give(staging)
-        return Received(arrays, blocks, bool(frame.flags & TRUNCATED))
+            if staging:
+                self._give(staging[0])
+        return Received(arrays, blocks, truncated)
 
     def get_into(self, ask: Ask, place: Place, landed: Callable[[int], None]) -> int:
         """`Client.get_into` over NIXL: the node answers the blocks it pinned, `place`
         hands out a registered buffer for each (host or one GPU's memory), and the node
         writes them there; `landed(i)` for each once all are."""
+        _, dests, _ = self._get_placed(ask, place)
+        for i in range(len(dests)):
+            landed(i)
+        return len(dests)
+
+    def _get_span(self, ask: Ask, out: np.ndarray) -> Received:
+        """One round trip: the present prefix written back to back into `out`, as far as
+        it fits."""
+        into = address(out)
+        request = pb.NixlGet(
+            ask=pb.GetRequest(keys=ask.keys, wait_ms=ask.wait_ms, fetch=ask.fetch),
+            session=self.session,
+            into=pb.NixlRegion(addr=into.addr, size=into.size, vram=into.vram, device=into.device),
+        )
+        with self._link() as link:
+            frame = self.channels.request(
+                link, NIXL_GET, request.SerializeToString(), waiting=self._progress
+            )
+            answer = pb.GetAnswer.FromString(frame.meta)
+            blocks = headers_from_proto(answer.blocks)
+            _, arrays = block_slices([meta for _, meta in blocks], out)
+            for i in answer.inline:  # small blocks: on the socket, straight into place
+                recv_exact(link.sock, memoryview(arrays[i]))
+        return Received(arrays, blocks, bool(frame.flags & TRUNCATED))
+
+    def _get_placed(
+        self, ask: Ask, place: Callable[[list[Block]], Sequence[object]]
+    ) -> tuple[list[Block], Sequence[object], bool]:
+        """Two round trips: the blocks the node pinned, the places `place` gives the first
+        of them (registered memory), written there by the node; and whether the node
+        stopped short or `place` took fewer."""
         request = pb.NixlGet(
             ask=pb.GetRequest(keys=ask.keys, wait_ms=ask.wait_ms, fetch=ask.fetch),
             session=self.session,
         )
-        with self.channels.link() as link:
+        with self._link() as link:
             frame = self.channels.request(link, NIXL_GET, request.SerializeToString())
-            blocks = headers_from_proto(pb.GetAnswer.FromString(frame.meta).blocks)
-            dests = place(blocks) if blocks else []
+            found = headers_from_proto(pb.GetAnswer.FromString(frame.meta).blocks)
+            dests = place(found) if found else []
             places = [address(dest) for dest in dests]
             if any(self._registered(p) is None for p in places):
                 raise InvalidArgument("place", "every place must be registered memory")
@@ -174,16 +215,15 @@ class NixlTransport:
                 raise InvalidArgument("place", "places must all be host memory, or one GPU's")
             vram, device = kinds.pop()
             taken = pb.NixlPlaces(addrs=[p.addr for p in places], vram=vram, device=device)
-            self.channels.send(
-                link, [encode(REQUEST_MAGIC, NIXL_GET, 0, taken.SerializeToString())]
-            )
+            continued = encode(REQUEST_MAGIC, NIXL_GET, 0, taken.SerializeToString())
+            self.channels.send(link, [continued])
             self._progress(link.sock)
-            answer = pb.GetAnswer.FromString(self.channels.answer(link).meta)
+            done = self.channels.answer(link)
+            answer = pb.GetAnswer.FromString(done.meta)
             for i in answer.inline:  # small blocks: on the socket, straight into place
-                recv_exact(link.sock, memoryview(dests[i]).cast("B"))
-        for i in range(len(dests)):
-            landed(i)
-        return len(dests)
+                recv_exact(link.sock, memoryview(dests[i]).cast("B"))  # type: ignore[arg-type]
+        truncated = bool(frame.flags & TRUNCATED) or len(dests) < len(found)
+        return found[: len(dests)], dests, truncated
 
     def lookup(self, ask: Ask) -> list[str]:
         return tcp.lookup(self.channels, ask)
@@ -195,7 +235,7 @@ class NixlTransport:
     # -- within -------------------------------------------------------------------
 
     def _request(self, op: int, message: pb.NixlPut | pb.NixlGet) -> Frame:
-        with self.channels.link() as link:
+        with self._link() as link:
             return self.channels.request(
                 link, op, message.SerializeToString(), waiting=self._progress
             )
@@ -215,8 +255,23 @@ class NixlTransport:
 
     def _session(self, message: pb.NixlSession) -> pb.NixlSessionReply:
         """Over the session's own connection (under `_lock`, or before others use it)."""
-        frame = self.channels.request(self._anchor, NIXL_SESSION, message.SerializeToString())
+        try:
+            frame = self.channels.request(self._anchor, NIXL_SESSION, message.SerializeToString())
+        except ChannelError as exc:  # the session ended with it
+            raise NodeChanged(f"{SESSION_ENDED}: {exc}") from None
         return pb.NixlSessionReply.FromString(frame.meta)
+
+    @contextmanager
+    def _link(self) -> Iterator[Link]:
+        """A pooled connection; a session the node no longer knows (it ended with its own
+        connection, or the node restarted) has the client meet the node anew."""
+        try:
+            with self.channels.link() as link:
+                yield link
+        except Unavailable as exc:
+            if SESSION_ENDED in str(exc) and not isinstance(exc, ChannelError):
+                raise NodeChanged(str(exc)) from None
+            raise
 
     def _register(self, region: Region, keep: object) -> None:
         """Register with the agent, then tell the node all this session registered."""

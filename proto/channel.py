@@ -29,6 +29,7 @@ REQUEST_MAGIC, REPLY_MAGIC = b"KQ", b"KA"
 # operations
 GET, PUT, COMMIT, LOOKUP, RELEASE, RENEW = 1, 2, 3, 4, 5, 6
 NIXL_SESSION, NIXL_GET, NIXL_PUT = 7, 8, 9  # payloads through NIXL (DATAPLANE.md, "NIXL")
+SESSION_ENDED = "NIXL session unknown, or ended"  # an Unavailable's words: open another
 OPS = {GET: "get", PUT: "put", COMMIT: "commit", LOOKUP: "lookup", RELEASE: "release"}
 OPS |= {RENEW: "renew", NIXL_SESSION: "nixl session", NIXL_GET: "nixl get", NIXL_PUT: "nixl put"}
 NO_REPLY = (RELEASE, RENEW)  # sent ahead of the next request; answered by nothing

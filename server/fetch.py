@@ -4,9 +4,11 @@ producer is still writing.
 With `fetch`, a get, lease or lookup whose local prefix ends before the cluster's first
 pulls the missing run from the best holder (the index's choice), node to node over that
 node's data plane, straight into reserved host slots, each block published only once it
-is whole and matches its checksum. A holder that fails half way leaves the blocks that
-arrived whole; the next holder is asked for the rest. Requests that need a run another
-request is fetching wait for that fetch instead of starting a second.
+is whole and matches its checksum: where both nodes run NIXL, the holder WRITEs them into
+those slots (this node's arena is registered with its client of the holder), else they
+come over the holder's TCP data plane. A holder that fails half way leaves the blocks
+that arrived whole; the next holder is asked for the rest. Requests that need a run
+another request is fetching wait for that fetch instead of starting a second.
 
 With `wait`, keys[0] gets that long to arrive (locally, or with `fetch` anywhere in the
 cluster); a put that was bringing it and fails ends the wait at once, and so does one
@@ -14,8 +16,9 @@ that failed shortly before the wait began (the store remembers it: `Store.abando
 
 A fetch is bounded: it dials at most `MAX_HOLDERS` holders, passes over for `FAILED_FOR`
 seconds a holder that just failed, and stops by the caller's deadline and after
-`MAX_FETCH` seconds. Clients of holders are kept for `PEER_IDLE` seconds unused, and at
-most `MAX_PEERS` of them (the least recently used closed first).
+`MAX_FETCH` seconds. Clients of holders (and of push targets: `call`) are kept for
+`PEER_IDLE` seconds unused, and at most `MAX_PEERS` of them (the least recently used
+closed first).
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, TypeVar
 
 from kvstore.errors import Busy, KVStoreError, Unavailable
 from kvstore.ingest import check_fits, check_payload, validate_block
@@ -37,6 +41,9 @@ from kvstore.server.cluster import Membership
 from kvstore.server.tls import PeerOptions
 from kvstore.store import Store
 from kvstore.tiers import Reservation
+
+if TYPE_CHECKING:
+    from kvstore.client import Client
 
 log = logging.getLogger("kvstore.fetch")
 MAX_WAIT = 300.0  # seconds a request may wait for blocks to arrive
@@ -49,14 +56,18 @@ FAILED_FOR = 5.0  # seconds a holder that just failed is passed over
 MAX_FAILED = 4096  # holders remembered as failed at once
 MAX_PEERS = 16  # holders this node keeps a client of (the least recently used closed first)
 PEER_IDLE = 60.0  # seconds a client of a holder is kept unused
+T = TypeVar("T")
 
 
 @dataclass(eq=False, slots=True)
 class _Peer:
-    client: object  # a kvstore.client.Client of the holder
+    client: Client  # of the other node
     used: float  # time.monotonic() of its last use
     users: int = 0  # fetches using it now: it is closed only once they are done
     evicted: bool = False
+    opened: bool = False  # its path chosen, and this node's arena registered where NIXL
+    served: bool = False  # an operation through it succeeded
+    opening: threading.Lock = field(default_factory=threading.Lock)
 
 
 class Fetcher:
@@ -66,9 +77,11 @@ class Fetcher:
         membership: Membership,
         timeout: float,
         peer_options: PeerOptions | None = None,
+        nixl: bool = False,
     ) -> None:
         self.store = store
         self.peer_options = peer_options or {}  # how this node calls others: token, TLS
+        self.transport = "auto" if nixl else "tcp"  # auto: NIXL where the peer runs it too
         self.membership = membership
         self.timeout = timeout
         self._waiting = threading.BoundedSemaphore(MAX_WAITING)
@@ -214,34 +227,68 @@ class Fetcher:
                 break
         return landed
 
-    def _pull(self, node: str, address: str, keys: Sequence[BlockKey], limit: float) -> int:
-        total = 0
-        with self._peer(address) as peer:
-            for start in range(0, len(keys), RUN):
+    def _pull(self, node: str, address: str, keys: Sequence[BlockKey], limit: float) -> None:
+        def runs(peer: Client) -> None:
+            rest = keys[self.store.present(keys) :]  # what an earlier try did not land
+            for start in range(0, len(rest), RUN):
                 if start and time.monotonic() >= limit:
                     break
-                run = keys[start : start + RUN]
+                run = rest[start : start + RUN]
                 landing = _Landing(self.store, run, lambda size: self._count(node, size))
                 try:
-                    got = peer.get_into(run, landing.place, landing.landed)  # type: ignore[attr-defined]
+                    got = peer.get_into(run, landing.place, landing.landed)
                 finally:
                     landing.abort_rest()
-                total += landing.done
                 if got < len(run):
                     break
-        return total
+
+        self.call(address, runs)
+
+    def call(self, address: str, operation: Callable[[Client], T]) -> T:
+        """`operation` with this node's client of the node at `address`, kept between calls.
+        A kept client that served before and fails now (that node restarted, or the
+        cluster's secret rotated) is dropped, and the operation made once more with a new
+        client, to which that node proves itself anew."""
+        retried = False
+        while True:
+            kept = False
+            try:
+                with self._peer(address) as peer:
+                    kept = peer.served
+                    result = operation(self._opened(peer))
+                    peer.served = True
+                return result
+            except (KVStoreError, OSError):
+                if retried or not kept:
+                    raise
+                retried = True
+
+    def _opened(self, peer: _Peer) -> Client:
+        """The peer's client, its path chosen; where that is NIXL, this node's host arena
+        registered with it, so the other node WRITEs straight into the slots a fetch
+        reserves and READs a push straight from the pinned blocks."""
+        with peer.opening:
+            if not peer.opened:
+                if peer.client.path == "nixl":
+                    peer.client.register(self.store.host.arena.memory)
+                peer.opened = True
+        return peer.client
 
     @contextmanager
-    def _peer(self, address: str) -> Iterator[object]:
-        """The client of the holder at `address` (made on first use; dropped if the call
-        fails, so the next one starts afresh)."""
+    def _peer(self, address: str) -> Iterator[_Peer]:
+        """This node's client of the node at `address` (made on first use; dropped if the
+        call fails, so the next one starts afresh)."""
         from kvstore.client import Client  # a node fetching is a client of the holder
 
         with self._lock:
             peer = self._peers.get(address)
             if peer is None:
                 client = Client(
-                    address, transport="tcp", shm=False, timeout=self.timeout, **self.peer_options
+                    address,
+                    transport=self.transport,
+                    shm=False,
+                    timeout=self.timeout,
+                    **self.peer_options,
                 )
                 peer = self._peers[address] = _Peer(client, time.monotonic())
             self._peers.move_to_end(address)
@@ -250,7 +297,7 @@ class Fetcher:
         _close(stale)
         ok = False
         try:
-            yield peer.client
+            yield peer
             ok = True
         finally:
             with self._lock:
@@ -323,7 +370,7 @@ def _close(peers: Sequence[_Peer | None]) -> None:
     for peer in peers:
         if peer is not None:
             try:
-                peer.client.close()  # type: ignore[attr-defined]
+                peer.client.close()
             except Exception:  # a client that cannot close cleanly is gone all the same
                 log.debug("closing a client of a holder failed", exc_info=True)
 

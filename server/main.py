@@ -166,6 +166,7 @@ class Daemon:
             self.membership,
             config.data_timeout,
             tls.peer_options(config) | {"cluster_secret": cluster},
+            nixl=self.nixl is not None,
         )
         self.policy.fetcher = self.fetcher
         servicer = KVStoreServicer(
@@ -424,7 +425,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     tiers = ", ".join(f"{t.name} tier {format_size(t.capacity)}" for t in daemon.store.tiers)
     print(
         f"kvstore-server {__version__} listening on {daemon.address} (data plane "
-        f"{daemon.channel.address if daemon.channel else 'off'}, {tiers}"
+        f"{daemon.channel.address if daemon.channel else 'off'}"
+        f"{' with NIXL' if daemon.nixl else ''}, {tiers}"
         + (
             f", metrics http://{daemon.metrics_address}/metrics)" if daemon.metrics_address else ")"
         ),

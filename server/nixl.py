@@ -22,15 +22,17 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
-from kvstore.errors import InvalidArgument, ResourceExhausted, Unavailable
+import xxhash
+
+from kvstore.errors import CorruptBlock, InvalidArgument, ResourceExhausted, Unavailable
 from kvstore.fabric import Agent, Region, address
-from kvstore.ingest import check_payload
 from kvstore.proto import kvstore_pb2 as pb
 from kvstore.proto.channel import (
     NIXL_GET,
     READY,
     REPLY_MAGIC,
     REQUEST_MAGIC,
+    SESSION_ENDED,
     TRUNCATED,
     ChannelError,
     Frame,
@@ -153,7 +155,7 @@ class NixlNode:
         with self._lock:
             session = self._sessions.get(session_id)
         if session is None or session.tenant != conn.tenant.name:
-            raise Unavailable("NIXL session unknown, or ended: open another")
+            raise Unavailable(f"{SESSION_ENDED}: open another")
         return session
 
     def closed(self, conn: Connection) -> None:
@@ -170,6 +172,7 @@ class NixlNode:
                     if session.peer:
                         self.agent.remove_peer(session.peer)
                         session.peer = ""
+            self.agent.progress()  # UCX closes the peer's sockets as it makes progress
         conn.nixl.clear()
 
 
@@ -207,7 +210,7 @@ def get(server: ChannelServer, conn: Connection, frame: Frame) -> None:
     wanted = request.ask
     answer_by = server.deadline(0) + wanted.wait_ms / 1000
     ask = Ask(wanted.keys, wanted.wait_ms, wanted.fetch, answer_by)
-    with session.using(), server.policy.get(_caller(conn), ask) as found:
+    with server.policy.get(_caller(conn), ask) as found, session.using():  # after any wait
         sizes = [len(view) for view in found.views]
         if request.HasField("into"):
             into = request.into
@@ -258,12 +261,13 @@ def _write(
     truncated: bool,
 ) -> None:
     """WRITE the first `len(places)` blocks to their places, then answer; small blocks
-    follow the answer on the socket instead. A block for a GPU is checked here, before it
-    leaves (host memory is checked by the client, on arrival)."""
+    follow the answer on the socket instead. Blocks for a GPU are checked here, all before
+    any leaves (host memory is checked by the client, on arrival)."""
     views, headers = found.views[: len(places)], found.headers[: len(places)]
     if kind.vram:
-        for i, (key, meta) in enumerate(headers):
-            check_payload(i, key, meta, views[i])
+        for (key, meta), view in zip(headers, views, strict=True):
+            if meta.checksum and xxhash.xxh3_64_intdigest(view) != meta.checksum:
+                raise CorruptBlock(f"block {key.hex()} failed its checksum")
     inline, local, remote = [], [], []
     for i, (view, place) in enumerate(zip(views, places, strict=True)):
         at = address(view).addr
@@ -304,7 +308,10 @@ def put(server: ChannelServer, conn: Connection, frame: Frame) -> None:
                 kind = Region(0, 0, request.vram, request.device)  # every region's (checked)
                 deadline = server.deadline(slots.nbytes)
                 nixl.agent.move("READ", targets, remote, kind, session.peer, deadline)
-            result = server.policy.commit(caller, slots, ())
+            # blocks from GPU memory come with no checksum: they get theirs here
+            views = [r.view for r in slots.reservations] if request.vram else []
+            checksums = [xxhash.xxh3_64_intdigest(view) for view in views]
+            result = server.policy.commit(caller, slots, checksums)
         except BaseException:
             slots.end()
             raise

@@ -218,9 +218,9 @@ class KVStoreServicer:
         if not request.target:
             raise InvalidArgument("target", "must name the receiving node (HOST:PORT)")
         transport = request.transport or "auto"
-        if transport not in ("auto", "tcp", "grpc"):
+        if transport not in ("auto", "nixl", "tcp", "grpc"):
             raise InvalidArgument(
-                "transport", f"unknown transport {transport!r} (auto, tcp or grpc)"
+                "transport", f"unknown transport {transport!r} (auto, nixl, tcp or grpc)"
             )
         self._may_push_to(request.target)
         with self.gate.enter(), self.transfers.running(), self.store.read(keys) as batch:
@@ -235,7 +235,7 @@ class KVStoreServicer:
                 [b.view for b in batch.blocks],
                 min(context.time_remaining() or PUSH_TIMEOUT, PUSH_TIMEOUT),
                 self.chunk_size,
-                self.fetcher.peer_options,
+                self.fetcher,
             )
         return pb.PushReply(
             found=len(batch.blocks), stored=result.stored, existed=result.existed

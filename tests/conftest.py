@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 
 from kvstore.client import Client
+from kvstore.fabric import why_not
 from kvstore.proto import kvstore_pb2 as pb
 from kvstore.proto.channel import (
     HELLO,
@@ -39,6 +40,7 @@ from kvstore.proto.channel import (
 )
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+NIXL = pytest.mark.skipif(bool(why_not()), reason=why_not() or "NIXL is installed")
 SERVICE = "kvstore.v1.KVStore"
 
 

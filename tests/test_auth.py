@@ -16,7 +16,7 @@ import pytest
 from test_cluster_index import RedisServer, poll
 from test_fetch import node
 
-from conftest import SERVICE, Daemon, hello_reply, running_daemon
+from conftest import NIXL, SERVICE, Daemon, hello_reply, running_daemon
 from kvstore.client import Client
 from kvstore.errors import PermissionDenied, ResourceExhausted, Unauthenticated, Unsupported
 from kvstore.keys import block_keys
@@ -123,7 +123,7 @@ def test_every_rpc_wants_a_known_token(node_with_tenants, method: str, token) ->
     assert ("no token" if token is None else "token unknown") in error.details()
 
 
-@pytest.mark.parametrize("transport", ["grpc", "tcp", "shm"])
+@pytest.mark.parametrize("transport", ["grpc", "tcp", "shm", pytest.param("nixl", marks=NIXL)])
 def test_no_tenant_can_reach_another_tenants_blocks(node_with_tenants, transport: str) -> None:
     """Bob asks for exactly Alice's keys, on every path: he finds, reads, deletes and
     overwrites nothing of hers; his own put of those keys is his alone."""
@@ -188,7 +188,7 @@ def test_a_tenant_over_quota_evicts_its_own_coldest_blocks_only(auth_file) -> No
         assert small.lookup(keys[:1]) == 1  # and refused before it dropped anything
 
 
-@pytest.mark.parametrize("transport", ["grpc", "tcp"])
+@pytest.mark.parametrize("transport", ["grpc", "tcp", pytest.param("nixl", marks=NIXL)])
 def test_a_read_only_token_reads_but_never_writes(node_with_tenants, transport: str) -> None:
     keys = block_keys(np.arange(16), 16, f"read only/{transport}".encode())
     with as_tenant(node_with_tenants, "reader", transport=transport) as reader:

@@ -21,6 +21,7 @@ import pytest
 from conftest import Daemon, running_daemon
 from kvstore.client import Client
 from kvstore.errors import CorruptBlock, InvalidArgument, Unavailable
+from kvstore.fabric import why_not
 from kvstore.keys import BlockKey, block_keys
 from kvstore.meta import BlockMeta
 from kvstore.results import PutResult
@@ -80,6 +81,8 @@ def node(request: pytest.FixtureRequest, tmp_path_factory) -> Iterator[Node]:
 
 @pytest.fixture(params=PATHS)
 def path(request: pytest.FixtureRequest) -> str:
+    if request.param == "nixl" and why_not():
+        pytest.skip(why_not())
     return request.param
 
 

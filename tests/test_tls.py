@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from conftest import SERVICE, Daemon, running_daemon
+from conftest import NIXL, SERVICE, Daemon, running_daemon
 from kvstore.client import Client
 from kvstore.errors import Unavailable
 from kvstore.keys import block_keys
@@ -129,6 +129,21 @@ def test_blocks_round_trip_over_tls(tls_node, pki, transport: str) -> None:
         round_trip(c, f"tls/{transport}")
         # auto: shared memory still, it never leaves the host
         assert c.path == {"grpc": "grpc", "tcp": "tcp", "auto": "shm"}[transport]
+
+
+@NIXL
+def test_nixl_is_off_under_tls_unless_the_operator_turns_it_on(tls_node, pki) -> None:
+    """NIXL traffic is not encrypted: `--nixl auto` leaves it off on a TLS node; `on`
+    serves it (a trusted fabric), beside TLS on gRPC and the data plane's socket."""
+    assert "with NIXL" not in tls_node.banner
+    with Client(tls_node.address, shm=False, tls_ca=str(pki.ca), timeout=30) as c:
+        assert c.path == "tcp"
+    flags = ("--tls-cert", str(pki.server_cert), "--tls-key", str(pki.server_key))
+    with running_daemon("--host-capacity", "64MiB", *flags, "--nixl", "on") as d:
+        assert "with NIXL" in d.banner
+        with Client(d.address, shm=False, tls_ca=str(pki.ca), timeout=30) as c:
+            round_trip(c, "tls/nixl on")
+            assert c.path == "nixl"
 
 
 def test_a_plaintext_client_gets_a_clear_error_from_a_tls_node(tls_node) -> None:
