@@ -273,7 +273,7 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
             ap.error("--ucx-tls must name transports (omit it for UCX's own choice); --idle >= 0")
         if args.ucx_tls:  # before UCX starts here; every process started later inherits it
             os.environ["UCX_TLS"] = args.ucx_tls
-        args.ucx_tls = os.environ.get("UCX_TLS")  # what the figures were measured with
+        args.ucx = {k: v for k, v in os.environ.items() if k.startswith("UCX_")}  # for the JSON
         nixl = bool(set(args.paths) & set(NIXL_PATHS) or args.crossover or args.idle)
         if args.ceilings is None:
             args.ceilings = [c for c in CEILINGS if c != "raw_nixl" or nixl]
