@@ -202,7 +202,7 @@ def _serve_nixl() -> None:
                         break
                     op, nbytes, size, at = _NIXL_HEADER.unpack(header)
                     if buffers[-1].nbytes < nbytes:  # registered in the warm-up
-                        buffers.append(np.empty(nbytes, np.uint8))
+                        buffers.append(np.ones(nbytes, np.uint8))  # not the zero page
                         agent.register(fabric.address(buffers[-1]))
                     base = fabric.address(buffers[-1]).addr
                     local = [(base + offset, size) for offset in range(0, nbytes, size)]

@@ -8,8 +8,9 @@ real daemons and a real redis-server, next to ceilings in the same run.
 - memory: Redis bytes per indexed (block, node) entry;
 - absence: seconds from SIGKILL of a daemon to its absence from Locate;
 - converge: seconds for the index to be whole again after Redis restarts empty;
-- fetch: a node pulling blocks another holds (4 MiB and 256 KiB) over its data plane,
-  against `push` of the same blocks and raw TCP between two processes;
+- fetch: a node pulling blocks another holds (32 of 4 MiB, 128 of 256 KiB) over NIXL and
+  over its TCP data plane, and `push` of the same blocks, against raw NIXL and raw TCP
+  between two processes;
 - handoff: a producer process puts a prompt to node A batch by batch; a consumer asks
   node B (`get(wait=, fetch=True)`) before the producer starts: the consumer's last byte
   after the producer's last put, p50/p99, against the time of the last batch alone.
@@ -30,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from kvstore.bench import ceilings, cluster_index_bench
-from kvstore.bench.measure import Run, Workload, source_bytes
+from kvstore.bench.measure import Run, Workload, median, source_bytes
 from kvstore.bench.procs import Processes, cluster_secret
 from kvstore.bench.report import Row
 from kvstore.client import Client
@@ -41,11 +42,17 @@ from kvstore.router import Router
 HELP = "cluster index, fetch-through and cross-node handoff, through real daemons"
 FAST = ("--heartbeat", "0.2", "--node-ttl", "1.0", "--log-level", "error")
 MiB = 1 << 20
+NODE_TO_NODE = ((4 * MiB, 32), (256 << 10, 128))  # (block size, blocks) moved in one request
+MOVES = (("fetch", "nixl"), ("fetch", "tcp"), ("push", "nixl"), ("push", "tcp"))
+SECTIONS = ("locate", "put", "memory", "absence", "converge", "fetch", "handoff")
 
 
 def add_arguments(parser: argparse.ArgumentParser, choices: Any, ints: Any, sizes: Any) -> None:
     parser.add_argument("--calls", type=int, default=300, help="locates per prompt length")
-    parser.add_argument("--total", type=int, default=256 << 20, help="bytes per transfer row")
+    parser.add_argument("--total", type=int, default=256 << 20, help="bytes per put row")
+    parser.add_argument(
+        "--sections", type=choices(SECTIONS), default=list(SECTIONS), help="what to measure"
+    )
 
 
 def check(args: argparse.Namespace) -> str:
@@ -55,25 +62,23 @@ def check(args: argparse.Namespace) -> str:
 def run(
     args: argparse.Namespace, procs: Processes, address: str, progress: Any, task: Any
 ) -> list[Row]:
-    progress.update(task, total=7)
     url = procs.redis()
     if url is None:
         raise SystemExit("kvstore-bench cluster needs redis-server on PATH")
-    step = lambda what: progress.update(task, advance=1, description=what)  # noqa: E731
-    rows = locate_rows(procs, url, args.calls)
-    step("locate")
-    rows += put_overhead_rows(procs, url, args.total, args.repeat, args.seed)
-    step("puts with and without --cluster")
-    rows += [memory_row(procs)]
-    step("index memory")
-    rows += [absence_row(procs, url)]
-    step("absence after SIGKILL")
-    rows += [converge_row(procs)]
-    step("convergence after a Redis restart")
-    rows += fetch_rows(procs, url, args.total, args.seed)
-    step("fetch-through")
-    rows += handoff_rows(procs, url, args.repeat, args.seed)
-    step("cross-node handoff")
+    sections = {
+        "locate": lambda: locate_rows(procs, url, args.calls),
+        "put": lambda: put_overhead_rows(procs, url, args.total, args.repeat, args.seed),
+        "memory": lambda: [memory_row(procs)],
+        "absence": lambda: [absence_row(procs, url)],
+        "converge": lambda: [converge_row(procs)],
+        "fetch": lambda: fetch_rows(procs, url, args.repeat, args.seed),
+        "handoff": lambda: handoff_rows(procs, url, args.repeat, args.seed),
+    }
+    progress.update(task, total=len(args.sections))
+    rows = []
+    for name in args.sections:
+        rows += sections[name]()
+        progress.update(task, advance=1, description=name)
     return rows
 
 
@@ -189,45 +194,75 @@ def converge_row(procs: Processes) -> Row:
                 result["from_kill_s"] * 1e3, **result)  # fmt: skip
 
 
-def fetch_rows(procs: Processes, url: str, total: int, seed: int) -> list[Row]:
-    """Blocks on node A, pulled by node B for a client of B; vs A pushing them to B, vs
-    raw TCP between two processes, same bytes."""
-    source = source_bytes(total, seed)
-    capacity = str(2 * total + (64 << 20))
-    a = _node(procs, url, "holder", "--host-capacity", capacity)
+def fetch_rows(procs: Processes, url: str, repeat: int, seed: int) -> list[Row]:
+    """Blocks on node A fetched through node B (a client of B asks, B pulls them from A), and
+    pushed by A to B, all of a row's blocks in one request: over NIXL (both nodes run it)
+    and over the TCP data plane (B with --nixl off). Against, in the same run, raw TCP and
+    two bare NIXL agents in two processes, one WRITEing the same bytes into the other's
+    registered memory. Medians of `repeat` runs after a warm-up."""
+    capacity = ("--host-capacity", "1GiB")
+    a = _node(procs, url, "holder", *capacity)
+    targets = {
+        "nixl": _node(procs, url, "nixl-b", *capacity),
+        "tcp": _node(procs, url, "tcp-b", *capacity, "--nixl", "off"),
+    }
+    ports = {name: ceilings.start_server(procs, name) for name in ("nixl", "tcp")}
     rows = []
-    port = ceilings.start_server(procs, "tcp")
-    for size in (4 * MiB, 256 << 10):
-        work = Workload(size, total, max(1, (64 << 20) // size))
-        ceiling = ceilings.raw_tcp(port, work, source, "put")
-        n = total // size
-        for path in ("fetch", "push"):
-            b = _node(procs, url, f"{path}-{size}", "--host-capacity", capacity)
-            keys = block_keys(np.arange(n), 1, f"fetch/{path}/{size}/{seed}".encode())
-            with Client(a, transport="tcp") as ca, Client(b) as cb:
-                for i in range(0, n, work.batch):
-                    part = range(i, min(i + work.batch, n))
-                    ca.put(
-                        [keys[j] for j in part], [source[j * size : (j + 1) * size] for j in part]
+    clients = {path: Client(b) for path, b in targets.items()}  # warm after the first run
+    with Client(a) as ca, Router(url, secret=cluster_secret()) as router:
+        for size, n in NODE_TO_NODE:
+            source = source_bytes(size * n, seed)
+            work = Workload(size, size * n, n)
+            runs: dict[tuple[str, str], list[Run]] = {}
+            for rep in range(repeat + 1):  # the first one warms up, untimed
+                measured = {
+                    ("get", "raw_nixl"): ceilings.raw_nixl(ports["nixl"], work, source, "get"),
+                    ("get", "raw_tcp"): ceilings.raw_tcp(ports["tcp"], work, source, "get"),
+                }
+                for scenario, path in MOVES:
+                    keys = block_keys(np.arange(n), 1, f"{scenario}/{path}/{size}/{rep}".encode())
+                    measured[scenario, path] = _node_to_node(
+                        ca, clients[path], router, targets[path], scenario, keys, source, size
                     )
-                with Router(url, secret=cluster_secret()) as router:
-                    cluster_index_bench.until(partial(router.locate, keys[-1:]), 30)
-                latencies = []
-                start = time.perf_counter()
-                for i in range(0, n, work.batch):
-                    batch = keys[i : i + work.batch]
-                    t = time.perf_counter()
-                    if path == "fetch":
-                        assert cb.lookup(batch, fetch=True) == len(batch)
-                    else:
-                        assert ca.push(batch, b, "tcp").stored == len(batch)
-                    latencies.append(time.perf_counter() - t)
-                row = Row.of(path, "tcp", size, Run(total, time.perf_counter() - start, latencies))
-                assert row.gbps is not None  # total > 0 bytes moved
-                row.ratios["raw_tcp"] = round(row.gbps / ceiling.gbps, 3)
+                for name, run in measured.items():
+                    runs.setdefault(name, [])
+                    if rep:
+                        runs[name].append(run)
+            ceiling = {path: median(runs["get", path]) for path in ("raw_nixl", "raw_tcp")}
+            for (scenario, path), done in runs.items():
+                row = Row.of(scenario, path, size, median(done), blocks=n)
+                if row.is_kvstore:
+                    row.ratios = {c: round(row.gbps / ceiling[c].gbps, 3) for c in ceiling}  # type: ignore[operator]
                 rows.append(row)
-        rows.append(Row.of("put", "raw_tcp", size, ceiling))
-    return rows  # fmt: skip
+    for client in clients.values():
+        client.close()
+    return rows
+
+
+def _node_to_node(
+    ca: Client,
+    cb: Client,
+    router: Router,
+    b: str,
+    scenario: str,
+    keys: list[bytes],
+    source: np.ndarray,
+    size: int,
+) -> Run:
+    """One request's move of `keys` from A to B (B's path: NIXL, or TCP), timed; then
+    gone from both."""
+    ca.put(keys, [source[i * size : (i + 1) * size] for i in range(len(keys))])
+    if scenario == "fetch":
+        cluster_index_bench.until(partial(router.locate, keys[-1:]), 30)
+    start = time.perf_counter()
+    if scenario == "fetch":
+        assert cb.lookup(keys, fetch=True) == len(keys)
+    else:
+        assert ca.push(keys, b).stored == len(keys)
+    seconds = time.perf_counter() - start
+    cb.delete(keys)
+    ca.delete(keys)
+    return Run(len(keys) * size, seconds, [seconds])
 
 
 def handoff_rows(procs: Processes, url: str, repeat: int, seed: int) -> list[Row]:

@@ -4,13 +4,14 @@ a node, then got back into another process's GPU memory, each direction beside a
 cudaMemcpy of the same bytes in the same process (device to host for a put, host to device
 for a get).
 
-    kvstore-bench nixl-gpu [--tokens 4096,32768] [--modes vram,staged] [--json FILE]
+    kvstore-bench nixl-gpu [--tokens 4096,32768] [--modes staged,direct,pinned] [--json FILE]
 
-`vram`: the node reads and writes the GPU memory the client registered (`put_from`,
-`get_into`: UCX's CUDA transports). `staged`: a registered pinned host buffer in between,
-copies on a CUDA stream overlapping the NIXL transfer of the part before. The node checks
-every block bound for GPU memory against its checksum, and computes those of blocks put
-from it; the staged get checks its blocks in the pinned buffer: both inside the timings.
+`staged`: `put_from` and `get_into` with the CUDA tensors, as an engine calls them (the
+client stages them in its registered host memory: client/gpu_staging.py). `direct`: the
+same with staging off, UCX moving the GPU memory itself. `pinned`: the engine stages in
+two registered pinned buffers itself, copies on a CUDA stream overlapping the NIXL
+transfer of the part before. Every block bound for GPU memory is checked against its
+checksum (by the client, or by the node when direct), inside the timings.
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ STAGED_PART = 64  # pages a staged part holds: 128 MiB
 
 def add_arguments(parser: argparse.ArgumentParser, choices: Any, ints: Any, sizes: Any) -> None:
     parser.add_argument("--tokens", type=ints, default=[4096, 32768], help="tokens of KV moved")
-    parser.add_argument("--modes", type=choices(("vram", "staged")), default=["vram", "staged"])
+    modes = ("staged", "direct", "pinned")
+    parser.add_argument("--modes", type=choices(modes), default=list(modes))
 
 
 def check(args: argparse.Namespace) -> str:
@@ -207,13 +209,14 @@ def child(direction: str, address: str, tokens: int, mode: str, repeat: int, see
     """One process's side: its pinned-copy ceiling, and its timed puts or gets."""
     import torch
 
-    from kvstore.client import Client
+    from kvstore.client import Client, gpu_staging
     from kvstore.keys import block_keys
 
     pages = tokens // PAGE_TOKENS
     keys = block_keys(np.arange(tokens), PAGE_TOKENS, b"nixl-gpu %d" % seed)
     with Client(address, transport="nixl") as client:
-        staging = Staging(client) if mode == "staged" else None
+        gpu_staging.STAGED = mode != "direct"
+        staging = Staging(client) if mode == "pinned" else None
         if direction == "put":
             kv = _kv(pages, seed)
             if staging is None:

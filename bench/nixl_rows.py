@@ -32,9 +32,9 @@ CALLS = 200  # one-block requests per measurement
 SETTINGS = {"nixl:socket": 1 << 62, "nixl:nixl": 0, "nixl": None}
 
 
-def node(procs: Processes, inline_below: int) -> tuple[subprocess.Popen, str]:
-    """A `kvstore-server` with NIXL on and INLINE_BELOW set; its process and address."""
-    proc = procs.spawn(
+def node(procs: Processes, inline_below: int) -> subprocess.Popen:
+    """A `kvstore-server` starting with NIXL on and INLINE_BELOW set (`address` waits)."""
+    return procs.spawn(
         [sys.executable, "-m", "kvstore.bench.nixl_rows", "node", str(inline_below),
          "--address", "127.0.0.1:0", "--log-level", "warning", "--nixl", "on",
          "--host-capacity", str(512 << 20)],
@@ -42,12 +42,16 @@ def node(procs: Processes, inline_below: int) -> tuple[subprocess.Popen, str]:
         stderr=subprocess.PIPE,
         text=True,
     )  # fmt: skip
+
+
+def address(proc: subprocess.Popen) -> str:
+    """The address of a node `node` started, once it listens."""
     assert proc.stdout is not None and proc.stderr is not None  # piped
     line = proc.stdout.readline()
     match = re.search(r"listening on (\S+)", line)
     if not match:
         raise RuntimeError(f"kvstore-server did not start: {line}{proc.stderr.read()}")
-    return proc, match.group(1)
+    return match.group(1)
 
 
 def crossover(procs: Processes, sizes: list[int], repeat: int) -> list[Row]:
@@ -55,23 +59,25 @@ def crossover(procs: Processes, sizes: list[int], repeat: int) -> list[Row]:
     runs), over tcp and over nixl from and into registered memory, with small blocks on
     the socket, through NIXL, and as shipped. ratios["tcp"] > 1: nixl is faster."""
     rows: list[Row] = []
+    inline = {p: server_nixl.INLINE_BELOW if t is None else t for p, t in SETTINGS.items()}
+    nodes = {path: node(procs, inline_below) for path, inline_below in inline.items()}
+    addresses = {path: address(proc) for path, proc in nodes.items()}  # started together
     for path, threshold in SETTINGS.items():
-        inline_below = server_nixl.INLINE_BELOW if threshold is None else threshold
         small_put = client_nixl.SMALL_PUT if threshold is None else threshold
-        proc, address = node(procs, inline_below)
+        proc = nodes[path]
         try:
             if threshold is None:
-                rows += _one_block(address, "tcp", sizes, repeat)
+                rows += _one_block(addresses[path], "tcp", sizes, repeat)
             previous, client_nixl.SMALL_PUT = client_nixl.SMALL_PUT, small_put
             try:
-                added = _one_block(address, path, sizes, repeat)
+                added = _one_block(addresses[path], path, sizes, repeat)
             finally:
                 client_nixl.SMALL_PUT = previous
         finally:
             proc.terminate()  # idle rows come next: no other node running
             proc.wait()
         for row in added:
-            row.extra.update(inline_below=inline_below, small_put=small_put)
+            row.extra.update(inline_below=inline[path], small_put=small_put)
         rows += added
     tcp = {(r.scenario, r.block_size): r for r in rows if r.path == "tcp"}
     for row in rows:
@@ -119,9 +125,9 @@ def _calls(
 def idle(procs: Processes, seconds: float) -> list[Row]:
     """CPU seconds a node and a client (separate processes, a NIXL session open, one put
     and one get done through NIXL) use while idle for `seconds`."""
-    node_proc, address = node(procs, server_nixl.INLINE_BELOW)
+    node_proc = node(procs, server_nixl.INLINE_BELOW)
     client = procs.spawn(
-        [sys.executable, "-m", "kvstore.bench.nixl_rows", "client", address],
+        [sys.executable, "-m", "kvstore.bench.nixl_rows", "client", address(node_proc)],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,

@@ -223,9 +223,8 @@ class Client:
     ) -> PutResult:
         """Store one block per key, each read by the node where it lies: contiguous torch
         tensors (CUDA ones too) or numpy arrays in memory this client registered
-        (`register`); dtype and shape recorded, no codec. NIXL only. A GPU source is not
-        hashed here (that would take a copy out of GPU memory): the node computes its
-        checksum once the bytes are in its slots, so every read verifies it as usual."""
+        (`register`); dtype and shape recorded, no codec. NIXL only. GPU memory leaves
+        through host staging (client/gpu_staging.py says why), where it is hashed."""
         keys = check_keys(keys, unique=True, limit=len(keys))
         if len(sources) != len(keys):
             raise InvalidArgument("sources", f"got {len(sources)} for {len(keys)} keys")
@@ -235,7 +234,7 @@ class Client:
             (key, _source_meta(i, source, region, layout, self.checksum))
             for i, (key, source, region) in enumerate(zip(keys, sources, regions, strict=True))
         ]
-        return self._nixl().put_from(blocks, regions)
+        return self._nixl().put_from(blocks, sources)
 
     # -- blocks out ---------------------------------------------------------------
 
@@ -287,11 +286,11 @@ class Client:
         called as block i is whole, in order. Returns how many landed: a connection lost
         half way leaves those before it landed, whole. Checksums are the caller's to check
         (over NIXL, the node checks blocks bound for GPU memory). TCP, shared memory or
-        NIXL (the paths that write straight into place); over NIXL every place must lie in
-        memory this client registered (`register`)."""
+        NIXL (the paths that write straight into place); once this client registered
+        memory (`register`), over NIXL, and every place must lie in what it registered."""
         keys = check_keys(keys, unique=True)
         transport = self._transport()
-        if transport.name == "nixl":  # `place` hands out registered memory (`register`)
+        if transport.name == "nixl" or "nixl" in self._paths:  # once memory is registered
             return self._nixl().get_into(Ask(keys), place, landed)
         if not isinstance(transport, TcpTransport | ShmTransport):
             raise Unsupported("get_into needs the node's data plane (tcp, shm or nixl)")

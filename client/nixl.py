@@ -22,10 +22,12 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 
 import numpy as np
+import xxhash
 
-from kvstore.client import tcp
+from kvstore.client import gpu_staging, tcp
 from kvstore.client.channel import Channels, Link, NodeChanged
 from kvstore.client.pipeline import Block, Received, batches, block_slices
 from kvstore.client.tcp import Place
@@ -111,15 +113,34 @@ class NixlTransport:
             if staging is not None:
                 self._give(staging)
 
-    def put_from(self, blocks: Sequence[Block], sources: Sequence[Region]) -> PutResult:
-        """`Client.put_from`: the node reads each block where it lies, in memory this
-        client registered (host or one GPU's), with no copy here."""
-        if any(self._registered(source) is None for source in sources):
+    def put_from(self, blocks: Sequence[Block], sources: Sequence[object]) -> PutResult:
+        """`Client.put_from`: the node reads each block where it lies in memory this
+        client registered: host memory with no copy here, GPU memory through staging
+        (client/gpu_staging.py), where it is hashed."""
+        regions = [address(source) for source in sources]
+        if any(self._registered(region) is None for region in regions):
             raise InvalidArgument("sources", "every source must lie in registered memory")
+        if len({(region.vram, region.device) for region in regions}) > 1:
+            raise InvalidArgument("sources", "a put's blocks must all be host memory, or one GPU's")
         result = PutResult(0, 0)
-        for part in batches([source.size for source in sources], self._part):
-            result += self._put_at(blocks[part], sources[part], False)
+        for part in batches([region.size for region in regions], self._part):
+            if gpu_staging.is_gpu(sources[part.start]):
+                result += self._put_staged(blocks[part], sources[part])
+            else:
+                result += self._put_at(blocks[part], regions[part], False)
         return result
+
+    def _put_staged(self, blocks: Sequence[Block], tensors: Sequence[object]) -> PutResult:
+        staging = self._staging(sum(meta.size for _, meta in blocks))
+        try:
+            arrays = gpu_staging.download(tensors, staging)
+            blocks = [
+                (key, replace(meta, checksum=xxhash.xxh3_64_intdigest(array)))
+                for (key, meta), array in zip(blocks, arrays, strict=True)
+            ]
+            return self._put_at(blocks, [address(array) for array in arrays], False)
+        finally:
+            self._give(staging)
 
     def _put_at(
         self, blocks: Sequence[Block], places: Sequence[Region], durable: bool
@@ -167,8 +188,29 @@ class NixlTransport:
     def get_into(self, ask: Ask, place: Place, landed: Callable[[int], None]) -> int:
         """`Client.get_into` over NIXL: the node answers the blocks it pinned, `place`
         hands out a registered buffer for each (host or one GPU's memory), and the node
-        writes them there; `landed(i)` for each once all are."""
-        _, dests, _ = self._get_placed(ask, place)
+        writes them there; `landed(i)` for each once all are. GPU memory is written
+        through staging (client/gpu_staging.py), checked there first."""
+        gpu: list = []  # the staging buffer and the GPU places, if places are GPU memory
+
+        def staged(blocks: list[Block]) -> Sequence[object]:
+            dests = place(blocks)
+            if not any(gpu_staging.is_gpu(dest) for dest in dests):
+                return dests
+            if any(self._registered(address(dest)) is None for dest in dests):
+                raise InvalidArgument("place", "every place must be registered memory")
+            if not all(gpu_staging.is_gpu(dest) for dest in dests):
+                raise InvalidArgument("place", "places must all be host memory, or one GPU's")
+            sizes = [meta.size for _, meta in blocks[: len(dests)]]
+            gpu[:] = [self._staging(sum(sizes)), dests]
+            return gpu_staging.slices(gpu[0], sizes)
+
+        try:
+            found, dests, _ = self._get_placed(ask, staged)
+            if gpu:
+                gpu_staging.upload(dests, found, gpu[1])  # type: ignore[arg-type]
+        finally:
+            if gpu:
+                self._give(gpu[0])
         for i in range(len(dests)):
             landed(i)
         return len(dests)

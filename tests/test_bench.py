@@ -245,3 +245,34 @@ def test_crash_loops_check_every_acknowledged_block(tmp_path: Path) -> None:
     for loop in row["per_loop"]:
         assert {"acknowledged", "in_flight", "lost", "bound_bytes", "restart_s"} <= set(loop)
         assert loop["lost"] <= loop["acknowledged"] - loop["durable"]
+
+
+def test_nixl_rows_beside_the_raw_nixl_ceiling(tmp_path: Path) -> None:
+    from kvstore.fabric import why_not
+
+    if why := why_not():
+        pytest.skip(why)
+    out = tmp_path / "n.json"
+    result = bench(
+        *("--paths", "nixl,nixl_staged", "--scenarios", "put,get", "--block-sizes", "1MiB"),
+        *("--total", "8MiB", "--batch", "4", "--repeat", "1", "--no-redis", "--verify", "all"),
+        *("--crossover", "64KiB", "--idle", "0.2", "--ucx-tls", "tcp", "--json", str(out)),
+    )
+    assert result.returncode == 0, result.stderr
+    document = json.loads(out.read_text())
+    assert document["params"]["ucx"]["UCX_TLS"] == "tcp"
+    rows = document["results"]
+    moved = [r for r in rows if r["scenario"] in ("put", "get") and r["path"].startswith("nixl")]
+    assert {(r["scenario"], r["path"]) for r in moved} == {
+        (s, p) for s in ("put", "get") for p in ("nixl", "nixl_staged")
+    }
+    assert all(r["gbps"] > 0 and r["ratios"]["raw_nixl"] > 0 for r in moved)
+    one = [r for r in rows if r["scenario"] in ("put_one", "get_one")]
+    assert {(r["scenario"], r["path"]) for r in one} == {
+        (s, p) for s in ("put_one", "get_one") for p in ("tcp", "nixl", "nixl:socket", "nixl:nixl")
+    }
+    assert all(r["block_size"] == 64 << 10 and r["p50_ms"] > 0 for r in one)
+    assert all(r["ratios"]["tcp"] > 0 for r in one if r["path"] != "tcp")
+    idle = {r["process"]: r for r in rows if r["scenario"] == "idle"}
+    assert set(idle) == {"node", "client"}
+    assert all(r["cpu_s"] >= 0 and r["seconds"] == 0.2 for r in idle.values())

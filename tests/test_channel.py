@@ -276,7 +276,7 @@ def test_without_a_data_plane_auto_falls_back_and_tcp_refuses() -> None:
         with daemon.client() as client:
             assert client.put(keys, [b"via grpc"]).stored == 1
             assert bytes(client.get(keys)[0]) == b"via grpc"
-            assert client.path == "grpc" and set(client.stats().fallbacks) == {"shm", "tcp"}
+            assert client.path == "grpc" and set(client.stats().fallbacks) == {"shm", "nixl", "tcp"}
         with daemon.client(transport="tcp") as client, pytest.raises(Unsupported):
             client.get(keys)
 

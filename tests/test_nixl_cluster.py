@@ -166,11 +166,13 @@ def test_only_a_node_that_proves_the_secret_gets_a_session(redis_server) -> None
         with pytest.raises(PermissionDenied, match="did not prove"):
             _prove(holder.address, wrong)
         instance = hello(holder.address).instance
-        with grpc.insecure_channel(holder.address) as channel:
-            with pytest.raises(grpc.RpcError) as refused:
-                channel.unary_unary(f"/{SERVICE}/Hello")(
-                    b"", metadata=(("authorization", wrong.credential(instance)),)
-                )
+        with (
+            grpc.insecure_channel(holder.address) as channel,
+            pytest.raises(grpc.RpcError) as refused,
+        ):
+            channel.unary_unary(f"/{SERVICE}/Hello")(
+                b"", metadata=(("authorization", wrong.credential(instance)),)
+            )
         assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
         assert scrape(holder)[("kvstore_data_connections", ())] == 0
 

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from kvstore import fabric
+from kvstore.client import gpu_staging
 from kvstore.errors import CorruptBlock, InvalidArgument
 from kvstore.keys import block_keys
 from kvstore.results import PutResult
@@ -93,9 +94,14 @@ def test_kv_from_gpu_memory_lands_byte_identical_in_another_process(node, client
     assert (dtype, shape) == ("bfloat16", PAGE_SHAPE)
 
 
-def test_a_damaged_block_is_never_written_into_gpu_memory(node, client, salt) -> None:
-    """The node computed the checksums of blocks put from GPU memory, and checks them
-    before any block of a get leaves for GPU memory."""
+@pytest.mark.parametrize("staged", [True, False], ids=["staged", "direct"])
+def test_a_damaged_block_is_never_written_into_gpu_memory(
+    node, client, salt, staged: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Blocks put from GPU memory carry checksums, and every block of a get bound for GPU
+    memory is checked before any is written there: by the client in its staging, or (UCX
+    moving GPU memory itself) by the node before any leaves."""
+    monkeypatch.setattr(gpu_staging, "STAGED", staged)
     keys = block_keys(np.arange(2 * 16), 16, salt)
     kv = kv_pages(2, seed=2)
     client.register(kv)
