@@ -551,7 +551,11 @@ class Client:
                 raise Unsupported("the node offers no NIXL (--nixl off, or not installed there)")
             from kvstore.client.nixl import NixlTransport  # NIXL is optional: loaded here only
 
-            return NixlTransport(channels, info.host_capacity)
+            try:
+                return NixlTransport(channels, info.host_capacity)
+            except ResourceExhausted as exc:  # the tenant's sessions are all taken
+                channels.close()
+                raise Unavailable(f"no NIXL session to be had: {exc}") from None
         return TcpTransport(channels)
 
     def _leave(self, name: str, exc: Exception) -> None:

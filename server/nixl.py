@@ -13,6 +13,7 @@ removed, when the connection that opened it closes: a client that died leaves no
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import os
@@ -50,7 +51,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("kvstore.nixl")
 INLINE_BELOW = 64 << 10  # a get's blocks under this go on the socket (the crossover)
-MAX_SESSIONS = 64  # NIXL sessions (client agents) per tenant
+MAX_SESSIONS = 256  # NIXL sessions (client agents) per tenant; past it, clients take TCP
 MAX_REGIONS = 1024  # registered regions per session
 
 
@@ -103,10 +104,6 @@ class NixlNode:
         self._sessions: dict[int, Session] = {}
         self._lock = threading.Lock()  # sessions, and adding or removing peers
 
-    def session_count(self) -> int:
-        with self._lock:
-            return len(self._sessions)
-
     # -- sessions ---------------------------------------------------------------
 
     def open(self, conn: Connection, request: pb.NixlSession) -> pb.NixlSessionReply:
@@ -141,7 +138,8 @@ class NixlNode:
                         "metadata", f"not a NIXL agent's metadata: {exc}"
                     ) from None
                 if named != session.agent:
-                    self.agent.remove_peer(named)
+                    with contextlib.suppress(Exception):  # it named one NIXL will not drop
+                        self.agent.remove_peer(named)
                     raise InvalidArgument(
                         "metadata",
                         f"describes agent {named!r}; this session's is {session.agent!r}",
@@ -308,7 +306,10 @@ def put(server: ChannelServer, conn: Connection, frame: Frame) -> None:
                 kind = Region(0, 0, request.vram, request.device)  # every region's (checked)
                 deadline = server.deadline(slots.nbytes)
                 nixl.agent.move("READ", targets, remote, kind, session.peer, deadline)
-            result = server.policy.commit(caller, slots, ())
+            # blocks from GPU memory come with no checksum: they get theirs here
+            views = [r.view for r in slots.reservations] if request.vram else []
+            checksums = [xxhash.xxh3_64_intdigest(view) for view in views]
+            result = server.policy.commit(caller, slots, checksums)
         except BaseException:
             slots.end()
             raise

@@ -206,8 +206,9 @@ def test_memory_outside_what_a_client_registered_is_never_touched(node, salt) ->
         assert client.lookup(keys) == 4  # and nothing stored changed
 
 
-def test_sessions_are_bounded_per_tenant(node) -> None:
-    with node.client(transport="nixl", timeout=TIMEOUT) as client:
+def test_sessions_are_bounded_per_tenant_and_then_clients_take_tcp() -> None:
+    flags = ("--host-capacity", "16MiB", "--prefault", "false", "--max-host-connections", "600")
+    with running_daemon(*flags) as node, node.client(transport="nixl", timeout=TIMEOUT) as client:
         channels = client._nixl().channels
         links = [channels.checkout() for _ in range(MAX_SESSIONS + 1)]
         try:
@@ -221,6 +222,9 @@ def test_sessions_are_bounded_per_tenant(node) -> None:
                 with pytest.raises(ResourceExhausted, match=f"{MAX_SESSIONS} NIXL sessions"):
                     channels.request(link, NIXL_SESSION, frame_meta)
                 break
+            with node.client(shm=False, timeout=TIMEOUT) as late:
+                assert late.lookup([bytes(16)]) == 0 and late.path == "tcp"
+                assert late.stats().fallbacks == {"nixl": 1}
             channels.checkin(links[0], ok=False)  # its session ends with its connection
             fresh = channels.checkout()
             channels.request(fresh, NIXL_SESSION, pb.NixlSession().SerializeToString())

@@ -34,6 +34,7 @@ from conftest import (
 from kvstore.cluster.layout import Layout
 from kvstore.cluster.registry import trusted
 from kvstore.errors import KVStoreError, PermissionDenied, Unauthenticated
+from kvstore.fabric import why_not
 from kvstore.keys import block_keys
 from kvstore.meta import BlockMeta
 from kvstore.proto import kvstore_pb2 as pb
@@ -268,7 +269,7 @@ def test_no_answer_names_a_node_key_and_node_keys_reach_nothing(auth_file) -> No
             )
         assert "repeats an earlier key" in err.value.details()
         assert not hex_key.search(err.value.details())
-        for transport in ("tcp", "grpc"):
+        for transport in ("tcp", "grpc", *(() if why_not() else ("nixl",))):
             with d.client(token=TOKENS["bob"], transport=transport, shm=False) as bob:
                 assert bob.get(node_keys) == [] and bob.get(keys) == []
                 assert bob.lookup(node_keys) == 0 and bob.delete(node_keys) == 0
