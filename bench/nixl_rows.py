@@ -57,7 +57,8 @@ def address(proc: subprocess.Popen) -> str:
 def crossover(procs: Processes, sizes: list[int], repeat: int) -> list[Row]:
     """One put, then one get, of one block of each size, CALLS times (median of `repeat`
     runs), over tcp and over nixl from and into registered memory, with small blocks on
-    the socket, through NIXL, and as shipped. ratios["tcp"] > 1: nixl is faster."""
+    the socket, through NIXL, and as shipped. ratios["tcp"]: the tcp path's p50 latency
+    over this row's (above 1: nixl is faster)."""
     rows: list[Row] = []
     inline = {p: server_nixl.INLINE_BELOW if t is None else t for p, t in SETTINGS.items()}
     nodes = {path: node(procs, inline_below) for path, inline_below in inline.items()}
@@ -82,8 +83,8 @@ def crossover(procs: Processes, sizes: list[int], repeat: int) -> list[Row]:
     tcp = {(r.scenario, r.block_size): r for r in rows if r.path == "tcp"}
     for row in rows:
         other = tcp[row.scenario, row.block_size]
-        if row is not other and row.gbps and other.gbps:
-            row.ratios["tcp"] = round(row.gbps / other.gbps, 3)
+        if row is not other and row.p50_ms:
+            row.ratios["tcp"] = round(other.p50_ms / row.p50_ms, 3)
     return rows
 
 

@@ -68,6 +68,9 @@ class AsyncClient:
     ) -> list[np.ndarray]:
         return await self._run(self.client.get, keys, out=out, wait=wait, fetch=fetch)
 
+    async def register(self, buffer: object) -> None:
+        await self._run(self.client.register, buffer)
+
     async def lease(
         self, keys: Sequence[BlockKey], *, wait: float | None = None, fetch: bool = False
     ) -> Lease:

@@ -462,6 +462,7 @@ class Client:
             info.host_capacity,
             info.max_block_size,
             info.max_blocks,
+            info.nixl,
         )
 
     @property

@@ -201,7 +201,7 @@ class NixlTransport:
             if not all(gpu_staging.is_gpu(dest) for dest in dests):
                 raise InvalidArgument("place", "places must all be host memory, or one GPU's")
             sizes = [meta.size for _, meta in blocks[: len(dests)]]
-            gpu[:] = [self._staging(sum(sizes)), dests]
+            gpu[:] = [self._staging(sum(sizes)), dests]  # the node waits for no transfer now
             return gpu_staging.slices(gpu[0], sizes)
 
         try:

@@ -78,6 +78,7 @@ class NodeInfo:
     host_capacity: int
     max_block_size: int
     max_blocks: int  # keys or blocks in one request
+    nixl: bool = False  # it moves payloads through NIXL too
 
 
 @dataclass(frozen=True, slots=True)

@@ -208,32 +208,35 @@ def get(server: ChannelServer, conn: Connection, frame: Frame) -> None:
     wanted = request.ask
     answer_by = server.deadline(0) + wanted.wait_ms / 1000
     ask = Ask(wanted.keys, wanted.wait_ms, wanted.fetch, answer_by)
-    with server.policy.get(_caller(conn), ask) as found, session.using():  # after any wait
+    with server.policy.get(_caller(conn), ask) as found:
         sizes = [len(view) for view in found.views]
         if request.HasField("into"):
             into = request.into
-            session.region(into.addr, into.size, into.vram, into.device, "into")
-            places = list(itertools.accumulate([into.addr, *sizes]))[:-1]
-            places = [
-                at
-                for at, size in zip(places, sizes, strict=True)
-                if at + size <= into.addr + into.size
-            ]
+            starts = itertools.accumulate([into.addr, *sizes[:-1]])
+            end = into.addr + into.size
+            places = [at for at, size in zip(starts, sizes, strict=True) if at + size <= end]
             if sizes and not places:
                 raise InvalidArgument(
                     "into", f"{into.size} bytes: too small for a block of {sizes[0]}"
                 )
             kind = Region(0, 0, into.vram, into.device)
-        else:
-            places, kind = _places(server, conn, session, found, sizes)
-        truncated = found.truncated or len(places) < len(sizes)
-        _write(server, conn, nixl, session, found, places, kind, truncated)
+            spans = [(into.addr, into.size, "into")]
+        else:  # the client may register memory for them meanwhile: no transfer held yet
+            taken = _places(server, conn, found)
+            places, kind = list(taken.addrs), Region(0, 0, taken.vram, taken.device)
+            spans = [
+                (at, size, f"addrs[{i}]")
+                for i, (at, size) in enumerate(zip(places, sizes, strict=False))
+            ]
+        with session.using():  # its regions stay as they are until this is written
+            for at, size, what in spans:
+                session.region(at, size, kind.vram, kind.device, what)
+            truncated = found.truncated or len(places) < len(sizes)
+            _write(server, conn, nixl, session, found, places, kind, truncated)
 
 
-def _places(
-    server: ChannelServer, conn: Connection, session: Session, found: Reading, sizes: list[int]
-) -> tuple[list[int], Region]:
-    """Answer the pinned blocks (READY), then read where the client wants each it takes."""
+def _places(server: ChannelServer, conn: Connection, found: Reading) -> pb.NixlPlaces:
+    """Answer the pinned blocks (READY), then read where the client wants those it takes."""
     flags = READY | (TRUNCATED if found.truncated else 0)
     server.reply(conn, pb.GetAnswer(blocks=headers_to_proto(found.headers)).SerializeToString(),
                  flags=flags)  # fmt: skip
@@ -241,11 +244,9 @@ def _places(
     if taken.kind != NIXL_GET:
         raise ChannelError(f"expected the places of a NIXL get, got operation {taken.kind}")
     places = parse(taken.meta, pb.NixlPlaces)
-    if len(places.addrs) > len(sizes):
-        raise InvalidArgument("addrs", f"{len(places.addrs)} places for {len(sizes)} blocks")
-    for i, (addr, size) in enumerate(zip(places.addrs, sizes[: len(places.addrs)], strict=True)):
-        session.region(addr, size, places.vram, places.device, f"addrs[{i}]")
-    return list(places.addrs), Region(0, 0, places.vram, places.device)
+    if len(places.addrs) > len(found.blocks):
+        raise InvalidArgument("addrs", f"{len(places.addrs)} places for {len(found.blocks)} blocks")
+    return places
 
 
 def _write(
