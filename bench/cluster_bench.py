@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
+import os
 import signal
 import statistics
 import subprocess
@@ -208,6 +209,7 @@ def fetch_rows(procs: Processes, url: str, repeat: int, seed: int) -> list[Row]:
     }
     ports = {name: ceilings.start_server(procs, name) for name in ("nixl", "tcp")}
     rows = []
+    ucx = os.environ.get("UCX_TLS", "default")  # UCX's transports: every process's
     clients = {path: Client(b) for path, b in targets.items()}  # warm after the first run
     with Client(a) as ca, Router(url, secret=cluster_secret()) as router:
         for size, n in NODE_TO_NODE:
@@ -225,14 +227,13 @@ def fetch_rows(procs: Processes, url: str, repeat: int, seed: int) -> list[Row]:
                         ca, clients[path], router, targets[path], scenario, keys, source, size
                     )
                 for name, run in measured.items():
-                    runs.setdefault(name, [])
                     if rep:
-                        runs[name].append(run)
+                        runs.setdefault(name, []).append(run)
             ceiling = {path: median(runs["get", path]) for path in ("raw_nixl", "raw_tcp")}
             for (scenario, path), done in runs.items():
-                row = Row.of(scenario, path, size, median(done), blocks=n)
+                row = Row.of(scenario, path, size, median(done), blocks=n, ucx_tls=ucx)
                 if row.is_kvstore:
-                    row.ratios = {c: round(row.gbps / ceiling[c].gbps, 3) for c in ceiling}  # type: ignore[operator]
+                    row.ratios = {c: round(row.gbps / ceiling[c].gbps, 3) for c in ceiling}
                 rows.append(row)
     for client in clients.values():
         client.close()

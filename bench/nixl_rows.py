@@ -37,7 +37,7 @@ def node(procs: Processes, inline_below: int) -> subprocess.Popen:
     return procs.spawn(
         [sys.executable, "-m", "kvstore.bench.nixl_rows", "node", str(inline_below),
          "--address", "127.0.0.1:0", "--log-level", "warning", "--nixl", "on",
-         "--host-capacity", str(512 << 20)],
+         "--host-capacity", str(1 << 30)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

@@ -147,6 +147,7 @@ class Client:
         self._down: dict[str, float] = {}  # path -> when to try it again
         self._fallbacks: dict[str, int] = {}
         self._info: pb.NodeInfo | None = None
+        self._registered: list[object] = []  # memory registered for NIXL: kept alive here
         self._lock = threading.Lock()
 
     # -- blocks in ----------------------------------------------------------------
@@ -315,8 +316,12 @@ class Client:
     def register(self, buffer: object) -> None:
         """Register memory an engine reuses (a contiguous host buffer, or a CUDA tensor) with
         this client's NIXL agent, once: gets into it (`out=`) and puts of views of it then
-        move straight between it and the node, with no copy in this process. NIXL only."""
+        move straight between it and the node, with no copy in this process. NIXL only.
+        Kept (and referenced) for the client's life, and registered again with the agent
+        of each new session (the node restarted, or the path was left and taken again)."""
         self._nixl().register(buffer)
+        with self._lock:
+            self._registered.append(buffer)
 
     def shared_arena(self) -> np.ndarray | None:
         """The node's arena as mapped here, or None when the node is not on this host."""
@@ -553,10 +558,15 @@ class Client:
             from kvstore.client.nixl import NixlTransport  # NIXL is optional: loaded here only
 
             try:
-                return NixlTransport(channels, info.host_capacity)
+                nixl = NixlTransport(channels, info.host_capacity)
             except ResourceExhausted as exc:  # the tenant's sessions are all taken
                 channels.close()
                 raise Unavailable(f"no NIXL session to be had: {exc}") from None
+            with self._lock:
+                registered = list(self._registered)
+            for buffer in registered:
+                nixl.register(buffer)
+            return nixl
         return TcpTransport(channels)
 
     def _leave(self, name: str, exc: Exception) -> None:

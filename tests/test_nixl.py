@@ -315,6 +315,8 @@ def test_a_restarted_node_is_met_again(tmp_path: Path, salt) -> None:
     with running_daemon("--host-capacity", "64MiB", "--prefault", "false") as first:
         port = first.address.rpartition(":")[2]
         client = first.client(transport="nixl", timeout=TIMEOUT)
+        registered = np.zeros(2 * MiB, np.uint8)
+        client.register(registered)
         client.put(keys, [payload])
         assert client.path == "nixl"
     try:
@@ -323,6 +325,9 @@ def test_a_restarted_node_is_met_again(tmp_path: Path, salt) -> None:
             assert client.get(keys) == []  # a new node: empty, met anew, no stale session
             client.put(keys, [payload])
             assert np.array_equal(client.get(keys)[0], payload)
+            landed: list[int] = []  # the memory registered before is registered anew
+            assert client.get_into(keys, lambda b: [registered[:MiB]], landed.append) == 1
+            assert landed == [0] and np.array_equal(registered[:MiB], payload)
     finally:
         client.close()
 
