@@ -274,10 +274,11 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
         if args.ucx_tls:  # before UCX starts here; every process started later inherits it
             os.environ["UCX_TLS"] = args.ucx_tls
         args.ucx = {k: v for k, v in os.environ.items() if k.startswith("UCX_")}  # for the JSON
-        nixl = bool(set(args.paths) & set(NIXL_PATHS) or args.crossover or args.idle)
+        nixl_paths = bool(set(args.paths) & set(NIXL_PATHS))
         if args.ceilings is None:
-            args.ceilings = [c for c in CEILINGS if c != "raw_nixl" or nixl]
-        if (nixl or "raw_nixl" in args.ceilings) and (why := fabric.why_not()):
+            args.ceilings = [c for c in CEILINGS if c != "raw_nixl" or nixl_paths]
+        wants_nixl = nixl_paths or args.crossover or args.idle or "raw_nixl" in args.ceilings
+        if wants_nixl and (why := fabric.why_not()):
             ap.error(why)
     elif args.command == "ttft":
         if args.block_size < 1 or min(args.prompt_tokens) < 2 or args.new_tokens < 1:
@@ -379,8 +380,8 @@ class Transfer:
         if (path, streams) not in self._clients:
             made = workloads.clients(self.address, path, streams, self.args.chunk, self.source)
             self._clients[path, streams] = made
-            largest = max(self.workload(s, b).batch * s for s in self.args.block_sizes
-                          for b in self.args.batch)  # fmt: skip
+            batches = [self.workload(s, b) for s in self.args.block_sizes for b in self.args.batch]
+            largest = max(work.batch * work.block_size for work in batches)
             self._buffers[path, streams] = get_buffers(made, path, largest)
         return self._clients[path, streams]
 
