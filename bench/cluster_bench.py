@@ -233,7 +233,9 @@ def fetch_rows(procs: Processes, url: str, repeat: int, seed: int) -> list[Row]:
             for (scenario, path), done in runs.items():
                 row = Row.of(scenario, path, size, median(done), blocks=n, ucx_tls=ucx)
                 if row.is_kvstore:
-                    row.ratios = {c: round(row.gbps / ceiling[c].gbps, 3) for c in ceiling}
+                    row.ratios = {
+                        c: round((row.gbps or 0) / (ceiling[c].gbps or 1), 3) for c in ceiling
+                    }
                 rows.append(row)
     for client in clients.values():
         client.close()

@@ -173,7 +173,7 @@ class Staging:
 
         copied: list[Any] = [None, None]
         for n, first in enumerate(range(0, len(keys), STAGED_PART)):
-            buffer, metas = self.buffers[n % 2], []
+            buffer, metas = self.buffers[n % 2], list[Any]()
             if copied[n % 2] is not None:
                 copied[n % 2].synchronize()  # the part before last is up on the GPU
             part = keys[first : first + STAGED_PART]
@@ -219,6 +219,7 @@ def child(direction: str, address: str, tokens: int, mode: str, repeat: int, see
         staging = Staging(client) if mode == "pinned" else None
         if direction == "put":
             kv = _kv(pages, seed)
+            put: Callable[[], object]
             if staging is None:
                 client.register(kv)
                 put = partial(client.put_from, keys, list(kv), layout=LAYOUT)
@@ -230,6 +231,7 @@ def child(direction: str, address: str, tokens: int, mode: str, repeat: int, see
         else:
             dest = torch.empty((pages, *PAGE_SHAPE), dtype=torch.bfloat16, device="cuda")
             ceiling = _memcpy(dest, direction, repeat)
+            get: Callable[[], object]
             if staging is None:
                 client.register(dest)
                 get = partial(client.get_into, keys, partial(_places, dest, []), _ignore)

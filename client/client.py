@@ -746,7 +746,7 @@ def _source_meta(
     digest = 0
     if checksum and not region.vram:
         digest = xxhash.xxh3_64_intdigest((ctypes.c_ubyte * region.size).from_address(region.addr))
-    shape = tuple(source.shape)  # type: ignore[attr-defined]
+    shape = tuple(source.shape)
     return BlockMeta(region.size, codecs.dtype_name(dtype), shape, layout, checksum=digest)
 
 

@@ -50,7 +50,7 @@ def upload(arrays: Sequence[np.ndarray], blocks: Sequence[Block], dests: Sequenc
     import torch
 
     for array, (key, meta) in zip(arrays, blocks, strict=True):
-        if meta.checksum and xxhash.xxh3_64_intdigest(array) != meta.checksum:
+        if meta.checksum and xxhash.xxh3_64_intdigest(array.data) != meta.checksum:
             raise CorruptBlock(f"block {key.hex()} failed its checksum")
     for array, dest in zip(arrays, dests, strict=True):
         dest.reshape(-1).view(torch.uint8)[: len(array)].copy_(torch.from_numpy(array))

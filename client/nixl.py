@@ -50,7 +50,7 @@ from kvstore.proto.channel import (
 from kvstore.proto.convert import headers_from_proto, headers_to_proto
 from kvstore.results import PutResult
 
-SMALL_PUT = 256 << 10  # a put of fewer bytes goes over the socket (the crossover)
+SMALL_PUT = 2 << 20  # a put of fewer bytes goes over the socket (the crossover here)
 STAGE = 64 << 20  # bytes of a staging buffer, at least
 MAX_STAGE = 256 << 20  # a get through staging takes at most this much at once
 
@@ -135,7 +135,7 @@ class NixlTransport:
         try:
             arrays = gpu_staging.download(tensors, staging)
             blocks = [
-                (key, replace(meta, checksum=xxhash.xxh3_64_intdigest(array)))
+                (key, replace(meta, checksum=xxhash.xxh3_64_intdigest(array.data)))
                 for (key, meta), array in zip(blocks, arrays, strict=True)
             ]
             return self._put_at(blocks, [address(array) for array in arrays], False)
@@ -215,7 +215,7 @@ class NixlTransport:
             landed(i)
         return len(dests)
 
-    def _get_span(self, ask: Ask, out: np.ndarray) -> Received:
+    def _get_span(self, ask: Ask, out: np.ndarray | memoryview) -> Received:
         """One round trip: the present prefix written back to back into `out`, as far as
         it fits."""
         into = address(out)
@@ -263,7 +263,7 @@ class NixlTransport:
             done = self.channels.answer(link)
             answer = pb.GetAnswer.FromString(done.meta)
             for i in answer.inline:  # small blocks: on the socket, straight into place
-                recv_exact(link.sock, memoryview(dests[i]).cast("B"))  # type: ignore[arg-type]
+                recv_exact(link.sock, memoryview(dests[i]).cast("B"))
         truncated = bool(frame.flags & TRUNCATED) or len(dests) < len(found)
         return found[: len(dests)], dests, truncated
 

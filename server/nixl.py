@@ -50,7 +50,7 @@ if TYPE_CHECKING:
     from kvstore.store import Store
 
 log = logging.getLogger("kvstore.nixl")
-INLINE_BELOW = 64 << 10  # a get's blocks under this go on the socket (the crossover)
+INLINE_BELOW = 1 << 20  # a get's blocks under this go on the socket (the crossover here)
 MAX_SESSIONS = 256  # NIXL sessions (client agents) per tenant; past it, clients take TCP
 MAX_REGIONS = 1024  # registered regions per session
 
