@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import logging
+import os
 import threading
 import time
 from collections.abc import Sequence
@@ -35,6 +36,7 @@ def load() -> ModuleType:
     global _api, _why
     with _load_lock:
         if _api is None and not _why:
+            os.environ.setdefault("UCX_LOG_FILE", "stderr")  # not stdout: a daemon's banner
             errors = []
             for name in _MODULES:
                 try:
@@ -44,8 +46,11 @@ def load() -> ModuleType:
                     errors.append(f"{name}: {exc}")
             if _api is None:
                 _why = f"NIXL is not installed ({INSTALL}): " + "; ".join(errors)
-            else:
-                logging.getLogger("nixl").setLevel(logging.WARNING)  # it logs INFO to stdout
+            else:  # NIXL logs INFO to stdout: warnings only, and where the process logs
+                nixl_log = logging.getLogger("nixl")
+                nixl_log.handlers.clear()
+                nixl_log.propagate = True
+                nixl_log.setLevel(logging.WARNING)
     if _api is None:
         raise Unsupported(_why)
     return _api
