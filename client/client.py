@@ -235,7 +235,7 @@ class Client:
             (key, _source_meta(i, source, region, layout, self.checksum))
             for i, (key, source, region) in enumerate(zip(keys, sources, regions, strict=True))
         ]
-        return self._nixl().put_from(blocks, sources)
+        return self._on_nixl(lambda nixl: nixl.put_from(blocks, sources))
 
     # -- blocks out ---------------------------------------------------------------
 
@@ -288,14 +288,15 @@ class Client:
         half way leaves those before it landed, whole. Checksums are the caller's to check
         (over NIXL, the node checks blocks bound for GPU memory). TCP, shared memory or
         NIXL (the paths that write straight into place); once this client registered
-        memory (`register`), over NIXL, and every place must lie in what it registered."""
+        memory (`register`), over NIXL, and every place must lie in what it registered
+        (host memory, or GPU memory: staged and checked in host memory first)."""
         keys = check_keys(keys, unique=True)
-        transport = self._transport()
-        if transport.name == "nixl" or "nixl" in self._paths:  # once memory is registered
-            return self._nixl().get_into(Ask(keys), place, landed)
-        if not isinstance(transport, TcpTransport | ShmTransport):
+        if self._registered:  # places lie in registered memory: NIXL writes them there
+            return self._on_nixl(lambda nixl: nixl.get_into(Ask(keys), place, landed))
+        channels = getattr(self._transport(), "channels", None)  # tcp, shm and nixl's
+        if channels is None:
             raise Unsupported("get_into needs the node's data plane (tcp, shm or nixl)")
-        return tcp.get_into(transport.channels, Ask(keys), place, landed)
+        return tcp.get_into(channels, Ask(keys), place, landed)  # over its socket
 
     def prefetch(self, keys: Sequence[BlockKey]) -> int:
         """Have the node start pulling what it lacks of `keys` from the cluster, and return at
@@ -319,7 +320,7 @@ class Client:
         move straight between it and the node, with no copy in this process. NIXL only.
         Kept (and referenced) for the client's life, and registered again with the agent
         of each new session (the node restarted, or the path was left and taken again)."""
-        self._nixl().register(buffer)
+        self._on_nixl(lambda nixl: nixl.register(buffer))
         with self._lock:
             self._registered.append(buffer)
 
@@ -547,27 +548,35 @@ class Client:
                 self._channel, self.chunk_size, self.timeout, self.security.metadata
             )
         info = self._node()
+        if name == "nixl":
+            _nixl_here(info)  # before any connection is opened for it
         host = self.address.rpartition(":")[0].strip("[]")
         kind = "unix" if name == "shm" else "tcp"
         channels = Channels(kind, self._hello, info, host, self.timeout, self.security)
         if name == "shm":
             return ShmTransport(channels, self.checksum, self._pool)
         if name == "nixl":
-            if not info.nixl:
-                raise Unsupported("the node offers no NIXL (--nixl off, or not installed there)")
-            from kvstore.client.nixl import NixlTransport  # NIXL is optional: loaded here only
-
-            try:
-                nixl = NixlTransport(channels, info.host_capacity)
-            except ResourceExhausted as exc:  # the tenant's sessions are all taken
-                channels.close()
-                raise Unavailable(f"no NIXL session to be had: {exc}") from None
-            with self._lock:
-                registered = list(self._registered)
-            for buffer in registered:
-                nixl.register(buffer)
-            return nixl
+            return self._nixl_opened(channels, info)
         return TcpTransport(channels)
+
+    def _nixl_opened(self, channels: Channels, info: pb.NodeInfo) -> NixlTransport:
+        """A NIXL session, with the memory registered before (for an earlier session)."""
+        from kvstore.client.nixl import NixlTransport  # NIXL is optional: loaded here only
+
+        try:
+            nixl = NixlTransport(channels, info.host_capacity)
+        except ResourceExhausted as exc:  # the tenant's sessions are all taken
+            channels.close()
+            raise Unavailable(f"no NIXL session to be had: {exc}") from None
+        with self._lock:
+            registered = list(self._registered)
+        try:
+            if registered:
+                nixl.register(*registered)
+        except BaseException:
+            nixl.close()
+            raise
+        return nixl
 
     def _leave(self, name: str, exc: Exception) -> None:
         with self._lock:
@@ -587,6 +596,15 @@ class Client:
         if "shm" not in self._candidates:
             raise Unsupported("shared memory needs transport auto or shm, with shm=True")
         return self._path("shm", "shared memory needs a node on this host")  # type: ignore[return-value]
+
+    def _on_nixl(self, operation: Callable[[NixlTransport], T]) -> T:
+        """`operation` on the NIXL path; a node met anew (it restarted, or the session
+        ended) is met once more, as `_run` does for every path."""
+        try:
+            return operation(self._nixl())
+        except NodeChanged:
+            self._forget_node()
+            return operation(self._nixl())
 
     def _nixl(self) -> NixlTransport:
         """The NIXL path, which registered memory needs."""
@@ -703,6 +721,16 @@ class Client:
                 raise error_from_rpc(exc) from None
 
         return busy_retried(call)
+
+
+def _nixl_here(info: pb.NodeInfo) -> None:
+    """Unsupported, saying why, unless both the node and this host have NIXL."""
+    from kvstore import fabric  # NIXL is optional: loaded here only
+
+    if not info.nixl:
+        raise Unsupported("the node offers no NIXL (--nixl off, or not installed there)")
+    if fabric.why_not():
+        raise Unsupported(fabric.why_not())
 
 
 def busy_retried(call: Callable[[], T]) -> T:

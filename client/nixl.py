@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import bisect
 import itertools
-import math
 import select
 import socket
 import ssl
@@ -32,6 +31,7 @@ from kvstore.client.channel import Channels, Link, NodeChanged
 from kvstore.client.pipeline import Block, Received, batches, block_slices
 from kvstore.client.tcp import Place
 from kvstore.client.transport import Arrived, Ask, Out
+from kvstore.config import MIN_RATE
 from kvstore.errors import InvalidArgument, Unavailable
 from kvstore.fabric import Agent, Region, address
 from kvstore.proto import kvstore_pb2 as pb
@@ -53,6 +53,7 @@ from kvstore.results import PutResult
 SMALL_PUT = 2 << 20  # a put of fewer bytes goes over the socket (the crossover here)
 STAGE = 64 << 20  # bytes of a staging buffer, at least
 MAX_STAGE = 256 << 20  # a get through staging takes at most this much at once
+DATA_TIMEOUT = 30.0  # a node's stall allowance (--data-timeout), where the client set none
 
 
 class NixlTransport:
@@ -60,7 +61,7 @@ class NixlTransport:
 
     def __init__(self, channels: Channels, host_capacity: int) -> None:
         self.channels = channels
-        self._part = host_capacity // 4  # bytes of a put's slots reserved at once
+        self._part = min(host_capacity // 4, MAX_STAGE)  # bytes a put reserves at once
         self._lock = threading.Lock()  # the session's connection; registrations
         self._anchor = channels.checkout()  # the session lives as long as this connection
         opened = self._session(pb.NixlSession())
@@ -70,14 +71,12 @@ class NixlTransport:
         self._free: list[np.ndarray] = []  # staging buffers not in use
         self._give(self._staging(STAGE))  # the session has memory from the start
 
-    def register(self, buffer: object) -> Region:
-        """Register `buffer` (contiguous host memory, or a CUDA tensor) with this client's
-        agent and tell the node: gets into it and puts from it move no byte here. Kept
-        registered (and referenced) for the client's life."""
-        region = address(buffer)
+    def register(self, *buffers: object) -> None:
+        """Register `buffers` (contiguous host memory, or CUDA tensors) with this client's
+        agent and tell the node, at once: gets into them and puts from them move no byte
+        here. Kept registered (and referenced) for the session's life."""
         with self._lock:
-            self._register(region, buffer)
-        return region
+            self._register([(address(buffer), buffer) for buffer in buffers])
 
     # -- transfers ----------------------------------------------------------------
 
@@ -107,11 +106,10 @@ class NixlTransport:
                     staging[at : at + len(view)] = np.frombuffer(view, np.uint8)
                     places[i] = Region(address(staging).addr + at, len(view))
                     at += len(view)
-        try:
-            return self._put_at(blocks, places, durable)
-        finally:
-            if staging is not None:
-                self._give(staging)
+        result = self._put_at(blocks, places, durable)
+        if staging is not None:  # a failed put's may still be read: it is dropped
+            self._give(staging)
+        return result
 
     def put_from(self, blocks: Sequence[Block], sources: Sequence[object]) -> PutResult:
         """`Client.put_from`: the node reads each block where it lies in memory this
@@ -132,15 +130,14 @@ class NixlTransport:
 
     def _put_staged(self, blocks: Sequence[Block], tensors: Sequence[object]) -> PutResult:
         staging = self._staging(sum(meta.size for _, meta in blocks))
-        try:
-            arrays = gpu_staging.download(tensors, staging)
-            blocks = [
-                (key, replace(meta, checksum=xxhash.xxh3_64_intdigest(array.data)))
-                for (key, meta), array in zip(blocks, arrays, strict=True)
-            ]
-            return self._put_at(blocks, [address(array) for array in arrays], False)
-        finally:
-            self._give(staging)
+        arrays = gpu_staging.download(tensors, staging)
+        blocks = [
+            (key, replace(meta, checksum=xxhash.xxh3_64_intdigest(array.data)))
+            for (key, meta), array in zip(blocks, arrays, strict=True)
+        ]
+        result = self._put_at(blocks, [address(array) for array in arrays], False)
+        self._give(staging)  # a failed put's may still be read: it is dropped
+        return result
 
     def _put_at(
         self, blocks: Sequence[Block], places: Sequence[Region], durable: bool
@@ -159,30 +156,32 @@ class NixlTransport:
             vram=vram,
             device=device,
         )
-        reply = pb.PutReply.FromString(self._request(NIXL_PUT, request).meta)
+        nbytes = sum(meta.size for _, meta in blocks)
+        reply = pb.PutReply.FromString(self._request(NIXL_PUT, request, nbytes).meta)
         return PutResult(reply.stored, reply.existed)
 
     def get(self, ask: Ask, out: Out, arrived: Arrived | None) -> Received:
-        """Straight into `out` where it is registered memory; else into staging sized to
-        what the node found (two phases), then one copy into place."""
-        if out is not None and self._registered(address(out)) is not None:
-            return self._get_span(ask, out)
+        """Straight into `out` where it is registered memory (one round trip, unless the
+        node may wait or fetch first: then two, so that no one spins meanwhile); else
+        into staging sized to what the node found, then one copy into place."""
+        registered = out is not None and self._registered(address(out)) is not None
+        if registered and not ask.wait_ms and not ask.fetch:
+            return self._get_span(ask, out)  # type: ignore[arg-type]
         staging: list[np.ndarray] = []
 
         def place(blocks: list[Block]) -> list[np.ndarray]:
-            sizes = list(itertools.accumulate(meta.size for _, meta in blocks))
-            taken = max(1, bisect.bisect_right(sizes, MAX_STAGE))  # the rest: asked again
-            staging.append(self._staging(sizes[taken - 1]))
-            return block_slices([meta for _, meta in blocks[:taken]], staging[0])[1]
+            if registered:
+                return _fitting(blocks, out, "out")  # type: ignore[arg-type]
+            ends = list(itertools.accumulate(meta.size for _, meta in blocks))
+            taken = max(1, bisect.bisect_right(ends, MAX_STAGE))  # the rest: asked again
+            staging.append(self._staging(ends[taken - 1]))
+            return _fitting(blocks[:taken], staging[0], "staging")
 
-        try:
-            blocks, _, truncated = self._get_placed(ask, place)
-            span, arrays = block_slices([meta for _, meta in blocks], out)
-            if blocks:
-                span[:] = staging[0][: len(span)]  # the one copy
-        finally:
-            if staging:
-                self._give(staging[0])
+        blocks, _, truncated = self._get_placed(ask, place)
+        span, arrays = block_slices([meta for _, meta in blocks], out)
+        if staging:
+            span[:] = staging[0][: len(span)]  # the one copy
+            self._give(staging[0])  # a failed get's may still be written: it is dropped
         return Received(arrays, blocks, truncated)
 
     def get_into(self, ask: Ask, place: Place, landed: Callable[[int], None]) -> int:
@@ -204,13 +203,10 @@ class NixlTransport:
             gpu[:] = [self._staging(sum(sizes)), dests]  # the node waits for no transfer now
             return gpu_staging.slices(gpu[0], sizes)
 
-        try:
-            found, dests, _ = self._get_placed(ask, staged)
-            if gpu:
-                gpu_staging.upload(dests, found, gpu[1])  # type: ignore[arg-type]
-        finally:
-            if gpu:
-                self._give(gpu[0])
+        found, dests, _ = self._get_placed(ask, staged)
+        if gpu:
+            gpu_staging.upload(dests, found, gpu[1])  # type: ignore[arg-type]
+            self._give(gpu[0])  # a failed get's may still be written: it is dropped
         for i in range(len(dests)):
             landed(i)
         return len(dests)
@@ -226,7 +222,7 @@ class NixlTransport:
         )
         with self._link() as link:
             frame = self.channels.request(
-                link, NIXL_GET, request.SerializeToString(), waiting=self._progress
+                link, NIXL_GET, request.SerializeToString(), waiting=self._progress(into.size)
             )
             answer = pb.GetAnswer.FromString(frame.meta)
             blocks = headers_from_proto(answer.blocks)
@@ -259,11 +255,11 @@ class NixlTransport:
             taken = pb.NixlPlaces(addrs=[p.addr for p in places], vram=vram, device=device)
             continued = encode(REQUEST_MAGIC, NIXL_GET, 0, taken.SerializeToString())
             self.channels.send(link, [continued])
-            self._progress(link.sock)
+            self._progress(sum(p.size for p in places))(link.sock)
             done = self.channels.answer(link)
             answer = pb.GetAnswer.FromString(done.meta)
             for i in answer.inline:  # small blocks: on the socket, straight into place
-                recv_exact(link.sock, memoryview(dests[i]).cast("B"))
+                recv_exact(link.sock, _bytes_of(dests[i]))
         truncated = bool(frame.flags & TRUNCATED) or len(dests) < len(found)
         return found[: len(dests)], dests, truncated
 
@@ -276,24 +272,28 @@ class NixlTransport:
 
     # -- within -------------------------------------------------------------------
 
-    def _request(self, op: int, message: pb.NixlPut | pb.NixlGet) -> Frame:
+    def _request(self, op: int, message: pb.NixlPut, nbytes: int) -> Frame:
         with self._link() as link:
             return self.channels.request(
-                link, op, message.SerializeToString(), waiting=self._progress
+                link, op, message.SerializeToString(), waiting=self._progress(nbytes)
             )
 
-    def _progress(self, sock: socket.socket) -> None:
-        """Make NIXL progress until the node's answer arrives (the node's transfer is done
-        by then): only while a request of ours is in flight."""
-        poller = select.poll()
-        poller.register(sock, select.POLLIN)
-        timeout = self.channels.timeout
-        deadline = time.monotonic() + timeout if timeout else math.inf
-        pending = isinstance(sock, ssl.SSLSocket) and sock.pending()
-        while not pending and not poller.poll(0):
-            self.agent.progress()
-            if time.monotonic() > deadline:
-                return  # reading the answer times out as on any path
+    def _progress(self, nbytes: int) -> Callable[[socket.socket], None]:
+        """What a request whose `nbytes` move through NIXL does until the node's answer
+        arrives (its transfer is done by then): make NIXL progress, only while it is in
+        flight, for at most as long as the node may take (its stall allowance and the
+        bytes at the floor rate); then reading the answer times out as on any path."""
+
+        def waiting(sock: socket.socket) -> None:
+            poller = select.poll()
+            poller.register(sock, select.POLLIN)
+            allowance = self.channels.timeout or DATA_TIMEOUT
+            deadline = time.monotonic() + allowance + nbytes / MIN_RATE
+            pending = isinstance(sock, ssl.SSLSocket) and sock.pending()
+            while not pending and not poller.poll(0) and time.monotonic() < deadline:
+                self.agent.progress()
+
+        return waiting
 
     def _session(self, message: pb.NixlSession) -> pb.NixlSessionReply:
         """Over the session's own connection (under `_lock`, or before others use it)."""
@@ -315,16 +315,19 @@ class NixlTransport:
                 raise NodeChanged(str(exc)) from None
             raise
 
-    def _register(self, region: Region, keep: object) -> None:
-        """Register with the agent, then tell the node all this session registered."""
-        self.agent.register(region)
-        self._regions = (*self._regions, (region, keep))
-        regions = [
+    def _register(self, added: list[tuple[Region, object]]) -> None:
+        """Register with the agent, then tell the node all this session registered; the
+        regions are used once the node took them."""
+        for region, _ in added:
+            self.agent.register(region)
+        regions = (*self._regions, *added)
+        listed = [
             pb.NixlRegion(addr=r.addr, size=r.size, vram=r.vram, device=r.device)
-            for r, _ in self._regions
+            for r, _ in regions
         ]
         metadata = self.agent.metadata()
-        self._session(pb.NixlSession(session=self.session, metadata=metadata, regions=regions))
+        self._session(pb.NixlSession(session=self.session, metadata=metadata, regions=listed))
+        self._regions = regions
 
     def _registered(self, place: Region) -> Region | None:
         for region, _ in self._regions:
@@ -340,9 +343,25 @@ class NixlTransport:
                 if buffer.nbytes >= size:
                     return self._free.pop(i)
             buffer = np.empty(max(size, STAGE), np.uint8)  # pages are touched as used
-            self._register(address(buffer), buffer)
+            self._register([(address(buffer), buffer)])
         return buffer
 
     def _give(self, buffer: np.ndarray) -> None:
         with self._lock:
             self._free.append(buffer)
+
+
+def _fitting(blocks: list[Block], target: np.ndarray | memoryview, what: str) -> list[np.ndarray]:
+    """Slices of `target`, back to back, for the leading blocks that fit in it."""
+    ends = list(itertools.accumulate(meta.size for _, meta in blocks))
+    taken = bisect.bisect_right(ends, np.asarray(target).nbytes)
+    if blocks and not taken:
+        raise InvalidArgument(what, f"too small for a block of {blocks[0][1].size} bytes")
+    return block_slices([meta for _, meta in blocks[:taken]], target)[1]
+
+
+def _bytes_of(place: object) -> memoryview:
+    """A writable byte view of host memory handed out as a place: a buffer, or a CPU
+    tensor (which has no buffer protocol of its own)."""
+    numpy = getattr(place, "numpy", None)  # a torch tensor; an ndarray has no .numpy
+    return memoryview(numpy() if numpy is not None else place).cast("B")  # type: ignore[arg-type]

@@ -132,7 +132,8 @@ class Agent:
     ) -> None:
         """WRITE local host memory to the peer's, or READ the peer's into it: (address,
         size) pairs, one per block, in `remote_region`. Unavailable if the peer is gone,
-        TimeoutError past `deadline` (time.monotonic())."""
+        TimeoutError past `deadline` (time.monotonic()). Either way the transfer may still
+        be under way: the caller removes the peer before it frees the memory involved."""
         agent = self._agent
         mine = agent.get_xfer_descs(_table(local, 0), "DRAM")
         theirs = agent.get_xfer_descs(_table(remote, remote_region.device), remote_region.kind)
@@ -146,11 +147,15 @@ class Agent:
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"NIXL {op} to {peer} passed its deadline")
                 state = agent.check_xfer_state(handle)
-            if state != "DONE":
-                raise Unavailable(f"NIXL {op} to {peer} failed (the peer is gone?)")
+        except TimeoutError:
+            raise
+        except Exception as exc:  # NIXL raises its own errors (a peer disconnected, ...)
+            raise Unavailable(f"NIXL {op} to {peer} failed: {exc}") from None
         finally:
-            with contextlib.suppress(Exception):  # in flight past a deadline: freed with the agent
-                handle.release()
+            with contextlib.suppress(Exception):  # in flight past a deadline: the caller
+                handle.release()  # removes the peer, which ends it
+        if state != "DONE":
+            raise Unavailable(f"NIXL {op} to {peer} failed (the peer is gone?)")
 
 
 def _descs(region: Region) -> np.ndarray:

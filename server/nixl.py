@@ -68,6 +68,7 @@ class Session:
     peer: str = ""  # the agent's name once its metadata is added
     regions: list[Region] = field(default_factory=list)
     moving: int = 0
+    ended: bool = False
     changed: threading.Condition = field(default_factory=threading.Condition)
 
     def region(self, addr: int, size: int, vram: bool, device: int, what: str) -> Region:
@@ -82,6 +83,8 @@ class Session:
     @contextmanager
     def using(self) -> Iterator[None]:
         with self.changed:
+            if self.ended:
+                raise Unavailable(f"{SESSION_ENDED}: open another")
             if not self.peer:
                 raise InvalidArgument("session", "no memory registered yet")
             self.moving += 1
@@ -127,6 +130,8 @@ class NixlNode:
         with session.changed:
             while session.moving:
                 session.changed.wait()
+            if session.ended:  # its connection closed meanwhile
+                raise Unavailable(f"{SESSION_ENDED}: open another")
             with self._lock:
                 if session.peer:
                     self.agent.remove_peer(session.peer)
@@ -157,21 +162,49 @@ class NixlNode:
         return session
 
     def closed(self, conn: Connection) -> None:
-        """A connection ended, and with it the sessions it opened."""
+        """A connection ended, and with it the sessions it opened, once their transfers
+        in flight are done."""
         for session_id in conn.nixl:
             with self._lock:
                 session = self._sessions.pop(session_id, None)
-            if session is None:
-                continue
-            with session.changed:
-                while session.moving:
-                    session.changed.wait()
-                with self._lock:
-                    if session.peer:
-                        self.agent.remove_peer(session.peer)
-                        session.peer = ""
-            self.agent.progress()  # UCX closes the peer's sockets as it makes progress
+            if session is not None:
+                with session.changed:
+                    while session.moving:
+                        session.changed.wait()
+                    self.end(session)
         conn.nixl.clear()
+
+    def move(
+        self,
+        session: Session,
+        op: str,
+        local: list[tuple[int, int]],
+        remote: list[tuple[int, int]],
+        kind: Region,
+        deadline: float,
+    ) -> None:
+        """A session's WRITE or READ (`Agent.move`); if it fails or passes its deadline,
+        the session ends before the caller frees the pins or slots involved."""
+        try:
+            self.agent.move(op, local, remote, kind, session.peer, deadline)
+        except BaseException:
+            self.end(session)
+            raise
+
+    def end(self, session: Session) -> None:
+        """End `session` now: its agent removed (a transfer of it still under way, past a
+        deadline or failed, is cut off with it), so it reaches none of this node's memory
+        again, before what it held is freed."""
+        with self._lock:
+            self._sessions.pop(session.id, None)
+            session.ended = True
+            try:
+                if session.peer:
+                    self.agent.remove_peer(session.peer)
+                self.agent.progress()  # UCX closes the peer's sockets as it makes progress
+            except Exception:  # never a reason to keep serving the connection less well
+                log.exception("NIXL agent %s could not be removed", session.peer)
+            session.peer = ""
 
 
 def _region(message: pb.NixlRegion) -> Region:
@@ -269,15 +302,14 @@ def _write(
                 raise CorruptBlock(f"block {key.hex()} failed its checksum")
     inline, local, remote = [], [], []
     for i, (view, place) in enumerate(zip(views, places, strict=True)):
-        at = address(view).addr
-        if kind.vram or (len(view) >= INLINE_BELOW and nixl.arena.holds(at, len(view))):
-            local.append((at, len(view)))
+        if kind.vram or len(view) >= INLINE_BELOW:  # pinned views lie in the arena
+            local.append((address(view).addr, len(view)))
             remote.append((place, len(view)))
         else:
             inline.append(i)  # small: cheaper on the socket
     nbytes = sum(map(len, views))
     if local:
-        nixl.agent.move("WRITE", local, remote, kind, session.peer, server.deadline(nbytes))
+        nixl.move(session, "WRITE", local, remote, kind, server.deadline(nbytes))
     answer = pb.GetAnswer(blocks=headers_to_proto(headers), truncated=truncated, inline=inline)
     sent = [views[i] for i in inline]
     head = encode(REPLY_MAGIC, 0, TRUNCATED if truncated else 0, answer.SerializeToString(),
@@ -286,33 +318,35 @@ def _write(
 
 
 def put(server: ChannelServer, conn: Connection, frame: Frame) -> None:
-    """Slots reserved, the client's bytes READ into them, checked, published."""
+    """Slots reserved (maybe after a wait for room), the client's bytes READ into them,
+    checked, published."""
     nixl = _nixl(server)
     request = parse(frame.meta, pb.NixlPut)
     session = nixl.session(conn, request.session)
     blocks = headers_from_proto(request.headers.blocks)
     if len(request.addrs) != len(blocks):
         raise InvalidArgument("addrs", f"{len(request.addrs)} for {len(blocks)} blocks")
-    for i, (addr, (_, meta)) in enumerate(zip(request.addrs, blocks, strict=True)):
-        session.region(addr, meta.size, request.vram, request.device, f"addrs[{i}]")
     caller = _caller(conn)
-    with session.using():
-        slots = server.policy.reserve(caller, blocks, request.headers.durable)
-        try:
+    slots = server.policy.reserve(caller, blocks, request.headers.durable)
+    try:
+        with session.using():  # its regions stay as they are until this is read
+            for i, (addr, (_, meta)) in enumerate(zip(request.addrs, blocks, strict=True)):
+                session.region(addr, meta.size, request.vram, request.device, f"addrs[{i}]")
             present = set(slots.present)
             wanted = [i for i in range(len(blocks)) if i not in present]
             targets = [(address(r.view).addr, r.size) for r in slots.reservations]
             if wanted:
                 remote = [(request.addrs[i], blocks[i][1].size) for i in wanted]
                 kind = Region(0, 0, request.vram, request.device)  # every region's (checked)
-                deadline = server.deadline(slots.nbytes)
-                nixl.agent.move("READ", targets, remote, kind, session.peer, deadline)
-            # blocks from GPU memory come with no checksum: they get theirs here
-            views = [r.view for r in slots.reservations] if request.vram else []
-            checksums = [xxhash.xxh3_64_intdigest(view) for view in views]
-            result = server.policy.commit(caller, slots, checksums)
-        except BaseException:
-            slots.end()
-            raise
+                nixl.move(session, "READ", targets, remote, kind, server.deadline(slots.nbytes))
+        # blocks from GPU memory come with no checksum (the client cannot hash them
+        # cheaply): they get theirs here, from the bytes as they arrived, so later reads
+        # are checked; their way here is not
+        views = [r.view for r in slots.reservations] if request.vram else []
+        checksums = [xxhash.xxh3_64_intdigest(view) for view in views]
+        result = server.policy.commit(caller, slots, checksums)
+    except BaseException:
+        slots.end()
+        raise
     reply = pb.PutReply(stored=result.stored, existed=result.existed).SerializeToString()
     server.reply(conn, reply)

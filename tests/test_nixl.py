@@ -130,6 +130,37 @@ def test_a_get_larger_than_any_staging_buffer_registers_one_on_the_way(node, sal
         assert all(np.array_equal(g, p) for g, p in zip(got, payloads, strict=True))
 
 
+def test_get_into_unregistered_places_takes_the_socket(node, salt) -> None:
+    keys = block_keys(np.arange(2 * 16), 16, salt)
+    payloads = [np.full(3 * MiB, 9, np.uint8), np.full(100, 8, np.uint8)]
+    with node.client(transport="nixl", timeout=TIMEOUT) as client:
+        client.put(keys, payloads)
+        places = [np.zeros(3 * MiB, np.uint8), np.zeros(100, np.uint8)]
+        assert client.get_into(keys, lambda blocks: places, lambda i: None) == 2
+        assert all(np.array_equal(p, w) for p, w in zip(places, payloads, strict=True))
+
+
+def test_a_transfer_past_its_deadline_ends_its_session(tmp_path, monkeypatch) -> None:
+    """A client that stops making progress (UCX over TCP needs the receiver's) holds the
+    node's WRITE past its deadline: the node ends the session, removing the client's
+    agent, before it unpins the blocks, so no late byte can reach memory reused since."""
+    monkeypatch.setenv("UCX_TLS", "tcp")  # this process's agents, and the daemon's
+    flags = ("--host-capacity", "96MiB", "--prefault", "false", "--data-timeout", "1")
+    keys = block_keys(np.arange(16 * 16), 16, b"stalled")
+    with running_daemon(*flags) as d, raw_session(d) as (client, raw):
+        client.put(keys, [np.ones(4 * MiB, np.uint8)] * 16)
+        buffer = np.zeros(64 * MiB, np.uint8)
+        raw.register(Agent(raw.agent_name), buffer)  # an agent that never makes progress
+        into = pb.NixlRegion(addr=address(buffer).addr, size=buffer.nbytes)
+        get = pb.NixlGet(ask=pb.GetRequest(keys=keys), session=raw.id, into=into)
+        other = Raw(client)  # not the connection the session lives with
+        with pytest.raises(Unavailable):  # the node gave up, and hung up
+            other.request(NIXL_GET, get)
+        with pytest.raises(Unavailable, match="NIXL session unknown"):
+            raw.request(NIXL_GET, get)  # the session ended with the transfer
+        assert len(client.get(keys)) == 16  # its blocks unpinned, and served again
+
+
 def test_the_node_names_every_client_agent(node) -> None:
     buffer = np.zeros(MiB, np.uint8)
     with raw_session(node) as (_, raw), raw_session(node) as (_, other):
