@@ -529,8 +529,8 @@ class Client:
             try:
                 opened = self._open(name)
             except (Unsupported, Unavailable) as exc:
-                if self.transport != "auto":
-                    raise
+                if self.transport != "auto" or self._info is None:
+                    raise  # forced, or the node itself could not be met: no path will do
                 self._leave(name, exc)
                 continue
             with self._lock:
