@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from kvstore.bench.measure import Run
 from kvstore.bench.procs import Processes
 from kvstore.bench.report import Row
 
@@ -82,9 +83,9 @@ def _rows(direction: str, mode: str, tokens: int, figures: dict[str, Any]) -> li
     scenario = f"{direction} {tokens // 1024}k tok"
 
     def row(path: str, seconds: list[float], **extra: Any) -> Row:
-        gbps = nbytes / float(np.median(seconds)) / 1e9
-        p50, p99 = (round(float(np.percentile(seconds, q)) * 1e3, 3) for q in (50, 99))
-        return Row(scenario, path, PAGE, nbytes, round(gbps, 3), p50, p99, extra=extra)
+        return Row.of(
+            scenario, path, PAGE, Run(nbytes, float(np.median(seconds)), seconds), **extra
+        )
 
     ceiling = row("memcpy", figures["memcpy"], tokens=tokens, copy="pinned cudaMemcpy")
     moved = row(f"nixl-{mode}", figures["seconds"], tokens=tokens, identical=figures["same"])

@@ -10,7 +10,6 @@ benchmark only), or `... client ADDRESS` for an idle client with a NIXL session 
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 import sys
 import time
@@ -18,7 +17,7 @@ import time
 import numpy as np
 
 from kvstore.bench.measure import Run, Workload, median, timed_batches
-from kvstore.bench.procs import Processes
+from kvstore.bench.procs import Processes, listening
 from kvstore.bench.report import Row
 from kvstore.client import Client
 from kvstore.client import nixl as client_nixl
@@ -33,25 +32,9 @@ SETTINGS = {"nixl:socket": 1 << 62, "nixl:nixl": 0, "nixl": None}
 
 
 def node(procs: Processes, inline_below: int) -> subprocess.Popen:
-    """A `kvstore-server` starting with NIXL on and INLINE_BELOW set (`address` waits)."""
-    return procs.spawn(
-        [sys.executable, "-m", "kvstore.bench.nixl_rows", "node", str(inline_below),
-         "--address", "127.0.0.1:0", "--log-level", "warning", "--nixl", "on",
-         "--host-capacity", str(1 << 30)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )  # fmt: skip
-
-
-def address(proc: subprocess.Popen) -> str:
-    """The address of a node `node` started, once it listens."""
-    assert proc.stdout is not None and proc.stderr is not None  # piped
-    line = proc.stdout.readline()
-    match = re.search(r"listening on (\S+)", line)
-    if not match:
-        raise RuntimeError(f"kvstore-server did not start: {line}{proc.stderr.read()}")
-    return match.group(1)
+    """A `kvstore-server` starting with NIXL on and INLINE_BELOW set (`listening` waits)."""
+    launcher = ("kvstore.bench.nixl_rows", "node", str(inline_below))
+    return procs.start_daemon("--nixl", "on", "--host-capacity", str(1 << 30), module=launcher)
 
 
 def crossover(procs: Processes, sizes: list[int], repeat: int) -> list[Row]:
@@ -62,7 +45,7 @@ def crossover(procs: Processes, sizes: list[int], repeat: int) -> list[Row]:
     rows: list[Row] = []
     inline = {p: server_nixl.INLINE_BELOW if t is None else t for p, t in SETTINGS.items()}
     nodes = {path: node(procs, inline_below) for path, inline_below in inline.items()}
-    addresses = {path: address(proc) for path, proc in nodes.items()}  # started together
+    addresses = {path: listening(proc) for path, proc in nodes.items()}  # started together
     for path, threshold in SETTINGS.items():
         small_put = client_nixl.SMALL_PUT if threshold is None else threshold
         proc = nodes[path]
@@ -128,7 +111,7 @@ def idle(procs: Processes, seconds: float) -> list[Row]:
     and one get done through NIXL) use while idle for `seconds`."""
     node_proc = node(procs, server_nixl.INLINE_BELOW)
     client = procs.spawn(
-        [sys.executable, "-m", "kvstore.bench.nixl_rows", "client", address(node_proc)],
+        [sys.executable, "-m", "kvstore.bench.nixl_rows", "client", listening(node_proc)],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,

@@ -13,6 +13,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -62,27 +63,16 @@ class Processes(ExitStack):
 
     def daemon(self, *flags: str) -> str:
         """Start `kvstore-server` on a free port; return its address."""
-        proc = self.spawn(
-            [
-                sys.executable,
-                "-m",
-                "kvstore.server",
-                "--address",
-                "127.0.0.1:0",
-                "--log-level",
-                "warning",
-                *flags,
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        assert proc.stdout is not None and proc.stderr is not None  # piped
-        line = proc.stdout.readline()
-        match = re.search(r"listening on (\S+)", line)
-        if not match:
-            raise RuntimeError(f"kvstore-server did not start: {line}{proc.stderr.read()}")
-        return match.group(1)
+        return listening(self.start_daemon(*flags))
+
+    def start_daemon(
+        self, *flags: str, module: Sequence[str] = ("kvstore.server",)
+    ) -> subprocess.Popen:
+        """Start `kvstore-server` (or `module`, a launcher of it) on a free port; its address
+        is `listening(proc)`, so that several may start at once."""
+        cmd = [sys.executable, "-m", *module, "--address", "127.0.0.1:0"]
+        cmd += ["--log-level", "warning", *flags]
+        return self.spawn(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     def redis(self) -> str | None:
         """Start `redis-server` on a free port if it is installed; return its URL."""
@@ -172,3 +162,13 @@ def _stop(proc: subprocess.Popen) -> None:
     for stream in (proc.stdout, proc.stderr):
         if stream:
             stream.close()
+
+
+def listening(proc: subprocess.Popen) -> str:
+    """The address of a daemon `Processes.start_daemon` started, once it serves."""
+    assert proc.stdout is not None and proc.stderr is not None  # piped
+    line = proc.stdout.readline()
+    match = re.search(r"listening on (\S+)", line)
+    if not match:
+        raise RuntimeError(f"kvstore-server did not start: {line}{proc.stderr.read()}")
+    return match.group(1)

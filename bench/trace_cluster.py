@@ -10,9 +10,7 @@ segment, 1 MiB, where that is more).
 
 from __future__ import annotations
 
-import re
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from kvstore.arena import aligned
-from kvstore.bench.procs import Processes, RedisServer, cluster_secret
+from kvstore.bench.procs import Processes, RedisServer, cluster_secret, listening
 from kvstore.bench.trace_refs import node_capacities
 from kvstore.client import Client
 from kvstore.errors import KVStoreError
@@ -100,8 +98,8 @@ class TraceCluster:
         of its own: the node's process and client are swapped only by `Node.replaced`,
         which the caller runs (`restarted` hands over what to run)."""
         node = self.node(node_id)
-        proc = _spawn(procs, list(node.flags))
-        address = _address(proc)
+        proc = procs.start_daemon(*node.flags)
+        address = listening(proc)
         _registered(self.redis_url, {node_id}, address=address)
         self.restarted.append((node, proc, address))
 
@@ -157,10 +155,10 @@ def start(
             str(NODE_TTL_S),
         ]
         all_flags = (*node_flags, *cluster_flags, *flags)
-        waiting.append(_spawn(procs, list(all_flags)))
+        waiting.append(procs.start_daemon(*all_flags))
         members.append(Node(node_id, "", host, disk, waiting[-1], None, True, all_flags, timeout_s))
     for member, proc in zip(members, waiting, strict=True):
-        member.address = _address(proc)
+        member.address = listening(proc)
     _registered(url, {m.node_id for m in members})
     return TraceCluster(url, members, True, baseline, dirs, server)
 
@@ -265,29 +263,6 @@ def written_bytes(node: Node) -> int | None:
 
 def _host(client: Client):
     return next(t for t in client.stats().tiers if t.name == "host")
-
-
-def _spawn(procs: Processes, flags: list[str]) -> subprocess.Popen:
-    cmd = [
-        sys.executable,
-        "-m",
-        "kvstore.server",
-        "--address",
-        "127.0.0.1:0",
-        "--log-level",
-        "warning",
-        *flags,
-    ]
-    return procs.spawn(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def _address(proc: subprocess.Popen) -> str:
-    assert proc.stdout is not None and proc.stderr is not None  # piped
-    line = proc.stdout.readline()
-    match = re.search(r"listening on (\S+)", line)
-    if not match:
-        raise RuntimeError(f"kvstore-server did not start: {line}{proc.stderr.read()}")
-    return match.group(1)
 
 
 def _used_memory(url: str) -> int:

@@ -12,10 +12,9 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-import xxhash
 
 from kvstore.client.pipeline import Block
-from kvstore.errors import CorruptBlock
+from kvstore.meta import check_stored
 
 # False: UCX moves GPU memory itself (where the fabric reads and writes it, GPUDirect RDMA),
 # the node checking blocks bound for it before they leave
@@ -50,7 +49,6 @@ def upload(arrays: Sequence[np.ndarray], blocks: Sequence[Block], dests: Sequenc
     import torch
 
     for array, (key, meta) in zip(arrays, blocks, strict=True):
-        if meta.checksum and xxhash.xxh3_64_intdigest(array.data) != meta.checksum:
-            raise CorruptBlock(f"block {key.hex()} failed its checksum")
+        check_stored(array.data, key, meta)
     for array, dest in zip(arrays, dests, strict=True):
         dest.reshape(-1).view(torch.uint8)[: len(array)].copy_(torch.from_numpy(array))

@@ -115,11 +115,7 @@ class NixlTransport:
         """`Client.put_from`: the node reads each block where it lies in memory this
         client registered: host memory with no copy here, GPU memory through staging
         (client/gpu_staging.py), where it is hashed."""
-        regions = [address(source) for source in sources]
-        if any(self._registered(region) is None for region in regions):
-            raise InvalidArgument("sources", "every source must lie in registered memory")
-        if len({(region.vram, region.device) for region in regions}) > 1:
-            raise InvalidArgument("sources", "a put's blocks must all be host memory, or one GPU's")
+        regions = self._places(sources, "sources")
         result = PutResult(0, 0)
         for part in batches([region.size for region in regions], self._part):
             if gpu_staging.is_gpu(sources[part.start]):
@@ -142,19 +138,14 @@ class NixlTransport:
     def _put_at(
         self, blocks: Sequence[Block], places: Sequence[Region], durable: bool
     ) -> PutResult:
-        """One request: the node reads each block at its place, in registered memory."""
-        kinds = {(p.vram, p.device) for p in places}
-        if len(kinds) > 1:
-            raise InvalidArgument(
-                "payloads", "a put's blocks must all be host memory, or one GPU's"
-            )
-        vram, device = kinds.pop()
+        """One request: the node reads each block at its place, in registered memory (all
+        host memory, or all one GPU's: the callers see to it)."""
         request = pb.NixlPut(
             headers=pb.BlockHeaders(blocks=headers_to_proto(blocks), durable=durable),
             session=self.session,
             addrs=[p.addr for p in places],
-            vram=vram,
-            device=device,
+            vram=places[0].vram,
+            device=places[0].device,
         )
         nbytes = sum(meta.size for _, meta in blocks)
         reply = pb.PutReply.FromString(self._request(NIXL_PUT, request, nbytes).meta)
@@ -195,10 +186,7 @@ class NixlTransport:
             dests = place(blocks)
             if not any(gpu_staging.is_gpu(dest) for dest in dests):
                 return dests
-            if any(self._registered(address(dest)) is None for dest in dests):
-                raise InvalidArgument("place", "every place must be registered memory")
-            if not all(gpu_staging.is_gpu(dest) for dest in dests):
-                raise InvalidArgument("place", "places must all be host memory, or one GPU's")
+            self._places(dests)  # registered, and all one GPU's
             sizes = [meta.size for _, meta in blocks[: len(dests)]]
             gpu[:] = [self._staging(sum(sizes)), dests]  # the node waits for no transfer now
             return gpu_staging.slices(gpu[0], sizes)
@@ -245,14 +233,11 @@ class NixlTransport:
             frame = self.channels.request(link, NIXL_GET, request.SerializeToString())
             found = headers_from_proto(pb.GetAnswer.FromString(frame.meta).blocks)
             dests = place(found) if found else []
-            places = [address(dest) for dest in dests]
-            if any(self._registered(p) is None for p in places):
-                raise InvalidArgument("place", "every place must be registered memory")
-            kinds = {(p.vram, p.device) for p in places} or {(False, 0)}
-            if len(kinds) > 1:
-                raise InvalidArgument("place", "places must all be host memory, or one GPU's")
-            vram, device = kinds.pop()
-            taken = pb.NixlPlaces(addrs=[p.addr for p in places], vram=vram, device=device)
+            places = self._places(dests)
+            kind = places[0] if places else Region(0, 0)
+            taken = pb.NixlPlaces(
+                addrs=[p.addr for p in places], vram=kind.vram, device=kind.device
+            )
             continued = encode(REQUEST_MAGIC, NIXL_GET, 0, taken.SerializeToString())
             self.channels.send(link, [continued])
             self._progress(sum(p.size for p in places))(link.sock)
@@ -328,6 +313,16 @@ class NixlTransport:
         metadata = self.agent.metadata()
         self._session(pb.NixlSession(session=self.session, metadata=metadata, regions=listed))
         self._regions = regions
+
+    def _places(self, buffers: Sequence[object], what: str = "place") -> list[Region]:
+        """Where `buffers` lie: InvalidArgument on `what` unless all in registered memory
+        of one kind (host memory, or one GPU's)."""
+        places = [address(buffer) for buffer in buffers]
+        if any(self._registered(p) is None for p in places):
+            raise InvalidArgument(what, "every one must lie in registered memory")
+        if len({(p.vram, p.device) for p in places}) > 1:
+            raise InvalidArgument(what, "all must be host memory, or all one GPU's")
+        return places
 
     def _registered(self, place: Region) -> Region | None:
         for region, _ in self._regions:

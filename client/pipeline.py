@@ -16,10 +16,10 @@ import numpy as np
 import xxhash
 
 from kvstore import codecs
-from kvstore.errors import CorruptBlock, InvalidArgument
+from kvstore.errors import InvalidArgument
 from kvstore.keys import BlockKey, check_keys
 from kvstore.limits import MAX_BLOCKS
-from kvstore.meta import BlockMeta
+from kvstore.meta import BlockMeta, check_stored
 
 _POOLED_CHECK = 1 << 20  # blocks this large are checked in the pool, off the receiving thread
 ENCODED_PART = 32 << 20
@@ -205,8 +205,7 @@ def finished(array: np.ndarray, key: BlockKey, meta: BlockMeta, verify: bool) ->
 def check(array: np.ndarray, key: BlockKey, meta: BlockMeta) -> None:
     """CorruptBlock unless `array` matches its checksum (a block put with checksums off
     has none, and is taken as it is)."""
-    if meta.checksum and xxhash.xxh3_64_intdigest(array.data) != meta.checksum:
-        raise CorruptBlock(f"block {key.hex()} failed its checksum")
+    check_stored(array.data, key, meta)
 
 
 def shaped(block: np.ndarray, meta: BlockMeta) -> np.ndarray:

@@ -229,10 +229,16 @@ class SlotPut:
         self.slots = [(*block, slot) for block, slot in zip(wanted, reservations, strict=True)]
         store.coming([key for _, key, _ in wanted])
 
-    def commit(self, checksums: Sequence[int] = ()) -> PutResult:
+    def commit(self, checksums: Sequence[int] = (), *, unhashed: bool = False) -> PutResult:
         """Publish every slot, or none: a checksum mismatch frees them all, then raises.
-        `checksums`: those of the slots, in order, if learnt only once they were written."""
+        `checksums`: those of the slots, in order, if learnt only once they were written;
+        `unhashed`: the blocks came with none (GPU memory): they get theirs here, once."""
         slots, self.slots = self.slots, []
+        if unhashed:
+            slots = [
+                (index, key, replace(meta, checksum=xxhash.xxh3_64_intdigest(slot.view)), slot)
+                for index, key, meta, slot in slots
+            ]
         try:
             if checksums:
                 if len(checksums) != len(slots):
@@ -243,7 +249,7 @@ class SlotPut:
                     (index, key, replace(meta, checksum=checksum), slot)
                     for (index, key, meta, slot), checksum in zip(slots, checksums, strict=True)
                 ]
-            for index, key, meta, slot in slots:
+            for index, key, meta, slot in [] if unhashed else slots:
                 check_payload(index, key, meta, slot.view)
         except InvalidArgument:
             self._end(slots)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import xxhash
+
 from kvstore.codecs import NAMES as CODECS
-from kvstore.errors import InvalidArgument
+from kvstore.errors import CorruptBlock, InvalidArgument
 from kvstore.limits import MAX_NAME, MAX_RANK
 
 
@@ -38,3 +40,10 @@ class BlockMeta:
             raise InvalidArgument(
                 f"{field}.shape", f"{len(self.shape)} dimensions: at most {MAX_RANK}"
             )
+
+
+def check_stored(payload: memoryview, key: bytes, meta: BlockMeta) -> None:
+    """CorruptBlock unless a stored block's `payload` matches its checksum (a block put
+    with checksums off has none, and is taken as it is)."""
+    if meta.checksum and xxhash.xxh3_64_intdigest(payload) != meta.checksum:
+        raise CorruptBlock(f"block {key.hex()} failed its checksum")

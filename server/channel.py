@@ -457,10 +457,10 @@ class ChannelServer:
             NIXL_PUT: nixl.put,
         }.get(op)
 
-    def ask(self, meta: bytes) -> Ask:
-        """What a get, lease or lookup asks for; its answer is due within the data plane's
-        allowance, plus the wait it asks."""
-        request = parse(meta, pb.GetRequest)
+    def ask(self, meta: bytes | pb.GetRequest) -> Ask:
+        """What a get, lease or lookup asks for (its metadata, or the request parsed); its
+        answer is due within the data plane's allowance, plus the wait it asks."""
+        request = meta if isinstance(meta, pb.GetRequest) else parse(meta, pb.GetRequest)
         answer_by = self.deadline(0) + request.wait_ms / 1000
         return Ask(request.keys, request.wait_ms, request.fetch, answer_by)
 

@@ -23,10 +23,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
-import xxhash
-
-from kvstore.errors import CorruptBlock, InvalidArgument, ResourceExhausted, Unavailable
+from kvstore.errors import InvalidArgument, ResourceExhausted, Unavailable
 from kvstore.fabric import Agent, Region, address
+from kvstore.meta import check_stored
 from kvstore.proto import kvstore_pb2 as pb
 from kvstore.proto.channel import (
     NIXL_GET,
@@ -43,7 +42,7 @@ from kvstore.proto.channel import (
 )
 from kvstore.proto.convert import headers_from_proto, headers_to_proto
 from kvstore.proto.frames import parse
-from kvstore.server.policy import Ask, Caller, Reading
+from kvstore.server.policy import Caller, Reading
 
 if TYPE_CHECKING:
     from kvstore.server.channel import ChannelServer, Connection
@@ -238,10 +237,7 @@ def get(server: ChannelServer, conn: Connection, frame: Frame) -> None:
     nixl = _nixl(server)
     request = parse(frame.meta, pb.NixlGet)
     session = nixl.session(conn, request.session)
-    wanted = request.ask
-    answer_by = server.deadline(0) + wanted.wait_ms / 1000
-    ask = Ask(wanted.keys, wanted.wait_ms, wanted.fetch, answer_by)
-    with server.policy.get(_caller(conn), ask) as found:
+    with server.policy.get(_caller(conn), server.ask(request.ask)) as found:
         sizes = [len(view) for view in found.views]
         if request.HasField("into"):
             into = request.into
@@ -298,8 +294,7 @@ def _write(
     views, headers = found.views[: len(places)], found.headers[: len(places)]
     if kind.vram:
         for (key, meta), view in zip(headers, views, strict=True):
-            if meta.checksum and xxhash.xxh3_64_intdigest(view) != meta.checksum:
-                raise CorruptBlock(f"block {key.hex()} failed its checksum")
+            check_stored(view, key, meta)
     inline, local, remote = [], [], []
     for i, (view, place) in enumerate(zip(views, places, strict=True)):
         if kind.vram or len(view) >= INLINE_BELOW:  # pinned views lie in the arena
@@ -342,9 +337,7 @@ def put(server: ChannelServer, conn: Connection, frame: Frame) -> None:
         # blocks from GPU memory come with no checksum (the client cannot hash them
         # cheaply): they get theirs here, from the bytes as they arrived, so later reads
         # are checked; their way here is not
-        views = [r.view for r in slots.reservations] if request.vram else []
-        checksums = [xxhash.xxh3_64_intdigest(view) for view in views]
-        result = server.policy.commit(caller, slots, checksums)
+        result = server.policy.commit(caller, slots, (), unhashed=request.vram)
     except BaseException:
         slots.end()
         raise

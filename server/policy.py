@@ -88,10 +88,10 @@ class PutSlots:
         self._slots = slots
         self._held = held
 
-    def publish(self, checksums: Sequence[int]) -> PutResult:
+    def publish(self, checksums: Sequence[int], unhashed: bool = False) -> PutResult:
         """Every slot, or none (a checksum that does not match); ended either way."""
         with self._held:
-            return self._slots.commit(checksums)
+            return self._slots.commit(checksums, unhashed=unhashed)
 
     def end(self) -> None:
         """Free the slots."""
@@ -275,10 +275,13 @@ class RequestPolicy:
                 held.enter_context(self.transfers.holding(nbytes, caller.connection))
                 return PutSlots(slots, blocks, held.pop_all())
 
-    def commit(self, caller: Caller, put: PutSlots, checksums: Sequence[int]) -> PutResult:
-        """Publish every slot of `put`, or none (a checksum that does not match)."""
+    def commit(
+        self, caller: Caller, put: PutSlots, checksums: Sequence[int], unhashed: bool = False
+    ) -> PutResult:
+        """Publish every slot of `put`, or none (a checksum that does not match);
+        `unhashed`: blocks with no checksum get theirs here (`SlotPut.commit`)."""
         with self._serving(transfer=False):
-            result = put.publish(checksums)
+            result = put.publish(checksums, unhashed)
         self.auth.charge(caller.tenant, ((key, meta.size) for key, meta in put.blocks))
         self.transfers.add(f"put/{caller.path}", put.nbytes)
         return result

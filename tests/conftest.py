@@ -217,6 +217,16 @@ def daemon() -> Iterator[Daemon]:
 
 
 @pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[object]:
+    """A `redis-server` of its own, on a free port, for the cluster's tests."""
+    from test_cluster_index import RedisServer
+
+    server = RedisServer(tmp_path / "redis").start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
 def small_daemon() -> Iterator[Daemon]:
     """A daemon of its own with a 16 MiB host tier, for eviction and capacity stories."""
     with running_daemon("--host-capacity", "16MiB", "--reserve-timeout", "2") as d:

@@ -11,7 +11,6 @@ import sys
 import threading
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
-from pathlib import Path
 
 import msgspec
 import numpy as np
@@ -27,13 +26,6 @@ from kvstore.router import Router
 pytestmark = pytest.mark.skipif(not shutil.which("redis-server"), reason="needs redis-server")
 MiB = 1 << 20
 FAST = ("--heartbeat", "0.2", "--node-ttl", "1.5")
-
-
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path / "redis").start()
-    yield server
-    server.stop()
 
 
 @contextmanager

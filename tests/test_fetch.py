@@ -20,7 +20,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import redis
-from test_cluster_index import RedisServer, forge_holder, poll
+from test_cluster_index import forge_holder, poll
 from test_metrics import scrape
 
 from conftest import (
@@ -47,18 +47,11 @@ MiB = 1 << 20
 FAST = ("--heartbeat", "0.2", "--node-ttl", "1.5")
 
 
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path / "redis").start()
-    yield server
-    server.stop()
-
-
 @contextmanager
-def node(url: str, name: str, *flags: str) -> Iterator[Daemon]:
+def node(url: str, name: str, *flags: str, env: dict[str, str] | None = None) -> Iterator[Daemon]:
     with running_daemon(
         "--host-capacity", "64MiB", "--prefault", "false", "--cluster", url,
-        "--node-id", name, *FAST, *flags,
+        "--node-id", name, *FAST, *flags, env=env,
     ) as daemon:  # fmt: skip
         yield daemon
 

@@ -7,46 +7,26 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-from collections.abc import Iterator
-from contextlib import contextmanager
-from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
-from test_cluster_index import RedisServer, poll
-from test_fetch import FAST, blocks, published
+from test_cluster_index import poll
+from test_fetch import blocks, node, published
 from test_metrics import scrape
 from test_trust import _prove, _wait_log
 
-from conftest import SERVICE, Daemon, hello, running_daemon, secret_file
-from kvstore import fabric
+from conftest import NIXL, SERVICE, hello, secret_file
 from kvstore.errors import PermissionDenied, Unavailable
 from kvstore.keys import block_keys
 from kvstore.trust import ClusterSecret
 
 pytestmark = [
-    pytest.mark.skipif(bool(fabric.why_not()), reason=fabric.why_not() or "NIXL is here"),
+    NIXL,
     pytest.mark.skipif(not shutil.which("redis-server"), reason="needs redis-server"),
 ]
 MiB = 1 << 20
 METRICS = ("--metrics-address", "127.0.0.1:0")
-
-
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path / "redis").start()
-    yield server
-    server.stop()
-
-
-@contextmanager
-def node(url: str, name: str, *flags: str, env: dict[str, str] | None = None) -> Iterator[Daemon]:
-    with running_daemon(
-        "--host-capacity", "64MiB", "--prefault", "false", "--cluster", url,
-        "--node-id", name, *FAST, *flags, env=env,
-    ) as daemon:  # fmt: skip
-        yield daemon
 
 
 def prompt(name: bytes, n: int) -> list[bytes]:
