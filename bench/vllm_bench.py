@@ -253,6 +253,8 @@ def _step(llm: Any, step: dict[str, Any], prompts: dict, events: Any) -> dict[st
         module, _, function = step["call"].partition(":")
         call = getattr(importlib.import_module(module), function)
         return {"result": llm.collective_rpc(call, args=tuple(step.get("args", ())))}
+    if op == "drop":  # the prompt's pages off the node: a cross-node load fetches them again
+        return {"dropped": llm.collective_rpc(_drop, args=(prompts[step["prompt"]],))}
     if op == "barrier":
         _emit({"barrier": step["name"]})
         sys.stdin.readline()
@@ -272,6 +274,8 @@ def _generate(llm: Any, step: dict[str, Any], ids: list[int]) -> dict[str, Any]:
     if step.get("salt") is not None:
         request["cache_salt"] = step["salt"]
     params = SamplingParams(max_tokens=step.get("max_tokens", 1), temperature=0.0, ignore_eos=True)
+    if step.get("kv_transfer_params"):  # what a disaggregated proxy passes on from the producer
+        params.extra_args = {"kv_transfer_params": step["kv_transfer_params"]}
     result: dict[str, Any] = {"ttft_s": [], "local_s": [], "cached": [], "kvstore": []}
     for _ in range(step.get("repeat", 1)):
         if step.get("reset"):
@@ -305,6 +309,19 @@ def _prompt_keys(worker: Any, token_ids: list[int], salt: str | None) -> list[by
     connector = get_kv_transfer_group()
     assert isinstance(connector, KVStoreConnector)  # the sessions that ask run it
     return connector.prompt_keys(token_ids, salt)
+
+
+def _drop(worker: Any, token_ids: list[int]) -> int:
+    """In the worker: every layer of the prompt's blocks deleted from its node."""
+    from vllm.distributed.kv_transfer import get_kv_transfer_group
+
+    from kvstore.client import Client
+    from kvstore.client.layers import LayeredKV
+
+    connector = get_kv_transfer_group()
+    keys = connector.prompt_keys(token_ids)
+    with Client(connector.config.address) as client:
+        return LayeredKV(client, connector.namespace.layers).delete(keys)
 
 
 def _counts(worker: Any) -> dict[str, int]:
@@ -380,13 +397,16 @@ def add_arguments(parser: argparse.ArgumentParser, choices: Any, ints: Any, size
         "--variants",
         type=choices(VARIANTS),
         default=list(VARIANTS),
-        help="what B loads from (recompute: nothing)",
+        help="what B loads from (recompute: nothing; cluster: its own node, which fetches "
+        "from the holder node each time; holder: straight from the holder, over TCP)",
     )
     parser.add_argument("--codec", default="zstd", help="the lossless codec of the codec rows")
     parser.add_argument("--logs", type=Path, help="keep each vLLM process's log here")
 
 
-VARIANTS = ("recompute", "example", "shm", "tcp", "codec", "shm-all", "tcp-all")
+VARIANTS = (
+    "recompute", "example", "shm", "tcp", "codec", "shm-all", "tcp-all", "cluster", "holder",
+)  # fmt: skip
 
 
 def check(args: argparse.Namespace) -> str:
@@ -417,8 +437,16 @@ def run(args: argparse.Namespace, procs: Any, address: str, progress: Any, task:
         "codec": kvstore_config(address=address, codec=args.codec, model_id="codec"),
     }
     wanted = set(args.variants)
+    if wanted & {"cluster", "holder"}:  # the producer's pages on another node than B's
+        holder, reader = _cluster(procs)
+        producers["cluster"] = kvstore_config(address=holder)
+        # B's own node fetches each request's pages from the holder; or B reads them
+        # straight from the holder, as from another host (over TCP)
+        consumers["cluster"] = kvstore_config(address=reader, cluster=True)
+        consumers["holder"] = kvstore_config(address=holder, transport="tcp")
     needed = [p for p in ("example", "codec") if p in wanted]
-    needed += ["kvstore"] if wanted - {"recompute", "example", "codec"} else []
+    needed += ["cluster"] if wanted & {"cluster", "holder"} else []
+    needed += ["kvstore"] if wanted - {"recompute", "example", "codec", "cluster", "holder"} else []
     progress.update(task, total=len(needed) + len(args.variants))
     for name in needed:
         steps = [{"op": "generate", "prompt": p, "name": p} for p in prompts]
@@ -426,8 +454,9 @@ def run(args: argparse.Namespace, procs: Any, address: str, progress: Any, task:
         progress.update(task, advance=1, description=f"vLLM producer {name}")
     rows = []
     for variant in args.variants:
-        steps = [step for p in prompts for step in _timed(p, args.repeat)]
+        steps = [step for p in prompts for step in _timed(p, args.repeat, variant == "cluster")]
         results = _session(model, consumers[variant], prompts, steps, logs / f"{variant}-B")
+        _merge(results, prompts, args.repeat)
         rows += [_row(variant, n, results, args.repeat) for n in args.prompt_tokens]
         progress.update(task, advance=1, description=f"vLLM consumer {variant}")
     _ratios(rows)
@@ -443,16 +472,44 @@ def _session(model: str, kv: Any, prompts: dict, steps: list, log: Path) -> dict
         return session.until_done()
 
 
-def _timed(name: str, repeat: int) -> list[dict[str, Any]]:
+def _timed(name: str, repeat: int, drop: bool = False) -> list[dict[str, Any]]:
     """A request to warm up, then `repeat` timed ones, each after a prefix cache reset and
-    followed by the same request with the prefix cache holding it; counters around them."""
-    timed = {"op": "generate", "prompt": name, "repeat": repeat, "reset": True, "local": True}
+    followed by the same request with the prefix cache holding it; counters around them.
+    `drop`: each timed request after the prompt's pages left B's own node, so that it
+    fetches them from the holder every time."""
+    timed = {"op": "generate", "prompt": name, "reset": True, "local": True}
+    if drop:
+        each = [[{"op": "drop", "prompt": name}, {**timed, "name": f"{name}#{i}"}]
+                for i in range(repeat)]  # fmt: skip
+        requests = [step for pair in each for step in pair]
+    else:
+        requests = [{**timed, "repeat": repeat, "name": name}]
     return [
         {"op": "generate", "prompt": name, "name": f"{name}/warm", "reset": True},
         {"op": "counts", "name": f"{name}/before"},
-        {**timed, "name": name},
+        *requests,
         {"op": "counts", "name": f"{name}/after"},
     ]
+
+
+def _merge(results: dict[str, Any], prompts: dict[str, int], repeat: int) -> None:
+    """Requests timed one by one (`_timed` with `drop`) as one result per prompt."""
+    for name in prompts:
+        parts = [results.pop(f"{name}#{i}") for i in range(repeat) if f"{name}#{i}" in results]
+        if parts:
+            results[name] = {
+                **parts[-1],
+                **{k: [v for p in parts for v in p[k]] for k in ("ttft_s", "local_s", "cached")},
+            }
+
+
+def _cluster(procs: Any) -> tuple[str, str]:
+    """A cluster of two nodes, a holder and a reader (the consumer's own node)."""
+    url = procs.redis()
+    if url is None:
+        raise SystemExit("the cluster variant needs redis-server on PATH")
+    flags = ("--cluster", url, "--heartbeat", "0.2", "--node-ttl", "1.0")
+    return procs.daemon(*flags, "--node-id", "holder"), procs.daemon(*flags, "--node-id", "reader")
 
 
 def _row(variant: str, n_tokens: int, results: dict[str, Any], repeat: int) -> Row:
@@ -479,15 +536,21 @@ def _row(variant: str, n_tokens: int, results: dict[str, Any], repeat: int) -> R
 
 
 def _ratios(rows: list[Row]) -> None:
-    """Per prompt length: recompute's TTFT over each row's; ExampleConnector's load time over
-    each row's, and its wait (all of its load: it loads before the forward pass) over each
-    row's wait. Above 1: faster than that. `same_token`: the first token is recompute's."""
+    """Per prompt length: recompute's TTFT over each row's; for the cluster row, the
+    same-node (shm) consumer's and the holder-reading one's over its own; ExampleConnector's
+    load time over each row's, and its wait (all of its load: it loads before the forward
+    pass) over each row's wait. Above 1: faster than that. `same_token`: the first token is
+    recompute's."""
     by = {(r.path, r.extra["prompt_tokens"]): r for r in rows}
     for row in rows:
         n, extra = row.extra["prompt_tokens"], row.extra
         if (base := by.get(("recompute", n))) and row.p50_ms:
             row.ratios["recompute"] = round(base.p50_ms / row.p50_ms, 2)
             extra["same_token"] = extra["first_token"] == base.extra["first_token"]
+        if row.path == "cluster" and row.p50_ms:
+            for name, other in (("same_node", "shm"), ("holder", "holder")):
+                if other_row := by.get((other, n)):
+                    row.ratios[name] = round(other_row.p50_ms / row.p50_ms, 2)
         example = by.get(("example", n))
         if example and row.path != "recompute":
             for name, field in (("example_load", "load_ms"), ("example_wait", "wait_ms")):

@@ -655,7 +655,7 @@ class Client:
             raise PermissionDenied(
                 f"{dialed} did not prove it is a node of this cluster: {error}"
             ) from None
-        node.check(proved.proof, proved.node_id, proved.instance)
+        node.check(proved.proof, challenge, proved.node_id, proved.instance)
         info = pb.NodeInfo.FromString(self._call("Hello", pb.HelloRequest()))
         if info.instance != proved.instance:
             raise NodeChanged(f"{dialed} restarted while it proved itself")

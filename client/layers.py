@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout  # not yet the builtin on 3.10
 from contextlib import ExitStack
+from typing import Any
 
 import numpy as np
 
@@ -72,17 +73,27 @@ class LayeredKV:
         if not block_keys:
             return []
         pieces = len(chains) * len(self.layers)
-        keys = [
-            layer_key(chain[b], layer)
-            for b in range(len(block_keys))
-            for chain in chains
-            for layer in self.layers
-        ]
-        tiers = self.client.lookup_tiers(keys)
+        tiers = self.client.lookup_tiers(self._keys(chains, range(len(block_keys))))
         return [
             max(tiers[b * pieces : (b + 1) * pieces], key=_tier_rank)
             for b in range(len(tiers) // pieces)
         ]
+
+    def locate(self, block_keys: Sequence[BlockKey], *others: Sequence[BlockKey]) -> int:
+        """How many leading blocks, every layer of them (in every chain), one node of the
+        cluster holds, this one included (`Client.locate`: the best holder's count), for a
+        load through this node with `fetch`."""
+        chains = (block_keys, *others)
+        pieces = len(chains) * len(self.layers)
+        per_request = max(1, MAX_BLOCKS // pieces)
+        held = 0
+        for start in range(0, len(block_keys), per_request):
+            keys = self._keys(chains, range(start, min(start + per_request, len(block_keys))))
+            matched = max((where.matched for where in self.client.locate(keys)), default=0)
+            held += matched // pieces
+            if matched < len(keys):
+                break
+        return held
 
     def put(
         self,
@@ -120,6 +131,8 @@ class LayeredKV:
         lease: bool = False,
         ahead: int = 2,
         executor: Executor | None = None,
+        wait: float | None = None,
+        fetch: bool = False,
     ) -> LayerGets:
         """Start getting every layer of the present prefix of `block_keys`, layer by layer in
         order, `ahead` layers at a time; `LayerGets.wait(layer)` hands back a layer as soon as
@@ -130,8 +143,17 @@ class LayeredKV:
 
         `lease` (same host): lease each layer's blocks in the node's shared arena and hand out
         zero-copy views of them, valid until the `LayerGets` is closed. `executor`: run the
-        transfers there (first in, first out) instead of in threads of the load's own."""
-        return LayerGets(self, list(block_keys), out, arrived, lease, ahead, executor)
+        transfers there (first in, first out) instead of in threads of the load's own.
+        `wait`, `fetch`: as for `Client.get`, each layer's request (a producer still saving;
+        blocks on other nodes of the cluster). A lease waits for its first key only."""
+        ask = {"wait": wait, "fetch": fetch}
+        return LayerGets(self, list(block_keys), out, arrived, lease, ahead, executor, ask)
+
+    def _keys(self, chains: Sequence[Sequence[BlockKey]], blocks: range) -> list[BlockKey]:
+        """Block-major: every layer of block b in every chain, before block b + 1."""
+        return [
+            layer_key(chain[b], layer) for b in blocks for chain in chains for layer in self.layers
+        ]
 
     def delete(self, block_keys: Sequence[BlockKey]) -> int:
         """Remove every layer of the blocks; returns how many layer blocks were present."""
@@ -159,9 +181,11 @@ class LayerGets:
         lease: bool,
         ahead: int,
         executor: Executor | None,
+        ask: dict[str, Any],
     ) -> None:
         self._layered = layered
         self._keys = block_keys
+        self._ask = ask  # wait and fetch, for every request
         self._arrived = arrived
         self._lock = threading.Lock()  # held while `arrived` runs; close() takes it
         self._closed = False
@@ -224,7 +248,8 @@ class LayerGets:
 
     def _get_layer(self, group: list[int]) -> None:
         (layer,) = group
-        arrays = self._layered.client.get(layer_keys(self._keys, layer), out=self._out(layer))
+        keys = layer_keys(self._keys, layer)
+        arrays = self._layered.client.get(keys, out=self._out(layer), **self._ask)
         self._hand_over(layer, arrays)
 
     def _lease_group(self, group: list[int]) -> None:
@@ -238,7 +263,7 @@ class LayerGets:
             for start in range(0, len(self._keys), per_request):
                 chunk = self._keys[start : start + per_request]
                 keys = [layer_key(key, layer) for key in chunk for layer in group]
-                lease = leases.enter_context(self._layered.client.lease(keys))
+                lease = leases.enter_context(self._layered.client.lease(keys, **self._ask))
                 views += lease.blocks
                 if len(lease) < len(keys):
                     break

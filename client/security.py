@@ -21,20 +21,19 @@ from kvstore.trust import ClusterSecret
 class NodeCaller:
     """A node calling another: the peer first proves the cluster's secret for the address
     dialed (`challenge`, `check`), then every call carries a credential bound to the
-    instance that proved it, so nothing is sent to a peer that did not prove itself."""
+    instance that proved it, so nothing is sent to a peer that did not prove itself. Each
+    proof answers its own challenge: threads meeting the peer at once each ask one."""
 
     def __init__(self, cluster: ClusterSecret, dialed: str) -> None:
         self.cluster = cluster
         self.dialed = dialed
         self.instance = ""  # the peer's, once proven
-        self._challenge = b""
 
     def challenge(self) -> tuple[bytes, str]:
-        self._challenge = os.urandom(16)
-        return self._challenge, self.dialed
+        return os.urandom(16), self.dialed
 
-    def check(self, proof: bytes, node_id: str, instance: str) -> None:
-        if not self.cluster.proven(proof, self._challenge, self.dialed, node_id, instance):
+    def check(self, proof: bytes, challenge: bytes, node_id: str, instance: str) -> None:
+        if not self.cluster.proven(proof, challenge, self.dialed, node_id, instance):
             raise PermissionDenied(f"{self.dialed} did not prove it is a node of this cluster")
         self.instance = instance
 

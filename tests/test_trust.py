@@ -179,6 +179,22 @@ def test_nodes_of_another_cluster_are_pushed_nothing() -> None:
             assert s.lookup(keys) == 0
 
 
+def test_threads_meeting_a_node_at_once_each_get_their_own_proof() -> None:
+    """Two fetches of one node's client dial a peer at the same moment: each challenge is
+    answered and checked on its own (one must not overwrite the other's)."""
+    from kvstore.client.security import NodeCaller
+
+    secret = ClusterSecret.read(CLUSTER_SECRET)
+    caller = NodeCaller(secret, "10.0.0.2:7600")
+    asked = [caller.challenge() for _ in range(2)]  # both sent before either is answered
+    proofs = [secret.prove(c, dialed, "holder", "run-1") for c, dialed in asked]
+    for (challenge, _), proof in zip(asked, proofs, strict=True):
+        caller.check(proof, challenge, "holder", "run-1")
+    with pytest.raises(PermissionDenied):
+        caller.check(proofs[0], asked[1][0], "holder", "run-1")
+    assert caller.instance == "run-1"
+
+
 def test_a_relayed_challenge_proves_nothing() -> None:
     """A process between the pushing node and a real node forwards the challenge: the real
     node proves itself only for its own address, so the relay gets no proof it can use,
@@ -223,7 +239,7 @@ def _prove(address: str, secret: ClusterSecret) -> pb.NodeInfo:
             b"", metadata=(("kvstore-challenge", challenge.hex()), ("kvstore-dialed", dialed))
         )
     info = pb.NodeInfo.FromString(raw)
-    caller.check(info.proof, info.node_id, info.instance)
+    caller.check(info.proof, challenge, info.node_id, info.instance)
     return info
 
 

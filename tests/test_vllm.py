@@ -25,6 +25,7 @@ PROMPT = 1000  # tokens
 BLOCKS = 7  # full blocks of 128 tokens: vLLM may claim them all (the last token is computed)
 CACHED = BLOCKS * 128
 LAYERS = 30
+LONGER = PROMPT + 2 * 128  # the same text, two more full blocks
 NEW = 24  # greedy tokens compared
 SESSION_S = 420  # a vLLM process that takes longer is killed: no test hangs
 
@@ -52,14 +53,14 @@ def spec(model: str, address: str, steps: list, **extra: object) -> dict:
     return {
         "model": model,
         "kv_transfer_config": kvstore_config(role, address=address, **extra),
-        "prompts": {"p": PROMPT},
+        "prompts": {"p": PROMPT, "q": LONGER},
         "prefix_caching": False,  # every request of the process goes to the connector
         "steps": steps,
     }
 
 
-def generate(name: str, salt: str | None = None) -> dict:
-    return {"op": "generate", "prompt": "p", "name": name, "max_tokens": NEW, "salt": salt}
+def generate(name: str, salt: str | None = None, prompt: str = "p") -> dict:
+    return {"op": "generate", "prompt": prompt, "name": name, "max_tokens": NEW, "salt": salt}
 
 
 def session(spec: dict, log: Path):
@@ -76,13 +77,18 @@ def producer(model: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[d
     with running_daemon("--host-capacity", "1GiB") as daemon:
         steps = [generate("A"), {"op": "flush"}, {"op": "keys", "prompt": "p"}]
         steps.append({"op": "events", "medium": "CPU", "timeout": 120})
+        steps += [generate("Q", prompt="q"), {"op": "flush", "name": "flush-q"}]
+        steps.append({"op": "keys", "prompt": "q", "name": "keys-q"})
         a = spec(model, daemon.address, steps, transport="shm")
         a["prefix_caching"] = True  # vLLM's own BlockStored events need it
         a["events"] = f"ipc://{logs}/events.sock"
         with session(a, logs / "a.log") as s:
             results = s.until_done()
         keys = [bytes.fromhex(k) for k in results["keys"]["keys"]]
-        yield {"daemon": daemon, "results": results, "keys": keys, "tokens": results["A"]["tokens"]}
+        longer = [bytes.fromhex(k) for k in results["keys-q"]["keys"]]
+        assert longer[:BLOCKS] == keys
+        yield {"daemon": daemon, "results": results, "keys": keys, "longer": longer,
+               "tokens": results["A"]["tokens"]}  # fmt: skip
 
 
 @contextmanager
@@ -92,11 +98,8 @@ def seeded(producer: dict) -> Iterator[Daemon]:
 
     with running_daemon("--host-capacity", "1GiB") as daemon:
         with producer["daemon"].client() as source, daemon.client(transport="tcp") as target:
-            origin, copy = LayeredKV(source, LAYERS), LayeredKV(target, LAYERS)
-            with origin.get(producer["keys"]) as gets:
-                for layer in range(LAYERS):
-                    copy.put(producer["keys"], layer, gets.wait(layer, timeout=60))
-            assert copy.lookup(producer["keys"]) == BLOCKS
+            copy(LayeredKV(source, LAYERS), LayeredKV(target, LAYERS), producer["keys"])
+            assert LayeredKV(target, LAYERS).lookup(producer["keys"]) == BLOCKS
         yield daemon
 
 
@@ -106,8 +109,9 @@ def test_the_producer_stores_every_full_block_and_reports_it(producer) -> None:
     results, daemon = producer["results"], producer["daemon"]
     assert results["A"]["cached"] == [0]
     assert results["A"]["kvstore"] == [
-        {"hit_blocks": 0, "loaded_blocks": 0, "failed_blocks": 0, "saved_blocks": BLOCKS}
-    ]
+        {"hit_blocks": 0, "loaded_blocks": 0, "failed_blocks": 0, "saved_blocks": BLOCKS,
+         "stored_blocks": BLOCKS, "last_key": producer["keys"][-1].hex()}
+    ]  # fmt: skip
     assert len(producer["tokens"]) == NEW
     assert results["flush"]["flushed"] == [True]
     with daemon.client() as client:
@@ -199,8 +203,9 @@ def test_a_consumer_over_shared_memory_uses_what_it_loads_and_survives_its_node(
     assert tenant["cached"] == [0] and tenant["tokens"] == a
     assert bad_page["tokens"] == a
     assert bad_page["kvstore"] == [
-        {"hit_blocks": BLOCKS, "loaded_blocks": 3, "failed_blocks": BLOCKS - 3, "saved_blocks": 0}
-    ]
+        {"hit_blocks": BLOCKS, "loaded_blocks": 3, "failed_blocks": BLOCKS - 3, "saved_blocks": 0,
+         "stored_blocks": BLOCKS, "last_key": keys[-1].hex()}
+    ]  # fmt: skip
     assert overwritten["cached"] == [CACHED] and overwritten["tokens"] != a
     assert transfers.get("get/shm", 0) > 0 and not transfers.get("get/tcp")
     assert not transfers.get("put/shm")  # a consumer stores nothing
@@ -222,6 +227,82 @@ def test_a_consumer_whose_node_was_killed_before_it_started_recomputes(
     counts = results["counts"]["counts"][0]
     assert not counts.get("loads") and not counts.get("saved_blocks")
     assert counts.get("save_failed_blocks", 0) + counts.get("save_skipped", 0) > 0
+
+
+def test_a_consumer_on_another_node_waits_for_its_blocks_then_finds_them_anywhere(
+    producer, model, redis_server, tmp_path
+) -> None:
+    """Disaggregated serving across two nodes of a cluster: consumer C on node b, the
+    producer's pages landing on node a. C's request carries what A's request finished with
+    (its `kv_transfer_params`, as a proxy passes them on) and reaches b before any page is
+    on a: C's load waits, and b fetches every page from a as A's pages land there, layer
+    by layer as A's saves put them. Then a longer prompt whose start b now holds and whose
+    rest only a does: b's lookup finds the rest on a (Locate), and b fetches it."""
+    from test_cluster_index import poll
+    from test_fetch import node
+
+    from kvstore.client.layers import LayeredKV
+
+    promise = producer["results"]["A"]["kvstore"][0]
+    big = ("--host-capacity", "1GiB")
+    with node(redis_server.url, "a", *big) as a, node(redis_server.url, "b", *big) as b:
+        steps = [{**generate("waited"), "kv_transfer_params": {"kvstore": promise}}]
+        steps += [{"op": "barrier", "name": "longer"}, generate("Q", prompt="q")]
+        c = spec(model, b.address, steps, role="kv_consumer", cluster=True, timeout_s=120.0)
+        with (
+            session(c, tmp_path / "c.log") as s,
+            b.client() as reader,
+            a.client() as writer,
+            producer["daemon"].client() as source,
+        ):
+            assert s.next()["name"] == "ready"
+            poll(lambda: reader.stats().lookups > 0, timeout=SESSION_S)  # C looked: none
+            assert LayeredKV(reader, LAYERS).locate(producer["keys"]) == 0
+            copy(LayeredKV(source, LAYERS), LayeredKV(writer, LAYERS), producer["keys"])
+            waited = s.next()
+            assert s.next() == {"barrier": "longer"}
+            fetched_first = reader.stats().fetched_blocks
+            longer = producer["longer"]
+            copy(LayeredKV(source, LAYERS), LayeredKV(writer, LAYERS), longer)
+            poll(lambda: LayeredKV(reader, LAYERS).locate(longer) == len(longer))
+            s.go()
+            results = s.until_done()
+            fetched = reader.stats().fetched_blocks
+    assert waited["cached"] == [CACHED] and waited["tokens"] == producer["tokens"]
+    assert waited["kvstore"][0]["loaded_blocks"] == BLOCKS
+    assert fetched_first == {"a": BLOCKS * LAYERS}
+    assert results["Q"]["cached"] == [len(longer) * 128]
+    assert results["Q"]["tokens"] == producer["results"]["Q"]["tokens"]
+    assert fetched == {"a": len(longer) * LAYERS}  # the first blocks once, the rest now
+
+
+def test_a_promise_counts_for_its_own_prompt_only_and_only_once() -> None:
+    """What a producer's request finished with lets a consumer of the same prompt claim
+    blocks not stored yet; another prompt (or namespace, or salt: other keys) claims none,
+    nor does a consumer whose load already waited for them once."""
+    from types import SimpleNamespace
+
+    from kvstore.integrations.vllm.scheduler import Tracked, _promise, _promised
+
+    chain = [bytes([i]) * 32 for i in range(5)]
+    params = {"kvstore": _promise(Tracked(None, [chain], saved=4))}
+    assert params["kvstore"] == {"stored_blocks": 4, "last_key": chain[3].hex()}
+    asked = SimpleNamespace(kv_transfer_params=params)
+    consumer = Tracked(asked, [chain], tiers=["host"])
+    assert _promised(consumer) == 3  # blocks 1-3, beyond the one it found
+    assert _promised(Tracked(asked, [[bytes([9]) * 32] * 5])) == 0
+    assert _promised(Tracked(SimpleNamespace(kv_transfer_params={"kvstore": "x"}), [chain])) == 0
+    too_many = {"kvstore": {**params["kvstore"], "stored_blocks": 9}}
+    assert _promised(Tracked(SimpleNamespace(kv_transfer_params=too_many), [chain])) == 0
+    consumer.waited = True
+    assert _promised(consumer) == 0
+
+
+def copy(source, target, keys: list[bytes]) -> None:
+    """Every layer of `keys` from one node to another, a layer at a time (as saves go)."""
+    with source.get(keys) as gets:
+        for layer in range(LAYERS):
+            target.put(keys, layer, gets.wait(layer, timeout=60))
 
 
 # -- the connector's loads, without an engine ------------------------------------------

@@ -32,6 +32,9 @@ class ConnectorConfig:
     - `retry_after_s`: after a failure, the node is left alone this long (misses, no saves).
     - `model_id`: the model's name in the keys (default: vLLM's `model`, a path or HF id).
     - `ahead`: layers in flight at once on a TCP or gRPC load.
+    - `cluster`: the node runs in a cluster (`--cluster`): a prompt this node lacks is
+      looked for on every node (Locate), and loaded through this node, which fetches it
+      from the holder (the worker talks only to the node on its host).
     - `weights_id`: names the weights in the keys instead of their computed fingerprint
       (`kvstore.weights`): set it to share KV between replicas whose checkpoints differ only
       in ways the fingerprint sees but the KV does not, or change it to rotate the keys.
@@ -48,6 +51,7 @@ class ConnectorConfig:
     ahead: int = 2
     checksum: bool = True
     weights_id: str = ""
+    cluster: bool = False
 
     def __post_init__(self) -> None:
         if self.transport not in TRANSPORTS:

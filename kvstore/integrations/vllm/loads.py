@@ -74,7 +74,14 @@ class Load:
         out = None if lease else self._buffer
         self._bytes = len(keys) * pages.nbytes
         self._gets = layered.get(
-            keys, out=out, arrived=self._arrived, lease=lease, ahead=ahead, executor=executor
+            keys,
+            out=out,
+            arrived=self._arrived,
+            lease=lease,
+            ahead=ahead,
+            executor=executor,
+            wait=plan.wait_s or None,
+            fetch=plan.fetch,
         )
 
     def wait(self, layer: int) -> None:

@@ -20,6 +20,8 @@ class LoadPlan:
     keys: list[list[bytes]]  # per tensor-parallel rank: the blocks' keys, in token order
     block_ids: list[int]  # the vLLM block each goes to, in the same order
     is_async: bool  # the request waits outside the batch until the load is reported
+    wait_s: float = 0.0  # for blocks its producer is still saving (they were promised)
+    fetch: bool = False  # through this node from the cluster's other nodes
 
 
 @dataclass

@@ -28,7 +28,10 @@ from kvstore.tiers.registry import TIER_REGISTRY
 
 log = logging.getLogger("vllm.kvstore")
 
+REMOTE = "cluster"  # a block another node holds: this node fetches it (`cluster`)
+PENDING = "pending"  # a block the request's producer said it stores, not stored yet
 SOURCES = {tier.name: CacheHitSource(tier.hit_source) for tier in TIER_REGISTRY}
+SOURCES |= {REMOTE: CacheHitSource.P2P, PENDING: CacheHitSource.P2P}
 
 
 @dataclass(eq=False)
@@ -45,6 +48,8 @@ class Tracked:
     saved: int = 0  # leading blocks stored or planned to be
     save_blocks: int = 0
     loading: bool = False  # an async load is in flight
+    waits: bool = False  # its load waits for blocks still being saved (async, then)
+    waited: bool = False  # such a load was planned: the promise is not waited for again
 
 
 class SchedulerSide:
@@ -75,15 +80,21 @@ class SchedulerSide:
             return 0, False
         tracked.local = num_computed_tokens
         tracked.tiers = self._guard.call("lookup", lambda: self._lookup(tracked), [])
+        tracked.tiers += [PENDING] * _promised(tracked)
         tracked.saved = max(tracked.saved, len(tracked.tiers))
         self.counts["lookups"] += 1
         if not self.consumer:
             return 0, False
         size = self.namespace.block_size
         claimable = (request.num_tokens - 1) // size  # vLLM computes the last token itself
-        tokens = max(0, min(len(tracked.tiers), claimable) * size - num_computed_tokens)
+        first, end = num_computed_tokens // size, min(len(tracked.tiers), claimable)
+        tokens = max(0, end * size - num_computed_tokens)
+        claimed = tracked.tiers[first:end] if tokens else []
+        tracked.waits = PENDING in claimed
         self.counts["claimed_tokens"] += tokens
-        return tokens, tokens > 0 and self.config.load == "async"
+        self.counts["claimed_remote_blocks"] += claimed.count(REMOTE)
+        self.counts["claimed_pending_blocks"] += claimed.count(PENDING)
+        return tokens, tokens > 0 and (self.config.load == "async" or tracked.waits)
 
     def after_alloc(self, request: Any, blocks: Any, external_tokens: int) -> None:
         tracked = self._requests.get(request.request_id)
@@ -93,10 +104,20 @@ class SchedulerSide:
         first, end = tracked.local // size, (tracked.local + external_tokens) // size
         tracked.load_ids = list(blocks.get_block_ids()[0][first:end])
         tracked.failed = 0
-        is_async = self.config.load == "async"
+        is_async = self.config.load == "async" or tracked.waits
+        tracked.waited |= tracked.waits
         tracked.loading = is_async
         keys = [chain[first:end] for chain in tracked.chains]
-        self._loads.append(LoadPlan(request.request_id, keys, tracked.load_ids, is_async))
+        claimed = tracked.tiers[first:end]
+        plan = LoadPlan(
+            request.request_id,
+            keys,
+            tracked.load_ids,
+            is_async,
+            wait_s=self.config.timeout_s if tracked.waits else 0.0,
+            fetch=self.config.cluster and (REMOTE in claimed or PENDING in claimed),
+        )
+        self._loads.append(plan)
 
     def hit_sources(self, request: Any, external_tokens: int) -> dict[CacheHitSource, int]:
         tracked = self._requests.get(request.request_id)
@@ -159,6 +180,7 @@ class SchedulerSide:
             "loaded_blocks": len(tracked.load_ids) - tracked.failed,
             "failed_blocks": tracked.failed,
             "saved_blocks": tracked.save_blocks,
+            **_promise(tracked),
         }
         return bool(tracked.save_blocks) or tracked.loading, {"kvstore": report}
 
@@ -199,11 +221,16 @@ class SchedulerSide:
         return tracked
 
     def _lookup(self, tracked: Tracked) -> list[str]:
+        """The tier of each leading block this node holds; with `cluster`, then the blocks
+        another node holds beyond them."""
         if not tracked.chains[0]:
             return []
         if self._layered is None:
             self._layered = LayeredKV(self._guard.client, self.namespace.layers)
-        return self._layered.lookup_tiers(*tracked.chains)
+        tiers = self._layered.lookup_tiers(*tracked.chains)
+        if self.config.cluster and len(tiers) < len(tracked.chains[0]):
+            tiers += [REMOTE] * (self._layered.locate(*tracked.chains) - len(tiers))
+        return tiers
 
     def _save_plan(self, tracked: Tracked, done: int, end: int) -> SavePlan | None:
         """The prompt blocks the step completes that the node does not hold yet."""
@@ -226,3 +253,30 @@ class SchedulerSide:
             parent=hashes[first - 1] if first else None,
             token_ids=list(request.prompt_token_ids[first * size : end_block * size]),
         )
+
+
+def _promise(tracked: Tracked) -> dict[str, Any]:
+    """What a consumer of the same prompt needs to wait for this request's blocks (its
+    `kv_transfer_params`, which a disaggregated proxy passes on): how many leading blocks
+    are stored or being saved, and the last one's key, so that another prompt, namespace
+    or salt never waits for them."""
+    if not tracked.saved:
+        return {}
+    return {"stored_blocks": tracked.saved, "last_key": tracked.chains[0][tracked.saved - 1].hex()}
+
+
+def _promised(tracked: Tracked) -> int:
+    """Blocks beyond those found that the request's producer says it stores (`_promise`, in
+    the request's `kv_transfer_params`), if its last key is this request's own; none once
+    a load waited for them (what did not come then is recomputed)."""
+    if tracked.waited:
+        return 0
+    params = (getattr(tracked.request, "kv_transfer_params", None) or {}).get("kvstore")
+    if not isinstance(params, dict):
+        return 0
+    stored, key, chain = params.get("stored_blocks"), params.get("last_key"), tracked.chains[0]
+    if not isinstance(stored, int) or not 0 < stored <= len(chain):
+        return 0
+    if chain[stored - 1].hex() != key:
+        return 0
+    return max(0, stored - len(tracked.tiers))

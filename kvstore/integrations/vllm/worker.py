@@ -200,7 +200,8 @@ class WorkerSide:
     def _load(self, plan: LoadPlan) -> Load:
         assert self._pages is not None and self._layered is not None
         self.counts["loads"] += 1
-        lease = self._is_shared(self.config.timeout_s)
+        # a lease waits for its first key only: blocks still being saved come by gets
+        lease = not plan.wait_s and self._is_shared(self.config.timeout_s)
         return Load(
             plan,
             plan.keys[self.rank],
