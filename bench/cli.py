@@ -36,6 +36,7 @@ from kvstore.bench import (
     trace,
     ttft,
     vllm_bench,
+    vllm_gpu,
     workloads,
 )
 from kvstore.bench.measure import Run, Workload, median, source_bytes
@@ -57,6 +58,7 @@ PLUGINS = {
     "soak": soak_bench,
     "trace": trace,
     "vllm": vllm_bench,
+    "vllm-gpu": vllm_gpu,
 }
 DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
 PATHS = ("shm", "lease", "tcp", "grpc")

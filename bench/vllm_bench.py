@@ -317,8 +317,10 @@ def _drop(worker: Any, token_ids: list[int]) -> int:
 
     from kvstore.client import Client
     from kvstore.client.layers import LayeredKV
+    from kvstore.integrations.vllm import KVStoreConnector
 
     connector = get_kv_transfer_group()
+    assert isinstance(connector, KVStoreConnector)  # the sessions that drop run it
     keys = connector.prompt_keys(token_ids)
     with Client(connector.config.address) as client:
         return LayeredKV(client, connector.namespace.layers).delete(keys)
@@ -477,11 +479,11 @@ def _timed(name: str, repeat: int, drop: bool = False) -> list[dict[str, Any]]:
     followed by the same request with the prefix cache holding it; counters around them.
     `drop`: each timed request after the prompt's pages left B's own node, so that it
     fetches them from the holder every time."""
-    timed = {"op": "generate", "prompt": name, "reset": True, "local": True}
+    timed: dict[str, Any] = {"op": "generate", "prompt": name, "reset": True, "local": True}
+    requests: list[dict[str, Any]] = []
     if drop:
-        each = [[{"op": "drop", "prompt": name}, {**timed, "name": f"{name}#{i}"}]
-                for i in range(repeat)]  # fmt: skip
-        requests = [step for pair in each for step in pair]
+        for i in range(repeat):
+            requests += [{"op": "drop", "prompt": name}, {**timed, "name": f"{name}#{i}"}]
     else:
         requests = [{**timed, "repeat": repeat, "name": name}]
     return [

@@ -9,7 +9,9 @@ from typing import Any
 
 from kvstore import codecs, weights
 from kvstore.client.client import TRANSPORTS
+from kvstore.errors import Unsupported
 from kvstore.integrations.common import NodeGuard
+from kvstore.integrations.vllm.layouts import CacheLayout
 from kvstore.keys import block_keys, namespace_salt
 
 LOAD_MODES = ("layer", "all", "async")
@@ -144,6 +146,19 @@ def namespace(vllm_config: Any, kv_cache_config: Any, config: ConnectorConfig) -
         layers=tuple(sorted({extract_layer_index(name) for name in names})),
         weights=weights_identity(vllm_config.model_config, vllm_config.cache_config, config),
     )
+
+
+def cache_layout(vllm_config: Any, block_size: int) -> CacheLayout:
+    """How vLLM lays out its GPU cache (`layouts.CacheLayout`): its attention backend, the
+    resolved KV cache layout and the cache dtype; one backend for every layer, or none."""
+    from vllm.distributed.kv_transfer.kv_connector.utils import get_current_attn_backends
+
+    names = sorted({backend.get_name() for backend in get_current_attn_backends(vllm_config)})
+    if len(names) != 1:
+        raise Unsupported(f"kvstore's vLLM connector: attention backends {names}, not one")
+    cache = vllm_config.cache_config
+    layout = cache.get_resolved_kv_cache_layout().name
+    return CacheLayout(names[0], layout, block_size, str(cache.cache_dtype))
 
 
 def weights_identity(model_config: Any, cache_config: Any, config: ConnectorConfig) -> str:

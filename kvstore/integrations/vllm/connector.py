@@ -68,7 +68,8 @@ class KVStoreConnector(KVConnectorBase_V1):
         else:
             from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
 
-            self._worker = WorkerSide(self.config, self.namespace, get_tensor_model_parallel_rank())
+            rank = get_tensor_model_parallel_rank()
+            self._worker = WorkerSide(self.config, self.namespace, rank, vllm_config)
 
     @property
     def requires_kv_delivery(self) -> bool:

@@ -16,7 +16,7 @@ from concurrent.futures import Executor
 import numpy as np
 
 from kvstore.client.layers import LayeredKV
-from kvstore.integrations.vllm.pages import Pages
+from kvstore.integrations.vllm.pages import PageCache
 from kvstore.integrations.vllm.plans import LoadPlan
 
 
@@ -25,19 +25,26 @@ class Staging:
     memory costs page faults, more than the transfer does. A buffer goes back once its pages
     are copied out; one a failed or abandoned transfer may still write to never does."""
 
-    def __init__(self) -> None:
+    def __init__(self, pinned: bool = False) -> None:
         self._free: list[np.ndarray] = []
         self._lock = threading.Lock()
+        self._pinned = pinned  # page-locked, for pages bound for a GPU
 
     def take(self, nbytes: int) -> np.ndarray:
         with self._lock:
             for i, buffer in enumerate(self._free):
                 if len(buffer) >= nbytes:
                     return self._free.pop(i)[:nbytes]
+        if self._pinned:
+            import torch
+
+            return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True).numpy()
         return np.empty(nbytes, np.uint8)
 
     def give_back(self, buffer: np.ndarray) -> None:
-        base = buffer if buffer.base is None else buffer.base
+        base = buffer
+        while isinstance(base.base, np.ndarray):  # the whole buffer, not a slice of it
+            base = base.base
         with self._lock:
             self._free.append(base)
 
@@ -51,7 +58,7 @@ class Load:
         plan: LoadPlan,
         keys: list[bytes],
         layered: LayeredKV,
-        pages: Pages,
+        pages: PageCache,
         *,
         lease: bool,
         ahead: int,

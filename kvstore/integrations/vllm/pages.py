@@ -12,12 +12,31 @@ are in the keys' salt.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Protocol
 
 import numpy as np
 import torch
 
+from kvstore.client.shm import Fill
 from kvstore.errors import Unsupported
 from kvstore.integrations.common import as_numpy, verified_prefix
+
+
+class PageCache(Protocol):
+    """What saves and loads ask of an engine's cache, on the CPU (`Pages`) or a GPU
+    (`gpu_pages.GpuPages`): a page's dtype, shape and size, and its pages by layer."""
+
+    by_name: dict[str, int]
+    layers: list[int]
+    dtype: np.dtype
+    shape: tuple[int, ...]
+    nbytes: int
+
+    def views(self, layer: int, block_ids: Sequence[int]) -> list[np.ndarray]: ...
+
+    def fill(self, layer: int, block_ids: Sequence[int]) -> Fill: ...
+
+    def write(self, layer: int, block_ids: Sequence[int], arrays: Sequence[np.ndarray]) -> int: ...
 
 
 class Pages:

@@ -20,7 +20,7 @@ from vllm.distributed.kv_events import BlockStored, KVCacheEvent
 
 from kvstore.client.layers import LayeredKV
 from kvstore.integrations.common import NodeGuard, unpin_thread
-from kvstore.integrations.vllm.pages import Pages
+from kvstore.integrations.vllm.pages import PageCache
 from kvstore.integrations.vllm.plans import SavePlan
 from kvstore.tiers.registry import TIER_REGISTRY
 
@@ -43,7 +43,7 @@ class Saver:
         self,
         guard: NodeGuard,
         layered: LayeredKV,
-        pages: Pages,
+        pages: PageCache,
         *,
         block_size: int,
         in_place: Callable[[], bool],

@@ -12,12 +12,14 @@ from __future__ import annotations
 import time
 from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
 
 import torch
 
 from kvstore.client.layers import LayeredKV
 from kvstore.integrations.common import unpin_thread
-from kvstore.integrations.vllm.config import ConnectorConfig, Namespace
+from kvstore.integrations.vllm.config import ConnectorConfig, Namespace, cache_layout
+from kvstore.integrations.vllm.gpu_pages import GpuPages
 from kvstore.integrations.vllm.loads import Load, Staging
 from kvstore.integrations.vllm.pages import Pages
 from kvstore.integrations.vllm.plans import KVStoreMetadata, KVStoreStats, LoadPlan
@@ -27,16 +29,19 @@ SHUTDOWN_S = 30.0  # how long a closing worker waits for its saves to land
 
 
 class WorkerSide:
-    def __init__(self, config: ConnectorConfig, namespace: Namespace, rank: int) -> None:
+    def __init__(
+        self, config: ConnectorConfig, namespace: Namespace, rank: int, vllm_config: Any = None
+    ) -> None:
         self.config = config
         self.namespace = namespace
         self.rank = rank
+        self._vllm_config = vllm_config  # where a GPU cache's layout is read from
         self._guard = config.node_guard("worker", config.timeout_s)
         self._io = ThreadPoolExecutor(
             max(2, config.ahead), thread_name_prefix="kvstore-io", initializer=unpin_thread
         )
         self._staging = Staging()
-        self._pages: Pages | None = None
+        self._pages: Pages | GpuPages | None = None
         self._layered: LayeredKV | None = None
         self._saver: Saver | None = None
         self._shared: Future[bool] | None = None
@@ -56,7 +61,12 @@ class WorkerSide:
     def register(self, kv_caches: dict[str, torch.Tensor]) -> None:
         from vllm.model_executor.models.utils import extract_layer_index
 
-        self._pages = Pages(kv_caches, extract_layer_index)
+        if any(tensor.is_cuda for tensor in kv_caches.values()):
+            layout = cache_layout(self._vllm_config, self.namespace.block_size)
+            self._pages = GpuPages(kv_caches, extract_layer_index, layout)
+            self._staging = Staging(pinned=True)  # received pages go to the GPU by DMA
+        else:
+            self._pages = Pages(kv_caches, extract_layer_index)
         self._layered = LayeredKV(self._guard.client, self._pages.layers)  # connects on first use
         self._shared = self._io.submit(self._probe_shared)
         self._saver = Saver(
@@ -74,6 +84,8 @@ class WorkerSide:
         try:
             client = self._guard.client
             client.node_info()  # raises while the node is away: `shared_arena` only says None
+            if isinstance(self._pages, GpuPages):
+                return self._pages.attach(client)  # the arena page-locked here, once
             return client.shared_arena() is not None
         except Exception:  # the node is away: try again later, TCP until then
             self._probe_after = time.monotonic() + self.config.retry_after_s
@@ -131,7 +143,10 @@ class WorkerSide:
     def save_layer(self, name: str) -> None:
         if self._jobs:
             assert self._saver is not None and self._pages is not None
-            self._saver.layer(self._pages.by_name[name], self._jobs)
+            layer = self._pages.by_name[name]
+            if isinstance(self._pages, GpuPages):
+                self._pages.computed(layer)  # its pages are final at this point of the stream
+            self._saver.layer(layer, self._jobs)
 
     def end_step(self) -> None:
         """After the forward pass: the step's loads end (their failures are reported with
@@ -141,6 +156,9 @@ class WorkerSide:
         self._step_loads = []
         if self._jobs:
             assert self._saver is not None
+            if isinstance(self._pages, GpuPages):  # layers vLLM did not hand over: final now
+                for layer in self._pages.layers:
+                    self._pages.computed(layer)
             self._saver.rest(self._jobs)
             self._jobs = []
 

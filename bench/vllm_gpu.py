@@ -1,0 +1,169 @@
+"""The vLLM connector's page movement on a GPU: Llama-3-8B-shaped KV (32 layers, 8 KV heads x
+128, bf16, 16-token pages; FlashAttention's layout, K and V in each page) saved from a vLLM-laid
+cache into a node on the same host, layer by layer as the connector's saver does, and loaded
+back into another cache layer by layer as its loads do, beside a pinned cudaMemcpy of the same
+bytes in the same run. Both moves go straight between GPU memory and the node's arena,
+page-locked here (`kvstore.integrations.vllm.gpu_pages`).
+
+    kvstore-bench vllm-gpu [--tokens 4096,32768] [--json FILE]
+
+`layer0_ms`: when a load's first layer was in place, against `p50_ms` for all of it: how long
+attention on layer 0 would wait.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from kvstore.bench.measure import Run
+from kvstore.bench.procs import Processes
+from kvstore.bench.report import Row
+
+HELP = "vLLM GPU KV pages to a node and back, per layer, against pinned cudaMemcpy"
+LAYERS, HEADS, HEAD_DIM, TOKENS = 32, 8, 128, 16
+LAYOUT = "LBNHC"  # FlashAttention's default: tokens, then heads, then K and V in C
+
+
+def add_arguments(parser: argparse.ArgumentParser, choices: Any, ints: Any, sizes: Any) -> None:
+    parser.add_argument("--tokens", type=ints, default=[4096, 32768], help="tokens of KV moved")
+
+
+def check(args: argparse.Namespace) -> str:
+    try:
+        import torch
+    except ImportError:
+        return "vllm-gpu needs torch with CUDA"
+    if not torch.cuda.is_available():
+        return "vllm-gpu needs a CUDA device"
+    if args.address:
+        return "vllm-gpu starts a node of its own (sized to the KV): --address is not for it"
+    if any(t < TOKENS or t % TOKENS for t in args.tokens):
+        return f"--tokens must be multiples of {TOKENS}"
+    return ""
+
+
+def run(
+    args: argparse.Namespace, procs: Processes, address: str, progress: Any, task: Any
+) -> list[Row]:
+    from kvstore.client import Client
+
+    page = TOKENS * HEADS * 2 * HEAD_DIM * 2
+    capacity = max(args.tokens) // TOKENS * LAYERS * page * 2 + (1 << 30)
+    node = procs.daemon("--host-capacity", str(capacity))
+    progress.update(task, total=len(args.tokens))
+    rows = []
+    with Client(node) as client:
+        for tokens in args.tokens:
+            rows += _measure(client, tokens, args.repeat, args.seed)
+            progress.update(task, advance=1, description=f"{tokens} tokens")
+    return rows
+
+
+def _measure(client: Any, tokens: int, repeat: int, seed: int) -> list[Row]:
+    import torch
+
+    from kvstore.client.layers import LayeredKV
+    from kvstore.keys import block_keys
+
+    blocks = tokens // TOKENS
+    source, dest = _pages(blocks, seed), _pages(blocks, None)
+    assert source.attach(client) and dest.attach(client), "the node shares this host"
+    ids = list(range(blocks))[::-1]  # vLLM hands out blocks in no particular order
+    layered = LayeredKV(client, source.layers)
+    keys = block_keys(np.arange(tokens), TOKENS, f"kvstore-bench/vllm-gpu/{seed}".encode())
+
+    def save() -> None:
+        for layer in source.layers:
+            source.computed(layer)
+            fill = source.fill(layer, ids)
+            layered.put_in_place(keys, layer, source.dtype, source.shape, fill)
+
+    first: list[float] = []
+
+    def load() -> None:
+        start = time.perf_counter()
+        written = lambda layer, arrays: dest.write(layer, ids, arrays)  # noqa: E731
+        with layered.get(keys, lease=True, arrived=written) as gets:
+            gets.wait(source.layers[0], timeout=120)
+            first.append(time.perf_counter() - start)
+            for layer in source.layers[1:]:
+                gets.wait(layer, timeout=120)
+
+    saves = _timed(save, repeat, lambda: layered.delete(keys))
+    loads = _timed(load, repeat, lambda: None)
+    same = all(
+        torch.equal(source._layers[layer].gather(ids), dest._layers[layer].gather(ids))
+        for layer in source.layers
+    )
+    layered.delete(keys)
+    nbytes = blocks * LAYERS * source.nbytes
+    down, up = _memcpy(nbytes, "down", repeat), _memcpy(nbytes, "up", repeat)
+    rows = []
+    for scenario, seconds, ceiling in (("save", saves, down), ("load", loads, up)):
+        name = f"{scenario} {tokens // 1024}k tok"
+        memcpy = Row.of(name, "memcpy", source.nbytes, _run(nbytes, ceiling), copy="pinned")
+        moved = Row.of(name, "vllm-gpu", source.nbytes, _run(nbytes, seconds), identical=same)
+        moved.ratios["memcpy"] = round(moved.gbps / memcpy.gbps, 3)  # type: ignore[operator]
+        if scenario == "load":
+            moved.extra["layer0_ms"] = round(float(np.median(first[1:])) * 1e3, 3)
+            moved.extra["layer0_share"] = round(float(np.median(first[1:])) / np.median(seconds), 3)
+        rows += [memcpy, moved]
+    return rows
+
+
+def _run(nbytes: int, seconds: list[float]) -> Run:
+    return Run(nbytes, float(np.median(seconds)), seconds)
+
+
+def _pages(blocks: int, seed: int | None) -> Any:
+    """A vLLM-laid cache of `blocks` blocks: one allocation in LBNHC order, a [B, H, N, C]
+    view a layer; seeded bf16 values, or zeros."""
+    import torch
+
+    from kvstore.integrations.vllm.gpu_pages import GpuPages
+    from kvstore.integrations.vllm.layouts import CacheLayout
+
+    sizes = {"L": LAYERS, "B": blocks, "H": HEADS, "N": TOKENS, "C": 2 * HEAD_DIM}
+    shape = [sizes[d] for d in LAYOUT]
+    if seed is None:
+        raw = torch.zeros(shape, dtype=torch.bfloat16, device="cuda")
+    else:
+        generator = torch.Generator("cuda").manual_seed(seed)
+        raw = torch.randn(shape, generator=generator, dtype=torch.bfloat16, device="cuda")
+    logical = raw.permute(*[LAYOUT.index(d) for d in "LBHNC"])
+    kv = {f"model.layers.{i}.self_attn.attn": logical[i] for i in range(LAYERS)}
+    layout = CacheLayout("FLASH_ATTN", LAYOUT, TOKENS)
+    return GpuPages(kv, lambda name: int(name.split(".")[2]), layout)
+
+
+def _timed(fn: Callable[[], object], repeat: int, setup: Callable[[], object]) -> list[float]:
+    """Seconds of each of `repeat` runs after one warm-up, the GPU drained before and after
+    each; `setup` runs before each, untimed."""
+    import torch
+
+    times = []
+    for i in range(repeat + 1):
+        setup()
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        if i:
+            times.append(time.perf_counter() - start)
+    return times
+
+
+def _memcpy(nbytes: int, direction: str, repeat: int) -> list[float]:
+    """The ceiling: one pinned copy of `nbytes`, device to host or host to device."""
+    import torch
+
+    device = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    if direction == "down":
+        return _timed(lambda: host.copy_(device, non_blocking=True), repeat, lambda: None)
+    return _timed(lambda: device.copy_(host, non_blocking=True), repeat, lambda: None)
