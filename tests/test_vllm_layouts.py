@@ -236,6 +236,7 @@ def test_flashinfer_kernel_blocks_make_one_page(layout: str) -> None:
     assert tensor.shape[:3] == (2 * BLOCKS, 4, 64)
     pages = LayerPages(tensor, CacheLayout("FLASHINFER", layout, 128))
     assert (pages.num_blocks, pages.regions_per_page) == (BLOCKS, 1)
+    assert pages.split == (layout == "LBHNC")  # K2 outside the heads: not one block's order
     assert pages.page_bytes == spec.real_page_size_bytes
     for block, page in zip(range(BLOCKS), pages.regions(range(BLOCKS)), strict=True):
         assert torch.equal(

@@ -242,15 +242,28 @@ def arena_fill(blocks: torch.Tensor, count: int, arena: np.ndarray) -> Fill:
 
     def fill(indexes: list[int], slots: list[np.ndarray]) -> Callable[[], None]:
         for first, n, run in _runs(arena, slots):
-            start = indexes[first] * per_block
-            torch.frombuffer(run, dtype=torch.uint8).copy_(
-                flat[start : start + n * per_block], non_blocking=True
-            )
+            # adjacent slots may hold blocks that are not (a block the node has is skipped)
+            for at, count in _consecutive(indexes[first : first + n]):
+                start, into = indexes[first + at] * per_block, at * per_block
+                torch.frombuffer(run[into : into + count * per_block], dtype=torch.uint8).copy_(
+                    flat[start : start + count * per_block], non_blocking=True
+                )
         copied = torch.cuda.Event()
         copied.record()
         return copied.synchronize  # the client publishes the part after this
 
     return fill
+
+
+def _consecutive(indexes: list[int]) -> list[tuple[int, int]]:
+    """(position, length) of each run of consecutive values in `indexes`."""
+    runs: list[tuple[int, int]] = []
+    for i, index in enumerate(indexes):
+        if runs and index == indexes[runs[-1][0]] + runs[-1][1]:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((i, 1))
+    return runs
 
 
 def copy_from_arena(

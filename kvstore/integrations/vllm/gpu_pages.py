@@ -57,12 +57,18 @@ class GpuPages:
         first = next(iter(self._layers.values()))
         if len({(p.page_bytes, p.name) for p in self._layers.values()}) != 1:
             raise Unsupported("GPU pages: layers whose pages differ in size or layout")
+        if first.split:  # the keys name the layout, not the kernels' block size
+            raise Unsupported(
+                f"GPU pages: {first.name}: blocks of {layout.block_size} tokens split into "
+                f"kernel blocks inside a page; use a block size the kernels take whole"
+            )
         self.layers = sorted(self._layers)
-        self.name = first.name  # what a page's bytes are: in the keys' salt
+        self.name = first.name  # what a page's bytes are
         self.nbytes = first.page_bytes
         self.dtype: np.dtype = np.dtype(np.uint8)  # pages move as bytes
         self.shape: tuple[int, ...] = (self.nbytes,)
         self._computed: dict[int, torch.cuda.Event] = {}
+        self._allocated: torch.cuda.Event | None = None  # loads land after this
         self._saving = torch.cuda.Stream(self.device)
         self._loading = torch.cuda.Stream(self.device)
         self._staging = HostStaging()  # the saver's (one thread)
@@ -70,8 +76,10 @@ class GpuPages:
 
     def attach(self, client: Client) -> bool:
         """Page-lock the node's arena here if it shares the host (in-place saves and
-        leased loads then move by DMA alone); whether it does."""
-        self._arena = locked_arena(client)
+        leased loads then move by DMA alone); whether it does. On this cache's device: a
+        thread's default one would make a CUDA context on another GPU."""
+        with torch.cuda.device(self.device):
+            self._arena = locked_arena(client)
         return self._arena is not None
 
     # -- saves: in the saver thread ------------------------------------------------------
@@ -116,6 +124,13 @@ class GpuPages:
 
     # -- loads: in a fetching thread -----------------------------------------------------
 
+    def loading(self) -> None:
+        """In the compute thread, as a step's loads start: what the compute stream does to
+        their blocks before this point (vLLM zeroes new blocks there) lands before them."""
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(self.device))
+        self._allocated = event
+
     def write(self, layer: int, block_ids: Sequence[int], arrays: Sequence[np.ndarray]) -> int:
         """Copy `arrays[i]` (host memory) into the page of `block_ids[i]`, up to the first
         array that is not a page of this cache; returns how many were written, all of
@@ -124,13 +139,20 @@ class GpuPages:
         if not good:
             return 0
         # leased in the arena, or received into the load's (pinned) staging buffer
-        within = self._arena if self._arena is not None else _whole(arrays[0])
+        arena = self._arena
+        within = arena if arena is not None and _inside(arrays[0], arena) else _whole(arrays[0])
+        if self._allocated is not None:
+            self._loading.wait_event(self._allocated)
         with torch.cuda.stream(self._loading):
             pages = torch.empty(good * self.nbytes, dtype=torch.uint8, device=self.device)
             copy_from_arena(within, arrays[:good], pages, 0)  # one DMA per run
             self._layers[layer].scatter(block_ids[:good], pages.view(good, self.nbytes))
         self._loading.synchronize()  # the host memory may be reused from here on
         return good
+
+
+def _inside(array: np.ndarray, arena: np.ndarray) -> bool:
+    return 0 <= array.ctypes.data - arena.ctypes.data < arena.nbytes
 
 
 def _whole(array: np.ndarray) -> np.ndarray:

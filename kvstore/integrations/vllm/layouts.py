@@ -96,6 +96,9 @@ class LayerPages:
         self._bytes = tensor.view(torch.uint8)
 
         dims = [f"{_DIMS[d]}{size[d]}" for d in page_dims]
+        # a page in kernel blocks whose tokens are not adjacent: bytes in another order than
+        # one block of `block_size` tokens in the same layout
+        self.split = kernel_blocks > 1 and dims[0][0] != "N"
         if kernel_blocks > 1:  # where N is outermost, kernel blocks are just more tokens
             dims = (
                 [f"N{kernel_blocks * tokens}", *dims[1:]]

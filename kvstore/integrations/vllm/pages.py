@@ -17,6 +17,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from kvstore.client import Client
 from kvstore.client.shm import Fill
 from kvstore.errors import Unsupported
 from kvstore.integrations.common import as_numpy, verified_prefix
@@ -31,6 +32,12 @@ class PageCache(Protocol):
     dtype: np.dtype
     shape: tuple[int, ...]
     nbytes: int
+
+    def attach(self, client: Client) -> bool: ...
+
+    def computed(self, layer: int) -> None: ...
+
+    def loading(self) -> None: ...
 
     def views(self, layer: int, block_ids: Sequence[int]) -> list[np.ndarray]: ...
 
@@ -59,6 +66,16 @@ class Pages:
         self.shape: tuple[int, ...] = tuple(first.shape[1:])
         self.nbytes = first[0].nbytes  # of one page
         self.layers = sorted(self._arrays)
+
+    def attach(self, client: Client) -> bool:
+        """Whether the node shares this host (in-place saves and leased loads)."""
+        return client.shared_arena() is not None
+
+    def computed(self, layer: int) -> None:
+        """A layer's pages are final once vLLM hands it over: nothing to record on a CPU."""
+
+    def loading(self) -> None:
+        """Loads start after what the forward pass did: in order on a CPU."""
 
     def views(self, layer: int, block_ids: Sequence[int]) -> list[np.ndarray]:
         """The pages of `block_ids` in layer `layer`, as they are now (what a put sends)."""

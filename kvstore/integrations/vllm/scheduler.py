@@ -22,6 +22,7 @@ from vllm.v1.core.kv_cache_utils import maybe_convert_block_hash
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
 from kvstore.client.layers import LayeredKV
+from kvstore.errors import KVStoreError
 from kvstore.integrations.vllm.config import ConnectorConfig, Namespace, lora_identity
 from kvstore.integrations.vllm.plans import KVStoreEvents, KVStoreMetadata, LoadPlan, SavePlan
 from kvstore.tiers.registry import TIER_REGISTRY
@@ -229,7 +230,13 @@ class SchedulerSide:
             self._layered = LayeredKV(self._guard.client, self.namespace.layers)
         tiers = self._layered.lookup_tiers(*tracked.chains)
         if self.config.cluster and len(tiers) < len(tracked.chains[0]):
-            tiers += [REMOTE] * (self._layered.locate(*tracked.chains) - len(tiers))
+            try:
+                held = self._layered.locate(*tracked.chains)
+            except KVStoreError as exc:  # the cluster's index: this node's blocks still count
+                self.counts["locate_failed"] += 1
+                log.debug("kvstore connector: locate failed: %s", exc)
+                held = 0
+            tiers += [REMOTE] * (held - len(tiers))
         return tiers
 
     def _save_plan(self, tracked: Tracked, done: int, end: int) -> SavePlan | None:

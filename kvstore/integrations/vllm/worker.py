@@ -21,7 +21,7 @@ from kvstore.integrations.common import unpin_thread
 from kvstore.integrations.vllm.config import ConnectorConfig, Namespace, cache_layout
 from kvstore.integrations.vllm.gpu_pages import GpuPages
 from kvstore.integrations.vllm.loads import Load, Staging
-from kvstore.integrations.vllm.pages import Pages
+from kvstore.integrations.vllm.pages import PageCache, Pages
 from kvstore.integrations.vllm.plans import KVStoreMetadata, KVStoreStats, LoadPlan
 from kvstore.integrations.vllm.saves import SaveJob, Saver
 
@@ -41,7 +41,7 @@ class WorkerSide:
             max(2, config.ahead), thread_name_prefix="kvstore-io", initializer=unpin_thread
         )
         self._staging = Staging()
-        self._pages: Pages | GpuPages | None = None
+        self._pages: PageCache | None = None
         self._layered: LayeredKV | None = None
         self._saver: Saver | None = None
         self._shared: Future[bool] | None = None
@@ -84,9 +84,8 @@ class WorkerSide:
         try:
             client = self._guard.client
             client.node_info()  # raises while the node is away: `shared_arena` only says None
-            if isinstance(self._pages, GpuPages):
-                return self._pages.attach(client)  # the arena page-locked here, once
-            return client.shared_arena() is not None
+            assert self._pages is not None
+            return self._pages.attach(client)  # a GPU cache page-locks the arena, once
         except Exception:  # the node is away: try again later, TCP until then
             self._probe_after = time.monotonic() + self.config.retry_after_s
             return False
@@ -122,6 +121,9 @@ class WorkerSide:
             self.counts["preempted_save_timeouts"] += 1
 
     def start_loads(self, meta: KVStoreMetadata) -> None:
+        if meta.loads:
+            assert self._pages is not None
+            self._pages.loading()  # after what the compute stream did to their blocks
         for plan in meta.loads:
             load = self._load(plan)
             if plan.is_async:
@@ -144,8 +146,7 @@ class WorkerSide:
         if self._jobs:
             assert self._saver is not None and self._pages is not None
             layer = self._pages.by_name[name]
-            if isinstance(self._pages, GpuPages):
-                self._pages.computed(layer)  # its pages are final at this point of the stream
+            self._pages.computed(layer)  # its pages are final at this point of the stream
             self._saver.layer(layer, self._jobs)
 
     def end_step(self) -> None:
@@ -156,8 +157,9 @@ class WorkerSide:
         self._step_loads = []
         if self._jobs:
             assert self._saver is not None
-            if isinstance(self._pages, GpuPages):  # layers vLLM did not hand over: final now
-                for layer in self._pages.layers:
+            assert self._pages is not None
+            for layer in self._pages.layers:  # those vLLM did not hand over: final now
+                if any(layer not in job.submitted for job in self._jobs):
                     self._pages.computed(layer)
             self._saver.rest(self._jobs)
             self._jobs = []
@@ -229,9 +231,18 @@ class WorkerSide:
             ahead=self.config.ahead,
             timeout_s=self.config.timeout_s,
             staging=self._staging,
-            on_error=lambda exc: self._guard.failed("load", exc),
-            executor=self._io,
+            on_error=self._unkept if plan.wait_s else self._load_failed,
+            # a load that waits for its producer holds its threads: its own, not the pool's
+            executor=None if plan.wait_s else self._io,
         )
+
+    def _load_failed(self, exc: BaseException) -> None:
+        self._guard.failed("load", exc)
+
+    def _unkept(self, exc: BaseException) -> None:
+        """A load waiting for blocks its producer promised ended without them: a promise
+        not kept (or late), not the node's failure: it is not left alone for it."""
+        self.counts["promised_blocks_not_kept"] += 1
 
     def _ended(self, load: Load) -> None:
         failed = load.end()
