@@ -105,7 +105,7 @@ def _kv(pages: int, seed: int) -> Any:
     return torch.randn(shape, generator=generator, device="cuda", dtype=torch.bfloat16)
 
 
-def _timed(fn: Callable[[], object], repeat: int, setup: Callable[[], object]) -> list[float]:
+def timed(fn: Callable[[], object], repeat: int, setup: Callable[[], object]) -> list[float]:
     """Seconds of each of `repeat` runs after one warm-up, the GPU drained before and
     after each; `setup` runs before each, untimed."""
     import torch
@@ -122,15 +122,15 @@ def _timed(fn: Callable[[], object], repeat: int, setup: Callable[[], object]) -
     return times
 
 
-def _memcpy(kv: Any, direction: str, repeat: int) -> list[float]:
+def pinned_memcpy(kv: Any, direction: str, repeat: int) -> list[float]:
     """The ceiling: one pinned copy of all of `kv`, down for a put, up for a get."""
     import torch
 
     flat = kv.view(torch.uint8).reshape(-1)
     host = torch.empty(flat.numel(), dtype=torch.uint8, pin_memory=True)
     if direction == "put":
-        return _timed(lambda: host.copy_(flat, non_blocking=True), repeat, lambda: None)
-    return _timed(lambda: flat.copy_(host, non_blocking=True), repeat, lambda: None)
+        return timed(lambda: host.copy_(flat, non_blocking=True), repeat, lambda: None)
+    return timed(lambda: flat.copy_(host, non_blocking=True), repeat, lambda: None)
 
 
 class Staging:
@@ -226,19 +226,19 @@ def child(direction: str, address: str, tokens: int, mode: str, repeat: int, see
                 put = partial(client.put_from, keys, list(kv), layout=LAYOUT)
             else:
                 put = partial(staging.put, client, keys, kv)
-            ceiling = _memcpy(kv, direction, repeat)
-            seconds = _timed(put, repeat, lambda: client.delete(keys))
+            ceiling = pinned_memcpy(kv, direction, repeat)
+            seconds = timed(put, repeat, lambda: client.delete(keys))
             same = client.lookup(keys) == pages
         else:
             dest = torch.empty((pages, *PAGE_SHAPE), dtype=torch.bfloat16, device="cuda")
-            ceiling = _memcpy(dest, direction, repeat)
+            ceiling = pinned_memcpy(dest, direction, repeat)
             get: Callable[[], object]
             if staging is None:
                 client.register(dest)
                 get = partial(client.get_into, keys, partial(_places, dest, []), _ignore)
             else:
                 get = partial(staging.get, client, keys, dest)
-            seconds = _timed(get, repeat, lambda: dest.fill_(-7.0))
+            seconds = timed(get, repeat, lambda: dest.fill_(-7.0))
             same = torch.equal(dest.view(torch.int16), _kv(pages, seed).view(torch.int16))
     return {"memcpy": ceiling, "seconds": seconds, "same": bool(same)}
 

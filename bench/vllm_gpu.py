@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import argparse
 import time
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
 from kvstore.bench.measure import Run
+from kvstore.bench.nixl_gpu import pinned_memcpy, timed
 from kvstore.bench.procs import Processes
 from kvstore.bench.report import Row
 
@@ -94,15 +94,16 @@ def _measure(client: Any, tokens: int, repeat: int, seed: int) -> list[Row]:
             for layer in source.layers[1:]:
                 gets.wait(layer, timeout=120)
 
-    saves = _timed(save, repeat, lambda: layered.delete(keys))
-    loads = _timed(load, repeat, lambda: None)
+    saves = timed(save, repeat, lambda: layered.delete(keys))
+    loads = timed(load, repeat, lambda: None)
     same = all(
         torch.equal(source._layers[layer].gather(ids), dest._layers[layer].gather(ids))
         for layer in source.layers
     )
     layered.delete(keys)
     nbytes = blocks * LAYERS * source.nbytes
-    down, up = _memcpy(nbytes, "down", repeat), _memcpy(nbytes, "up", repeat)
+    flat = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    down, up = pinned_memcpy(flat, "put", repeat), pinned_memcpy(flat, "get", repeat)
     rows = []
     for scenario, seconds, ceiling in (("save", saves, down), ("load", loads, up)):
         name = f"{scenario} {tokens // 1024}k tok"
@@ -139,31 +140,3 @@ def _pages(blocks: int, seed: int | None) -> Any:
     kv = {f"model.layers.{i}.self_attn.attn": logical[i] for i in range(LAYERS)}
     layout = CacheLayout("FLASH_ATTN", LAYOUT, TOKENS)
     return GpuPages(kv, lambda name: int(name.split(".")[2]), layout)
-
-
-def _timed(fn: Callable[[], object], repeat: int, setup: Callable[[], object]) -> list[float]:
-    """Seconds of each of `repeat` runs after one warm-up, the GPU drained before and after
-    each; `setup` runs before each, untimed."""
-    import torch
-
-    times = []
-    for i in range(repeat + 1):
-        setup()
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        if i:
-            times.append(time.perf_counter() - start)
-    return times
-
-
-def _memcpy(nbytes: int, direction: str, repeat: int) -> list[float]:
-    """The ceiling: one pinned copy of `nbytes`, device to host or host to device."""
-    import torch
-
-    device = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
-    host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
-    if direction == "down":
-        return _timed(lambda: host.copy_(device, non_blocking=True), repeat, lambda: None)
-    return _timed(lambda: device.copy_(host, non_blocking=True), repeat, lambda: None)
