@@ -83,7 +83,7 @@ def run(
     return rows
 
 
-def _node(procs: Processes, url: str, name: str, *flags: str) -> str:
+def cluster_node(procs: Processes, url: str, name: str, *flags: str) -> str:
     return procs.daemon("--cluster", url, "--node-id", name, *FAST, *flags)
 
 
@@ -100,7 +100,7 @@ def locate_rows(procs: Processes, url: str, calls: int) -> list[Row]:
     keys = block_keys(cluster_index_bench.prompt(131072), 256)
     holdings = [[(k, TIERS[i % 3]) for k in keys[: 32 * (i + 1)]] for i in range(16)]
     writers = cluster_index_bench.node_set(url, holdings)
-    node = _node(procs, url, "answering")
+    node = cluster_node(procs, url, "answering")
     rows = []
     try:
         with Router(url, seed=0, secret=cluster_secret()) as router, Client(node) as client:
@@ -123,7 +123,7 @@ def put_overhead_rows(procs: Processes, url: str, total: int, repeat: int, seed:
     source = source_bytes(total, seed)
     size = 4 * MiB
     with_index = Client(
-        _node(procs, url, "indexed", "--host-capacity", str(2 * total)), transport="tcp"
+        cluster_node(procs, url, "indexed", "--host-capacity", str(2 * total)), transport="tcp"
     )
     alone = Client(
         procs.daemon("--host-capacity", str(2 * total), "--log-level", "error"), transport="tcp"
@@ -202,10 +202,10 @@ def fetch_rows(procs: Processes, url: str, repeat: int, seed: int) -> list[Row]:
     two bare NIXL agents in two processes, one WRITEing the same bytes into the other's
     registered memory. Medians of `repeat` runs after a warm-up."""
     capacity = ("--host-capacity", "1GiB")
-    a = _node(procs, url, "holder", *capacity)
+    a = cluster_node(procs, url, "holder", *capacity)
     targets = {
-        "nixl": _node(procs, url, "nixl-b", *capacity),
-        "tcp": _node(procs, url, "tcp-b", *capacity, "--nixl", "off"),
+        "nixl": cluster_node(procs, url, "nixl-b", *capacity),
+        "tcp": cluster_node(procs, url, "tcp-b", *capacity, "--nixl", "off"),
     }
     ports = {name: ceilings.start_server(procs, name) for name in ("nixl", "tcp")}
     rows = []
@@ -270,8 +270,8 @@ def _node_to_node(
 
 def handoff_rows(procs: Processes, url: str, repeat: int, seed: int) -> list[Row]:
     """A producer puts 32 blocks of 4 MiB to A in batches of 4; a consumer asked B first."""
-    a = _node(procs, url, "prefill", "--host-capacity", "1GiB")
-    b = _node(procs, url, "decode", "--host-capacity", "1GiB")
+    a = cluster_node(procs, url, "prefill", "--host-capacity", "1GiB")
+    b = cluster_node(procs, url, "decode", "--host-capacity", "1GiB")
     size, n, batch = 4 * MiB, 32, 4
     lags, lasts = [], []
     for rep in range(repeat + 1):

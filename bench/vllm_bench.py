@@ -510,8 +510,9 @@ def _cluster(procs: Any) -> tuple[str, str]:
     url = procs.redis()
     if url is None:
         raise SystemExit("the cluster variant needs redis-server on PATH")
-    flags = ("--cluster", url, "--heartbeat", "0.2", "--node-ttl", "1.0")
-    return procs.daemon(*flags, "--node-id", "holder"), procs.daemon(*flags, "--node-id", "reader")
+    from kvstore.bench.cluster_bench import cluster_node
+
+    return cluster_node(procs, url, "holder"), cluster_node(procs, url, "reader")
 
 
 def _row(variant: str, n_tokens: int, results: dict[str, Any], repeat: int) -> Row:

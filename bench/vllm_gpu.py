@@ -71,7 +71,9 @@ def _measure(client: Any, tokens: int, repeat: int, seed: int) -> list[Row]:
     from kvstore.keys import block_keys
 
     blocks = tokens // TOKENS
-    source, dest = _pages(blocks, seed), _pages(blocks, None)
+    sizes = {"L": LAYERS, "B": blocks, "H": HEADS, "N": TOKENS, "C": 2 * HEAD_DIM}
+    source = vllm_pages("FLASH_ATTN", LAYOUT, sizes, "bfloat16", seed)
+    dest = vllm_pages("FLASH_ATTN", LAYOUT, sizes, "bfloat16", None)
     assert source.attach(client) and dest.attach(client), "the node shares this host"
     ids = list(range(blocks))[::-1]  # vLLM hands out blocks in no particular order
     layered = LayeredKV(client, source.layers)
@@ -121,22 +123,25 @@ def _run(nbytes: int, seconds: list[float]) -> Run:
     return Run(nbytes, float(np.median(seconds)), seconds)
 
 
-def _pages(blocks: int, seed: int | None) -> Any:
-    """A vLLM-laid cache of `blocks` blocks: one allocation in LBNHC order, a [B, H, N, C]
-    view a layer; seeded bf16 values, or zeros."""
+def vllm_pages(
+    backend: str, layout: str, sizes: dict[str, int], dtype: str, seed: int | None
+) -> Any:
+    """`GpuPages` over a cache laid out as vLLM's GPU model runner lays it: one allocation in
+    `layout`'s physical order of `sizes` (L, B, H, N, C), a [B, H, N, C] view a layer; seeded
+    random bytes, or zeros. `dtype`: a torch dtype's name, or "fp8" (one byte an element)."""
     import torch
 
     from kvstore.integrations.vllm.gpu_pages import GpuPages
     from kvstore.integrations.vllm.layouts import CacheLayout
 
-    sizes = {"L": LAYERS, "B": blocks, "H": HEADS, "N": TOKENS, "C": 2 * HEAD_DIM}
-    shape = [sizes[d] for d in LAYOUT]
-    if seed is None:
-        raw = torch.zeros(shape, dtype=torch.bfloat16, device="cuda")
-    else:
+    element = torch.uint8 if dtype == "fp8" else getattr(torch, dtype)
+    raw = torch.zeros([sizes[d] for d in layout], dtype=element, device="cuda")
+    if seed is not None:
         generator = torch.Generator("cuda").manual_seed(seed)
-        raw = torch.randn(shape, generator=generator, dtype=torch.bfloat16, device="cuda")
-    logical = raw.permute(*[LAYOUT.index(d) for d in "LBHNC"])
-    kv = {f"model.layers.{i}.self_attn.attn": logical[i] for i in range(LAYERS)}
-    layout = CacheLayout("FLASH_ATTN", LAYOUT, TOKENS)
-    return GpuPages(kv, lambda name: int(name.split(".")[2]), layout)
+        flat = raw.view(torch.uint8)
+        flat.copy_(torch.randint(0, 256, flat.shape, generator=generator, device="cuda",
+                                 dtype=torch.uint8))  # fmt: skip
+    logical = raw.permute(*[layout.index(d) for d in "LBHNC"])
+    kv = {f"model.layers.{i}.self_attn.attn": logical[i] for i in range(sizes["L"])}
+    described = CacheLayout(backend, layout, sizes["N"], "fp8" if dtype == "fp8" else "auto")
+    return GpuPages(kv, lambda name: int(name.split(".")[2]), described)

@@ -195,17 +195,11 @@ def submit(pool: Executor, fn: Callable[..., T], *args: object) -> Future[T]:
 
 def finished(array: np.ndarray, key: BlockKey, meta: BlockMeta, verify: bool) -> np.ndarray:
     if verify:
-        check(array, key, meta)
+        check_stored(array.data, key, meta)
     try:
         return shaped(array, meta)
     except InvalidArgument as exc:
         raise InvalidArgument(exc.field, f"block {key.hex()}: {exc.reason}") from None
-
-
-def check(array: np.ndarray, key: BlockKey, meta: BlockMeta) -> None:
-    """CorruptBlock unless `array` matches its checksum (a block put with checksums off
-    has none, and is taken as it is)."""
-    check_stored(array.data, key, meta)
 
 
 def shaped(block: np.ndarray, meta: BlockMeta) -> np.ndarray:

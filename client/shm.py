@@ -20,9 +20,10 @@ import xxhash
 
 from kvstore.client import tcp
 from kvstore.client.channel import Channels, Link
-from kvstore.client.pipeline import Block, Received, batches, block_slices, check, shaped
+from kvstore.client.pipeline import Block, Received, batches, block_slices, shaped
 from kvstore.client.transport import Arrived, Ask, Out
 from kvstore.errors import LeaseExpired
+from kvstore.meta import check_stored
 from kvstore.proto import kvstore_pb2 as pb
 from kvstore.proto.channel import COMMIT, GET, PUT, SHM, TRUNCATED
 from kvstore.proto.convert import headers_from_proto, headers_to_proto
@@ -173,7 +174,7 @@ class Lease:
             view = arena[offset : offset + meta.size]
             view.flags.writeable = False
             if transport.verify:
-                check(view, key, meta)
+                check_stored(view.data, key, meta)
             self._blocks.append(shaped(view, meta))
 
     @property

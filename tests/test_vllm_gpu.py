@@ -40,31 +40,12 @@ SAVED = [5, 9, 2, 40, 41, 42, 63]  # the producer's block ids
 LOADED = [0, 1, 2, 3, 10, 11, 12]  # where the consumer's cache takes them
 
 
-def caches(layout: str, heads: int, content: int, dtype: str, seed: int | None) -> dict:
-    """Layer name -> [B, H, N, C] view of one allocation in `layout`'s physical order, as
-    vLLM allocates them; seeded random bytes, or zeros."""
-    sizes = {"L": LAYERS, "B": BLOCKS, "H": heads, "N": TOKENS, "C": content}
-    element = torch.uint8 if dtype == "fp8" else getattr(torch, dtype)
-    raw = torch.zeros([sizes[d] for d in layout], dtype=element, device="cuda")
-    if seed is not None:
-        generator = torch.Generator(device="cuda").manual_seed(seed)
-        raw.view(torch.uint8).copy_(
-            torch.randint(0, 256, raw.view(torch.uint8).shape, generator=generator,
-                          device="cuda", dtype=torch.uint8)
-        )  # fmt: skip
-    logical = raw.permute(*[layout.index(d) for d in "LBHNC"])
-    return {f"model.layers.{layer}.self_attn.attn": logical[layer] for layer in range(LAYERS)}
-
-
 def pages_of(case: tuple, seed: int | None):
-    from kvstore.integrations.vllm.gpu_pages import GpuPages
-    from kvstore.integrations.vllm.layouts import CacheLayout
+    from kvstore.bench.vllm_gpu import vllm_pages
 
     backend, layout, heads, content, dtype = case
-    cache_dtype = "fp8" if dtype == "fp8" else "auto"
-    kv = caches(layout, heads, content, dtype, seed)
-    index = {name: int(name.split(".")[2]) for name in kv}
-    return GpuPages(kv, index.__getitem__, CacheLayout(backend, layout, TOKENS, cache_dtype))
+    sizes = {"L": LAYERS, "B": BLOCKS, "H": heads, "N": TOKENS, "C": content}
+    return vllm_pages(backend, layout, sizes, dtype, seed)
 
 
 def page_bytes(pages, block_ids: list[int]) -> list[bytes]:
@@ -167,8 +148,9 @@ def test_pages_of_another_layout_or_dtype_are_never_loaded() -> None:
             arrays = gets.wait(0, timeout=60)
         assert len(arrays) == len(SAVED) and consumer.write(0, LOADED, arrays) == 0
     assert set(page_bytes(consumer, LOADED)) == {bytes(consumer.nbytes)}
-    kv = caches("LBNHC", 8, 256, "bfloat16", None)
-    described = CacheLayout("FLASH_ATTN", "LBNHC", TOKENS, "fp8")
+    layer = torch.zeros(BLOCKS, 8, TOKENS, 256, dtype=torch.bfloat16, device="cuda")
+    kv = {"model.layers.0.self_attn.attn": layer}  # LBHNC, one layer
+    described = CacheLayout("FLASH_ATTN", "LBHNC", TOKENS, "fp8")
     with pytest.raises(Unsupported, match="fp8"):
         GpuPages(kv, lambda name: int(name.split(".")[2]), described)
 

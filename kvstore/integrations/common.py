@@ -255,6 +255,13 @@ def arena_fill(blocks: torch.Tensor, count: int, arena: np.ndarray) -> Fill:
     return fill
 
 
+def whole_buffer(array: np.ndarray) -> np.ndarray:
+    """The buffer `array` is a slice of (to reuse it whole, or find runs within it)."""
+    while isinstance(array.base, np.ndarray):
+        array = array.base
+    return array
+
+
 def _consecutive(indexes: list[int]) -> list[tuple[int, int]]:
     """(position, length) of each run of consecutive values in `indexes`."""
     runs: list[tuple[int, int]] = []

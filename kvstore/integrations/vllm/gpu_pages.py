@@ -35,6 +35,7 @@ from kvstore.integrations.common import (
     copy_from_arena,
     locked_arena,
     verified_prefix,
+    whole_buffer,
 )
 from kvstore.integrations.vllm.layouts import CacheLayout, LayerPages
 
@@ -63,7 +64,6 @@ class GpuPages:
                 f"kernel blocks inside a page; use a block size the kernels take whole"
             )
         self.layers = sorted(self._layers)
-        self.name = first.name  # what a page's bytes are
         self.nbytes = first.page_bytes
         self.dtype: np.dtype = np.dtype(np.uint8)  # pages move as bytes
         self.shape: tuple[int, ...] = (self.nbytes,)
@@ -140,7 +140,9 @@ class GpuPages:
             return 0
         # leased in the arena, or received into the load's (pinned) staging buffer
         arena = self._arena
-        within = arena if arena is not None and _inside(arrays[0], arena) else _whole(arrays[0])
+        within = (
+            arena if arena is not None and _inside(arrays[0], arena) else whole_buffer(arrays[0])
+        )
         if self._allocated is not None:
             self._loading.wait_event(self._allocated)
         with torch.cuda.stream(self._loading):
@@ -153,10 +155,3 @@ class GpuPages:
 
 def _inside(array: np.ndarray, arena: np.ndarray) -> bool:
     return 0 <= array.ctypes.data - arena.ctypes.data < arena.nbytes
-
-
-def _whole(array: np.ndarray) -> np.ndarray:
-    """The buffer `array` is a slice of (pages received back to back lie in one run)."""
-    while isinstance(array.base, np.ndarray):
-        array = array.base
-    return array

@@ -110,7 +110,8 @@ class LayerPages:
 
     def regions(self, block_ids: Sequence[int]) -> list[list[torch.Tensor]]:
         """Each block's page as 1-D uint8 views of the layer's memory, in page order."""
-        return [list(self._page(b).unbind(0)) for b in block_ids]
+        every = self._all()
+        return [list(every[b].unbind(0)) for b in self._checked(block_ids)]
 
     def gather(self, block_ids: Sequence[int]) -> torch.Tensor:
         """The pages of `block_ids`, packed by one kernel into a new `[n, page_bytes]` uint8
@@ -136,21 +137,14 @@ class LayerPages:
         )
 
     def _ids(self, block_ids: Sequence[int]) -> torch.Tensor:
+        return torch.tensor(self._checked(block_ids), dtype=torch.long).to(self._bytes.device)
+
+    def _checked(self, block_ids: Sequence[int]) -> list[int]:
         """Checked here: an index out of range on a GPU would end its CUDA context."""
         bad = [b for b in block_ids if not 0 <= b < self.num_blocks]
         if bad:
             raise InvalidArgument("block_ids", f"{bad[0]} is not one of {self.num_blocks} blocks")
-        return torch.tensor(list(block_ids), dtype=torch.long).to(self._bytes.device)
-
-    def _page(self, block_id: int) -> torch.Tensor:
-        """[regions, run bytes] over block `block_id`'s page; no copy."""
-        if not 0 <= block_id < self.num_blocks:
-            raise InvalidArgument("block_ids", f"{block_id} is not one of {self.num_blocks} blocks")
-        return self._bytes.as_strided(
-            (self.regions_per_page, self._run_bytes),
-            (self._region_stride, 1),
-            self._bytes.storage_offset() + block_id * self._block_stride,
-        )
+        return list(block_ids)
 
     def _check_description(self) -> str:
         """The backend's packing, once the description is one this module knows."""

@@ -16,6 +16,7 @@ from concurrent.futures import Executor
 import numpy as np
 
 from kvstore.client.layers import LayeredKV
+from kvstore.integrations.common import whole_buffer
 from kvstore.integrations.vllm.pages import PageCache
 from kvstore.integrations.vllm.plans import LoadPlan
 
@@ -42,11 +43,8 @@ class Staging:
         return np.empty(nbytes, np.uint8)
 
     def give_back(self, buffer: np.ndarray) -> None:
-        base = buffer
-        while isinstance(base.base, np.ndarray):  # the whole buffer, not a slice of it
-            base = base.base
         with self._lock:
-            self._free.append(base)
+            self._free.append(whole_buffer(buffer))
 
 
 class Load:
