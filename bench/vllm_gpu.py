@@ -25,12 +25,18 @@ from kvstore.bench.procs import Processes
 from kvstore.bench.report import Row
 
 HELP = "vLLM GPU KV pages to a node and back, per layer, against pinned cudaMemcpy"
-LAYERS, HEADS, HEAD_DIM, TOKENS = 32, 8, 128, 16
+LAYERS, HEADS, HEAD_DIM = 32, 8, 128
 LAYOUT = "LBNHC"  # FlashAttention's default: tokens, then heads, then K and V in C
 
 
 def add_arguments(parser: argparse.ArgumentParser, choices: Any, ints: Any, sizes: Any) -> None:
     parser.add_argument("--tokens", type=ints, default=[4096, 32768], help="tokens of KV moved")
+    parser.add_argument(
+        "--page-tokens",
+        type=ints,
+        default=[16, 256],
+        help="vLLM's --block-size: tokens a page (and a kvstore block) holds",
+    )
 
 
 def check(args: argparse.Namespace) -> str:
@@ -42,8 +48,8 @@ def check(args: argparse.Namespace) -> str:
         return "vllm-gpu needs a CUDA device"
     if args.address:
         return "vllm-gpu starts a node of its own (sized to the KV): --address is not for it"
-    if any(t < TOKENS or t % TOKENS for t in args.tokens):
-        return f"--tokens must be multiples of {TOKENS}"
+    if any(t < p or t % p for t in args.tokens for p in args.page_tokens):
+        return "--tokens must be multiples of every --page-tokens"
     return ""
 
 
@@ -52,32 +58,32 @@ def run(
 ) -> list[Row]:
     from kvstore.client import Client
 
-    page = TOKENS * HEADS * 2 * HEAD_DIM * 2
-    capacity = max(args.tokens) // TOKENS * LAYERS * page * 2 + (1 << 30)
+    capacity = max(args.tokens) * LAYERS * HEADS * 2 * HEAD_DIM * 2 * 2 + (1 << 30)
     node = procs.daemon("--host-capacity", str(capacity))
-    progress.update(task, total=len(args.tokens))
+    progress.update(task, total=len(args.tokens) * len(args.page_tokens))
     rows = []
     with Client(node) as client:
         for tokens in args.tokens:
-            rows += _measure(client, tokens, args.repeat, args.seed)
-            progress.update(task, advance=1, description=f"{tokens} tokens")
+            for page_tokens in args.page_tokens:
+                rows += _measure(client, tokens, page_tokens, args.repeat, args.seed)
+                progress.update(task, advance=1, description=f"{tokens} tokens")
     return rows
 
 
-def _measure(client: Any, tokens: int, repeat: int, seed: int) -> list[Row]:
+def _measure(client: Any, tokens: int, page_tokens: int, repeat: int, seed: int) -> list[Row]:
     import torch
 
     from kvstore.client.layers import LayeredKV
     from kvstore.keys import block_keys
 
-    blocks = tokens // TOKENS
-    sizes = {"L": LAYERS, "B": blocks, "H": HEADS, "N": TOKENS, "C": 2 * HEAD_DIM}
+    blocks = tokens // page_tokens
+    sizes = {"L": LAYERS, "B": blocks, "H": HEADS, "N": page_tokens, "C": 2 * HEAD_DIM}
     source = vllm_pages("FLASH_ATTN", LAYOUT, sizes, "bfloat16", seed)
     dest = vllm_pages("FLASH_ATTN", LAYOUT, sizes, "bfloat16", None)
     assert source.attach(client) and dest.attach(client), "the node shares this host"
     ids = list(range(blocks))[::-1]  # vLLM hands out blocks in no particular order
     layered = LayeredKV(client, source.layers)
-    keys = block_keys(np.arange(tokens), TOKENS, f"kvstore-bench/vllm-gpu/{seed}".encode())
+    keys = block_keys(np.arange(tokens), page_tokens, f"kvstore-bench/vllm-gpu/{seed}".encode())
 
     def save() -> None:
         for layer in source.layers:
@@ -108,7 +114,7 @@ def _measure(client: Any, tokens: int, repeat: int, seed: int) -> list[Row]:
     down, up = pinned_memcpy(flat, "put", repeat), pinned_memcpy(flat, "get", repeat)
     rows = []
     for scenario, seconds, ceiling in (("save", saves, down), ("load", loads, up)):
-        name = f"{scenario} {tokens // 1024}k tok"
+        name = f"{scenario} {tokens // 1024}k tok, {page_tokens}-tok pages"
         memcpy = Row.of(name, "memcpy", source.nbytes, _run(nbytes, ceiling), copy="pinned")
         moved = Row.of(name, "vllm-gpu", source.nbytes, _run(nbytes, seconds), identical=same)
         moved.ratios["memcpy"] = round(moved.gbps / memcpy.gbps, 3)  # type: ignore[operator]

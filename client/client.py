@@ -199,25 +199,30 @@ class Client:
         Blocks go in parts of `IN_PLACE_PART` bytes. `fill` may start its copies and
         return a wait function instead of finishing them: the part is published after the
         wait, once the next part's slots are handed out, so copies overlap the node's
-        bookkeeping. Checksums (if on) are computed from the slots once written. If
-        `fill` raises, the node frees the part's slots."""
-        shm = self._shm()
+        bookkeeping. Checksums (if on) are computed by the node from the slots once
+        written: one pass over the bytes, not two. If `fill` raises, the node frees the
+        part's slots."""
         keys = check_keys(keys, unique=True, limit=len(keys))
         dtype = np.dtype(dtype)
         size = int(np.prod(shape)) * dtype.itemsize
         self._check_fits([size] * len(keys))
         layout = self.encoding.layout if layout is None else layout
         meta = BlockMeta(size, codecs.dtype_name(dtype), tuple(shape), layout)
-        pending: list[Callable[[], PutResult]] = []
-        result = PutResult(0, 0)
-        for part in batches([size] * len(keys), min(len(shm.arena) // 4, IN_PLACE_PART)):
-            blocks = [(key, meta) for key in keys[part]]
-            pending.append(shm.put_in_place(blocks, part.start, fill, self.checksum))
-            if len(pending) > IN_PLACE_AHEAD:
-                result += pending.pop(0)()
-        for commit in pending:
-            result += commit()
-        return result
+
+        def put() -> PutResult:
+            shm = self._shm()
+            pending: list[Callable[[], PutResult]] = []
+            result = PutResult(0, 0)
+            for part in batches([size] * len(keys), min(len(shm.arena) // 4, IN_PLACE_PART)):
+                blocks = [(key, meta) for key in keys[part]]
+                pending.append(shm.put_in_place(blocks, part.start, fill, self.checksum))
+                if len(pending) > IN_PLACE_AHEAD:
+                    result += pending.pop(0)()
+            for commit in pending:
+                result += commit()
+            return result
+
+        return self._met_again(put)
 
     def put_from(
         self, keys: Sequence[BlockKey], sources: Sequence[object], *, layout: str = ""
@@ -293,10 +298,14 @@ class Client:
         keys = check_keys(keys, unique=True)
         if self._registered:  # places lie in registered memory: NIXL writes them there
             return self._on_nixl(lambda nixl: nixl.get_into(Ask(keys), place, landed))
-        channels = getattr(self._transport(), "channels", None)  # tcp, shm and nixl's
-        if channels is None:
-            raise Unsupported("get_into needs the node's data plane (tcp, shm or nixl)")
-        return tcp.get_into(channels, Ask(keys), place, landed)  # over its socket
+
+        def over_socket() -> int:
+            channels = getattr(self._transport(), "channels", None)  # tcp, shm and nixl's
+            if channels is None:
+                raise Unsupported("get_into needs the node's data plane (tcp, shm or nixl)")
+            return tcp.get_into(channels, Ask(keys), place, landed)
+
+        return self._met_again(over_socket)
 
     def prefetch(self, keys: Sequence[BlockKey]) -> int:
         """Have the node start pulling what it lacks of `keys` from the cluster, and return at
@@ -311,8 +320,8 @@ class Client:
         arena, pinned until released (use `with`); renewed while this process lives. Same
         host only. `wait` and `fetch` as for `get` (for the first key: a lease is one
         request). `lease.truncated`: the node stopped short of a stored block."""
-        keys = check_keys(keys, unique=True)
-        return self._shm().lease(Ask(keys, _millis(wait), fetch))
+        ask = Ask(check_keys(keys, unique=True), _millis(wait), fetch)
+        return self._met_again(lambda: self._shm().lease(ask))
 
     def register(self, buffer: object) -> None:
         """Register memory an engine reuses (a contiguous host buffer, or a CUDA tensor) with
@@ -598,13 +607,17 @@ class Client:
         return self._path("shm", "shared memory needs a node on this host")  # type: ignore[return-value]
 
     def _on_nixl(self, operation: Callable[[NixlTransport], T]) -> T:
-        """`operation` on the NIXL path; a node met anew (it restarted, or the session
-        ended) is met once more, as `_run` does for every path."""
+        """`operation` on the NIXL path (a session that ended is met anew)."""
+        return self._met_again(lambda: operation(self._nixl()))
+
+    def _met_again(self, operation: Callable[[], T]) -> T:
+        """`operation`, run once more on a node met anew if it restarted since it was last
+        met, as `_run` does for the operations that choose their path."""
         try:
-            return operation(self._nixl())
+            return operation()
         except NodeChanged:
             self._forget_node()
-            return operation(self._nixl())
+            return operation()
 
     def _nixl(self) -> NixlTransport:
         """The NIXL path, which registered memory needs."""

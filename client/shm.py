@@ -16,7 +16,6 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 
 import numpy as np
-import xxhash
 
 from kvstore.client import tcp
 from kvstore.client.channel import Channels, Link
@@ -83,8 +82,7 @@ class ShmTransport:
             try:
                 if wait is not None:
                     wait()
-                sums = [xxhash.xxh3_64_intdigest(slot) for slot in slots] if checksum else []
-                result = self._commit(link, answer.put, sums)
+                result = self._commit(link, answer.put, hash_here=checksum)
             except BaseException:
                 self.channels.checkin(link, ok=False)
                 raise
@@ -141,10 +139,11 @@ class ShmTransport:
         ]
         return answer, slots
 
-    def _commit(self, link: Link, put: int, checksums: Sequence[int] = ()) -> PutResult:
+    def _commit(self, link: Link, put: int, hash_here: bool = False) -> PutResult:
+        """`hash_here`: the node computes the blocks' checksums from their slots."""
         if not put:
             return PutResult(0, 0)
-        meta = pb.Commit(put=put, checksums=checksums).SerializeToString()
+        meta = pb.Commit(put=put, hash_here=hash_here).SerializeToString()
         reply = pb.PutReply.FromString(self.channels.request(link, COMMIT, meta).meta)
         return PutResult(reply.stored, reply.existed)
 

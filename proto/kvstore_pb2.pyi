@@ -329,12 +329,14 @@ class Leases(_message.Message):
     def __init__(self, ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class Commit(_message.Message):
-    __slots__ = ("put", "checksums")
+    __slots__ = ("put", "checksums", "hash_here")
     PUT_FIELD_NUMBER: _ClassVar[int]
     CHECKSUMS_FIELD_NUMBER: _ClassVar[int]
+    HASH_HERE_FIELD_NUMBER: _ClassVar[int]
     put: int
     checksums: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, put: _Optional[int] = ..., checksums: _Optional[_Iterable[int]] = ...) -> None: ...
+    hash_here: bool
+    def __init__(self, put: _Optional[int] = ..., checksums: _Optional[_Iterable[int]] = ..., hash_here: _Optional[bool] = ...) -> None: ...
 
 class NixlRegion(_message.Message):
     __slots__ = ("addr", "size", "vram", "device")

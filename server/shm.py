@@ -54,6 +54,8 @@ def commit(server: ChannelServer, conn: Connection, frame: Frame) -> None:
         if held is not None:
             held.end()  # a lease named as a put: taken all the same, so not left pinned
         raise Unauthenticated("put unknown, already committed, or expired")
-    result = server.policy.commit(conn.caller(), held.what, request.checksums)
+    result = server.policy.commit(
+        conn.caller(), held.what, request.checksums, unhashed=request.hash_here
+    )
     reply = pb.PutReply(stored=result.stored, existed=result.existed).SerializeToString()
     server.reply(conn, reply)

@@ -310,6 +310,36 @@ def test_a_client_outlives_a_restart_of_its_node(tmp_path) -> None:
     client.close()
 
 
+def test_leases_and_in_place_puts_outlive_a_restart_of_their_node(tmp_path) -> None:
+    """Over shared memory too: the first lease, in-place put or get_into after the node
+    restarted meets the new node, maps its arena, and works."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{probe.getsockname()[1]}"
+    keys = keys_for(b"restart-shm", 3)
+    block = np.arange(4096, dtype=np.uint8)
+
+    def fill(indexes: list[int], slots: list[np.ndarray]) -> None:
+        for slot in slots:
+            slot[:] = block
+
+    with running_daemon("--host-capacity", "64MiB", "--address", address) as first:
+        client = first.client(transport="shm")
+        client.put_in_place(keys[:1], np.uint8, block.shape, fill)
+        client.lease(keys[:1]).release()
+    with running_daemon("--host-capacity", "64MiB", "--address", address):
+        with client.lease(keys[:1]) as lease:  # the node is new: nothing to lease
+            assert lease.blocks == []
+        assert client.put_in_place(keys, np.uint8, block.shape, fill).stored == 3
+        with client.lease(keys) as lease:
+            assert all(np.array_equal(b, block) for b in lease.blocks) and len(lease.blocks) == 3
+    with running_daemon("--host-capacity", "64MiB", "--address", address):
+        landed: list[int] = []
+        place = lambda blocks: [np.empty(m.size, np.uint8) for _, m in blocks]  # noqa: E731
+        assert client.get_into(keys, place, landed.append) == 0 and landed == []
+    client.close()
+
+
 def test_a_frame_too_large_to_parse_is_refused(daemon) -> None:
     with raw_channel(daemon.address) as sock:
         sock.sendall(HEADER.pack(REQUEST_MAGIC, GET, 0, 1 << 30, 0))

@@ -208,6 +208,11 @@ def test_put_in_place_lets_the_caller_write_the_slots(daemon, kv_sample) -> None
         assert (result.stored, result.existed) == (3, 1) and written == [0, 2, 3]
         got = c.get(keys)
         assert all(np.array_equal(g, b) for g, b in zip(got, blocks, strict=True))
+        with c.lease(keys[2:3]) as lease:  # the node hashed the slots as they were written
+            at = lease.blocks[0].ctypes.data - c.shared_arena().ctypes.data
+        c.shared_arena()[at] ^= 0xFF
+        with pytest.raises(CorruptBlock, match=keys[2].hex()):
+            c.get(keys)
     with daemon.client(transport="tcp") as c, pytest.raises(Unsupported):
         c.put_in_place(keys, np.uint8, (1,), fill)
 
