@@ -4,7 +4,7 @@
 # environment with kvstore, its test and benchmark extras, and the small real
 # model the engine tests run (CPU torch, transformers, SmolLM2's weights), and
 # vLLM's CPU build for the KV connector's tests, with SmolLM2 in a folder vLLM loads, and
-# NIXL (the nixl path's tests run it for real).
+# NIXL (the nixl path's tests run it for real); then SGLang's and LMCache's environments.
 # Safe to run again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -45,4 +45,8 @@ for package in torchvision torchaudio torchcodec; do
 done
 step "converting SmolLM2-135M into a folder vLLM loads (once)"
 .venv/bin/python -m kvstore.bench.vllm_bench --prepare-model
+# SGLang and LMCache each in an environment of their own: their pins differ from vLLM's
+# (and LMCache's from kvstore's protobuf); each script says which, and skips an unchanged one
+bash tests/setup_sglang.sh
+bash tests/setup_lmcache.sh
 step "ready"
