@@ -298,12 +298,23 @@ class Client:
         keys = check_keys(keys, unique=True)
         if self._registered:  # places lie in registered memory: NIXL writes them there
             return self._on_nixl(lambda nixl: nixl.get_into(Ask(keys), place, landed))
+        started = False
+
+        def placed(blocks: list[Block]) -> list[memoryview]:
+            nonlocal started
+            started = True
+            return place(blocks)
 
         def over_socket() -> int:
             channels = getattr(self._transport(), "channels", None)  # tcp, shm and nixl's
             if channels is None:
                 raise Unsupported("get_into needs the node's data plane (tcp, shm or nixl)")
-            return tcp.get_into(channels, Ask(keys), place, landed)
+            try:
+                return tcp.get_into(channels, Ask(keys), placed, landed)
+            except ChannelError as exc:
+                if started:  # what landed stays landed: it must not start again
+                    raise Unavailable(f"data connection lost as blocks landed: {exc}") from None
+                raise
 
         return self._met_again(over_socket)
 
@@ -611,13 +622,22 @@ class Client:
         return self._met_again(lambda: operation(self._nixl()))
 
     def _met_again(self, operation: Callable[[], T]) -> T:
-        """`operation`, run once more on a node met anew if it restarted since it was last
-        met, as `_run` does for the operations that choose their path."""
-        try:
-            return operation()
-        except NodeChanged:
-            self._forget_node()
-            return operation()
+        """`operation`, run again as `_run` runs the operations that choose their path: once
+        after a pooled connection the node dropped (it restarted, or closed an idle one), and
+        once on the node met anew if it restarted since it was last met."""
+        lost = restarted = False
+        while True:
+            try:
+                return operation()
+            except NodeChanged:
+                if restarted:
+                    raise
+                restarted = True
+                self._forget_node()
+            except ChannelError:
+                if lost:
+                    raise
+                lost = True
 
     def _nixl(self) -> NixlTransport:
         """The NIXL path, which registered memory needs."""

@@ -22,9 +22,9 @@ import numpy as np
 
 from kvstore.client.client import Client
 from kvstore.client.pipeline import Payload
-from kvstore.client.shm import Fill
+from kvstore.client.shm import Fill, Lease
 from kvstore.client.transport import Out
-from kvstore.errors import Unavailable
+from kvstore.errors import LeaseExpired, Unavailable
 from kvstore.keys import KEY_BYTES, BlockKey
 from kvstore.limits import MAX_BLOCKS
 from kvstore.results import PutResult
@@ -258,29 +258,36 @@ class LayerGets:
         held until close, or released at once when taken after it."""
         per_request = max(1, MAX_BLOCKS // len(group))
         views: list[np.ndarray] = []
+        taken: list[Lease] = []
         leases = ExitStack()
         with leases:
             for start in range(0, len(self._keys), per_request):
                 chunk = self._keys[start : start + per_request]
                 keys = [layer_key(key, layer) for key in chunk for layer in group]
-                lease = leases.enter_context(self._layered.client.lease(keys, **self._ask))
-                views += lease.blocks
-                if len(lease) < len(keys):
+                taken.append(leases.enter_context(self._layered.client.lease(keys, **self._ask)))
+                views += taken[-1].blocks
+                if len(taken[-1]) < len(keys):
                     break
             with self._lock:
                 if self._closed:
                     return  # leaving `with` releases them
                 self._leases.push(leases.pop_all())
         whole = len(views) // len(group)
+        held = lambda: all(lease.active for lease in taken)  # noqa: E731
         for i, layer in enumerate(group):
-            self._hand_over(layer, [views[b * len(group) + i] for b in range(whole)])
+            self._hand_over(layer, [views[b * len(group) + i] for b in range(whole)], held)
 
-    def _hand_over(self, layer: int, arrays: list[np.ndarray]) -> None:
+    def _hand_over(
+        self, layer: int, arrays: list[np.ndarray], held: Callable[[], bool] = lambda: True
+    ) -> None:
+        """`held()`: the leased views are still pinned, checked once `arrived` copied them."""
         with self._lock:
             if self._closed:
                 return
             if self._arrived is not None:
                 self._arrived(layer, arrays)
+            if not held():  # ended during the copy: its bytes may be another block's by now
+                raise LeaseExpired(f"layer {layer}: the lease ended while its blocks were read")
             self._done[layer].set_result(arrays)
 
 

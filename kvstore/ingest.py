@@ -234,12 +234,14 @@ class SlotPut:
         `checksums`: those of the slots, in order, if learnt only once they were written;
         `unhashed`: the blocks came with none (GPU memory): they get theirs here, once."""
         slots, self.slots = self.slots, []
-        if unhashed:
-            slots = [
-                (index, key, replace(meta, checksum=xxhash.xxh3_64_intdigest(slot.view)), slot)
-                for index, key, meta, slot in slots
-            ]
         try:
+            if checksums and unhashed:
+                raise InvalidArgument("checksums", "sent for blocks the node is to hash")
+            if unhashed:
+                slots = [
+                    (index, key, replace(meta, checksum=xxhash.xxh3_64_intdigest(slot.view)), slot)
+                    for index, key, meta, slot in slots
+                ]
             if checksums:
                 if len(checksums) != len(slots):
                     raise InvalidArgument(

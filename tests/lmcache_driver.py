@@ -15,7 +15,6 @@ import argparse
 import json
 import select
 import sys
-import time
 import urllib.request
 from collections.abc import Callable
 from typing import Any
@@ -130,9 +129,8 @@ class AdapterDriver:
             whole = [np.array_equal(h, expected(*c)) for h, c in zip(held, cells, strict=True)]
             return {"found": found, "whole": whole}
         if command == "unlock":
-            started = time.monotonic()
-            adapter.submit_unlock(keys)
-            return {"unlocked_s": time.monotonic() - started}
+            adapter.submit_unlock(keys)  # returns: it raised nothing
+            return {"unlocked": len(keys)}
         if command == "delete":
             adapter.delete(keys)
             return {"deleted": len(keys)}

@@ -167,7 +167,7 @@ def test_unlock_completes_after_the_node_restarts_and_locks_work_again() -> None
             assert adapter("lock 0 6")["found"] == [0, 1, 2, 3]
             assert adapter("status")["leases"] == 1
         with running_daemon(*flags):  # the node restarted: the leases died with the old one
-            assert adapter("unlock 0 6")["unlocked_s"] < 1.0  # local: it never waits on a node
+            assert adapter("unlock 0 6") == {"unlocked": 6}  # bookkeeping: nothing to raise
             assert adapter("status")["leases"] == 0
             assert adapter("lock 0 4")["found"] == []  # the new node is met anew, empty
             assert adapter("store 0 4") == {"ok": True}
@@ -225,7 +225,7 @@ def test_a_killed_node_fails_tasks_and_never_raises(first: str) -> None:
         assert adapter("lock 0 3")["found"] == [0, 1, 2]
         node.process.send_signal(signal.SIGKILL)
         node.process.wait()
-        assert adapter("unlock 0 3")["unlocked_s"] < 1.0
+        assert adapter("unlock 0 3") == {"unlocked": 3}
         for command in sorted(FAILED, key=lambda c: c != first):
             assert adapter(command) == FAILED[command][1]
         status = adapter("status")

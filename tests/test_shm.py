@@ -10,10 +10,11 @@ from collections.abc import Iterator
 
 import numpy as np
 import pytest
+import xxhash
 
 from conftest import fake_node, running_daemon
 from kvstore.client import Client
-from kvstore.errors import CorruptBlock, LeaseExpired, Unsupported
+from kvstore.errors import CorruptBlock, InvalidArgument, LeaseExpired, Unsupported
 from kvstore.keys import block_keys
 from kvstore.proto import kvstore_pb2 as pb
 
@@ -248,3 +249,24 @@ def test_released_pins_ride_with_the_next_request(small_daemon) -> None:
         client.put(keys[:1], [np.ones(12 * MiB, np.uint8)])
         assert client.get(keys[:1])[0].nbytes == 12 * MiB
         assert client.put(keys[1:], [np.zeros(12 * MiB, np.uint8)]).stored == 1
+
+
+def test_an_in_place_commit_is_hashed_by_the_node_or_checked_never_both() -> None:
+    """Checksums sent with a commit the node is to hash would be stored unchecked: refused,
+    and the slots freed; hashed by the node, the block carries its own bytes' checksum."""
+    from kvstore.ingest import SlotPut
+    from kvstore.meta import BlockMeta
+    from kvstore.store import Store
+    from kvstore.tiers.host import HostTier
+
+    store = Store([HostTier(3 * MiB // 2, prefault=False)], max_block_size=MiB, reserve_timeout=1)
+    key = block_keys(np.arange(16), 16, b"hash-here")[0]
+    put = SlotPut(store, [(key, BlockMeta(MiB, "uint8", (MiB,)))])
+    with pytest.raises(InvalidArgument, match="the node is to hash"):
+        put.commit([1], unhashed=True)
+    put = SlotPut(store, [(key, BlockMeta(MiB, "uint8", (MiB,)))])  # the first slot was freed
+    np.frombuffer(put.slots[0][3].view, np.uint8)[:] = 7
+    assert put.commit(unhashed=True).stored == 1
+    with store.read([key]) as found:
+        block = found.blocks[0]
+        assert block.meta.checksum == xxhash.xxh3_64_intdigest(bytes([7]) * MiB)

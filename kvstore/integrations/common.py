@@ -2,7 +2,8 @@
 
 - The node guard: a node that is down, slow or wrong costs an engine one timeout, a log line
   and a count, never a request (`NodeGuard`), and blocks that come back are checked against
-  the engine's cache before any is loaded (`verified_prefix`, `check_blocks`).
+  the engine's cache before any is loaded (`verified_prefix`, `check_blocks`); the settings
+  every adapter has are checked alike (`check_settings`).
 - Tensor views: numpy over a tensor's own memory and back, no copy (`as_numpy`, `as_tensor`).
 - GPU staging: device memory to and from the node through pinned host memory
   (`HostStaging`), or straight into the node's shared arena, page-locked once
@@ -37,6 +38,15 @@ log = logging.getLogger("kvstore.integrations")
 T = TypeVar("T")
 
 # -- the node guard ----------------------------------------------------------------------
+
+
+def check_settings(transport: str, transports: Sequence[str], **positive: float) -> None:
+    """The settings every adapter has: a path it can take, and times (seconds) above 0."""
+    if transport not in transports:
+        raise ValueError(f"transport: must be one of {', '.join(transports)}")
+    for name, value in positive.items():
+        if not value > 0:
+            raise ValueError(f"{name}: must be > 0")
 
 
 class NodeGuard:

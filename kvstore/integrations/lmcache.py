@@ -47,12 +47,10 @@ from lmcache.v1.distributed.l2_adapters.config import L2AdapterConfigBase
 from lmcache.v1.platform import create_event_notifier
 
 from kvstore.client import Client
-from kvstore.client.channel import NodeChanged
 from kvstore.client.shm import Lease
-from kvstore.errors import LeaseExpired
-from kvstore.integrations.common import NodeGuard
+from kvstore.errors import CorruptBlock, LeaseExpired
+from kvstore.integrations.common import NodeGuard, check_settings
 from kvstore.keys import KEY_BYTES, namespace_salt
-from kvstore.proto.channel import ChannelError
 
 log = logging.getLogger("kvstore.integrations.lmcache")
 T = TypeVar("T")
@@ -87,11 +85,9 @@ class KVStoreL2AdapterConfig(L2AdapterConfigBase):
     checksum: bool = True
 
     def __post_init__(self) -> None:
-        if self.transport not in TRANSPORTS:
-            raise ValueError(f"transport: must be one of {', '.join(TRANSPORTS)}")
-        for name in ("timeout_s", "retry_after_s"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name}: must be > 0")
+        check_settings(
+            self.transport, TRANSPORTS, timeout_s=self.timeout_s, retry_after_s=self.retry_after_s
+        )
         if self.workers < 1:
             raise ValueError("workers: must be >= 1")
 
@@ -165,6 +161,8 @@ class KVStoreL2Adapter(L2AdapterInterface):
         pairs = zip(keys, objects, strict=True)
         batch = {self.block_key(key): host_bytes(obj) for key, obj in pairs}
         payloads = list(batch.values())
+        if not batch:
+            return L2StoreResult(True, 0)
 
         def put(client: Client) -> int:
             result = client.put(list(batch), payloads)
@@ -222,6 +220,8 @@ class KVStoreL2Adapter(L2AdapterInterface):
     def _lookup_and_lock(self, keys: list[ObjectKey]) -> Bitmap:
         asked = self._in_chunk_order(keys)
         blocks = list(asked)
+        if not blocks:
+            return Bitmap(len(keys))
 
         def lock(client: Client) -> tuple[int, Lease | None]:
             if client.path != "shm":  # another host: nothing to pin
@@ -278,7 +278,8 @@ class KVStoreL2Adapter(L2AdapterInterface):
                 if all(view.nbytes == target.nbytes for target in targets[block]):
                     for target in targets[block]:
                         np.copyto(target, view)  # one copy: the node's arena -> LMCache's
-                    copied.add(block)
+                    if lease.active:  # else it ended mid-copy: the bytes may be another's
+                        copied.add(block)
         finally:
             self._let_go([lease for lease, _ in held.values()])
         return copied
@@ -355,7 +356,7 @@ class KVStoreL2Adapter(L2AdapterInterface):
     ) -> TaskId:
         """Run `work(*args)` on the adapter's threads; its result (`failed` if it raised, or
         the adapter is closed) lands in `results` under a new task id, and `done` is
-        signalled: every task completes."""
+        signalled: every task completes (but those `close` cancels)."""
         task_id = next(self._task_ids)
 
         def run() -> None:
@@ -377,14 +378,14 @@ class KVStoreL2Adapter(L2AdapterInterface):
 
     def _call(self, doing: str, operation: Callable[[Client], T], fallback: T) -> T:
         """`operation(client)`, or `fallback` when the node fails (logged and counted by the
-        guard), tried once more on a fresh client if the node went away under it."""
+        guard) or a block fails its checksum (that task's miss: the node is not to blame)."""
 
         def attempt() -> T:
             try:
                 return operation(self._guard.client)
-            except (NodeChanged, ChannelError):
-                self._guard.close()
-                return operation(self._guard.client)
+            except CorruptBlock as exc:
+                log.warning("kvstore: %s: %s: a miss", doing, exc)
+                return fallback
 
         return self._guard.call(doing, attempt, fallback)
 

@@ -40,7 +40,14 @@ from sglang.srt.mem_cache.hicache_storage import HiCacheStorage, HiCacheStorageC
 
 from kvstore.client.client import TRANSPORTS
 from kvstore.errors import CorruptBlock
-from kvstore.integrations.common import NodeGuard, as_numpy, as_tensor, numpy_dtype, verified_prefix
+from kvstore.integrations.common import (
+    NodeGuard,
+    as_numpy,
+    as_tensor,
+    check_settings,
+    numpy_dtype,
+    verified_prefix,
+)
 from kvstore.keys import namespace_salt
 
 log = logging.getLogger("kvstore.integrations.sglang")
@@ -71,11 +78,9 @@ class BackendConfig:
     retry_after_s: float = 10.0
 
     def __post_init__(self) -> None:
-        if self.transport not in TRANSPORTS:
-            raise ValueError(f"transport: must be one of {', '.join(TRANSPORTS)}")
-        for name in ("timeout_s", "retry_after_s"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name}: must be > 0")
+        check_settings(
+            self.transport, TRANSPORTS, timeout_s=self.timeout_s, retry_after_s=self.retry_after_s
+        )
 
     @classmethod
     def from_extra(
@@ -225,6 +230,8 @@ class KVStoreHiCache(HiCacheStorage):
 
     def batch_exists(self, keys: list[str], extra_info: Any = None) -> int:
         """How many leading pages the node holds: one lookup."""
+        if not keys:
+            return 0
         return self._guarded("lookup", lambda _: self.guard.client.lookup(self.node_keys(keys)), 0)
 
     # -- the legacy interface: pages as flat tensors ---------------------------------------
@@ -240,6 +247,8 @@ class KVStoreHiCache(HiCacheStorage):
     ) -> list[torch.Tensor | None]:
         """The present, verified prefix of `keys`, copied into `target_locations` (flat
         tensors of a page each) or new tensors; None from the first page missing."""
+        if not keys:
+            return []
         found: list[torch.Tensor] = self._guarded(
             "load", lambda pages: self._get_flat(pages, keys, target_locations), []
         )
@@ -258,7 +267,7 @@ class KVStoreHiCache(HiCacheStorage):
         target_sizes: Any = None,
     ) -> bool:
         """Store flat page tensors (`get_data_page(index)`), all in one put."""
-        if not self.writes:
+        if not self.writes or not keys:
             return True
         return self._guarded("save", lambda pages: self._put_flat(pages, keys, values), False)
 
@@ -284,9 +293,6 @@ class KVStoreHiCache(HiCacheStorage):
             except CorruptBlock as exc:  # a page's bytes, not the node: this request misses
                 log.warning("kvstore %s: %s: a miss", self.settings.address, exc)
                 return fallback
-            except Exception:
-                self.guard.close()  # the next try meets the node anew (it may have restarted)
-                raise
 
         return self.guard.call(doing, attempt, fallback)
 
@@ -319,7 +325,8 @@ class KVStoreHiCache(HiCacheStorage):
         client = self.guard.client
         if client.shared_arena() is not None:  # the node's host: straight from its arena
             with client.lease(self.node_keys(keys)) as lease:  # checksums checked when taken
-                return self._write(pages, lease.blocks, starts)
+                written = self._write(pages, lease.blocks, starts)
+                return written if lease.active else 0  # else ended mid-copy: maybe not ours
         with self._loads.take(len(starts) * pages.nbytes) as staging:
             blocks = client.get(self.node_keys(keys), out=staging)  # checksums checked
             return self._write(pages, blocks, starts)

@@ -10,7 +10,7 @@ from typing import Any
 from kvstore import codecs, weights
 from kvstore.client.client import TRANSPORTS
 from kvstore.errors import Unsupported
-from kvstore.integrations.common import NodeGuard
+from kvstore.integrations.common import NodeGuard, check_settings
 from kvstore.integrations.vllm.layouts import CacheLayout
 from kvstore.keys import block_keys, namespace_salt
 
@@ -56,15 +56,17 @@ class ConnectorConfig:
     cluster: bool = False
 
     def __post_init__(self) -> None:
-        if self.transport not in TRANSPORTS:
-            raise ValueError(f"transport: must be one of {', '.join(TRANSPORTS)}")
+        check_settings(
+            self.transport,
+            TRANSPORTS,
+            timeout_s=self.timeout_s,
+            lookup_timeout_s=self.lookup_timeout_s,
+            retry_after_s=self.retry_after_s,
+        )
         if self.load not in LOAD_MODES:
             raise ValueError(f"load: must be one of {', '.join(LOAD_MODES)}")
         if self.codec not in codecs.NAMES:
             raise ValueError(f"codec: unknown {self.codec!r} (see kvstore.codecs)")
-        for name in ("timeout_s", "lookup_timeout_s", "retry_after_s"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name}: must be > 0")
         if self.ahead < 1:
             raise ValueError("ahead: must be >= 1")
 
