@@ -327,6 +327,7 @@ def test_leases_and_in_place_puts_outlive_a_restart_of_their_node(tmp_path) -> N
         client = first.client(transport="shm")
         client.put_in_place(keys[:1], np.uint8, block.shape, fill)
         client.lease(keys[:1]).release()
+        assert client.lookup(keys) == 1  # carries the release: a pooled connection is left
     with running_daemon("--host-capacity", "64MiB", "--address", address):
         with client.lease(keys[:1]) as lease:  # the node is new: nothing to lease
             assert lease.blocks == []
