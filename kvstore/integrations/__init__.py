@@ -1,3 +1,3 @@
-"""Adapters that serving engines load to store and load KV through kvstore: one subpackage per
-engine (`kvstore.integrations.vllm`), each built only on the public client API, and what they
-share (the node guard, tensor views, GPU staging) in `kvstore.integrations.common`."""
+"""Adapters that serving engines load to store and load KV through kvstore: one module or
+package per engine (`vllm`, `sglang`, `lmcache`), each built only on the public client API,
+and what they share (settings, the node guard, tensor views, GPU staging) in `common`."""
