@@ -63,6 +63,12 @@ def namespace_salt(**parts: object) -> bytes:
     return hashlib.blake2b(text.encode(), digest_size=KEY_BYTES).digest()
 
 
+def name_key(name: str, salt: bytes) -> BlockKey:
+    """The key of a block an engine names itself (a page hash with its rank, an object key),
+    kept apart by `salt` (`namespace_salt`) as chained keys are."""
+    return hashlib.blake2b(name.encode(), digest_size=KEY_BYTES, key=salt).digest()
+
+
 def check_tokens(
     token_ids: Sequence[int] | np.ndarray, field: str = "token_ids", limit: int | None = None
 ) -> np.ndarray:

@@ -16,6 +16,7 @@ from conftest import (
     running_daemon,
     send_request,
 )
+from kvstore.bench.procs import free_port
 from kvstore.errors import ResourceExhausted, Unavailable, Unsupported
 from kvstore.keys import block_keys
 from kvstore.proto import kvstore_pb2 as pb
@@ -313,9 +314,7 @@ def test_a_client_outlives_a_restart_of_its_node(tmp_path) -> None:
 def test_leases_and_in_place_puts_outlive_a_restart_of_their_node(tmp_path) -> None:
     """Over shared memory too: the first lease, in-place put or get_into after the node
     restarted meets the new node, maps its arena, and works."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        address = f"127.0.0.1:{probe.getsockname()[1]}"
+    address = f"127.0.0.1:{free_port()}"
     keys = keys_for(b"restart-shm", 3)
     block = np.arange(4096, dtype=np.uint8)
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import threading
 from collections.abc import Iterator
@@ -18,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from conftest import Daemon, running_daemon
+from kvstore.bench.procs import free_port
 from kvstore.results import TierStats
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,12 +41,6 @@ def plugin(address: str, **params: object) -> str:
             "adapter_params": {"address": address, **params},
         }
     )
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def host_tier(node: Daemon) -> TierStats:

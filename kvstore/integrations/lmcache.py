@@ -26,7 +26,6 @@ as a failed task or a miss (`NodeGuard`), never as an exception in LMCache's con
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import logging
 import os
@@ -50,7 +49,7 @@ from kvstore.client import Client
 from kvstore.client.shm import Lease
 from kvstore.errors import CorruptBlock, LeaseExpired
 from kvstore.integrations.common import NodeGuard, check_settings
-from kvstore.keys import KEY_BYTES, namespace_salt
+from kvstore.keys import name_key, namespace_salt
 
 log = logging.getLogger("kvstore.integrations.lmcache")
 T = TypeVar("T")
@@ -335,7 +334,7 @@ class KVStoreL2Adapter(L2AdapterInterface):
             f"{key.model_name}@{key.kv_rank:x}@{key.object_group_id:x}"
             f"@{key.chunk_hash.hex()}@{key.cache_salt}"
         )
-        return hashlib.blake2b(text.encode(), digest_size=KEY_BYTES, key=self._salt).digest()
+        return name_key(text, self._salt)
 
     def _in_chunk_order(self, keys: list[ObjectKey]) -> dict[bytes, list[int]]:
         """Block key -> the indexes of `keys` it stands for, in the order kvstore is asked:

@@ -24,7 +24,6 @@ wrong is a miss (False, None, 0), logged once, and the node is left alone for
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import threading
@@ -48,7 +47,7 @@ from kvstore.integrations.common import (
     numpy_dtype,
     verified_prefix,
 )
-from kvstore.keys import namespace_salt
+from kvstore.keys import name_key, namespace_salt
 
 log = logging.getLogger("kvstore.integrations.sglang")
 T = TypeVar("T")
@@ -186,8 +185,7 @@ class KVStoreHiCache(HiCacheStorage):
     def __init__(self, storage_config: HiCacheStorageConfig, kwargs: Any = None) -> None:
         self.settings = BackendConfig.from_extra(storage_config.extra_config)
         self.suffix = rank_suffix(storage_config)
-        is_mla, tp_rank = storage_config.is_mla_model, storage_config.tp_rank
-        self.writes = getattr(storage_config, "is_storage_writer", not is_mla or tp_rank == 0)
+        self.writes = storage_config.is_storage_writer  # MLA: one rank writes for all
         self.guard = NodeGuard(
             self.settings.address,
             "sglang",
@@ -298,11 +296,7 @@ class KVStoreHiCache(HiCacheStorage):
 
     def node_keys(self, keys: Sequence[str]) -> list[bytes]:
         """The node's keys of SGLang's page keys (for tools that delete or inspect them)."""
-        salt = self._salt
-        return [
-            hashlib.blake2b(f"{key}{self.suffix}".encode(), digest_size=16, key=salt).digest()
-            for key in keys
-        ]
+        return [name_key(f"{key}{self.suffix}", self._salt) for key in keys]
 
     def _save(self, pages: HostPages, keys: list[str], host_indices: torch.Tensor) -> bool:
         starts = pages.starts(host_indices, len(keys))
